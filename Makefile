@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cxrdist demo --out demo-out
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/bench_folds.py
+	$(VENV)/bin/python bench/bench_stream.py
+
+clean:
+	rm -rf demo-out .pytest_cache

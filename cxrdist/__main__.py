@@ -1,0 +1,3 @@
+from cxrdist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The `cxrdist` command: parses arguments and hands each subcommand to its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cxrdist.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write synthetic chest radiographs and a generic label CSV")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(run=run_synth)
+
+
+def run_synth(args) -> int:
+    from cxrdist.data.synth import make_synthetic_dataset
+
+    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers)
+    print(f"wrote {args.n} synthetic radiographs and {csv}")
+    return 0
+
+
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
+    p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
+    p.add_argument("--csv", type=Path, required=True, help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
+    p.add_argument("--images", type=Path, help="root the CSV's image paths are relative to")
+    p.add_argument("--out", type=Path, help="shard directory to write")
+    p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")
+    p.add_argument("--labels", help="'chexpert', 'nih' or comma-separated label columns (default: the source's set)")
+    p.add_argument("--folds", type=int, default=5)
+    test = p.add_mutually_exclusive_group()
+    test.add_argument("--test-fraction", type=float, default=0.0)
+    test.add_argument("--test-list", type=Path, help="file listing the test images, one per line (NIH test_list.txt)")
+    p.add_argument("--max-size", type=int, default=512, help="long side of the stored images")
+    p.add_argument("--format", dest="fmt", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--views", choices=["all", "frontal"], default="all")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    folds = p.add_mutually_exclusive_group()
+    folds.add_argument("--folds-only", type=Path, metavar="FILE", help="only compute the folds and write (path, patient, split) to FILE")
+    folds.add_argument("--folds-from", type=Path, metavar="FILE", help="use the fold assignment in FILE")
+    p.set_defaults(run=run_prepare)
+
+
+def run_prepare(args) -> int:
+    from cxrdist.data.prepare import PrepareOptions, prepare
+
+    if args.folds_only is None and (args.images is None or args.out is None):
+        raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
+    if args.samples_per_shard < 1 or args.max_size < 16 or args.workers < 1:
+        raise UserError("--samples-per-shard and --workers must be >= 1 and --max-size >= 16")
+    opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    manifest = prepare(opts)
+    if manifest is not None:
+        total = sum(s.num_samples for s in manifest.splits.values())
+        print(f"wrote {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards to {args.out}")
+        if manifest.skipped_images["count"]:
+            print(f"skipped {manifest.skipped_images['count']} unreadable images (listed in manifest.json)")
+    return 0
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="re-read every shard and check it against manifest.json")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(run=run_verify)
+
+
+def run_verify(args) -> int:
+    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.shards import verify_shards
+
+    totals = verify_shards(args.dir, load_manifest(args.dir))
+    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {args.dir / 'manifest.json'}")
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one fold (or all) by running `accelerate launch cxrdist/train.py` for you")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--fold", default=None, help="fold number, or 'all' for every fold in turn (default: the config's)")
+    p.add_argument("--processes", type=int, default=None, help="processes on this machine (default: GPUs, or 1 on CPU)")
+    p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from cxrdist.training.launch import folds_to_train, launch_fold
+
+    for fold in folds_to_train(args.config, args.fold, args.overrides):
+        code = launch_fold(args.config, fold, args.overrides, args.processes, args.launch_config)
+        if code != 0:
+            return code
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, on this CPU")
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from cxrdist.demo import run_demo as demo
+
+    return demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_synth, add_prepare, add_verify, add_train, add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"cxrdist {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"cxrdist {args.command}: interrupted", file=sys.stderr)
+        return 130

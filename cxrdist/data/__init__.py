@@ -1,0 +1,1 @@
+"""Data stage: sources, images, folds, shards, manifest, streams."""

@@ -1,0 +1,185 @@
+"""`cxrdist prepare`: label table + images -> patient-grouped MIS folds -> WebDataset shards + manifest."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cxrdist import __version__
+from cxrdist.data import folds as folds_lib
+from cxrdist.data.manifest import MANIFEST_NAME, TEST_SPLIT, Manifest, SplitInfo, fold_name, write_manifest
+from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, run_jobs, shard_info
+from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
+from cxrdist.errors import UserError
+
+MAX_LISTED = 5
+
+
+@dataclass
+class PrepareOptions:
+    source: str
+    csv: Path
+    images: Path | None
+    out: Path | None
+    folds: int = 5
+    test_fraction: float = 0.0
+    test_list: Path | None = None
+    max_size: int = 512
+    fmt: str = "jpg"
+    quality: int = 95
+    samples_per_shard: int = 1000
+    views: str = "all"
+    on_bad_image: str = "error"
+    workers: int = 1
+    seed: int = 0
+    labels: str | None = None
+    metadata: Path | None = None
+    folds_only: Path | None = None
+    folds_from: Path | None = None
+    progress: bool = True
+
+
+def prepare(opts: PrepareOptions) -> Manifest | None:
+    """Run the whole preparation; returns the manifest (None with --folds-only)."""
+    records, labels = load_records(opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata)
+    notes = list(records.attrs.get("notes", []))
+    records = filter_views(records, opts.views)
+    if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
+        records = resolve_paths(records, opts.images)  # the official download spreads images over 12 folders
+    records.attrs["notes"] = notes
+    raw = records[labels].to_numpy(dtype=float)
+    splits = assign(records, raw, opts)
+    balance = folds_lib.split_balance(splits, records["patient"].to_numpy(), folds_lib.positives_matrix(raw), labels)
+    print(folds_lib.format_balance(balance))
+    if opts.folds_only is not None:
+        folds_lib.write_assignment(opts.folds_only, records["path"].tolist(), records["patient"].tolist(), splits)
+        print(f"wrote the fold assignment to {opts.folds_only} (reuse it with --folds-from)")
+        return None
+    if opts.images is None or opts.out is None:
+        raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
+    check_images_exist(records["path"], opts.images)
+    return write_dataset(records, raw, labels, splits, opts)
+
+
+def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions) -> np.ndarray:
+    if opts.folds_from is not None:
+        splits = splits_from_file(records, opts.folds_from)
+        opts.folds = sum(1 for s in set(splits) if s.startswith("fold-"))
+        return splits
+    test_patients = None
+    if opts.test_list is not None:
+        listed = read_test_list(opts.test_list)
+        in_list = in_test_list(records, listed)
+        if not in_list.any():
+            raise UserError(f"{opts.test_list}: none of its {len(listed)} entries matches an image path of the CSV")
+        test_patients = set(records.loc[in_list, "patient"])
+    return folds_lib.assign_splits(
+        records["patient"].tolist(),
+        folds_lib.positives_matrix(raw),
+        opts.folds,
+        seed=opts.seed,
+        test_fraction=opts.test_fraction,
+        test_patients=test_patients,
+    )
+
+
+def splits_from_file(records: pd.DataFrame, path: Path) -> np.ndarray:
+    table = folds_lib.read_assignment(path).set_index("path")
+    missing = ~records["path"].isin(table.index)
+    if missing.any():
+        first = ", ".join(records.loc[missing, "path"].head(MAX_LISTED))
+        raise UserError(f"{path}: {int(missing.sum())} images of the CSV have no split (first: {first})")
+    splits = table.loc[records["path"], "split"].to_numpy()
+    per_patient = pd.Series(splits).groupby(records["patient"].to_numpy()).nunique()
+    leaking = per_patient[per_patient > 1]
+    if len(leaking):
+        raise UserError(f"{path}: {len(leaking)} patients are in more than one split (first: {leaking.index[0]})")
+    return splits
+
+
+def check_images_exist(paths: pd.Series, images: Path) -> None:
+    if not Path(images).is_dir():
+        raise UserError(f"--images {images}: no such directory")
+    missing = [p for p in paths if not (Path(images) / p).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image files listed in the CSV are missing under {images} (first: {', '.join(missing[:MAX_LISTED])})")
+
+
+def sample_specs(records: pd.DataFrame, raw: np.ndarray) -> list[SampleSpec]:
+    keys = make_keys(records["path"].tolist())
+    specs = []
+    for i, row in enumerate(records[["path", "patient", "study", "view"]].itertuples(index=False)):
+        labels = tuple(None if math.isnan(v) else int(v) for v in raw[i])
+        specs.append(SampleSpec(keys[i], row.path, str(row.patient), str(row.study), str(row.view), labels))
+    return specs
+
+
+def split_names(splits: np.ndarray, num_folds: int) -> list[str]:
+    names = [fold_name(k) for k in range(num_folds)]
+    return names + ([TEST_SPLIT] if TEST_SPLIT in set(splits) else [])
+
+
+def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
+    specs = sample_specs(records, raw)
+    rng = np.random.default_rng(opts.seed)
+    jobs_by_split: dict[str, list[ShardJob]] = {}
+    for name in split_names(splits, opts.folds):
+        split_dir = out / name
+        if split_dir.exists():
+            shutil.rmtree(split_dir)
+        split_dir.mkdir()
+        members = np.flatnonzero(splits == name)
+        members = members[rng.permutation(len(members))]  # each shard a random sample of its split
+        jobs_by_split[name] = [
+            ShardJob(str(opts.images), target, samples, opts.fmt, opts.max_size, opts.quality, opts.on_bad_image == "skip")
+            for target, samples in plan_shards([specs[i] for i in members], split_dir, opts.samples_per_shard)
+        ]
+    all_jobs = [job for jobs in jobs_by_split.values() for job in jobs]
+    with tqdm(total=len(specs), desc="writing shards", unit="img", disable=None if opts.progress else True) as bar:  # None: only on a terminal
+        results = run_jobs(all_jobs, opts.workers, lambda r: bar.update(len(r.keys) + len(r.bad)))
+    manifest = build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results) -> Manifest:
+    bad = [item for result in results for item in result.bad]
+    written = np.ones(len(records), dtype=bool)
+    if bad:
+        written = ~records["path"].isin({path for path, _ in bad}).to_numpy()
+    patients = records["patient"].to_numpy()
+    positives = folds_lib.positives_matrix(raw)
+    balance = folds_lib.split_balance(splits[written], patients[written], positives[written], labels)
+    split_infos, cursor = {}, 0
+    for name, jobs in jobs_by_split.items():
+        shard_results = results[cursor : cursor + len(jobs)]
+        cursor += len(jobs)
+        in_split = (splits == name) & written
+        split_infos[name] = SplitInfo(
+            num_samples=int(in_split.sum()),
+            num_patients=int(len(set(patients[in_split]))),
+            shards=[shard_info(r, out) for r in shard_results],
+            positives={label: int((raw[in_split, j] == 1).sum()) for j, label in enumerate(labels)},
+            uncertain={label: int((raw[in_split, j] == -1).sum()) for j, label in enumerate(labels)},
+            prevalence=balance["splits"][name]["prevalence"] if name in balance["splits"] else {},
+        )
+    return Manifest(
+        labels=labels,
+        splits=split_infos,
+        num_folds=opts.folds,
+        seed=opts.seed,
+        source={"name": opts.source, "csv": str(opts.csv), "images": str(opts.images), "views": opts.views, "notes": list(records.attrs.get("notes", []))},
+        image={"format": opts.fmt, "max_size": opts.max_size, "quality": opts.quality, "mode": "L"},
+        balance=balance,
+        skipped_images={"count": len(bad), "paths": [path for path, _ in bad], "reasons": [why for _, why in bad]},
+        created_by=f"cxrdist {__version__}",
+    )

@@ -1,0 +1,216 @@
+"""Writing and verifying WebDataset tar shards: deterministic bytes, atomic files, parallel workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from cxrdist.data.images import encode_image, load_for_shard
+from cxrdist.data.manifest import Manifest, ShardInfo
+from cxrdist.errors import BadImage, UserError
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything needed to write one sample; `labels` are raw (1/0/-1/None)."""
+
+    key: str
+    path: str
+    patient: str
+    study: str
+    view: str
+    labels: tuple
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    images_root: str
+    target: str  # final path of the shard
+    samples: tuple[SampleSpec, ...]
+    fmt: str
+    max_size: int
+    quality: int
+    skip_bad: bool
+
+
+@dataclass
+class ShardResult:
+    target: str
+    num_samples: int
+    bytes: int
+    sha256: str
+    keys: list[str]
+    bad: list[tuple[str, str]]  # (path, why) of images skipped
+
+
+def make_keys(paths: Sequence[str]) -> list[str]:
+    """Unique, dot-free sample keys derived from the image paths (WebDataset splits names at the first dot)."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for path in paths:
+        stem = re.sub(r"\.[A-Za-z0-9]+$", "", path)
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "img"
+        key, n = base, 1
+        while key in seen:
+            key, n = f"{base}_{n}", n + 1
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def sample_json(spec: SampleSpec) -> bytes:
+    meta = {"labels": list(spec.labels), "patient": spec.patient, "study": spec.study, "view": spec.view, "path": spec.path}
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def write_shard(job: ShardJob) -> ShardResult:
+    """Write one shard under a temporary name, then rename it into place."""
+    target = Path(job.target)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    keys, bad = [], []
+    try:
+        with open(tmp, "wb") as handle:
+            writer = wds.TarWriter(handle, encoder=False, mtime=0.0, user="cxrdist", group="cxrdist", format=tarfile.USTAR_FORMAT)
+            try:
+                for spec in job.samples:
+                    try:
+                        pixels = load_for_shard(Path(job.images_root) / spec.path, job.max_size)
+                    except BadImage as err:
+                        if not job.skip_bad:
+                            raise
+                        bad.append((spec.path, str(err)))
+                        continue
+                    image = encode_image(pixels, job.fmt, job.quality)
+                    writer.write({"__key__": spec.key, job.fmt: image, "json": sample_json(spec)})
+                    keys.append(spec.key)
+            finally:
+                writer.close()
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    digest, size = file_sha256(target)
+    return ShardResult(str(target), len(keys), size, digest, keys, bad)
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+            size += len(block)
+    return sha.hexdigest(), size
+
+
+def plan_shards(samples: Sequence[SampleSpec], split_dir: Path, samples_per_shard: int) -> list[tuple[str, tuple[SampleSpec, ...]]]:
+    """Cut a split's samples into equal-sized shards (sizes differ by at most one)."""
+    count = max(1, math.ceil(len(samples) / samples_per_shard))
+    bounds = np.linspace(0, len(samples), count + 1).round().astype(int)
+    return [(str(split_dir / SHARD_PATTERN.format(i)), tuple(samples[bounds[i] : bounds[i + 1]])) for i in range(count)]
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, on_done: Callable[[ShardResult], None]) -> list[ShardResult]:
+    """Write shards, in parallel when workers > 1; results come back in job order."""
+    results: list[ShardResult] = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(write_shard(job))
+            on_done(results[-1])
+        return results
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(write_shard, jobs):
+            results.append(result)
+            on_done(result)
+    return results
+
+
+def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, data) for every member, keys split at the first dot as WebDataset does."""
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            yield key, ext, tar.extractfile(member).read()
+
+
+def verify_shards(root: Path, manifest: Manifest) -> dict:
+    """Re-read every shard and check sha256, sample counts, keys and labels against the manifest."""
+    root = Path(root)
+    seen: dict[str, str] = {}
+    totals = {"shards": 0, "samples": 0}
+    for split_name, split in manifest.splits.items():
+        split_count = 0
+        for shard in split.shards:
+            path = root / shard.file
+            digest, size = file_sha256(path)
+            if digest != shard.sha256 or size != shard.bytes:
+                raise UserError(f"{path}: sha256/size differ from the manifest (file changed or corrupt)")
+            keys = check_shard_members(path, manifest, split_name)
+            if len(keys) != shard.num_samples:
+                raise UserError(f"{path}: {len(keys)} samples, manifest says {shard.num_samples}")
+            for key in keys:
+                if key in seen:
+                    raise UserError(f"{path}: key {key!r} also appears in {seen[key]}")
+                seen[key] = shard.file
+            split_count += len(keys)
+            totals["shards"] += 1
+        if split_count != split.num_samples:
+            raise UserError(f"split {split_name}: {split_count} samples in shards, manifest says {split.num_samples}")
+        totals["samples"] += split_count
+    return totals
+
+
+def check_shard_members(path: Path, manifest: Manifest, split_name: str) -> list[str]:
+    image_ext = manifest.image["format"]
+    members: dict[str, dict[str, bytes]] = {}
+    for key, ext, data in iter_tar_members(path):
+        members.setdefault(key, {})[ext] = data
+    for key, parts in members.items():
+        if set(parts) != {image_ext, "json"}:
+            raise UserError(f"{path}: sample {key!r} has members {sorted(parts)}, expected {image_ext} and json")
+        try:
+            labels = json.loads(parts["json"])["labels"]
+        except (ValueError, KeyError):
+            raise UserError(f"{path}: sample {key!r} has an unreadable json member") from None
+        if len(labels) != len(manifest.labels):
+            raise UserError(f"{path}: sample {key!r} has {len(labels)} labels, manifest has {len(manifest.labels)}")
+    return list(members)
+
+
+def read_shard_samples(path: Path) -> Iterator[tuple[str, bytes, dict]]:
+    """(key, image bytes, metadata) per sample; used by verification-style readers and tests."""
+    members: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    for key, ext, data in iter_tar_members(path):
+        if key not in members:
+            order.append(key)
+        members.setdefault(key, {})[ext] = data
+    for key in order:
+        parts = members[key]
+        image = next(v for k, v in parts.items() if k != "json")
+        yield key, image, json.loads(parts["json"])
+
+
+def shard_info(result: ShardResult, root: Path) -> ShardInfo:
+    return ShardInfo(
+        file=str(Path(result.target).relative_to(root)),
+        num_samples=result.num_samples,
+        bytes=result.bytes,
+        sha256=result.sha256,
+        first_key=result.keys[0] if result.keys else "",
+        last_key=result.keys[-1] if result.keys else "",
+    )
