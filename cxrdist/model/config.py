@@ -1,0 +1,47 @@
+"""Plain dataclasses for the network, the Label-Graph Refinement and the loss.
+
+The trainer's config composes them (OmegaConf structured configs), so every field is typed and
+has a default; the defaults are the paper's recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+SPARSITY_MODES = ("proximal", "subgradient")
+LOSS_NAMES = ("asl", "bce")
+
+
+@dataclass
+class RefineConfig:
+    """Label-Graph Refinement z' = z + alpha * sigmoid(z) @ A (see cxrdist.model.refine)."""
+
+    enabled: bool = True  # false = ablation: the plain backbone, no A at all
+    alpha: float = 0.3
+    l1: float = 1e-3
+    detach: bool = False  # stop gradients into the backbone through sigmoid(z)
+    sparsity: str = "proximal"  # "proximal" (exact zeros) | "subgradient" (the paper's code)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "seresnext101_32x4d"
+    pretrained: bool = False  # true: timm's normal download (needs internet)
+    pretrained_path: Optional[str] = None  # local .safetensors or weights-only .pth/.bin/.pt
+    # 3 (default): the grayscale image is replicated to 3 channels, so ImageNet weights are used
+    # exactly as trained; 1: timm sums the first conv's RGB filters (adapt_input_conv).
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+@dataclass
+class LossConfig:
+    name: str = "asl"  # "asl" | "bce"
+    gamma_neg: float = 4.0
+    gamma_pos: float = 0.0
+    clip: float = 0.05
+    eps: float = 1e-8
+    pos_weight: Optional[list[float]] = None  # one per label (or one for all); weights the positive term
