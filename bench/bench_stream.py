@@ -1,0 +1,200 @@
+"""Input pipeline throughput: our WebDataset train stream vs a per-file folder DataLoader vs a bare loop.
+
+Generates synthetic 512 px grayscale radiograph-like images (smooth blobs + noise), writes them as
+JPEG tar shards (with a manifest) and as per-file PNG and JPEG folders, then measures img/s at the
+given training size, all in the same run and with the same worker counts:
+
+  (a) train_loader (shards, shuffle buffer, batches formed in the workers)
+  (b) a map-style Dataset over per-file PNG (and JPEG) folders + DataLoader(shuffle=True), same transforms
+  (c) decode + augment in a plain loop in one process (no pipeline): the per-core ceiling
+
+plus the JPEG draft-decode speed-up on the eval path. Prints ratios; with --results, writes a
+markdown section into that file (replacing only this benchmark's own section).
+
+    python bench/bench_stream.py --results bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
+from cxrdist.data.stream import StreamConfig, augment_rng, train_loader
+from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
+
+SECTION = "## Input pipeline: train stream vs per-file folder (bench/bench_stream.py)"
+
+
+def synthetic_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth random blobs (a bicubic-upsampled coarse field) plus pixel noise."""
+    coarse = rng.uniform(0, 255, (8, 8)).astype(np.float32)
+    smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    noisy = smooth + rng.normal(0, 8, (size, size))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, quality=95)
+    return buffer.getvalue()
+
+
+def make_data(root: Path, n: int, size: int, per_shard: int) -> tuple[Manifest, list[bytes]]:
+    rng = np.random.default_rng(0)
+    for sub in ("png", "jpg", "shards/fold-0"):
+        (root / sub).mkdir(parents=True)
+    jpegs, shards = [], []
+    for start in range(0, n, per_shard):
+        rel = f"fold-0/shard-{start // per_shard:06d}.tar"
+        with wds.TarWriter(str(root / "shards" / rel), encoder=False) as writer:
+            for i in range(start, min(n, start + per_shard)):
+                pixels = synthetic_image(rng, size)
+                jpeg, png = encode(pixels, "JPEG"), encode(pixels, "PNG")
+                jpegs.append(jpeg)
+                (root / "jpg" / f"img{i:05d}.jpg").write_bytes(jpeg)
+                (root / "png" / f"img{i:05d}.png").write_bytes(png)
+                meta = json.dumps({"labels": [int(i % 2), None, -1], "patient": f"p{i}", "study": "s", "view": "PA", "path": f"img{i:05d}.png"})
+                writer.write({"__key__": f"img{i:05d}", "jpg": jpeg, "json": meta.encode()})
+        shards.append(ShardInfo(rel, min(n, start + per_shard) - start, (root / "shards" / rel).stat().st_size, ""))
+    manifest = Manifest(
+        labels=["A", "B", "C"], splits={"fold-0": SplitInfo(n, n, shards)}, num_folds=1, seed=0,
+        source={"name": "bench"}, image={"format": "jpg", "max_size": size, "quality": 95},
+    )
+    return manifest, jpegs
+
+
+class FolderDataset(Dataset):
+    """The usual per-file baseline: one image file per sample, decoded and augmented in __getitem__."""
+
+    def __init__(self, files: list[Path], cfg: StreamConfig):
+        self.files, self.cfg = files, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        pixels = decode_grayscale(self.files[index].read_bytes(), train_draft_side(self.cfg.img_size))
+        image = train_transform(pixels, augment_rng(self.cfg.seed, 0, self.files[index].stem), self.cfg)
+        return image, torch.tensor([float(index % 2), float("nan"), -1.0])
+
+
+def rate(batches, count: int) -> float:
+    """img/s over `count` batches after one warm-up batch (worker start and buffer fill excluded)."""
+    iterator = iter(batches)
+    next(iterator)
+    start, images = time.perf_counter(), 0
+    for batch in islice(iterator, count):
+        images += len(batch["key"]) if isinstance(batch, dict) else len(batch[0])
+    return images / (time.perf_counter() - start)
+
+
+def loop_rate(blobs: list[bytes], cfg: StreamConfig, repeat: int = 1) -> float:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for r in range(repeat):
+        for i, blob in enumerate(blobs):
+            train_transform(decode_grayscale(blob, train_draft_side(cfg.img_size)), augment_rng(0, r, str(i)), cfg)
+    return repeat * len(blobs) / (time.perf_counter() - start)
+
+
+def eval_rate(blobs: list[bytes], cfg: StreamConfig, draft: bool) -> float:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for blob in blobs:
+        eval_transform(decode_grayscale(blob, cfg.img_size if draft else None), cfg)
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if SECTION in text:  # replace only our own section (up to the next "## " heading)
+        head, _, rest = text.partition(SECTION)
+        tail = rest.find("\n## ")
+        text = head.rstrip("\n") + "\n\n" + body + ("\n" + rest[tail:] if tail >= 0 else "\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=600)
+    parser.add_argument("--size", type=int, default=512, help="stored image side")
+    parser.add_argument("--img-size", type=int, default=256, help="training input side")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--results", type=Path, help="markdown file to write this benchmark's section into")
+    parser.add_argument("--machine", default="2-core CPU VM (AMD EPYC), shared with other jobs")
+    parser.add_argument("--date", default="2026-11-27")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tic = time.perf_counter()
+        manifest, jpegs = make_data(root, args.n, args.size, args.per_shard)
+        print(f"made {args.n} images of {args.size} px in {time.perf_counter() - tic:.1f} s "
+              f"(JPEG q95 {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB each)")
+        count = args.n // args.batch - 1  # about one pass, after the warm-up batch
+        cfg = StreamConfig(img_size=args.img_size, batch_size=args.batch, shuffle_buffer=1000)
+        pngs, jpgs = sorted((root / "png").iterdir()), sorted((root / "jpg").iterdir())
+        rows = []
+        loop_jpeg = loop_rate(jpegs[:200], cfg)
+        loop_png = loop_rate([p.read_bytes() for p in pngs[:200]], cfg)
+        for workers in args.workers:
+            wcfg = StreamConfig(**{**cfg.__dict__, "workers": workers})
+            stream = rate(train_loader(root / "shards", manifest, ["fold-0"], wcfg, 0, 1), count)
+            folder = {}
+            for fmt, files in (("png", pngs), ("jpg", jpgs)):
+                loader = DataLoader(FolderDataset(files, wcfg), batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True)
+                folder[fmt] = rate(loader, count)
+            rows.append((workers, stream, folder["png"], folder["jpg"]))
+            print(f"workers={workers}: stream {stream:.0f} img/s | PNG folder {folder['png']:.0f} | JPEG folder {folder['jpg']:.0f} | "
+                  f"stream/PNG folder {stream / folder['png']:.2f}x, stream/JPEG folder {stream / folder['jpg']:.2f}x, "
+                  f"stream/(workers x loop) {stream / (workers * loop_jpeg):.2f}")
+        full, drafted = eval_rate(jpegs[:200], cfg, draft=False), eval_rate(jpegs[:200], cfg, draft=True)
+        print(f"loop (1 process): JPEG decode+augment {loop_jpeg:.0f} img/s, PNG {loop_png:.0f} img/s")
+        print(f"eval decode+resize to {args.img_size}: full decode {full:.0f} img/s, JPEG draft {drafted:.0f} img/s ({drafted / full:.2f}x)")
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    print(load)
+
+    lines = [
+        SECTION, "",
+        f"{args.date}, {args.machine}; torch {torch.__version__}, {os.cpu_count()} CPUs visible. {args.n} synthetic "
+        f"{args.size} px grayscale images (JPEG q95 in tar shards of {args.per_shard}; the same pixels as per-file PNG and "
+        f"JPEG folders), train transform to {args.img_size} px (random resized crop, flip, rotation, normalise), batch "
+        f"{args.batch}, one pass after a warm-up batch. Same run, same worker counts. The CPU was shared ({load}), "
+        f"so ratios within a row mean more than absolute numbers.", "",
+        "| workers | (a) train stream img/s | (b) PNG folder img/s | (b') JPEG folder img/s | a / b | a / b' | a / (workers x c) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {w} | {s:.0f} | {p:.0f} | {j:.0f} | {s / p:.2f} | {s / j:.2f} | {s / (w * loop_jpeg):.2f} |" for w, s, p, j in rows]
+    lines += [
+        "",
+        f"(c) decode + augment in a plain loop, one process: JPEG {loop_jpeg:.0f} img/s, PNG {loop_png:.0f} img/s.",
+        f"Eval path (decode + squash to {args.img_size}): full JPEG decode {full:.0f} img/s, `Image.draft` decode "
+        f"{drafted:.0f} img/s ({drafted / full:.2f}x). The train path drafts only when the stored side is at least "
+        f"2 x {train_draft_side(args.img_size)} px (so the smallest crop is never upsampled): "
+        f"{'so it did here' if args.size >= 2 * train_draft_side(args.img_size) else f'not for {args.size} px images at {args.img_size}'}.",
+    ]
+    if args.results:
+        write_section(args.results, "\n".join(lines))
+        print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
