@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrdist.errors import UserError
+from cxrdist.errors import UserError, one_line
 
 EXIT_USER_ERROR = 2
 
@@ -107,6 +107,64 @@ def run_train(args) -> int:
     return 0
 
 
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="fold ensemble x flip TTA on a prepared split -> predictions.csv + metrics.json")
+    p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
+    p.add_argument("--split", default="test", help="'test' or a fold, e.g. fold-0")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
+    p.add_argument("--out", type=Path, help="default: runs/EXP/ensemble")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from cxrdist.evaluation.ensemble import run_evaluate as evaluate
+
+    metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples)
+    if metrics:
+        print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
+    return 0
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="fold ensemble on PNG/JPEG/DICOM files or folders")
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--images", type=Path, nargs="+", required=True, help="files or folders")
+    p.add_argument("--out", type=Path, default=Path("preds.csv"))
+    p.add_argument("--no-tta", dest="tta", action="store_false")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args) -> int:
+    from cxrdist.evaluation.predict import run_predict as predict
+
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="one HTML page with figures about an experiment")
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="default: runs/EXP/report")
+    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args) -> int:
+    from cxrdist.evaluation.report import run_report as report
+
+    page = report(args.runs, args.out, shards=args.shards)
+    print(f"report: {page}")
+    return 0
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, on this CPU")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
@@ -122,7 +180,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_report, add_demo):
         add(sub)
     return parser
 
@@ -132,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as err:
-        print(f"cxrdist {args.command}: error: {err}", file=sys.stderr)
+        print(f"cxrdist {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"cxrdist {args.command}: interrupted", file=sys.stderr)

@@ -10,3 +10,12 @@ class UserError(Exception):
 
 class BadImage(UserError):
     """An image file that cannot be read or decoded."""
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(err).strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1]
+        text = text.split(": ", 1)[1] if text.startswith(("cxrdist.", "UserError", "BadImage")) and ": " in text else text
+    return text.splitlines()[0] if text else type(err).__name__

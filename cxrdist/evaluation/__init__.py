@@ -1,0 +1,1 @@
+"""Evaluation stage: metrics, gathered evaluation, ensembles, reports."""

@@ -1,0 +1,118 @@
+"""Keyed, gathered evaluation: every rank predicts its disjoint share of the eval shards, then all
+(key, logits, raw labels) are gathered, checked for completeness, sorted by key and scored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+
+from cxrdist.evaluation.metrics import auc_summary
+from cxrdist.policy import apply_policy
+
+
+@dataclass
+class Predictions:
+    keys: list[str]
+    logits: dict[str, np.ndarray]  # model name -> (N, C) float32
+    raw: np.ndarray  # (N, C) raw labels, NaN = blank
+    corrupt: int = 0
+    meta: dict[str, list] = field(default_factory=dict)
+
+    def sorted(self) -> Predictions:
+        order = np.argsort(np.asarray(self.keys), kind="stable")
+        return Predictions(
+            [self.keys[i] for i in order],
+            {name: value[order] for name, value in self.logits.items()},
+            self.raw[order],
+            self.corrupt,
+            {name: [values[i] for i in order] for name, values in self.meta.items()},
+        )
+
+
+class IncompleteEvaluation(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None) -> Predictions:
+    """Run every model over the loader (one pass over the data); logits come back as fp32 numpy."""
+    for model in models.values():
+        model.eval()
+    keys, raws, corrupt = [], [], 0
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    for batch in loader:
+        with autocast():
+            for name, model in models.items():
+                images = prepare_input(batch["image"], model) if prepare_input else batch["image"].to(device)
+                outputs[name].append(model(images).float().cpu().numpy())
+        keys.extend(batch["key"])
+        raws.append(batch["labels_raw"].numpy())
+        corrupt += int(batch.get("corrupt", 0))
+    n_labels = raws[0].shape[1] if raws else 0
+    return Predictions(
+        keys,
+        {name: np.concatenate(v) if v else np.zeros((0, n_labels), np.float32) for name, v in outputs.items()},
+        np.concatenate(raws) if raws else np.zeros((0, n_labels), np.float32),
+        corrupt,
+    )
+
+
+def gather_predictions(accelerator, local: Predictions) -> Predictions:
+    """All ranks' predictions on every rank (pickled objects: ranks may hold different counts)."""
+    if accelerator.num_processes == 1:
+        return local.sorted()
+    parts = gather_object([local])
+    merged = Predictions(
+        [k for p in parts for k in p.keys],
+        {name: np.concatenate([p.logits[name] for p in parts if len(p.keys)] or [local.logits[name]]) for name in local.logits},
+        np.concatenate([p.raw for p in parts if len(p.keys)] or [local.raw]),
+        sum(p.corrupt for p in parts),
+    )
+    return merged.sorted()
+
+
+def check_complete(preds: Predictions, expected: int) -> None:
+    """Every sample exactly once: no key twice, none missing (corrupt ones are accounted for)."""
+    unique = len(set(preds.keys))
+    if unique != len(preds.keys):
+        raise IncompleteEvaluation(f"evaluation saw {len(preds.keys) - unique} samples twice")
+    if unique + preds.corrupt != expected:
+        raise IncompleteEvaluation(f"evaluation saw {unique} samples (+{preds.corrupt} corrupt), the manifest lists {expected}")
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """float64 sigmoid, used for both the metrics and the CSV so they agree exactly."""
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None) -> dict[str, dict]:
+    targets, mask = apply_policy(preds.raw, policy)
+    results = {}
+    for name, logits in preds.logits.items():
+        summary = auc_summary(targets.numpy(), probabilities(logits), labels, mask.numpy())
+        if loss_fn is not None and len(logits):
+            summary["loss"] = float(loss_fn(torch.from_numpy(logits), targets, mask))
+        results[name] = summary
+    return results
+
+
+def write_predictions_csv(path: Path, preds: Predictions, model: str, labels: list[str], policy: list[str]) -> None:
+    """key, target_<label> (blank where the policy ignores it), prob_<label>; written atomically."""
+    targets, mask = apply_policy(preds.raw, policy)
+    probs = probabilities(preds.logits[model])
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key"] + [f"target_{l}" for l in labels] + [f"prob_{l}" for l in labels])
+        for i, key in enumerate(preds.keys):
+            t = [(int(targets[i, j]) if mask[i, j] > 0 else "") for j in range(len(labels))]
+            writer.writerow([key] + t + [repr(float(p)) for p in probs[i]])
+    os.replace(tmp, path)

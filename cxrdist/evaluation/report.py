@@ -1,0 +1,434 @@
+"""`cxrdist report`: one HTML page about an experiment, with its PNG figures in figures/ next to it.
+
+It reads what the other stages left behind and shows what is there: the manifest (label frequency,
+fold balance, sample images from the shards), every fold's metrics.jsonl (training curves) and best
+model (validation AUC, the learned coupling matrix), and, when `cxrdist evaluate` has run, the
+ensemble's metrics.json, predictions.csv and fold_probabilities.npz (AUC table with intervals, ROC
+curves, label correlation, fold agreement). The page needs no network to be viewed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors import safe_open
+from scipy.stats import rankdata
+
+from cxrdist.data.images import decode_image
+from cxrdist.data.manifest import Manifest, load_manifest
+from cxrdist.data.shards import read_shard_samples
+from cxrdist.errors import UserError
+from cxrdist.evaluation import report_figures as figs
+from cxrdist.evaluation.ensemble import ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, fold_sort_key, load_fold_probabilities
+from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
+from cxrdist.model.export import CARD_FILE, WEIGHTS_FILE
+from cxrdist.model.refine import LabelGraphRefinement
+
+REPORT_DIR = "report"
+PAGE_FILE = "report.html"
+FIGURES = "figures"
+SAMPLE_IMAGES = 12
+TOP_COUPLINGS = 10
+COUPLING_KEY = "refine.weight"
+
+
+# ---------------------------------------------------------------- what the runs left behind
+
+
+@dataclass
+class FoldRun:
+    name: str
+    directory: Path
+    card: dict | None = None  # best/model.json
+    train: list[dict] = field(default_factory=list)  # metrics.jsonl "train" records
+    evals: list[dict] = field(default_factory=list)  # metrics.jsonl "eval" records
+    coupling: np.ndarray | None = None  # the best model's A
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl lines; a half-written last line (a run still going) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def read_coupling(weights: Path) -> np.ndarray | None:
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        return handle.get_tensor(COUPLING_KEY).float().numpy() if COUPLING_KEY in handle.keys() else None
+
+
+def find_fold_runs(runs: Path) -> list[FoldRun]:
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise UserError(f"{runs}: no such runs directory")
+    folds = []
+    for directory in sorted((d for d in runs.glob("fold-*") if d.is_dir()), key=lambda d: fold_sort_key(d.name)):
+        best = directory / "best"
+        card = json.loads((best / CARD_FILE).read_text()) if (best / CARD_FILE).is_file() else None
+        records = read_records(directory / "metrics.jsonl")
+        folds.append(FoldRun(
+            directory.name, directory, card,
+            [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "eval"],
+            read_coupling(best / WEIGHTS_FILE),
+        ))
+    if not folds:
+        raise UserError(f"{runs}: no fold-K run directories (expected runs/EXPERIMENT/fold-0, ...)")
+    return folds
+
+
+def find_manifest(folds: list[FoldRun], shards: Path | None) -> tuple[Path | None, Manifest | None]:
+    candidates = [Path(shards)] if shards is not None else [Path(f.card["shards"]) for f in folds if f.card and f.card.get("shards")]
+    for root in candidates:
+        if (root / "manifest.json").is_file():
+            return root, load_manifest(root)
+    return None, None
+
+
+@dataclass
+class EnsembleResults:
+    metrics: dict
+    predictions: pd.DataFrame | None
+    fold_probabilities: dict | None
+
+
+def load_ensemble(directory: Path) -> EnsembleResults | None:
+    if not (directory / METRICS_FILE).is_file():
+        return None
+    metrics = json.loads((directory / METRICS_FILE).read_text())
+    predictions = pd.read_csv(directory / PREDICTIONS_FILE) if (directory / PREDICTIONS_FILE).is_file() else None
+    folds = load_fold_probabilities(directory / FOLD_PROBABILITIES_FILE) if (directory / FOLD_PROBABILITIES_FILE).is_file() else None
+    return EnsembleResults(metrics, predictions, folds)
+
+
+# ---------------------------------------------------------------- pure summaries
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation (average ranks for ties); NaN when either side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if np.std(ra) == 0 or np.std(rb) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def label_correlation(probs: np.ndarray) -> np.ndarray:
+    """C x C Spearman correlation between the labels' predicted probabilities."""
+    c = probs.shape[1]
+    return np.array([[rank_correlation(probs[:, i], probs[:, j]) for j in range(c)] for i in range(c)])
+
+
+def fold_agreement(probs: np.ndarray) -> np.ndarray:
+    """F x F: mean over labels of the Spearman correlation between two models' probabilities."""
+    f, _, c = probs.shape
+    out = np.ones((f, f))
+    for a in range(f):
+        for b in range(a + 1, f):
+            values = [rank_correlation(probs[a, :, j], probs[b, :, j]) for j in range(c)]
+            finite = [v for v in values if math.isfinite(v)]
+            out[a, b] = out[b, a] = float(np.mean(finite)) if finite else float("nan")
+    return out
+
+
+def coupling_summary(matrix: np.ndarray, labels: list[str], k: int = TOP_COUPLINGS) -> tuple[float, list[tuple[str, str, float]]]:
+    """(sparsity, top couplings) computed by the refinement module itself, so the report says what training logs."""
+    import torch
+
+    module = LabelGraphRefinement(len(labels))
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(matrix))
+    return module.sparsity(), module.top_couplings(labels, k)
+
+
+def training_series(fold: FoldRun) -> dict[str, list]:
+    ema = [r for r in fold.evals if isinstance(r.get("ema"), dict)]
+    return {
+        "step": [r["step"] for r in fold.train if r.get("loss") is not None],
+        "loss": [r["loss"] for r in fold.train if r.get("loss") is not None],
+        "lr": [r.get("lr") for r in fold.train if r.get("loss") is not None],
+        "eval_step": [r["step"] for r in ema],
+        "ema_auc": [_nan(r["ema"].get("macro_auc")) for r in ema],
+        "live_auc": [_nan((r.get("live") or {}).get("macro_auc")) for r in ema],
+    }
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemble: EnsembleResults | None) -> tuple[list[str], str]:
+    cards_ = [f for f in folds if f.card]
+    first = cards_[0].card if cards_ else {}
+    lines = []
+    if first:
+        model = first.get("model", {})
+        refine = model.get("refine", {})
+        lines.append(
+            f"{esc(model.get('backbone', first.get('backbone', '?')))} at {esc(first.get('img_size', '?'))} px · "
+            f"label-graph refinement {'on' if refine.get('enabled') else 'off'} · {len(first.get('labels', []))} labels"
+        )
+    lines.append(f"runs: <code>{esc(runs)}</code>")
+    cards = []
+    if ensemble is not None:
+        m = ensemble.metrics
+        ens = m["ensemble"]
+        ci = (ens.get("interval") or {}).get("macro_auc")
+        sub = f"95% CI {ci[0]:.3f}–{ci[1]:.3f} · {esc(m['split'])}, {m['num_samples']} images" if ci else esc(m["split"])
+        cards.append(card(f"Ensemble macro AUC{' + TTA' if m.get('tta') else ''}", fmt(ens.get("macro_auc")), sub))
+        gain = (m.get("gains") or {}).get("ensemble_over_mean_model")
+        cards.append(card("Gain over mean fold model", signed(gain), f"{len(m['model_names'])} models"))
+    else:
+        cards.append(card("Ensemble", "not evaluated", "run <code>cxrdist evaluate</code>"))
+    cv = [f.card["metrics"]["ema"].get("macro_auc") for f in cards_ if f.card.get("metrics", {}).get("ema")]
+    cv = [v for v in cv if v is not None and math.isfinite(v)]
+    if cv:
+        cards.append(card("Cross-validation macro AUC", fmt(float(np.mean(cv))), f"mean of {len(cv)} folds on their held-out fold"))
+    cards.append(card("Folds trained", f"{len(cards_)} / {len(folds)}", "with a best model"))
+    if manifest is not None:
+        train_n = manifest.num_samples(manifest.fold_names)
+        test_n = manifest.splits["test"].num_samples if "test" in manifest.splits else 0
+        cards.append(card("Images", f"{train_n + test_n:,}", f"{train_n:,} in folds · {test_n:,} test"))
+    return lines, "".join(cards)
+
+
+def data_section(root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
+    if manifest is None:
+        return section("data", "Data", "", note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance and sample images cannot be shown."))
+    labels = manifest.labels
+    folds = [manifest.splits[name] for name in manifest.fold_names]
+    pos = np.array([sum(s.positives.get(l, 0) for s in folds) for l in labels], dtype=float)
+    unc = np.array([sum(s.uncertain.get(l, 0) for s in folds) for l in labels], dtype=float)
+    n = sum(s.num_samples for s in folds)
+    test = manifest.splits.get("test")
+    test_prev = np.array([test.positives.get(l, 0) / max(test.num_samples, 1) for l in labels]) if test else None
+    figs.label_frequency(fig_dir / "label_frequency.png", labels, pos, unc, n, test_prev)
+    body = "<h3>Label frequency</h3>" + figure(f"{FIGURES}/label_frequency.png", "label frequency",
+        f"Share of the {n:,} training-fold images with each finding positive (dark) or uncertain (light); dots: the test split.")
+    body += "<h3>Fold balance</h3>" + balance_table(manifest)
+    grid = sample_images(root, manifest, fig_dir / "samples.png")
+    if grid:
+        body += "<h3>Sample images</h3>" + grid
+    return section("data", "Data", "The prepared shards: how often each finding occurs, how evenly the patient-grouped "
+                   "multilabel-stratified folds split it, and what the stored images look like.", body)
+
+
+def balance_table(manifest: Manifest) -> str:
+    names = list(manifest.splits)
+    balance = manifest.balance or {}
+    deviation = balance.get("max_deviation", {})
+    header = ["", *names, "max fold dev. (pp)"]
+    rows = [
+        ["images", *[f"{manifest.splits[s].num_samples:,}" for s in names], ""],
+        ["patients", *[f"{manifest.splits[s].num_patients:,}" for s in names], ""],
+    ]
+    for label in manifest.labels:
+        prev = [manifest.splits[s].prevalence.get(label) for s in names]
+        dev = deviation.get(label)
+        rows.append([esc(label), *[percent(p) for p in prev], "" if dev is None else f"{100 * dev:.2f}"])
+    explain = "Prevalence of each finding per split (positives / images)."
+    if balance:
+        explain += (f" Largest fold deviation from the overall prevalence: {100 * balance.get('max_deviation_overall', 0):.2f} pp; "
+                    f"fold size spread {100 * balance.get('size_spread', 0):.1f}%; patients in more than one split: {balance.get('patients_in_several_splits', 0)}.")
+    return f'<p class="explain">{explain}</p>' + table(header, rows)
+
+
+def sample_images(root: Path, manifest: Manifest, path: Path) -> str:
+    split = "test" if "test" in manifest.splits else manifest.fold_names[0]
+    images, captions, titles = [], [], []
+    for shard in manifest.split(split).shards:
+        for _key, data, meta in read_shard_samples(root / shard.file):
+            images.append(decode_image(data))
+            raw = meta.get("labels", [])
+            found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]
+            captions.append(figs.short(", ".join(found) or "no finding marked", 30))
+            titles.append(f"{meta.get('patient', '')} · {meta.get('view', '')}".strip(" ·"))
+            if len(images) == SAMPLE_IMAGES:
+                break
+        if len(images) == SAMPLE_IMAGES:
+            break
+    if not images:
+        return ""
+    figs.sample_grid(path, images, captions, titles)
+    return figure(f"{FIGURES}/{path.name}", "sample images",
+                  f"The first {len(images)} stored images of the {esc(split)} split as the models see them before resizing "
+                  f"({esc(manifest.image.get('format', '?'))}, long side ≤ {esc(manifest.image.get('max_size', '?'))} px), with their positive findings; "
+                  "a question mark means uncertain.")
+
+
+def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir: Path) -> str:
+    if ensemble is None:
+        return section("auc", "Discrimination", "", note("<code>cxrdist evaluate</code> has not been run for this experiment (no "
+                       f"{ENSEMBLE_DIR}/{METRICS_FILE}), so there is no ensemble AUC, ROC curve or interval yet. Shown instead: each fold model's "
+                       "validation AUC on its own held-out fold, as recorded when it was exported.") + cv_table(folds))
+    m = ensemble.metrics
+    labels, names = m["labels"], m["model_names"]
+    ens, interval = m["ensemble"], (m["ensemble"].get("interval") or {})
+    tta = m.get("tta")
+    header = ["Label", *names] + (["ensemble, no TTA"] if tta else []) + [f"ensemble{' + TTA' if tta else ''} (95% CI)"]
+
+    def row(getter_models, value_ens_plain, value_ens, ci):
+        return [*getter_models, *([auc_cell(value_ens_plain)] if tta else []), auc_cell(value_ens, ci)]
+
+    rows = [["Macro AUC", *row([auc_cell(m["models"][n]["macro_auc"]) for n in names],
+                                m.get("ensemble_no_tta", {}).get("macro_auc"), ens["macro_auc"], interval.get("macro_auc"))]]
+    for label in labels:
+        rows.append([esc(label), *row([auc_cell(m["models"][n]["per_label"].get(label)) for n in names],
+                                       m.get("ensemble_no_tta", {}).get("per_label", {}).get(label), ens["per_label"].get(label),
+                                       (interval.get("per_label") or {}).get(label))])
+    gains = m.get("gains") or {}
+    gain_rows = [["Ensemble over the mean fold model", signed(gains.get("ensemble_over_mean_model"))],
+                 ["Ensemble over the best fold model", signed(gains.get("ensemble_over_best_model"))]]
+    if tta:
+        gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))], ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
+    body = table(header, rows, ["macro"] + [""] * len(labels))
+    body += "<h3>Gains in macro AUC</h3>" + table(["", "Δ macro AUC"], gain_rows)
+    notes = list(m.get("notes") or [])
+    if m.get("skipped"):
+        notes.append(f"Skipped (only one class among the evaluated images, so no AUC and not in the macro average): {', '.join(m['skipped'])}.")
+    if m.get("corrupt"):
+        notes.append(f"{m['corrupt']} images could not be decoded and were left out.")
+    body += "".join(note(esc(n)) for n in notes)
+    if ensemble.predictions is not None:
+        body += "<h3>ROC curves (ensemble)</h3>" + roc_figure(ensemble.predictions, labels, ens["per_label"], fig_dir)
+    bi = interval
+    explain = (f"ROC-AUC on the <b>{esc(m['split'])}</b> split ({m['num_samples']:,} images, {m['num_patients']:,} patients) per fold model "
+               f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). Targets follow the training "
+               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients (all images of a drawn patient).")
+    return section("auc", "Discrimination", explain, body)
+
+
+def cv_table(folds: list[FoldRun]) -> str:
+    trained = [f for f in folds if f.card and f.card.get("metrics", {}).get("ema")]
+    if not trained:
+        return note("No fold has exported a best model yet.")
+    labels = trained[0].card["labels"]
+    header = ["Label", *[f"{f.name} (on {f.card['metrics'].get('split', f.name)})" for f in trained]]
+    rows = [["Macro AUC", *[auc_cell(f.card["metrics"]["ema"].get("macro_auc")) for f in trained]]]
+    rows += [[esc(l), *[auc_cell(f.card["metrics"]["ema"].get("per_label", {}).get(l)) for f in trained]] for l in labels]
+    return table(header, rows, ["macro"] + [""] * len(labels))
+
+
+def roc_figure(predictions: pd.DataFrame, labels: list[str], aucs: dict, fig_dir: Path) -> str:
+    targets = np.stack([predictions[f"target_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
+    scores = np.stack([predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
+    known = np.isfinite(targets)
+    figs.roc_grid(fig_dir / "roc.png", labels, np.nan_to_num(targets), scores, known, aucs)
+    return figure(f"{FIGURES}/roc.png", "ROC curves", "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
+
+
+def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
+    if ensemble is None or ensemble.predictions is None:
+        return section("predictions", "Predictions", "", note("Run <code>cxrdist evaluate</code> to see how the findings' predictions and the fold models relate."))
+    m = ensemble.metrics
+    labels = m["labels"]
+    probs = np.stack([ensemble.predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
+    figs.matrix_heatmap(fig_dir / "label_correlation.png", label_correlation(probs), labels, labels,
+                        "Spearman correlation of the ensemble's probabilities", "rank correlation", annotate=True, vlim=1.0)
+    body = figure(f"{FIGURES}/label_correlation.png", "label correlation",
+                  "Findings whose predicted probabilities rise and fall together across images. Strong correlations can reflect "
+                  "anatomy or co-occurrence in the data, or a shared shortcut the models use for both.")
+    fold = ensemble.fold_probabilities
+    if fold is not None and len(fold["models"]) > 1:
+        names = [str(n) for n in fold["models"]]
+        agreement = fold_agreement(fold["probabilities"])
+        off = agreement[~np.eye(len(names), dtype=bool)]
+        shown = agreement.copy()
+        np.fill_diagonal(shown, np.nan)  # the diagonal (1.0) would otherwise set the colour scale
+        figs.matrix_heatmap(fig_dir / "fold_agreement.png", shown, names, names, "Fold models: mean per-label Spearman correlation",
+                            "rank correlation", diverging=False, annotate=True)
+        body += "<h3>Fold agreement</h3>" + figure(f"{FIGURES}/fold_agreement.png", "fold agreement",
+                       f"How similarly two fold models rank the same images, averaged over findings (1 = identical order). Mean over pairs: "
+                       f"{np.nanmean(off):.3f}. Models that agree less make more complementary errors, which is where the ensemble gains.")
+    else:
+        body += note("Fold agreement needs at least two fold models.")
+    return section("predictions", "Predictions", f"How the ensemble's predictions on the {esc(m['split'])} split relate across findings and across fold models.", body)
+
+
+def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
+    with_a = [f for f in folds if f.coupling is not None and f.card]
+    if not with_a:
+        return section("couplings", "Label couplings", "", note("No fold has a best model with the label-graph refinement enabled."))
+    blocks = []
+    for f in with_a:
+        labels = f.card["labels"]
+        sparsity, top = coupling_summary(f.coupling, labels)
+        alpha = f.card.get("model", {}).get("refine", {}).get("alpha")
+        facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.get('step', '?'))}"
+                 + (f", α = {alpha}" if alpha is not None else "") + ".")
+        if not top:
+            blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(f"A is exactly zero: the L1 penalty removed every coupling, so this model's "
+                          f"refinement leaves the backbone's logits unchanged. {facts}") + "</div>")
+            continue
+        figs.matrix_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, labels, f"{f.name}: coupling matrix A", "coupling strength",
+                            xlabel="target label (logit refined)", ylabel="source label (evidence)")
+        rows = [[esc(s), esc(t), f"{v:+.4f}"] for s, t, v in top]
+        blocks.append(f'<div><h3>{esc(f.name)}</h3><div class="split"><div>'
+                      + figure(f"{FIGURES}/coupling_{f.name}.png", f"coupling matrix {f.name}", facts)
+                      + f'</div><div><p class="explain">Strongest couplings (up to {TOP_COUPLINGS}):</p>'
+                      + table(["source", "target", "A"], rows, text_columns=2) + "</div></div></div>")
+    explain = ("The refinement adds α · sigmoid(z) @ A to the backbone's logits z: entry A[i, j] &gt; 0 means evidence for finding i "
+               "(row) raises the logit of finding j (column); negative entries suppress. An L1 penalty drives unsupported couplings to exactly zero.")
+    return section("couplings", "Label couplings", explain, "".join(blocks))
+
+
+def training_section(folds: list[FoldRun], fig_dir: Path) -> str:
+    series = {f.name: training_series(f) for f in folds}
+    if not any(s["step"] or s["eval_step"] for s in series.values()):
+        return section("training", "Training", "", note("No metrics.jsonl records yet."))
+    figs.training_curves(fig_dir / "training.png", series)
+    rows = []
+    for f in folds:
+        last = f.train[-1] if f.train else {}
+        best = f.card or {}
+        rows.append([esc(f.name), f"{last.get('step', '–')}", fmt(last.get("epoch"), 2), fmt(last.get("loss"), 4),
+                     auc_cell((best.get("metrics", {}).get("ema") or {}).get("macro_auc")), esc(best.get("step", "–")),
+                     fmt(last.get("img_per_s"), 0)])
+    body = figure(f"{FIGURES}/training.png", "training curves",
+                  "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) on each fold's held-out fold.")
+    body += table(["fold", "last step", "epoch", "last loss", "best val AUC (EMA)", "best step", "img/s"], rows)
+    return section("training", "Training", "One run per fold, each validated on the fold it holds out.", body)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_report(runs: Path, out: Path | None = None, shards: Path | None = None) -> Path:
+    """Write OUT/report.html (default runs/report) and its figures in OUT/figures; returns the page's path."""
+    runs = Path(runs)
+    folds = find_fold_runs(runs)
+    root, manifest = find_manifest(folds, shards)
+    ensemble = load_ensemble(runs / ENSEMBLE_DIR)
+    out = Path(out) if out is not None else runs / REPORT_DIR
+    fig_dir = out / FIGURES
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    experiment = next((f.card.get("experiment") for f in folds if f.card and f.card.get("experiment")), runs.name)
+    subtitle, cards = overview(runs, folds, manifest, ensemble)
+    sections = [
+        ("data", "Data", data_section(root, manifest, fig_dir)),
+        ("auc", "Discrimination", auc_section(folds, ensemble, fig_dir)),
+        ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
+        ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
+        ("training", "Training", training_section(folds, fig_dir)),
+    ]
+    footer = f"Generated by <code>cxrdist report</code> on {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} from <code>{esc(runs)}</code>."
+    path = out / PAGE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page(f"cxrdist · {experiment}", subtitle, cards, sections, footer), encoding="utf-8")
+    tmp.replace(path)
+    return path

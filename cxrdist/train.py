@@ -1,0 +1,41 @@
+"""Entry point for `accelerate launch cxrdist/train.py --config configs/X.yaml --fold K [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts cxrdist/ itself first on sys.path; drop it so that our module names
+# (data, model, labels, ...) never shadow other top-level packages.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from cxrdist.errors import UserError, one_line  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train one fold (run under `accelerate launch`).")
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
+    parser.add_argument("--fold", type=int, default=None, help="held-out fold (overrides the config's `fold`)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from cxrdist.training.config import load_config
+        from cxrdist.training.loop import Trainer
+
+        cfg = load_config(args.config, args.overrides, fold=args.fold)
+        return Trainer(cfg).fit()
+    except UserError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"cxrdist train: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

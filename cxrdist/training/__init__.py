@@ -1,0 +1,1 @@
+"""Training stage: config, distributed loop, checkpoints, preemption, logging."""

@@ -1,0 +1,353 @@
+"""The training loop: data-parallel steps with EMA and the refinement's proximal step, gathered
+evaluation of the live and EMA models, atomic checkpoints, agreed preemption."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from cxrdist.data.manifest import fold_name, load_manifest
+from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
+from cxrdist.errors import UserError
+from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
+from cxrdist.model.ema import ModelEma
+from cxrdist.model.export import model_config_dict, save_model
+from cxrdist.model.loss import build_loss
+from cxrdist.model.network import build_model, model_card
+from cxrdist.model.params import param_groups
+from cxrdist.policy import apply_policy, resolve_policy
+from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
+from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag
+from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
+
+
+def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = None if _launcher_set_precision() else ("bf16" if torch.cuda.is_available() else "no")
+    # Several CPU processes (tests, demo, DeepSpeed on CPU) talk over gloo; accelerate would not
+    # count the DeepSpeed processes without it. A lone process must not ask for a process group.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    log_with = None if wandb_mode(cfg.logging.wandb) == "disabled" else "wandb"
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=log_with,
+        project_dir=str(cfg.run_dir),
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def _launcher_set_precision() -> bool:
+    return os.environ.get("ACCELERATE_MIXED_PRECISION") not in (None, "")
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.data.shards)
+        self.manifest = load_manifest(self.root)
+        self.manifest.check_fold(cfg.fold)
+        self.labels = self.manifest.labels
+        self.policy = resolve_policy(cfg.data.label_policy, self.labels)
+        self.train_splits = self.manifest.train_splits(cfg.fold)
+        self.val_split = fold_name(cfg.fold)
+        self.accelerator = make_accelerator(cfg)
+        self.check_world_size()
+        self.check_engine()
+        acc = self.accelerator
+        self.run_dir = cfg.run_dir
+        self.is_cuda = acc.device.type == "cuda"
+        set_seed(cfg.seed)
+        model = build_model(cfg.model, len(self.labels))
+        self.card = model_card(cfg.model, len(self.labels))
+        if self.is_cuda and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.stream = StreamConfig(
+            img_size=cfg.data.img_size, in_chans=cfg.model.in_chans, mean=tuple(self.card["mean"]), std=tuple(self.card["std"]),
+            batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
+        )
+        eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+        self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs})
+        self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
+        self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+        if cfg.train.compile and self.is_cuda:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = self.make_scheduler()
+        acc.register_for_checkpointing(self.scheduler)
+        self.net = acc.unwrap_model(self.model)
+        if hasattr(self.net, "_orig_mod"):
+            self.net = self.net._orig_mod
+        self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+        self.loss_fn = build_loss(cfg.loss)
+        self.preempt = PreemptionFlag().install()
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process)
+        self.state = TrainerState()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def check_engine(self) -> None:
+        acc = self.accelerator
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if not self.deepspeed:
+            return
+        stage = acc.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise UserError("DeepSpeed ZeRO-3 is not supported: EMA and evaluation need whole parameters; use ZeRO-1 or ZeRO-2 (launch/deepspeed_zero2.yaml)")
+        if self.cfg.model.refine.enabled and self.cfg.model.refine.sparsity == "proximal":
+            # DeepSpeed keeps its own fp32 master copy of the weights, so an in-place proximal step
+            # on the module would be overwritten at the next step: use the L1 subgradient instead.
+            self.cfg.model.refine.sparsity = "subgradient"
+            if acc.is_main_process:
+                print("cxrdist: under DeepSpeed the refinement uses sparsity=subgradient (the proximal step needs the master weights)")
+
+    def check_world_size(self) -> None:
+        """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that
+        silently started fewer processes than asked for (e.g. `accelerate launch --cpu`)."""
+        expected = os.environ.get("CXRDIST_EXPECT_WORLD_SIZE")
+        if expected and int(expected) != self.accelerator.num_processes:
+            raise UserError(f"expected {expected} processes but this one sees a world of {self.accelerator.num_processes}; check the launcher flags")
+
+    def make_scheduler(self) -> CosineLRScheduler:
+        t = self.cfg.train
+        warmup = min(t.warmup_steps, max(self.total_steps - 1, 0))
+        return CosineLRScheduler(
+            self.optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=t.lr * t.min_lr_ratio,
+            warmup_t=warmup, warmup_lr_init=t.lr * 0.01 if warmup else 0.0, warmup_prefix=True, t_in_epochs=False,
+        )
+
+    def write_run_files(self) -> None:
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+
+    def resume(self) -> Path | None:
+        path = find_resume(self.run_dir, self.cfg.train.resume)
+        if path is None and self.cfg.train.resume not in ("auto", "never"):
+            raise UserError(f"train.resume={self.cfg.train.resume}: not a complete checkpoint directory")
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> int:
+        acc = self.accelerator
+        self.write_run_files()
+        resume_from = self.resume()
+        start_batch = 0
+        if resume_from is not None:
+            start_batch = json.loads((resume_from / "trainer_state.json").read_text())["batches"]
+        # The loader iterator draws a seed from the global RNG when it is created: create it before
+        # the checkpoint's RNG state is restored, in a fresh run and a resumed one alike.
+        batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes, start_batch=start_batch))
+        if resume_from is not None:
+            self.state = load_checkpoint(acc, self.ema, resume_from)
+            self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
+        self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
+        self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x {self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
+        code = self.train_until_done(batches)
+        acc.end_training()
+        return code
+
+    def train_until_done(self, batches) -> int:
+        acc, cfg = self.accelerator, self.cfg
+        total_batches = cfg.train.epochs * self.batches_per_epoch
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step", disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
+        window = Window()
+        self.model.train()
+        evaluated_at = -1
+        while self.state.batches < total_batches:
+            tic = time.perf_counter()
+            batch = next(batches)
+            window.wait += time.perf_counter() - tic
+            stepped = self.train_batch(batch, window)
+            window.total += time.perf_counter() - tic
+            if not stepped:
+                continue
+            bar.update(1)
+            epoch_end = self.state.batches % self.batches_per_epoch == 0
+            if epoch_end:
+                self.state.epoch = self.state.batches // self.batches_per_epoch
+            if self.state.step % cfg.train.log_every == 0 or epoch_end:
+                self.log_train(window, bar)
+                window = Window()
+            if self.due(cfg.train.eval_every, epoch_end):
+                self.evaluate()
+                evaluated_at = self.state.step
+            if self.due(cfg.train.checkpoint_every, epoch_end):
+                save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+            if self.preempt.agreed(acc):
+                save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+                self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, exiting with {EXIT_PREEMPTED}")
+                bar.close()
+                return EXIT_PREEMPTED
+        bar.close()
+        if evaluated_at != self.state.step:
+            self.evaluate()
+            save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+        self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / 'best'}")
+        return 0
+
+    def due(self, every: int, epoch_end: bool) -> bool:
+        return (every > 0 and self.state.step % every == 0) or (every <= 0 and epoch_end)
+
+    def to_input(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        images = images.to(self.accelerator.device, non_blocking=True)
+        dtype = next((model or self.net).parameters()).dtype
+        if dtype != images.dtype:  # DeepSpeed bf16/fp16 casts the model itself, so the inputs follow
+            images = images.to(dtype)
+        if self.is_cuda and self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def train_batch(self, batch: dict, window: Window) -> bool:
+        """One micro-batch; returns True when it completed an optimizer step (taken or skipped)."""
+        acc = self.accelerator
+        targets, mask = (t.to(acc.device) for t in apply_policy(batch["labels_raw"], self.policy))
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                logits = self.model(self.to_input(batch["image"]))
+            loss = self.loss_fn(logits, targets, mask)
+            if self.net.refine is not None:
+                loss = loss + self.net.refine.l1_penalty()
+            acc.backward(loss)
+            self.state.batches += 1
+            window.add_batch(len(batch["key"]), int(batch.get("corrupt", 0)), loss.detach())
+            if not acc.sync_gradients:
+                return False
+            lr = self.optimizer.param_groups[0]["lr"]
+            grad_norm = self.clip_gradients()
+            finite = grad_norm is None or math.isfinite(grad_norm)
+            if finite or acc.mixed_precision == "fp16":
+                self.optimizer.step()  # with fp16 the GradScaler itself skips inf/NaN steps
+            self.optimizer.zero_grad(set_to_none=True)
+            skipped = not finite or acc.optimizer_step_was_skipped
+        self.after_step(lr, skipped, grad_norm, window)
+        return True
+
+    def clip_gradients(self) -> float | None:
+        clip = self.cfg.train.grad_clip
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        return None if norm is None else float(norm)
+
+    def after_step(self, lr: float, skipped: bool, grad_norm: float | None, window: Window) -> None:
+        st = self.state
+        st.step += 1
+        window.grad_norm = grad_norm
+        if skipped:
+            st.bad_steps_in_row += 1
+            st.bad_steps_total += 1
+            if st.bad_steps_in_row >= self.cfg.train.max_bad_steps:
+                raise UserError(
+                    f"{st.bad_steps_in_row} optimizer steps in a row had non-finite gradients (last at step {st.step}); "
+                    "lower train.lr, raise train.warmup_steps, or use bf16 instead of fp16"
+                )
+        else:
+            st.bad_steps_in_row = 0
+            if self.net.refine is not None:
+                self.net.refine.proximal_step(lr, self.optimizer)
+        self.scheduler.step_update(num_updates=st.step)
+        self.ema.update(self.net, st.step)
+
+    # ---- logging, evaluation ---------------------------------------------------------------------
+    def log_train(self, window: Window, bar) -> None:
+        acc = self.accelerator
+        totals = acc.reduce(torch.tensor([float(window.loss_sum), window.batches, window.samples, window.corrupt], dtype=torch.float64, device=acc.device), "sum").tolist()
+        loss_sum, n_batches, samples, corrupt = totals
+        self.state.samples_seen += int(samples)
+        self.state.corrupt_seen += int(corrupt)
+        self.check_corrupt()
+        record = {
+            "kind": "train", "step": self.state.step, "world_size": acc.num_processes, "epoch": self.state.batches / self.batches_per_epoch,
+            "loss": loss_sum / max(n_batches, 1), "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": window.grad_norm,
+            "img_per_s": samples / window.total if window.total > 0 else None,
+            "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
+            "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
+        }
+        self.log.write(record)
+        log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s'] or 0:.0f}")
+
+    def check_corrupt(self) -> None:
+        st = self.state
+        seen = st.samples_seen + st.corrupt_seen
+        if st.corrupt_seen and st.corrupt_seen / seen > self.cfg.data.max_corrupt_fraction:
+            raise UserError(
+                f"{st.corrupt_seen} of {seen} training samples failed to decode ({st.corrupt_seen / seen:.2%} > "
+                f"data.max_corrupt_fraction={self.cfg.data.max_corrupt_fraction}); run `cxrdist verify {self.root}`"
+            )
+
+    def evaluate(self) -> dict:
+        acc = self.accelerator
+        loader = eval_loader(self.root, self.manifest, [self.val_split], self.eval_stream, acc.process_index, acc.num_processes)
+        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input)
+        preds = gather_predictions(acc, local)
+        check_complete(preds, self.manifest.num_samples([self.val_split]))
+        results = score(preds, self.labels, self.policy, self.loss_fn)
+        self.model.train()
+        refine = self.ema.module.refine
+        record = {
+            "kind": "eval", "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "split": self.val_split,
+            "ema": results["ema"], "live": results["live"], "corrupt": preds.corrupt,
+            "sparsity": refine.sparsity() if refine is not None else None,
+            "top_couplings": refine.top_couplings(self.labels, k=10) if refine is not None else [],
+        }
+        improved = results["ema"]["macro_auc"] > self.state.best_auc
+        if improved:
+            self.state.best_auc, self.state.best_step = results["ema"]["macro_auc"], self.state.step
+        if acc.is_main_process:
+            self.log.write(record)
+            write_predictions_csv(self.run_dir / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+            if improved:
+                self.export_best(preds, results)
+        couplings = (refine.weight.detach().float().cpu().numpy(), self.labels) if refine is not None else None
+        flat = {"val/ema_macro_auc": results["ema"]["macro_auc"], "val/live_macro_auc": results["live"]["macro_auc"], "val/ema_loss": results["ema"].get("loss")}
+        flat.update({f"val/auc/{k}": v for k, v in results["ema"]["per_label"].items() if v is not None})
+        if record["sparsity"] is not None:
+            flat["val/coupling_sparsity"] = record["sparsity"]
+        log_wandb(acc, flat, self.state.step, couplings)
+        self.say(f"step {self.state.step}: val macro AUC EMA {results['ema']['macro_auc']:.4f}, live {results['live']['macro_auc']:.4f}" + (" (best)" if improved else ""))
+        acc.wait_for_everyone()
+        return record
+
+    def export_best(self, preds, results) -> None:
+        card = {
+            **self.card, "labels": self.labels, "img_size": self.cfg.data.img_size, "model": model_config_dict(self.cfg.model),
+            "label_policy": dict(zip(self.labels, self.policy)), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
+            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image,
+            "metrics": {"split": self.val_split, "ema": results["ema"], "live": results["live"]},
+        }
+        best = save_model(self.run_dir / "best", self.ema.module, card)
+        write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+
+    def say(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(f"cxrdist: {text}")
+
+
+class Window:
+    """Counters between two log lines."""
+
+    def __init__(self) -> None:
+        self.wait = self.total = 0.0
+        self.loss_sum = 0.0
+        self.batches = self.samples = self.corrupt = 0
+        self.grad_norm: float | None = None
+
+    def add_batch(self, samples: int, corrupt: int, loss: torch.Tensor) -> None:
+        self.batches += 1
+        self.samples += samples
+        self.corrupt += corrupt
+        self.loss_sum = self.loss_sum + loss.float()  # stays on the device: no sync per step

@@ -1,0 +1,194 @@
+"""The distributed trainer in real processes on real shards (2 CPU processes over gloo)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import tarfile
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from cxrdist.data.manifest import load_manifest
+from cxrdist.data.stream import StreamConfig, eval_loader
+from cxrdist.evaluation.gathered import predict, score
+from cxrdist.model.export import load_model
+from cxrdist.policy import resolve_policy
+from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single
+
+pytestmark = pytest.mark.slow
+
+
+def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
+    """The same checkpoint evaluated in this one process, no accelerate, no gather."""
+    model, card = load_model(model_dir)
+    manifest = load_manifest(shards)
+    cfg = StreamConfig(img_size=card["img_size"], in_chans=card["in_chans"], mean=tuple(card["mean"]), std=tuple(card["std"]), batch_size=7, workers=0)
+    preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu").sorted()
+    assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
+    policy = [card["label_policy"][label] for label in manifest.labels]
+    return score(preds, manifest.labels, policy)["m"]
+
+
+def csv_auc(path: Path, labels: list[str]) -> float:
+    table = pd.read_csv(path)
+    aucs = []
+    for label in labels:
+        known = table[f"target_{label}"].notna()
+        y = table.loc[known, f"target_{label}"]
+        if y.nunique() == 2:
+            aucs.append(roc_auc_score(y, table.loc[known, f"prob_{label}"]))
+    return float(np.mean(aucs))
+
+
+@pytest.fixture(scope="module")
+def two_process_run(synth_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    args = fast_overrides(synth_shards, out, **{"data.workers": 2, "model.backbone": "resnet10t", "train.epochs": 4, "train.lr": 3e-3, "train.ema_decay": 0.9})
+    result = launch_cpu(args + ["--fold", "0"], processes=2, timeout=900)
+    assert result.returncode == 0, explain(result)
+    return out / "demo" / "fold-0", result
+
+
+def test_two_processes_learn(two_process_run):
+    run_dir, _ = two_process_run
+    train = records(run_dir, "train")
+    assert {r["world_size"] for r in train} == {2}
+    first, last = np.mean([r["loss"] for r in train[:3]]), np.mean([r["loss"] for r in train[-3:]])
+    assert last < 0.8 * first, (first, last)
+    evals = records(run_dir, "eval")
+    assert max(e["ema"]["macro_auc"] for e in evals) > 0.7
+    assert 0.0 <= evals[-1]["sparsity"] <= 1.0
+
+
+def test_gathered_auc_equals_one_process_and_sklearn(two_process_run, synth_shards):
+    run_dir, _ = two_process_run
+    card = json.loads((run_dir / "best" / "model.json").read_text())
+    gathered = card["metrics"]["ema"]["macro_auc"]
+    alone = single_process_auc(run_dir / "best", synth_shards, fold=0)
+    assert abs(alone["macro_auc"] - gathered) <= 1e-9
+    labels = load_manifest(synth_shards).labels
+    assert abs(csv_auc(run_dir / "best" / "val_predictions.csv", labels) - gathered) <= 1e-9
+    keys = pd.read_csv(run_dir / "best" / "val_predictions.csv")["key"]
+    assert keys.is_unique and len(keys) == load_manifest(synth_shards).num_samples(["fold-0"])
+
+
+def test_run_files(two_process_run):
+    run_dir, _ = two_process_run
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "val_predictions.csv").is_file()
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert 1 <= len(checkpoints) <= 3 and not any(p.name.startswith(".partial") for p in checkpoints)
+    assert set(load_file(str(run_dir / "best" / "model.safetensors"))) >= {"refine.weight"}
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def final_ema(run_dir: Path) -> dict:
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(newest / "ema.safetensors"))
+
+
+def test_sigterm_then_resume_is_bitwise_equal_to_an_uninterrupted_run(synth_shards, tmp_path):
+    common = {"data.workers": 1, "model.backbone": "test_resnet", "train.epochs": 2, "model.drop_rate": 0.2}
+    reference = tmp_path / "ref"
+    result = run_single(fast_overrides(synth_shards, reference, **common))
+    assert result.returncode == 0, explain(result)
+
+    resumed = tmp_path / "resumed"
+    args = [sys.executable, str(TRAIN), "--config", str(DEMO_CONFIG), *fast_overrides(synth_shards, resumed, **common)]
+    proc = subprocess.Popen(args, env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(resumed / "demo" / "fold-0", 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, f"{out}\n{err}"
+    steps_per_epoch = len([r for r in records(reference / "demo" / "fold-0", "train") if r["epoch"] <= 1.0])
+    interrupted_at = json.loads(sorted((resumed / "demo" / "fold-0" / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())["step"]
+    assert 0 < interrupted_at < steps_per_epoch  # mid-epoch
+    result = run_single(fast_overrides(synth_shards, resumed, **common))
+    assert result.returncode == 0, explain(result)
+    assert "resumed from" in result.stdout + result.stderr
+    a, b = final_ema(reference / "demo" / "fold-0"), final_ema(resumed / "demo" / "fold-0")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(synth_shards, tmp_path):
+    args = fast_overrides(synth_shards, tmp_path, **{"train.checkpoint_every": 3, "train.epochs": 1})
+    result = run_single(args, env=cpu_env(1, CXRDIST_KILL_IN_CHECKPOINT=6))
+    assert result.returncode == -signal.SIGKILL, explain(result)
+    checkpoints = tmp_path / "demo" / "fold-0" / "checkpoints"
+    assert (checkpoints / "step-00000003").is_dir() and (checkpoints / ".partial-step-00000006").is_dir()
+    assert not (checkpoints / "step-00000006").exists()
+    result = run_single(args)
+    assert result.returncode == 0, explain(result)
+    assert "step-00000003" in result.stdout + result.stderr
+    assert not list(checkpoints.glob(".partial-*"))
+
+
+def test_bad_config_key_is_one_line(synth_shards, tmp_path):
+    result = run_single(fast_overrides(synth_shards, tmp_path) + ["train.epoch=3"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.epoch" in lines[0] and "Traceback" not in result.stderr
+
+
+def corrupt_one_training_sample(shards: Path, target: Path) -> None:
+    shutil.copytree(shards, target)
+    shard = target / load_manifest(target).splits["fold-1"].shards[0].file
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for i, (member, data) in enumerate(members):
+            if i == 0:
+                data = b"\x89PNG garbage" * 3
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_corrupt_sample_is_skipped_and_counted(synth_shards, tmp_path):
+    shards = tmp_path / "shards"
+    corrupt_one_training_sample(synth_shards, shards)
+    result = run_single(fast_overrides(shards, tmp_path / "ok", **{"train.epochs": 1, "data.max_corrupt_fraction": 0.05}))
+    assert result.returncode == 0, explain(result)
+    assert records(tmp_path / "ok" / "demo" / "fold-0", "train")[-1]["corrupt_total"] == 1
+    result = run_single(fast_overrides(shards, tmp_path / "strict", **{"train.epochs": 1, "data.max_corrupt_fraction": 0.0}))
+    assert result.returncode == 2 and "failed to decode" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_multi_node_path_on_one_host(synth_shards, tmp_path):
+    """Two `accelerate launch` with --num_machines 2 (ranks 0 and 1, main 127.0.0.1) train and gather."""
+    port = free_port()
+    args = [str(a) for a in fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1})] + ["--fold", "1"]
+    procs = []
+    for rank in (0, 1):
+        cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config", str(DEMO_CONFIG), *args]
+        procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, f"{out}\n{err}"
+    run_dir = tmp_path / "demo" / "fold-1"
+    assert {r["world_size"] for r in records(run_dir, "train")} == {2}
+    gathered = json.loads((run_dir / "best" / "model.json").read_text())["metrics"]["ema"]["macro_auc"]
+    assert abs(single_process_auc(run_dir / "best", synth_shards, fold=1)["macro_auc"] - gathered) <= 1e-9

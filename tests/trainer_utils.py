@@ -1,0 +1,65 @@
+"""Running the real trainer in real processes (accelerate launch, or the script alone)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "cxrdist" / "train.py"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fast_overrides(shards: Path, out: Path, **extra) -> list[str]:
+    """The demo config made small: a tiny backbone, 64 px, short epochs."""
+    values = {
+        "data.shards": shards, "output_dir": out, "data.img_size": 64, "data.batch_size": 16, "data.workers": 1,
+        "data.shuffle_buffer": 100, "model.backbone": "test_resnet", "train.epochs": 2, "train.warmup_steps": 5,
+        "train.log_every": 1, "logging.progress": "false", "logging.wandb": "disabled",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def cpu_env(world_size: int, **extra) -> dict:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CXRDIST_EXPECT_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch_cpu(args: list[str], processes: int = 2, timeout: int = 600, env: dict | None = None, machine: tuple | None = None) -> subprocess.CompletedProcess:
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (plain --cpu silently starts one process)."""
+    cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if machine is None:
+        cmd += ["--num_machines", "1", "--main_process_port", str(free_port())]
+    else:
+        rank, machines, port = machine
+        cmd += ["--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+    cmd += [str(TRAIN), "--config", str(DEMO_CONFIG), *args]
+    return subprocess.run(cmd, env=env or cpu_env(processes), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def run_single(args: list[str], timeout: int = 600, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(TRAIN), "--config", str(DEMO_CONFIG), *args]
+    return subprocess.run(cmd, env=env or cpu_env(1), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
