@@ -41,18 +41,32 @@ class IncompleteEvaluation(RuntimeError):
     pass
 
 
+def pad_batch(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Zero-pad a short batch to `size`. A sample's logits then do not depend on how the samples
+    were batched (kernels pick their algorithm by batch size; within one size the result is
+    position-independent), so one process and N processes produce bitwise-equal predictions."""
+    if size is None or len(images) >= size:
+        return images
+    return torch.cat([images, images.new_zeros((size - len(images), *images.shape[1:]))])
+
+
 @torch.no_grad()
-def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None) -> Predictions:
+def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None, pad_to: int | None = None) -> Predictions:
     """Run every model over the loader (one pass over the data); logits come back as fp32 numpy."""
     for model in models.values():
         model.eval()
     keys, raws, corrupt = [], [], 0
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
     for batch in loader:
+        count = len(batch["key"])
+        if count == 0:
+            corrupt += int(batch.get("corrupt", 0))
+            continue
+        padded = pad_batch(batch["image"], pad_to)
         with autocast():
             for name, model in models.items():
-                images = prepare_input(batch["image"], model) if prepare_input else batch["image"].to(device)
-                outputs[name].append(model(images).float().cpu().numpy())
+                images = prepare_input(padded, model) if prepare_input else padded.to(device)
+                outputs[name].append(model(images)[:count].float().cpu().numpy())
         keys.extend(batch["key"])
         raws.append(batch["labels_raw"].numpy())
         corrupt += int(batch.get("corrupt", 0))

@@ -55,6 +55,14 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
 
 
 def launch_fold(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> int:
+    """Run one fold; returns the trainer's exit code (75 when it checkpointed after a preemption signal)."""
+    from cxrdist.training.config import load_config
+    from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER
+
+    run_dir = load_config(config, overrides, fold=fold).run_dir
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
     print("+ accelerate launch " + shlex.join(cmd[3:]), flush=True)
-    return subprocess.call(cmd, env=env)
+    code = subprocess.call(cmd, env=env)
+    if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
+        return EXIT_PREEMPTED
+    return code

@@ -27,7 +27,7 @@ from cxrdist.model.params import param_groups
 from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
-from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag
+from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
 
 
@@ -133,6 +133,7 @@ class Trainer:
     def write_run_files(self) -> None:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def resume(self) -> Path | None:
@@ -190,6 +191,8 @@ class Trainer:
                 save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
             if self.preempt.agreed(acc):
                 save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+                if acc.is_main_process:
+                    (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.state.step}\n")
                 self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, exiting with {EXIT_PREEMPTED}")
                 bar.close()
                 return EXIT_PREEMPTED
@@ -289,10 +292,21 @@ class Trainer:
                 f"data.max_corrupt_fraction={self.cfg.data.max_corrupt_fraction}); run `cxrdist verify {self.root}`"
             )
 
+    def sync_buffers_from_main(self) -> None:
+        """BatchNorm running stats are updated locally on each rank (DDP only re-broadcasts rank 0's
+        at the next forward), so the live and EMA buffers drift apart across ranks. Evaluate what
+        rank 0 saves: its buffers, everywhere."""
+        if self.accelerator.num_processes == 1:
+            return
+        for module in (self.ema.module, self.net):
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def evaluate(self) -> dict:
         acc = self.accelerator
+        self.sync_buffers_from_main()
         loader = eval_loader(self.root, self.manifest, [self.val_split], self.eval_stream, acc.process_index, acc.num_processes)
-        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input)
+        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input, pad_to=self.eval_stream.batch_size)
         preds = gather_predictions(acc, local)
         check_complete(preds, self.manifest.num_samples([self.val_split]))
         results = score(preds, self.labels, self.policy, self.loss_fn)
@@ -326,7 +340,7 @@ class Trainer:
         card = {
             **self.card, "labels": self.labels, "img_size": self.cfg.data.img_size, "model": model_config_dict(self.cfg.model),
             "label_policy": dict(zip(self.labels, self.policy)), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
-            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image,
+            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image, "eval_batch_size": self.eval_stream.batch_size,
             "metrics": {"split": self.val_split, "ema": results["ema"], "live": results["live"]},
         }
         best = save_model(self.run_dir / "best", self.ema.module, card)

@@ -1,0 +1,391 @@
+"""slurm/train_folds.sh: its decisions against stand-in srun/sbatch/scontrol commands, then on a
+real one-node SLURM cluster (started as root by the `cluster` fixture).
+
+On the cluster, CPU processes stand in for GPUs (GPUS_PER_NODE=0, PROCS_PER_NODE=2): every fold
+is a 2-rank DDP run over gloo, started through srun + accelerate launch as on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
+from trainer_utils import fast_overrides
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_FOLDS = REPO / "slurm" / "train_folds.sh"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+WAIT = 900  # seconds; a guard against hangs, not a speed requirement
+# 5 steps per epoch x 3 epochs per fold: long enough to preempt in the middle of an epoch.
+TRAINING = {"data.batch_size": 8, "train.epochs": 3}
+
+
+# ---- without SLURM: the script's decisions, with srun/sbatch/scontrol replaced by recorders ----
+
+STAND_INS = {
+    "srun": """#!/bin/bash
+printf '%s\\n' "$@" > "$RECORD/srun.args"
+trap 'echo USR1 >> "$RECORD/srun.signals"' USR1
+touch "$RECORD/srun.started"
+for _ in $(seq 1 "${FAKE_SRUN_TICKS:-0}"); do sleep 0.1; done  # ticks of 0.1 s
+exit "${FAKE_SRUN_RC:-0}"
+""",
+    "scontrol": """#!/bin/bash
+if [[ $1 == show && $2 == hostnames ]]; then echo node001; echo node002; exit 0; fi
+echo "$*" >> "$RECORD/scontrol.calls"
+""",
+    "sbatch": """#!/bin/bash
+n=$(ls "$RECORD" | grep -c '^sbatch' || true)
+printf '%s\\n' "$@" > "$RECORD/sbatch.$n.args"
+echo $((100 + n))
+""",
+}
+
+
+@pytest.fixture
+def stand_ins(tmp_path) -> dict:
+    """PATH with recording srun/sbatch/scontrol; returns the environment and the record directory."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    for name, text in STAND_INS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", RECORD=str(record), CXRDIST_HOME=str(REPO), PYTHON=sys.executable)
+    return {"env": env, "record": record}
+
+
+def fold_task_env(stand_ins, **extra) -> dict:
+    """What sbatch gives array task 1 of job 123 on two nodes (its own job id is 125)."""
+    env = dict(stand_ins["env"], CXRDIST_SLURM_ROLE="fold", SLURM_JOB_ID="125", SLURM_ARRAY_JOB_ID="123",
+               SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[001-002]", SLURM_CPUS_PER_TASK="64")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_fold_task(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG), "train.epochs=1"], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def srun_call(record: Path) -> tuple[list[str], list[str]]:
+    """(srun's own flags, the per-node `accelerate launch` arguments after the interpreter)."""
+    args = (record / "srun.args").read_text().splitlines()
+    command = args.index("bash")
+    assert args[command + 1] == "-c" and 'trap "" USR1' in args[command + 2]
+    return args[:command], args[command + 4:]
+
+
+def test_fold_task_starts_one_launcher_per_node_with_the_job_geometry(stand_ins):
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8))
+    assert done.returncode == 0, done.stdout + done.stderr
+    srun, launch = srun_call(stand_ins["record"])
+    assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64", "--gres=gpu:8"} <= set(srun)
+    flags = " ".join(launch)
+    assert "--num_machines 2 --main_process_ip node001 --main_process_port 20125" in flags  # 20000 + 125 % 20000
+    assert "--num_processes 16 --mixed_precision bf16 --multi_gpu" in flags
+    assert launch[launch.index("--config") - 1:] == [str(REPO / "cxrdist" / "train.py"), "--config", str(DEMO_CONFIG), "--fold", "1", "train.epochs=1"]
+    assert not (stand_ins["record"] / "scontrol.calls").exists()  # finished: no requeue
+
+
+def test_fold_task_with_a_deepspeed_config_and_cpu_processes(stand_ins):
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8, LAUNCH_CONFIG="launch/deepspeed_zero2.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    _, launch = srun_call(stand_ins["record"])
+    assert launch[:2] == ["--config_file", "launch/deepspeed_zero2.yaml"] and "--multi_gpu" not in launch
+
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=0, PROCS_PER_NODE=3))
+    assert done.returncode == 0, done.stdout + done.stderr
+    srun, launch = srun_call(stand_ins["record"])
+    assert not any(a.startswith("--gres") for a in srun)
+    assert "--num_processes 6 --mixed_precision no --multi_gpu" in " ".join(launch)
+
+
+@pytest.mark.parametrize("code, requeued", [(75, True), (1, False), (0, False)])
+def test_fold_task_requeues_itself_only_on_exit_code_75(stand_ins, code, requeued):
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8, FAKE_SRUN_RC=code))
+    calls = stand_ins["record"] / "scontrol.calls"
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "123_1"] if requeued else [])
+    assert done.returncode == (0 if requeued else code), done.stdout + done.stderr
+
+
+def start_fold_task(env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = Path(env["RECORD"]) / "srun.started"
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0] if proc.poll() is not None else "srun never started"
+        time.sleep(0.05)
+    return proc
+
+
+def test_usr1_is_forwarded_to_the_step_and_a_preempted_step_is_requeued(stand_ins):
+    """accelerate launch reports the trainers' 75 as 1: after a forwarded USR1, 1 means 'preempted'."""
+    proc = start_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8, FAKE_SRUN_RC=1, FAKE_SRUN_TICKS=15, RESIGNAL_EVERY=0.3))
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "USR1: preemption warning" in out
+    signals = (stand_ins["record"] / "srun.signals").read_text().split()
+    assert len(signals) >= 2  # forwarded at once, then repeated until the step ended
+    assert (stand_ins["record"] / "scontrol.calls").read_text().split() == ["requeue", "123_1"]
+
+
+def test_sigterm_from_slurm_ends_the_task_without_requeue(stand_ins):
+    """scancel / time limit: SLURM terminates the job, and a cancelled job must stay cancelled."""
+    proc = start_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8, FAKE_SRUN_RC=75, FAKE_SRUN_TICKS=10))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
+    assert not (stand_ins["record"] / "scontrol.calls").exists()
+
+
+def test_fold_task_gives_up_after_max_requeues(stand_ins):
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8, FAKE_SRUN_RC=75, SLURM_RESTART_COUNT=3, MAX_REQUEUES=3))
+    assert done.returncode == 1 and "giving up" in done.stdout
+    assert not (stand_ins["record"] / "scontrol.calls").exists()
+
+
+def test_usage_and_missing_config_errors_are_one_line(stand_ins):
+    done = subprocess.run(["bash", str(TRAIN_FOLDS)], env=stand_ins["env"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().startswith("train_folds.sh: error: usage:")
+    done = subprocess.run(["bash", str(TRAIN_FOLDS), "configs/nope.yaml"], env=stand_ins["env"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and done.stderr.strip() == "train_folds.sh: error: config configs/nope.yaml: no such file"
+    assert not list(stand_ins["record"].glob("sbatch.*"))
+
+
+@pytest.mark.slow
+def test_submitter_sizes_the_array_from_the_manifest_and_chains_the_ensemble(stand_ins, synth_shards, tmp_path):
+    env = dict(stand_ins["env"], NODES="2", GPUS_PER_NODE="8", PARTITION="gpu", ACCOUNT="lab", TIME="12:00:00",
+               EXTRA_SBATCH_ARGS="--exclusive --qos=high")
+    bad = subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG), f"data.shards={synth_shards}", "train.nope=1"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "train.nope" in bad.stderr, bad.stderr
+    assert not list(stand_ins["record"].glob("sbatch.*"))  # nothing queued for a bad override
+
+    done = subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG), f"data.shards={synth_shards}", "train.epochs=2"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fold array job: 100" in done.stdout and "ensemble job: 101" in done.stdout
+    exp = tmp_path / "runs" / "demo"
+    assert (exp / "slurm").is_dir()  # sbatch needs the --output directory to exist
+    array = (stand_ins["record"] / "sbatch.0.args").read_text().splitlines()
+    ensemble = (stand_ins["record"] / "sbatch.1.args").read_text().splitlines()
+    assert {"--array=0-2", "--nodes=2", "--ntasks-per-node=1", "--gres=gpu:8", "--cpus-per-task=64", "--requeue",
+            "--signal=B:USR1@300", "--time=12:00:00", "--partition=gpu", "--account=lab", "--exclusive", "--qos=high",
+            f"--output={exp}/slurm/fold-%a-%A_%a.out", "--open-mode=append"} <= set(array)
+    assert array[array.index(str(REPO / "slurm" / "train_folds.sh")):] == [str(REPO / "slurm" / "train_folds.sh"), str(DEMO_CONFIG), f"data.shards={synth_shards}", "train.epochs=2"]
+    assert {"--dependency=afterok:100", "--kill-on-invalid-dep=yes", "--gres=gpu:1", "--partition=gpu"} <= set(ensemble)
+    assert ensemble[-2:] == [str(REPO / "slurm" / "ensemble.sh"), str(exp)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> SlurmCluster:
+    started = time.monotonic()
+    try:
+        running = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as err:
+        pytest.skip(f"no SLURM cluster: {err}")
+    print(f"\nSLURM cluster up in {time.monotonic() - started:.1f} s")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def two_fold_shards(tmp_path_factory) -> Path:
+    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.synth import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("slurm-data")
+    csv = make_synthetic_dataset(root / "raw", n=240, size=96, seed=3, workers=2, progress=False)
+    prepare(PrepareOptions(source="csv", csv=csv, images=root / "raw" / "images", out=root / "shards", folds=2,
+                           test_fraction=0.2, max_size=64, fmt="png", samples_per_shard=50, workers=2, progress=False))
+    return root / "shards"
+
+
+def job_env(**extra) -> dict:
+    env = {"PYTHON": sys.executable, "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError:  # the script's rendezvous host is the node name; this one is not in DNS or /etc/hosts
+        env["MASTER_ADDR"] = "127.0.0.1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def submit(cluster: SlurmCluster, workdir: Path, args: list, **env) -> dict[str, str]:
+    """`sbatch slurm/train_folds.sh ARGS` as a user runs it; returns the job ids the submitter printed."""
+    done = cluster.run("sbatch", "--parsable", f"--output={workdir}/submit-%j.out", str(TRAIN_FOLDS), *map(str, args),
+                       env=job_env(**env), cwd=workdir)
+    submitter = done.stdout.strip().split(";")[0]
+    [record] = cluster.wait_finished(submitter, timeout=WAIT)
+    text = (workdir / f"submit-{submitter}.out").read_text()
+    assert record["JobState"] == "COMPLETED", text
+    ids = {"array": re.search(r"fold array job: (\d+)", text).group(1)}
+    ensemble = re.search(r"ensemble job: (\d+)", text)
+    if ensemble:
+        ids["ensemble"] = ensemble.group(1)
+    return ids
+
+
+def fold_log(exp: Path, array: str, fold: int) -> str:
+    return (exp / "slurm" / f"fold-{fold}-{array}_{fold}.out").read_text(errors="replace")
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+
+
+@pytest.fixture(scope="module")
+def two_folds(cluster, two_fold_shards, tmp_path_factory) -> dict:
+    """Both folds of the demo experiment trained by one `sbatch slurm/train_folds.sh`, then ensembled."""
+    work = tmp_path_factory.mktemp("slurm-demo")
+    runs = work / "runs"
+    ids = submit(cluster, work, [DEMO_CONFIG, *fast_overrides(two_fold_shards, runs, **TRAINING)])
+    folds = cluster.wait_finished(ids["array"], timeout=WAIT)
+    [ensemble] = cluster.wait_finished(ids["ensemble"], timeout=WAIT)
+    return {"exp": runs / "demo", "ids": ids, "folds": folds, "ensemble": ensemble, "runs": runs}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_every_fold_trains_then_the_ensemble_job_runs(two_folds):
+    from cxrdist.evaluation.ensemble import METRICS_FILE
+    from cxrdist.evaluation.report import PAGE_FILE
+
+    exp, ids = two_folds["exp"], two_folds["ids"]
+    logs = {k: fold_log(exp, ids["array"], k) for k in (0, 1)}
+    assert sorted(int(r["ArrayTaskId"]) for r in two_folds["folds"]) == [0, 1]
+    for record in two_folds["folds"]:
+        fold = int(record["ArrayTaskId"])
+        assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "0"), logs[fold][-3000:]
+        assert f"fold {fold} finished" in logs[fold]
+        assert "on 2 process(es)" in logs[fold]  # two real ranks, not two lone processes
+        run_dir = exp / f"fold-{fold}"
+        assert (run_dir / "best" / "model.safetensors").is_file()
+        assert eval_records(run_dir)[-1]["epoch"] == TRAINING["train.epochs"]
+
+    ensemble = two_folds["ensemble"]
+    ensemble_log = next((exp / "slurm").glob(f"ensemble-{ids['ensemble']}.out")).read_text(errors="replace")
+    assert ensemble["JobState"] == "COMPLETED", ensemble_log[-3000:]
+    assert ensemble["StartTime"] >= max(r["EndTime"] for r in two_folds["folds"])  # afterok on the whole array
+    metrics = json.loads((exp / "ensemble" / METRICS_FILE).read_text())
+    assert metrics  # the evaluation's own tests check its content
+    assert list(exp.rglob(PAGE_FILE)), f"no {PAGE_FILE} under {exp}"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_fold_requeues_resumes_and_ends_like_an_uninterrupted_run(cluster, two_folds, two_fold_shards, tmp_path):
+    """USR1 to the batch shell, as --signal=B:USR1@N sends it ahead of the time limit."""
+    exp = two_folds["runs"] / "demo-preempt"
+    overrides = fast_overrides(two_fold_shards, two_folds["runs"], experiment="demo-preempt", **TRAINING)
+    ids = submit(cluster, tmp_path, [DEMO_CONFIG, *overrides], FOLDS="0", ENSEMBLE="0")
+    task = f"{ids['array']}_0"
+    metrics = exp / "fold-0" / "metrics.jsonl"
+    deadline = time.monotonic() + WAIT
+    while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+        assert time.monotonic() < deadline, "fold 0 never logged a training step"
+        assert cluster.job(task).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", task)
+
+    [record] = cluster.wait_finished(ids["array"], timeout=WAIT)
+    log = fold_log(exp, ids["array"], 0)
+    assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+    preempted = re.search(r"preempted \(SIGUSR1\): checkpoint at step (\d+) written, exiting with 75", log)
+    assert preempted, log[-4000:]
+    assert "exitcode  : 75" in log  # what the trainers returned, before accelerate launch made it 1
+    assert f"requeueing {task}" in log
+    resumed = re.search(r"resumed from .*step-0*(\d+) \(step (\d+)", log)
+    assert resumed and resumed.group(2) == preempted.group(1), log[-4000:]
+
+    # Same final metrics and weights as fold 0 of the uninterrupted experiment.
+    from safetensors.torch import load_file
+
+    reference = two_folds["exp"] / "fold-0"
+    final, expected = eval_records(exp / "fold-0")[-1], eval_records(reference)[-1]
+    assert 0 < int(preempted.group(1)) < expected["step"]  # it stopped in the middle of the run
+    assert final["step"] == expected["step"]
+    assert final["ema"]["macro_auc"] == expected["ema"]["macro_auc"]
+    assert final["live"]["macro_auc"] == expected["live"]["macro_auc"]
+    ours, theirs = last_checkpoint(exp / "fold-0"), last_checkpoint(reference)
+    assert ours.name == theirs.name
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(ours / name), load_file(theirs / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+
+FAKE_TRAINER = r'''
+"""Stand-in for cxrdist/train.py: slow to install its USR1 handler, checkpoints and exits 75."""
+import argparse, json, signal, sys, time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--config"); parser.add_argument("--fold", type=int); parser.add_argument("overrides", nargs="*")
+args = parser.parse_args()
+settings = dict(o.split("=", 1) for o in args.overrides)
+run = Path(settings["output_dir"]) / settings["experiment"] / f"fold-{args.fold}"
+run.mkdir(parents=True, exist_ok=True)
+ckpt = run / "ckpt.json"
+state = json.loads(ckpt.read_text()) if ckpt.exists() else {"step": 0, "value": 1}
+time.sleep(3)  # imports, model building: a USR1 now finds the launcher's SIG_IGN
+flag = []
+signal.signal(signal.SIGUSR1, lambda *_: flag.append(1))
+print(f"handler installed; start at step {state['step']}", flush=True)
+while state["step"] < 40:
+    if flag:
+        ckpt.with_suffix(".tmp").write_text(json.dumps(state)); ckpt.with_suffix(".tmp").replace(ckpt)
+        print(f"preempted at step {state['step']}", flush=True)
+        sys.exit(75)
+    time.sleep(0.1)
+    state["step"] += 1
+    state["value"] = state["value"] * 7 % 1000003
+(run / "final.json").write_text(json.dumps(state))
+'''
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_early_preemption_signal_is_repeated_until_the_trainer_listens(cluster, tmp_path):
+    """USR1 before the trainer has its handler (one process: accelerate's simple launcher)."""
+    trainer = tmp_path / "fake_train.py"
+    trainer.write_text(FAKE_TRAINER)
+    runs = tmp_path / "runs"
+    ids = submit(cluster, tmp_path, [DEMO_CONFIG, "data.shards=unused", f"output_dir={runs}", "experiment=fake"],
+                 FOLDS="0", ENSEMBLE="0", PROCS_PER_NODE="1", TRAIN_SCRIPT=trainer, RESIGNAL_EVERY="1")
+    task = f"{ids['array']}_0"
+    log_path = runs / "fake" / "slurm" / f"fold-0-{task}.out"
+    deadline = time.monotonic() + WAIT
+    while not (log_path.is_file() and "accelerate launch" in log_path.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cluster.run("scancel", "--signal=USR1", "--batch", task)
+
+    [record] = cluster.wait_finished(ids["array"], timeout=WAIT)
+    log = log_path.read_text()
+    assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), log[-3000:]
+    assert log.index("USR1: preemption warning") < log.index("handler installed; start at step 0")
+    preempted = re.search(r"preempted at step (\d+)", log)
+    assert preempted and f"handler installed; start at step {preempted.group(1)}" in log, log[-3000:]
+    value = 1
+    for _ in range(40):
+        value = value * 7 % 1000003
+    assert json.loads((runs / "fake" / "fold-0" / "final.json").read_text()) == {"step": 40, "value": value}
