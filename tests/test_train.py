@@ -193,3 +193,35 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
     gathered = json.loads((run_dir / "best" / "model.json").read_text())["metrics"]["ema"]["macro_auc"]
     assert abs(single_process_auc(run_dir / "best", synth_shards, fold=1)["macro_auc"] - gathered) <= 1e-9
+
+
+def deepspeed_env() -> dict:
+    env = cpu_env(2)
+    env.pop("ACCELERATE_USE_CPU")  # that variable silently drops DeepSpeed
+    return env
+
+
+def test_deepspeed_zero2_trains_and_evaluates_on_two_cpu_processes(synth_shards, tmp_path):
+    """Through launch/deepspeed_zero2.yaml + its JSON with "auto" fields (first start JIT-builds an op)."""
+    pytest.importorskip("deepspeed")
+    cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                    "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG),
+                    *fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1})]
+    result = subprocess.run(cmd, env=deepspeed_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, explain(result)
+    run_dir = tmp_path / "demo" / "fold-0"
+    assert {r["world_size"] for r in records(run_dir, "train")} == {2}
+    assert "sparsity=subgradient" in result.stdout + result.stderr
+    evals = records(run_dir, "eval")
+    assert evals and 0.0 < evals[-1]["ema"]["macro_auc"] < 1.0
+    assert (run_dir / "best" / "model.safetensors").is_file()
+
+
+def test_deepspeed_zero3_is_refused_with_one_line(synth_shards, tmp_path):
+    pytest.importorskip("deepspeed")
+    cmd = LAUNCH + ["--use_deepspeed", "--zero_stage", "3", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG), *fast_overrides(synth_shards, tmp_path)]
+    result = subprocess.run(cmd, env=deepspeed_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cxrdist train: error:")]
+    assert len(errors) == 1 and "ZeRO-3" in errors[0], explain(result)

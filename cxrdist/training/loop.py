@@ -105,9 +105,18 @@ class Trainer:
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         if not self.deepspeed:
             return
-        stage = acc.state.deepspeed_plugin.zero_stage
-        if stage == 3:
+        plugin = acc.state.deepspeed_plugin
+        if plugin.zero_stage == 3:
             raise UserError("DeepSpeed ZeRO-3 is not supported: EMA and evaluation need whole parameters; use ZeRO-1 or ZeRO-2 (launch/deepspeed_zero2.yaml)")
+        # Our loaders do not go through accelerate.prepare, so fill the "auto" fields it would have
+        # taken from a loader, and take clipping from the config rather than accelerate's default.
+        ds = plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = self.cfg.data.batch_size
+        if ds.get("train_batch_size") == "auto":
+            ds["train_batch_size"] = self.cfg.data.batch_size * acc.num_processes * self.cfg.train.grad_accum
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = self.cfg.train.grad_clip
         if self.cfg.model.refine.enabled and self.cfg.model.refine.sparsity == "proximal":
             # DeepSpeed keeps its own fp32 master copy of the weights, so an in-place proximal step
             # on the module would be overwritten at the next step: use the L1 subgradient instead.
@@ -166,9 +175,12 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         total_batches = cfg.train.epochs * self.batches_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step", disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
+        if self.state.batches >= total_batches:
+            self.say(f"already complete at step {self.state.step} (best EMA macro AUC {self.state.best_auc:.4f})")
+            return 0
         window = Window()
         self.model.train()
-        evaluated_at = -1
+        evaluated_at = checkpointed_at = -1
         while self.state.batches < total_batches:
             tic = time.perf_counter()
             batch = next(batches)
@@ -188,9 +200,11 @@ class Trainer:
                 self.evaluate()
                 evaluated_at = self.state.step
             if self.due(cfg.train.checkpoint_every, epoch_end):
-                save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+                self.checkpoint()
+                checkpointed_at = self.state.step
             if self.preempt.agreed(acc):
-                save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+                if checkpointed_at != self.state.step:
+                    self.checkpoint()
                 if acc.is_main_process:
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.state.step}\n")
                 self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, exiting with {EXIT_PREEMPTED}")
@@ -199,9 +213,13 @@ class Trainer:
         bar.close()
         if evaluated_at != self.state.step:
             self.evaluate()
-            save_checkpoint(acc, self.ema, self.state, self.run_dir, cfg.train.keep_checkpoints)
+        if checkpointed_at != self.state.step:
+            self.checkpoint()
         self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / 'best'}")
         return 0
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.accelerator, self.ema, self.state, self.run_dir, self.cfg.train.keep_checkpoints)
 
     def due(self, every: int, epoch_end: bool) -> bool:
         return (every > 0 and self.state.step % every == 0) or (every <= 0 and epoch_end)
