@@ -26,7 +26,7 @@ def fast_overrides(shards: Path, out: Path, **extra) -> list[str]:
     values = {
         "data.shards": shards, "output_dir": out, "data.img_size": 64, "data.batch_size": 16, "data.workers": 1,
         "data.shuffle_buffer": 100, "model.backbone": "test_resnet", "train.epochs": 2, "train.warmup_steps": 5,
-        "train.log_every": 1, "logging.progress": "false", "logging.wandb": "disabled",
+        "train.log_every": 1, "train.eval_every": 0, "logging.progress": "false", "logging.wandb": "disabled",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

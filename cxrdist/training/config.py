@@ -110,6 +110,9 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
 
 
 def validate(cfg: ExperimentConfig) -> None:
+    # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
+    if cfg.train.mixed_precision in ("False", "false", "fp32"):
+        cfg.train.mixed_precision = "no"
     checks = [
         (cfg.logging.wandb in WANDB_MODES, f"logging.wandb must be one of {', '.join(WANDB_MODES)}"),
         (cfg.train.mixed_precision in PRECISIONS, f"train.mixed_precision must be one of {', '.join(PRECISIONS)}"),
