@@ -20,6 +20,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_folds.py
 	$(VENV)/bin/python bench/bench_stream.py
+	$(VENV)/bin/python bench/bench_prepare.py
+	$(VENV)/bin/python bench/bench_trainer.py
 
 clean:
 	rm -rf demo-out .pytest_cache
