@@ -21,14 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory) -> Path:
     """720 synthetic radiographs stored at 64 px: 3 patient-grouped folds of 3 shards each (uneven over 2 ranks x 2 workers) + a test split."""
-    from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth import make_synthetic_dataset
+    from trainer_utils import synthetic_shards
 
-    root = tmp_path_factory.mktemp("synth")
-    csv = make_synthetic_dataset(root / "raw", n=720, size=96, seed=3, workers=2, progress=False)
-    prepare(PrepareOptions(source="csv", csv=csv, images=root / "raw" / "images", out=root / "shards", folds=3,
-                           test_fraction=0.2, max_size=64, fmt="png", samples_per_shard=70, workers=2, progress=False))
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("synth"), n=720, folds=3, samples_per_shard=70)
 
 
 # ==== evaluation, predict and report (tests/test_evaluate.py, test_predict.py, test_report.py) ====

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
-from trainer_utils import fast_overrides
+from trainer_utils import fast_overrides, synthetic_shards
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,14 +204,7 @@ def cluster(tmp_path_factory) -> SlurmCluster:
 
 @pytest.fixture(scope="module")
 def two_fold_shards(tmp_path_factory) -> Path:
-    from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    csv = make_synthetic_dataset(root / "raw", n=240, size=96, seed=3, workers=2, progress=False)
-    prepare(PrepareOptions(source="csv", csv=csv, images=root / "raw" / "images", out=root / "shards", folds=2,
-                           test_fraction=0.2, max_size=64, fmt="png", samples_per_shard=50, workers=2, progress=False))
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("slurm-data"), n=240, folds=2, samples_per_shard=50)
 
 
 def job_env(**extra) -> dict:

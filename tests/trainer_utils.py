@@ -15,6 +15,17 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+def synthetic_shards(root: Path, n: int, folds: int, samples_per_shard: int) -> Path:
+    """Synthetic radiographs (rendered at 96 px, stored as 64 px PNG) prepared into real shards + a 20% test split."""
+    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.synth import make_synthetic_dataset
+
+    csv = make_synthetic_dataset(root / "raw", n=n, size=96, seed=3, workers=2, progress=False)
+    prepare(PrepareOptions(source="csv", csv=csv, images=root / "raw" / "images", out=root / "shards", folds=folds, test_fraction=0.2,
+                           max_size=64, fmt="png", samples_per_shard=samples_per_shard, workers=2, progress=False))
+    return root / "shards"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
