@@ -90,6 +90,9 @@ def test_shards_are_byte_for_byte_deterministic_across_worker_counts(dataset):
     assert a and a == b
     assert main(prepare_args(root, csv, root / "c", "--seed", "1")) == 0
     assert shard_bytes(root / "c") != a
+    same, other = load_manifest(root / "a").identity(), load_manifest(root / "c").identity()
+    assert same == load_manifest(root / "b").identity()
+    assert same["labels"] == LABELS and same["content_sha256"] != other["content_sha256"]
 
 
 def test_jpeg_shards_decode_to_the_encoded_prepared_image(dataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -75,6 +76,17 @@ class Manifest:
 
     def num_samples(self, names: list[str]) -> int:
         return sum(self.split(name).num_samples for name in names)
+
+    def identity(self) -> dict:
+        """What makes two shard directories the same dataset: label order, fold layout and every shard's content.
+
+        Recorded in checkpoints and model cards; a run resumed or evaluated on shards with another identity is refused.
+        """
+        digest = hashlib.sha256()
+        for name in sorted(self.splits):
+            for shard in self.splits[name].shards:
+                digest.update(f"{name}\t{shard.file}\t{shard.num_samples}\t{shard.sha256}\n".encode())
+        return {"labels": list(self.labels), "num_folds": self.num_folds, "seed": self.seed, "content_sha256": digest.hexdigest()}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
