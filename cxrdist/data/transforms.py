@@ -71,6 +71,11 @@ def _scale_shift(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def normalisation(cfg: StreamConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) as (C, 1, 1) tensors with normalise(x) == x * scale + shift, for the batched device path."""
+    return _scale_shift(*channel_stats(cfg))
+
+
 def normalise(image: torch.Tensor, cfg: StreamConfig) -> torch.Tensor:
     """(1, H, W) pixels in 0..255 (uint8 or float) -> (in_chans, H, W) float32: grayscale replicated, (x/255 - mean) / std."""
     scale, shift = _scale_shift(*channel_stats(cfg))
@@ -143,6 +148,15 @@ def rotate(image: torch.Tensor, angle: float) -> torch.Tensor:
     return out.squeeze(0)
 
 
+def draw_train_params(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int, bool, float]:
+    """(top, left, h, w, flip, angle): one sample's train augmentation, drawn in a fixed order from `rng`
+    (the per-sample CPU path and the batched device path both use it, so they see the same draws)."""
+    top, left, h, w = crop_params(height, width, rng)
+    flip = bool(rng.random() < HFLIP_P)
+    angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    return top, left, h, w, flip, angle
+
+
 def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, cfg: StreamConfig) -> torch.Tensor:
     """Random resized crop -> (img_size, img_size), hflip p=0.5, rotation +-10 deg (bilinear, fill 0), normalise.
 
@@ -150,9 +164,12 @@ def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, 
     same distribution up to resampling).
     """
     tensor = as_tensor(image)
-    top, left, h, w = crop_params(tensor.shape[1], tensor.shape[2], rng)
-    flip = bool(rng.random() < HFLIP_P)
-    angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    return apply_train_params(tensor, draw_train_params(tensor.shape[1], tensor.shape[2], rng), cfg)
+
+
+def apply_train_params(tensor: torch.Tensor, params: tuple, cfg: StreamConfig) -> torch.Tensor:
+    """(1, H, W) uint8 + (top, left, h, w, flip, angle) -> the augmented, normalised (in_chans, S, S) float32."""
+    top, left, h, w, flip, angle = params
     out = F.resized_crop(tensor, top, left, h, w, [cfg.img_size, cfg.img_size], interpolation=BILINEAR, antialias=True)
     if flip:
         out = F.horizontal_flip(out)

@@ -22,7 +22,8 @@ class DataConfig:
     img_size: int = 380
     batch_size: int = 32  # per device (per process)
     eval_batch_size: int = 0  # 0 = 2 x batch_size
-    workers: int = 4  # DataLoader workers per process
+    workers: int = -1  # DataLoader workers per process; -1 = from the CPUs per process (stream.resolve_workers)
+    augment: str = "cpu"  # train augmentation in the workers (cpu) or as one batched grid_sample on the accelerator (device)
     shuffle_buffer: int = 1000
     # "default" (CheXpert paper: U-Ones for Atelectasis and Edema, U-Zeros otherwise), "ignore",
     # "zeros", "ones", or a mapping {label: policy, default: policy}.
@@ -117,7 +118,8 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.logging.wandb in WANDB_MODES, f"logging.wandb must be one of {', '.join(WANDB_MODES)}"),
         (cfg.train.mixed_precision in PRECISIONS, f"train.mixed_precision must be one of {', '.join(PRECISIONS)}"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.workers >= -1, "data.workers must be >= 0, or -1 for one per CPU of this process"),
+        (cfg.data.augment in ("cpu", "device"), "data.augment must be cpu or device"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),

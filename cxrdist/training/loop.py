@@ -14,8 +14,10 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
+from cxrdist.data.device_augment import augment_batch
 from cxrdist.data.manifest import fold_name, load_manifest
-from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
+from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, resolve_workers, train_loader
+from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
 from cxrdist.model.ema import ModelEma
@@ -76,10 +78,12 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.stream = StreamConfig(
             img_size=cfg.data.img_size, in_chans=cfg.model.in_chans, mean=tuple(self.card["mean"]), std=tuple(self.card["std"]),
-            batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
+            batch_size=cfg.data.batch_size, workers=resolve_workers(cfg.data.workers), shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
         )
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
-        self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs})
+        self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs, "augment": "cpu"})
+        self.stream.augment = cfg.data.augment
+        self.normalisation = tuple(t.to(acc.device) for t in normalisation(self.stream))
         self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -242,10 +246,13 @@ class Trainer:
     def train_batch(self, batch: dict, window: Window) -> bool:
         """One micro-batch; returns True when it completed an optimizer step (taken or skipped)."""
         acc = self.accelerator
-        targets, mask = (t.to(acc.device) for t in apply_policy(batch["labels_raw"], self.policy))
+        targets, mask = (t.to(acc.device, non_blocking=True) for t in apply_policy(batch["labels_raw"], self.policy))
+        images = batch["image"]
+        if "augment" in batch:  # data.augment=device: the workers only decoded
+            images = augment_batch(images.to(acc.device, non_blocking=True), batch["augment"], self.stream.img_size, *self.normalisation)
         with acc.accumulate(self.model):
             with acc.autocast():
-                logits = self.model(self.to_input(batch["image"]))
+                logits = self.model(self.to_input(images))
             loss = self.loss_fn(logits, targets, mask)
             if self.net.refine is not None:
                 loss = loss + self.net.refine.l1_penalty()
