@@ -58,7 +58,7 @@ def augment_batch(canvas: torch.Tensor, params: torch.Tensor, size: int, scale: 
     batch = canvas.shape[0]
     if batch == 0:  # every sample of the batch was corrupt
         return torch.empty(0, scale.shape[0], size, size, device=canvas.device)
-    to_canvas, to_crop = affine_thetas(params.to(canvas.device), tuple(canvas.shape[-2:]))
+    to_canvas, to_crop = affine_thetas(params.to(canvas.device, non_blocking=True), tuple(canvas.shape[-2:]))
     shape = [batch, 1, size, size]
     grid = F.affine_grid(to_canvas, shape, align_corners=False)
     pixels = F.grid_sample(canvas.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False)

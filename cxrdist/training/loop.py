@@ -333,6 +333,7 @@ class Trainer:
             "img_per_s": samples / window.total if window.total > 0 else None,
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
             "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
+            "max_memory_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if self.is_cuda else None,  # allocator stat: no sync
         }
         self.log.write(record)
         log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
