@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 import torch
+from bench_stream import synthetic_image
 from PIL import Image
 
-from bench_stream import synthetic_image
 from cxrdist.data.device_augment import augment_batch
 from cxrdist.data.stream import RawSample, StreamConfig, decode_train_batch
 from cxrdist.data.transforms import normalisation

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainer_utils import REPO, cpu_env
 
 pytestmark = pytest.mark.slow
@@ -18,7 +17,7 @@ def test_gpu_benchmark_smoke_mode_runs_every_part_and_passes_its_checks(tmp_path
     env = cpu_env(1)
     env.pop("CXRDIST_EXPECT_WORLD_SIZE")  # the benchmark sets it for the processes it launches
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke", "--out", str(out), "--work", str(tmp_path / "work")],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["mode"] == "smoke (CPU)" and report["not_run_on_cpu"]

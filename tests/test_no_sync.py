@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 import torch
+from trainer_utils import DEMO_CONFIG, fast_overrides
 
 from cxrdist.errors import UserError
 from cxrdist.training.config import load_config
 from cxrdist.training.loop import Trainer, Window
-from trainer_utils import DEMO_CONFIG, fast_overrides
 
 # Every way a tensor's value reaches Python: each one waits for the device on CUDA.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
