@@ -137,14 +137,13 @@ def add_predict(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
     p.set_defaults(run=run_predict)
 
 
 def run_predict(args) -> int:
     from cxrdist.evaluation.predict import run_predict as predict
 
-    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards)
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
     print(f"wrote {out}")
     return 0
 

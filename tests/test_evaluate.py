@@ -18,6 +18,7 @@ from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import auc_intervals, patient_weights, weighted_auc
 from cxrdist.evaluation.ensemble import FoldModel, load_fold_probabilities, run_evaluate, split_notes, stream_config
 from cxrdist.evaluation.gathered import predict, probabilities
+from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
 from trainer_utils import LAUNCH, cpu_env, explain, free_port
 
@@ -113,8 +114,8 @@ def test_without_tta_evaluate_reproduces_the_training_validation_predictions(tra
     ours, theirs = probs_table(tmp_path / "predictions.csv", labels), probs_table(best / "val_predictions.csv", labels)
     assert sorted(ours.index) == sorted(theirs.index)
     np.testing.assert_allclose(ours.loc[theirs.index].to_numpy(), theirs.to_numpy(), rtol=0, atol=1e-6)
-    card = json.loads((best / "model.json").read_text())
-    assert metrics["ensemble"]["macro_auc"] == pytest.approx(card["metrics"]["ema"]["macro_auc"], abs=1e-6)
+    card = ModelCard.read(best)
+    assert metrics["ensemble"]["macro_auc"] == pytest.approx(card.metrics["ema"]["macro_auc"], abs=1e-6)
     assert metrics["notes"] == [] and metrics["tta"] is False and "ensemble_no_tta" not in metrics
 
 

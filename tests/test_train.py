@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from cxrdist.data.manifest import load_manifest
 from cxrdist.data.stream import StreamConfig, eval_loader
 from cxrdist.evaluation.gathered import predict, score
+from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
 from cxrdist.policy import resolve_policy
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single
@@ -33,11 +34,11 @@ def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
     """The same checkpoint evaluated in this one process, no accelerate, no gather."""
     model, card = load_model(model_dir)
     manifest = load_manifest(shards)
-    batch = card["eval_batch_size"]
-    cfg = StreamConfig(img_size=card["img_size"], in_chans=card["in_chans"], mean=tuple(card["mean"]), std=tuple(card["std"]), batch_size=batch, workers=0)
+    batch = card.eval_batch_size
+    cfg = StreamConfig(img_size=card.image.size, in_chans=card.image.channels, mean=card.image.mean, std=card.image.std, batch_size=batch, workers=0)
     preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu", pad_to=batch).sorted()
     assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
-    policy = [card["label_policy"][label] for label in manifest.labels]
+    policy = card.policy()
     return score(preds, manifest.labels, policy)["m"]
 
 
@@ -74,8 +75,7 @@ def test_two_processes_learn(two_process_run):
 
 def test_gathered_auc_equals_one_process_and_sklearn(two_process_run, synth_shards):
     run_dir, _ = two_process_run
-    card = json.loads((run_dir / "best" / "model.json").read_text())
-    gathered = card["metrics"]["ema"]["macro_auc"]
+    gathered = ModelCard.read(run_dir / "best").metrics["ema"]["macro_auc"]
     alone = single_process_auc(run_dir / "best", synth_shards, fold=0)
     assert abs(alone["macro_auc"] - gathered) <= 1e-9
     labels = load_manifest(synth_shards).labels
@@ -191,7 +191,7 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
         assert p.returncode == 0, f"{out}\n{err}"
     run_dir = tmp_path / "demo" / "fold-1"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
-    gathered = json.loads((run_dir / "best" / "model.json").read_text())["metrics"]["ema"]["macro_auc"]
+    gathered = ModelCard.read(run_dir / "best").metrics["ema"]["macro_auc"]
     assert abs(single_process_auc(run_dir / "best", synth_shards, fold=1)["macro_auc"] - gathered) <= 1e-9
 
 

@@ -32,7 +32,9 @@ from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict, probabilities
 from cxrdist.evaluation.metrics import auc_summary
-from cxrdist.model.export import CARD_FILE, load_model
+from cxrdist.model.card import ModelCard
+from cxrdist.model.export import load_model
+from cxrdist.layout import CARD_FILE
 from cxrdist.model.network import CXRNet, place_model
 from cxrdist.policy import apply_policy
 
@@ -51,7 +53,7 @@ class FoldModel:
     name: str  # "fold-0", ...
     directory: Path  # the best/ directory
     model: CXRNet
-    card: dict
+    card: ModelCard
 
 
 def model_dirs(runs: Path) -> list[Path]:
@@ -79,11 +81,11 @@ def load_fold_models(runs: Path, device: torch.device | str = "cpu") -> list[Fol
     models = []
     for directory in model_dirs(runs):
         model, card = load_model(directory, "cpu")
-        name = fold_name(card["fold"]) if card.get("fold") is not None else directory.parent.name
+        name = fold_name(card.fold)
         models.append(FoldModel(name, directory, place_model(model, device).eval(), card))
-    labels = models[0].card["labels"]
+    labels = models[0].card.labels
     for other in models[1:]:
-        if other.card["labels"] != labels:
+        if other.card.labels != labels:
             raise UserError(f"{other.directory}: its labels differ from those of {models[0].directory}; an ensemble needs one label list")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
@@ -93,27 +95,22 @@ def load_fold_models(runs: Path, device: torch.device | str = "cpu") -> list[Fol
 
 def label_policy(models: list[FoldModel]) -> list[str]:
     """The uncertainty policy the models were trained with, one per label (the targets for AUC)."""
-    labels = models[0].card["labels"]
-    policies = {tuple(m.card["label_policy"][label] for label in labels) for m in models}
+    policies = {tuple(m.card.policy()) for m in models}
     if len(policies) > 1:
         raise UserError("the fold models were trained with different label policies; evaluate them separately")
     return list(policies.pop())
 
 
-def preprocessing_key(card: dict) -> tuple:
-    return int(card["img_size"]), int(card["in_chans"]), tuple(card["mean"]), tuple(card["std"])
-
-
-def stream_config(card: dict, batch_size: int, workers: int) -> StreamConfig:
-    img_size, in_chans, mean, std = preprocessing_key(card)
-    return StreamConfig(img_size=img_size, in_chans=in_chans, mean=mean, std=std, batch_size=batch_size, workers=workers)
+def stream_config(card: ModelCard, batch_size: int, workers: int) -> StreamConfig:
+    image = card.image
+    return StreamConfig(img_size=image.size, in_chans=image.channels, mean=image.mean, std=image.std, batch_size=batch_size, workers=workers)
 
 
 def groups_by_preprocessing(models: list[FoldModel]) -> list[list[FoldModel]]:
     """Models that see the same input tensor (image size, channels, normalisation) share one pass."""
     groups: dict[tuple, list[FoldModel]] = {}
     for m in models:
-        groups.setdefault(preprocessing_key(m.card), []).append(m)
+        groups.setdefault(m.card.image, []).append(m)
     return list(groups.values())
 
 
@@ -122,7 +119,7 @@ def shards_root(models: list[FoldModel], override: Path | None = None) -> Path:
     if override is not None:
         root = Path(override)
     else:
-        roots = {Path(m.card["shards"]).resolve() for m in models}
+        roots = {Path(m.card.shards).resolve() for m in models}
         if len(roots) > 1:
             raise UserError(f"the fold models were trained on different shard directories ({', '.join(map(str, sorted(roots)))}); pass the one to use")
         root = roots.pop()
@@ -396,7 +393,7 @@ def run_evaluate(
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     accelerator = make_accelerator()
     models = load_fold_models(runs, accelerator.device)
-    labels, policy = models[0].card["labels"], label_policy(models)
+    labels, policy = models[0].card.labels, label_policy(models)
     root = shards_root(models, shards)
     manifest = load_manifest(root)
     manifest.split(split)

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
-from cxrdist.data.manifest import load_manifest
 from cxrdist.data.stream import StreamConfig
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
@@ -50,21 +49,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))  # a file named twice is predicted once
 
 
-def image_settings(models: list[FoldModel], shards: Path | None = None) -> dict:
-    """How prepare stored images for these models: {"format", "max_size", "quality"}.
-
-    From the model card when it records them, else from the manifest of the shards it was trained on.
-    """
-    card = models[0].card
-    if isinstance(card.get("image"), dict):
-        return card["image"]
-    root = Path(shards) if shards is not None else Path(card.get("shards", ""))
-    if not (root / "manifest.json").is_file():
-        raise UserError(
-            f"{models[0].directory}: the model card does not record the image preprocessing and its shard directory "
-            f"{root} (with manifest.json) is not there to read it from"
-        )
-    return load_manifest(root).image
+def image_settings(models: list[FoldModel]) -> dict:
+    """How prepare stored images for these models ({"format", "max_size", "quality"}), from the model card."""
+    return models[0].card.stored_image
 
 
 def stored_pixels(path: Path, image: dict) -> bytes:
@@ -119,7 +106,7 @@ def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: 
                         logits[name].append(module(images).float().cpu().numpy())
             bar.update(len(batch["index"]) + len(batch["bad"]))
     if not indices:
-        return [], np.zeros((0, len(models[0].card["labels"]))), bad
+        return [], np.zeros((0, models[0].card.num_labels)), bad
     stacked = {name: np.concatenate(parts) for name, parts in logits.items()}
     per_model = {m.name: model_probabilities(stacked, m.name, tta) for m in models}
     return indices, ensemble_probabilities(per_model), bad
@@ -143,7 +130,6 @@ def run_predict(
     tta: bool = True,
     batch_size: int = 32,
     workers: int = 2,
-    shards: Path | None = None,
 ) -> Path:
     """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...)."""
     if batch_size < 1 or workers < 0:
@@ -153,10 +139,10 @@ def run_predict(
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)
-    settings = image_settings(models, shards)
+    settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:
         raise UserError(f"none of the {len(files)} image files could be read (first: {bad[0][1]})")
     out = Path(out)
-    write_csv(out, [files[i] for i in indices], probs, models[0].card["labels"])
+    write_csv(out, [files[i] for i in indices], probs, models[0].card.labels)
     return out

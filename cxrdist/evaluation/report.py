@@ -27,7 +27,8 @@ from cxrdist.errors import UserError
 from cxrdist.evaluation import report_figures as figs
 from cxrdist.evaluation.ensemble import ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, fold_sort_key, load_fold_probabilities
 from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
-from cxrdist.model.export import CARD_FILE, WEIGHTS_FILE
+from cxrdist.layout import CARD_FILE, WEIGHTS_FILE
+from cxrdist.model.card import ModelCard
 from cxrdist.model.refine import LabelGraphRefinement
 
 REPORT_DIR = "report"
@@ -45,7 +46,7 @@ COUPLING_KEY = "refine.weight"
 class FoldRun:
     name: str
     directory: Path
-    card: dict | None = None  # best/model.json
+    card: ModelCard | None = None  # best/model.json
     train: list[dict] = field(default_factory=list)  # metrics.jsonl "train" records
     evals: list[dict] = field(default_factory=list)  # metrics.jsonl "eval" records
     coupling: np.ndarray | None = None  # the best model's A
@@ -78,7 +79,7 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
     folds = []
     for directory in sorted((d for d in runs.glob("fold-*") if d.is_dir()), key=lambda d: fold_sort_key(d.name)):
         best = directory / "best"
-        card = json.loads((best / CARD_FILE).read_text()) if (best / CARD_FILE).is_file() else None
+        card = ModelCard.read(best) if (best / CARD_FILE).is_file() else None
         records = read_records(directory / "metrics.jsonl")
         folds.append(FoldRun(
             directory.name, directory, card,
@@ -91,7 +92,7 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
 
 
 def find_manifest(folds: list[FoldRun], shards: Path | None) -> tuple[Path | None, Manifest | None]:
-    candidates = [Path(shards)] if shards is not None else [Path(f.card["shards"]) for f in folds if f.card and f.card.get("shards")]
+    candidates = [Path(shards)] if shards is not None else [Path(f.card.shards) for f in folds if f.card]
     for root in candidates:
         if (root / "manifest.json").is_file():
             return root, load_manifest(root)
@@ -174,14 +175,12 @@ def _nan(value) -> float:
 
 def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemble: EnsembleResults | None) -> tuple[list[str], str]:
     cards_ = [f for f in folds if f.card]
-    first = cards_[0].card if cards_ else {}
+    first = cards_[0].card if cards_ else None
     lines = []
-    if first:
-        model = first.get("model", {})
-        refine = model.get("refine", {})
+    if first is not None:
         lines.append(
-            f"{esc(model.get('backbone', first.get('backbone', '?')))} at {esc(first.get('img_size', '?'))} px · "
-            f"label-graph refinement {'on' if refine.get('enabled') else 'off'} · {len(first.get('labels', []))} labels"
+            f"{esc(first.model.backbone)} at {esc(first.image.size)} px · "
+            f"label-graph refinement {'on' if first.model.refine.enabled else 'off'} · {first.num_labels} labels"
         )
     lines.append(f"runs: <code>{esc(runs)}</code>")
     cards = []
@@ -195,7 +194,7 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
         cards.append(card("Gain over mean fold model", signed(gain), f"{len(m['model_names'])} models"))
     else:
         cards.append(card("Ensemble", "not evaluated", "run <code>cxrdist evaluate</code>"))
-    cv = [f.card["metrics"]["ema"].get("macro_auc") for f in cards_ if f.card.get("metrics", {}).get("ema")]
+    cv = [f.card.metrics["ema"].get("macro_auc") for f in cards_ if f.card.metrics.get("ema")]
     cv = [v for v in cv if v is not None and math.isfinite(v)]
     if cv:
         cards.append(card("Cross-validation macro AUC", fmt(float(np.mean(cv))), f"mean of {len(cv)} folds on their held-out fold"))
@@ -314,13 +313,13 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
 
 
 def cv_table(folds: list[FoldRun]) -> str:
-    trained = [f for f in folds if f.card and f.card.get("metrics", {}).get("ema")]
+    trained = [f for f in folds if f.card and f.card.metrics.get("ema")]
     if not trained:
         return note("No fold has exported a best model yet.")
-    labels = trained[0].card["labels"]
-    header = ["Label", *[f"{f.name} (on {f.card['metrics'].get('split', f.name)})" for f in trained]]
-    rows = [["Macro AUC", *[auc_cell(f.card["metrics"]["ema"].get("macro_auc")) for f in trained]]]
-    rows += [[esc(l), *[auc_cell(f.card["metrics"]["ema"].get("per_label", {}).get(l)) for f in trained]] for l in labels]
+    labels = trained[0].card.labels
+    header = ["Label", *[f"{f.name} (on {f.card.metrics.get('split', f.name)})" for f in trained]]
+    rows = [["Macro AUC", *[auc_cell(f.card.metrics["ema"].get("macro_auc")) for f in trained]]]
+    rows += [[esc(l), *[auc_cell(f.card.metrics["ema"].get("per_label", {}).get(l)) for f in trained]] for l in labels]
     return table(header, rows, ["macro"] + [""] * len(labels))
 
 
@@ -366,10 +365,10 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
         return section("couplings", "Label couplings", "", note("No fold has a best model with the label-graph refinement enabled."))
     blocks = []
     for f in with_a:
-        labels = f.card["labels"]
+        labels = f.card.labels
         sparsity, top = coupling_summary(f.coupling, labels)
-        alpha = f.card.get("model", {}).get("refine", {}).get("alpha")
-        facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.get('step', '?'))}"
+        alpha = f.card.model.refine.alpha
+        facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.step)}"
                  + (f", α = {alpha}" if alpha is not None else "") + ".")
         if not top:
             blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(f"A is exactly zero: the L1 penalty removed every coupling, so this model's "
@@ -395,9 +394,9 @@ def training_section(folds: list[FoldRun], fig_dir: Path) -> str:
     rows = []
     for f in folds:
         last = f.train[-1] if f.train else {}
-        best = f.card or {}
+        best_auc = (f.card.metrics.get("ema") or {}).get("macro_auc") if f.card else None
         rows.append([esc(f.name), f"{last.get('step', '–')}", fmt(last.get("epoch"), 2), fmt(last.get("loss"), 4),
-                     auc_cell((best.get("metrics", {}).get("ema") or {}).get("macro_auc")), esc(best.get("step", "–")),
+                     auc_cell(best_auc), esc(f.card.step if f.card else "–"),
                      fmt(last.get("img_per_s"), 0)])
     body = figure(f"{FIGURES}/training.png", "training curves",
                   "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) on each fold's held-out fold.")
@@ -417,7 +416,7 @@ def run_report(runs: Path, out: Path | None = None, shards: Path | None = None) 
     out = Path(out) if out is not None else runs / REPORT_DIR
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
-    experiment = next((f.card.get("experiment") for f in folds if f.card and f.card.get("experiment")), runs.name)
+    experiment = next((f.card.experiment for f in folds if f.card and f.card.experiment), runs.name)
     subtitle, cards = overview(runs, folds, manifest, ensemble)
     sections = [
         ("data", "Data", data_section(root, manifest, fig_dir)),

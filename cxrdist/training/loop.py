@@ -20,9 +20,10 @@ from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, tr
 from cxrdist.errors import UserError
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
 from cxrdist.model.ema import ModelEma
-from cxrdist.model.export import model_config_dict, save_model
+from cxrdist.model.card import ModelCard
+from cxrdist.model.export import save_model
 from cxrdist.model.loss import build_loss
-from cxrdist.model.network import build_model, model_card
+from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
 from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
@@ -72,11 +73,11 @@ class Trainer:
         self.is_cuda = acc.device.type == "cuda"
         set_seed(cfg.seed)
         model = build_model(cfg.model, len(self.labels))
-        self.card = model_card(cfg.model, len(self.labels))
+        self.image = image_spec(cfg.model, cfg.data.img_size)
         if self.is_cuda and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.stream = StreamConfig(
-            img_size=cfg.data.img_size, in_chans=cfg.model.in_chans, mean=tuple(self.card["mean"]), std=tuple(self.card["std"]),
+            img_size=self.image.size, in_chans=self.image.channels, mean=self.image.mean, std=self.image.std,
             batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
         )
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
@@ -355,12 +356,11 @@ class Trainer:
         return record
 
     def export_best(self, preds, results) -> None:
-        card = {
-            **self.card, "labels": self.labels, "img_size": self.cfg.data.img_size, "model": model_config_dict(self.cfg.model),
-            "label_policy": dict(zip(self.labels, self.policy)), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
-            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image, "eval_batch_size": self.eval_stream.batch_size,
-            "metrics": {"split": self.val_split, "ema": results["ema"], "live": results["live"]},
-        }
+        card = ModelCard.build(
+            self.cfg.model, self.labels, self.policy, self.image, self.manifest, self.root, experiment=self.cfg.experiment,
+            fold=self.cfg.fold, step=self.state.step, epoch=self.state.batches / self.batches_per_epoch,
+            eval_batch_size=self.eval_stream.batch_size, metrics={"split": self.val_split, "ema": results["ema"], "live": results["live"]},
+        )
         best = save_model(self.run_dir / "best", self.ema.module, card)
         write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.policy)
 
