@@ -16,7 +16,8 @@ from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import eval_loader
 from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import auc_intervals, patient_weights, weighted_auc
-from cxrdist.evaluation.ensemble import FoldModel, load_fold_probabilities, run_evaluate, split_notes, stream_config
+from cxrdist.evaluation.ensemble import FoldModel, run_evaluate, split_notes, stream_config
+from cxrdist.evaluation.outputs import load_fold_probabilities
 from cxrdist.evaluation.gathered import predict, probabilities
 from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model

@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from cxrdist.data import stream
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_manifest, write_manifest
 from cxrdist.data.stream import (
     StreamConfig,
@@ -95,7 +96,7 @@ def split_keys(first: int, sizes: list[int]) -> list[str]:
 
 
 def cfg(**kw) -> StreamConfig:
-    return StreamConfig(**{"img_size": 32, "batch_size": BATCH, "workers": 0, "shuffle_buffer": 20, **kw})
+    return StreamConfig(**{"image": ImageSpec(32), "batch_size": BATCH, "workers": 0, "shuffle_buffer": 20, **kw})
 
 
 def take(loader, n: int) -> list[dict]:

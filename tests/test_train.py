@@ -35,7 +35,7 @@ def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
     model, card = load_model(model_dir)
     manifest = load_manifest(shards)
     batch = card.eval_batch_size
-    cfg = StreamConfig(img_size=card.image.size, in_chans=card.image.channels, mean=card.image.mean, std=card.image.std, batch_size=batch, workers=0)
+    cfg = StreamConfig(card.image, batch_size=batch, workers=0)
     preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu", pad_to=batch).sorted()
     assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
     policy = card.policy()

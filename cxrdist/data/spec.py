@@ -22,8 +22,12 @@ class ImageSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if self.size < 1 or self.channels not in (1, 3) or len(self.mean) != len(self.std):
-            raise UserError(f"image spec: size must be >= 1, channels 1 or 3, as many mean as std values (got {self})")
+        if len(self.mean) != len(self.std):
+            raise UserError(f"normalisation mean has {len(self.mean)} values but std has {len(self.std)}")
+        if len(self.mean) != self.channels and self.channels != 1:
+            raise UserError(f"normalisation has {len(self.mean)} channel values but the model takes in_chans={self.channels}")
+        if self.size < 1:
+            raise UserError(f"image size must be >= 1, got {self.size}")
         if self.interpolation not in INTERPOLATIONS:
             raise UserError(f"image interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 

@@ -12,11 +12,7 @@ split; the keyed predictions are gathered and checked against the manifest, as i
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,24 +21,33 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cxrdist.data.manifest import Manifest, fold_name, load_manifest
-from cxrdist.data.shards import read_shard_samples
+from cxrdist import distributed
+from cxrdist.atomic import json_ready
+from cxrdist.data.manifest import Manifest, load_manifest
 from cxrdist.data.stream import StreamConfig, eval_loader, eval_num_samples
+from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict, probabilities
 from cxrdist.evaluation.metrics import auc_summary
+from cxrdist.evaluation.outputs import default_out, write_fold_probabilities, write_json, write_predictions_csv
+from cxrdist.layout import (
+    BEST_DIR,
+    CARD_FILE,
+    FOLD_PREFIX,
+    FOLD_PROBABILITIES_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    fold_name,
+    fold_sort_key,
+    is_fold,
+)
 from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
-from cxrdist.layout import CARD_FILE
 from cxrdist.model.network import CXRNet, place_model
 from cxrdist.policy import apply_policy
 
 HFLIP = "/hflip"
-ENSEMBLE_DIR = "ensemble"
-PREDICTIONS_FILE = "predictions.csv"
-METRICS_FILE = "metrics.json"
-FOLD_PROBABILITIES_FILE = "fold_probabilities.npz"
 
 
 # ---------------------------------------------------------------- the fold models
@@ -63,17 +68,12 @@ def model_dirs(runs: Path) -> list[Path]:
         raise UserError(f"{runs}: no such runs directory")
     if (runs / CARD_FILE).is_file():
         return [runs]
-    if (runs / "best" / CARD_FILE).is_file():
-        return [runs / "best"]
-    found = [card.parent for card in runs.glob(f"fold-*/best/{CARD_FILE}")]
+    if (runs / BEST_DIR / CARD_FILE).is_file():
+        return [runs / BEST_DIR]
+    found = [card.parent for card in runs.glob(f"{FOLD_PREFIX}*/{BEST_DIR}/{CARD_FILE}") if is_fold(card.parent.parent.name)]
     if not found:
-        raise UserError(f"{runs}: no trained fold models (expected fold-K/best/{CARD_FILE}; has training finished?)")
+        raise UserError(f"{runs}: no trained fold models (expected {FOLD_PREFIX}K/{BEST_DIR}/{CARD_FILE}; has training finished?)")
     return sorted(found, key=lambda d: fold_sort_key(d.parent.name))
-
-
-def fold_sort_key(name: str) -> tuple[int, str]:
-    match = re.fullmatch(r"fold-(\d+)", name)
-    return (int(match.group(1)), name) if match else (1 << 30, name)
 
 
 def load_fold_models(runs: Path, device: torch.device | str = "cpu") -> list[FoldModel]:
@@ -102,8 +102,7 @@ def label_policy(models: list[FoldModel]) -> list[str]:
 
 
 def stream_config(card: ModelCard, batch_size: int, workers: int) -> StreamConfig:
-    image = card.image
-    return StreamConfig(img_size=image.size, in_chans=image.channels, mean=image.mean, std=image.std, batch_size=batch_size, workers=workers)
+    return StreamConfig(card.image, batch_size=batch_size, workers=workers)
 
 
 def groups_by_preprocessing(models: list[FoldModel]) -> list[list[FoldModel]]:
@@ -177,13 +176,9 @@ class SingleProcess:
 
 def make_accelerator():
     """An Accelerator under `accelerate launch` with several processes, else a plain single-process stand-in."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return SingleProcess(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(kwargs_handlers=handlers)
+    return distributed.make_accelerator()
 
 
 def progress_batches(loader, total: int, enabled: bool, desc: str):
@@ -226,20 +221,7 @@ def predict_split(models: list[FoldModel], root: Path, manifest: Manifest, split
     return merged
 
 
-def split_metadata(root: Path, manifest: Manifest, split: str) -> dict[str, dict]:
-    """key -> the sample's json (path, patient, study, view, labels), read from the split's shards."""
-    meta = {}
-    for shard in manifest.split(split).shards:
-        for key, _image, info in read_shard_samples(Path(root) / shard.file):
-            meta[key] = info
-    return meta
-
-
 # ---------------------------------------------------------------- metrics
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -300,76 +282,12 @@ def ensemble_metrics(
 
 def split_notes(split: str, models: list[FoldModel]) -> list[str]:
     """Warnings about a split some models were trained on (a fold-K split)."""
-    if not split.startswith("fold-"):
+    if not is_fold(split):
         return []
     trained_on = [m.name for m in models if m.name != split]
     if not trained_on:
         return []
     return [f"{split} is training data for {', '.join(trained_on)}: their AUCs and the ensemble's on it are optimistic"]
-
-
-def json_ready(value):
-    """NaN/inf -> null, tuples -> lists, numpy scalars -> Python (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return _finite_or_none(float(value))
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-# ---------------------------------------------------------------- writing
-
-
-def write_predictions(path: Path, keys: list[str], meta: dict[str, dict], probs: np.ndarray, raw: np.ndarray, labels: list[str], policy: list[str]) -> None:
-    """key, path, patient, prob_<label> (ensemble), target_<label> (blank where the policy ignores it)."""
-    targets, mask = (t.numpy() for t in apply_policy(raw, policy))
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["key", "path", "patient"] + [f"prob_{l}" for l in labels] + [f"target_{l}" for l in labels])
-        for i, key in enumerate(keys):
-            info = meta.get(key, {})
-            target = [int(targets[i, j]) if mask[i, j] > 0 else "" for j in range(len(labels))]
-            writer.writerow([key, info.get("path", ""), info.get("patient", "")] + [repr(float(p)) for p in probs[i]] + target)
-    os.replace(tmp, path)
-
-
-def write_fold_probabilities(path: Path, keys: list[str], labels: list[str], per_model: dict[str, np.ndarray], per_model_plain: dict[str, np.ndarray] | None) -> None:
-    """Every model's probabilities (for fold agreement in the report); plain arrays, no pickle."""
-    arrays = {
-        "keys": np.asarray(keys, dtype=str),
-        "labels": np.asarray(labels, dtype=str),
-        "models": np.asarray(list(per_model), dtype=str),
-        "probabilities": np.stack(list(per_model.values())),
-    }
-    if per_model_plain is not None:
-        arrays["probabilities_no_tta"] = np.stack([per_model_plain[name] for name in per_model])
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def load_fold_probabilities(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def default_out(runs: Path) -> Path:
-    """runs/EXP/ensemble for an experiment directory; next to a single model's fold directory otherwise."""
-    runs = Path(runs)
-    if (runs / CARD_FILE).is_file():  # a best/ directory
-        return runs.parent / ENSEMBLE_DIR
-    return runs / ENSEMBLE_DIR
 
 
 # ---------------------------------------------------------------- entry point
@@ -404,8 +322,7 @@ def run_evaluate(
         return {}
     per_model = {m.name: model_probabilities(preds.logits, m.name, tta) for m in models}
     per_model_plain = {m.name: model_probabilities(preds.logits, m.name, False) for m in models} if tta else None
-    meta = split_metadata(root, manifest, split)
-    groups = [str(meta.get(key, {}).get("patient") or key) for key in preds.keys]
+    groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
     metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
     out = Path(out) if out is not None else default_out(runs)
     metrics = {
@@ -426,7 +343,9 @@ def run_evaluate(
         **metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / PREDICTIONS_FILE, preds.keys, meta, ensemble_probabilities(per_model), preds.raw, labels, policy)
+    targets, mask = (t.numpy() for t in apply_policy(preds.raw, policy))
+    ids = {"key": preds.keys, "path": preds.meta["path"], "patient": preds.meta["patient"]}
+    write_predictions_csv(out / PREDICTIONS_FILE, ids, ensemble_probabilities(per_model), labels, targets, mask)
     write_fold_probabilities(out / FOLD_PROBABILITIES_FILE, preds.keys, labels, per_model, per_model_plain)
     write_json(out / METRICS_FILE, metrics)
     return json_ready(metrics)

@@ -9,8 +9,6 @@ the probabilities equal those `evaluate` gives for the same image in a shard.
 
 from __future__ import annotations
 
-import csv
-import os
 import sys
 from pathlib import Path
 
@@ -20,16 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
-from cxrdist.data.stream import StreamConfig
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
+from cxrdist.evaluation.outputs import write_predictions_csv
 from cxrdist.evaluation.ensemble import (
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
     load_fold_models,
     model_probabilities,
-    stream_config,
     view_modules,
 )
 
@@ -63,8 +61,8 @@ def stored_pixels(path: Path, image: dict) -> bytes:
 class ImageFiles(Dataset):
     """(index, [tensor per preprocessing group]) or (index, error) for every file."""
 
-    def __init__(self, paths: list[Path], image: dict, configs: list[StreamConfig]) -> None:
-        self.paths, self.image, self.configs = paths, image, configs
+    def __init__(self, paths: list[Path], image: dict, specs: list[ImageSpec]) -> None:
+        self.paths, self.image, self.specs = paths, image, specs
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,7 +70,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         try:
             data = stored_pixels(self.paths[index], self.image)
-            return index, [eval_transform(decode_grayscale(data, cfg.img_size), cfg) for cfg in self.configs]
+            return index, [eval_transform(decode_grayscale(data, spec.size), spec) for spec in self.specs]
         except BadImage as err:
             return index, str(err)
 
@@ -88,9 +86,9 @@ def collate(items: list) -> dict:
 def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: bool, batch_size: int, workers: int, device) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
     """(indices of readable files, ensemble probabilities (N, C) float64, [(index, why) unreadable])."""
     groups = groups_by_preprocessing(models)
-    configs = [stream_config(group[0].card, batch_size, workers) for group in groups]
+    specs = [group[0].card.image for group in groups]
     modules = [view_modules(group, tta) for group in groups]
-    loader = DataLoader(ImageFiles(paths, image, configs), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(ImageFiles(paths, image, specs), batch_size=batch_size, num_workers=workers, collate_fn=collate)
     indices, bad = [], []
     logits: dict[str, list[np.ndarray]] = {name: [] for group in modules for name in group}
     with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
@@ -110,17 +108,6 @@ def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: 
     stacked = {name: np.concatenate(parts) for name, parts in logits.items()}
     per_model = {m.name: model_probabilities(stacked, m.name, tta) for m in models}
     return indices, ensemble_probabilities(per_model), bad
-
-
-def write_csv(path: Path, files: list[Path], probs: np.ndarray, labels: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path"] + [f"prob_{label}" for label in labels])
-        for file, row in zip(files, probs):
-            writer.writerow([str(file)] + [repr(float(p)) for p in row])
-    os.replace(tmp, path)
 
 
 def run_predict(
@@ -144,5 +131,5 @@ def run_predict(
     if not indices:
         raise UserError(f"none of the {len(files)} image files could be read (first: {bad[0][1]})")
     out = Path(out)
-    write_csv(out, [files[i] for i in indices], probs, models[0].card.labels)
+    write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
     return out

@@ -10,6 +10,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
+from cxrdist.layout import run_dir
 from cxrdist.model.config import LossConfig, ModelConfig
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -73,7 +74,7 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.experiment / f"fold-{self.fold}"
+        return run_dir(self.output_dir, self.experiment, self.fold)
 
 
 def one_line(err: OmegaConfBaseException) -> str:

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from cxrdist.data.manifest import fold_name, load_manifest
+from cxrdist import distributed
+from cxrdist.data.manifest import load_manifest
+from cxrdist.atomic import atomic_write_text
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
 from cxrdist.errors import UserError
+from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, fold_name
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
 from cxrdist.model.ema import ModelEma
 from cxrdist.model.card import ModelCard
@@ -26,7 +29,7 @@ from cxrdist.model.loss import build_loss
 from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
 from cxrdist.policy import apply_policy, resolve_policy
-from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from cxrdist.training.checkpoint import STATE_FILE, TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
@@ -36,17 +39,12 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = None if _launcher_set_precision() else ("bf16" if torch.cuda.is_available() else "no")
-    # Several CPU processes (tests, demo, DeepSpeed on CPU) talk over gloo; accelerate would not
-    # count the DeepSpeed processes without it. A lone process must not ask for a process group.
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
     log_with = None if wandb_mode(cfg.logging.wandb) == "disabled" else "wandb"
-    return Accelerator(
+    return distributed.make_accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with,
         project_dir=str(cfg.run_dir),
-        kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
 
@@ -76,10 +74,7 @@ class Trainer:
         self.image = image_spec(cfg.model, cfg.data.img_size)
         if self.is_cuda and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.stream = StreamConfig(
-            img_size=self.image.size, in_chans=self.image.channels, mean=self.image.mean, std=self.image.std,
-            batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
-        )
+        self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed)
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
         self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs})
         self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
@@ -97,7 +92,7 @@ class Trainer:
         self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.loss_fn = build_loss(cfg.loss)
         self.preempt = PreemptionFlag().install()
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process)
+        self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
         self.state = TrainerState()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -144,7 +139,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            atomic_write_text(self.run_dir / CONFIG_FILE, to_yaml(self.cfg))
 
     def resume(self) -> Path | None:
         path = find_resume(self.run_dir, self.cfg.train.resume)
@@ -159,7 +154,7 @@ class Trainer:
         resume_from = self.resume()
         start_batch = 0
         if resume_from is not None:
-            start_batch = json.loads((resume_from / "trainer_state.json").read_text())["batches"]
+            start_batch = json.loads((resume_from / STATE_FILE).read_text())["batches"]
         # The loader iterator draws a seed from the global RNG when it is created: create it before
         # the checkpoint's RNG state is restored, in a fresh run and a resumed one alike.
         batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes, start_batch=start_batch))
@@ -216,7 +211,7 @@ class Trainer:
             self.evaluate()
         if checkpointed_at != self.state.step:
             self.checkpoint()
-        self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / 'best'}")
+        self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / BEST_DIR}")
         return 0
 
     def checkpoint(self) -> None:
@@ -342,7 +337,7 @@ class Trainer:
             self.state.best_auc, self.state.best_step = results["ema"]["macro_auc"], self.state.step
         if acc.is_main_process:
             self.log.write(record)
-            write_predictions_csv(self.run_dir / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+            write_predictions_csv(self.run_dir / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
             if improved:
                 self.export_best(preds, results)
         couplings = (refine.weight.detach().float().cpu().numpy(), self.labels) if refine is not None else None
@@ -361,8 +356,8 @@ class Trainer:
             fold=self.cfg.fold, step=self.state.step, epoch=self.state.batches / self.batches_per_epoch,
             eval_batch_size=self.eval_stream.batch_size, metrics={"split": self.val_split, "ema": results["ema"], "live": results["live"]},
         )
-        best = save_model(self.run_dir / "best", self.ema.module, card)
-        write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+        best = save_model(self.run_dir / BEST_DIR, self.ema.module, card)
+        write_predictions_csv(best / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
