@@ -22,7 +22,7 @@ from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
 from cxrdist.evaluation.outputs import write_predictions_csv
-from cxrdist.evaluation.ensemble import (
+from cxrdist.evaluation.models import (
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
