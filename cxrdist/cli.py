@@ -107,6 +107,22 @@ def run_train(args) -> int:
     return 0
 
 
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' for a config (the fold count from the shards' manifest)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--no-manifest", dest="manifest", action="store_false", help="do not read the manifest (NUM_FOLDS is printed as 0)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    from cxrdist.training.launch import experiment_info
+
+    experiment, output_dir, folds = experiment_info(args.config, args.overrides, read_manifest=args.manifest)
+    print(experiment, output_dir, folds)
+    return 0
+
+
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="fold ensemble x flip TTA on a prepared split -> predictions.csv + metrics.json")
     p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
@@ -179,7 +195,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_report, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_report, add_demo):
         add(sub)
     return parser
 
