@@ -32,7 +32,8 @@ def run_synth(args) -> int:
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
     p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
-    p.add_argument("--csv", type=Path, required=True, help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
+    p.add_argument("--csv", type=Path, required=True,
+                   help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
     p.add_argument("--images", type=Path, help="root the CSV's image paths are relative to")
     p.add_argument("--out", type=Path, help="shard directory to write")
     p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")

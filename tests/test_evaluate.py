@@ -143,7 +143,8 @@ def test_two_processes_give_the_single_process_predictions(evaluated_experiment,
     single = pd.read_csv(runs / "ensemble" / "predictions.csv")
     ddp = pd.read_csv(tmp_path / "ddp" / "predictions.csv")
     assert list(ddp["key"]) == list(single["key"])
-    pd.testing.assert_frame_equal(ddp.drop(columns=[c for c in ddp if c.startswith("prob_")]), single.drop(columns=[c for c in single if c.startswith("prob_")]))
+    pd.testing.assert_frame_equal(ddp.drop(columns=[c for c in ddp if c.startswith("prob_")]),
+                                  single.drop(columns=[c for c in single if c.startswith("prob_")]))
     # Per-image float32 network outputs may differ in the last bits with a different batch composition.
     np.testing.assert_allclose(ddp.filter(like="prob_").to_numpy(), single.filter(like="prob_").to_numpy(), rtol=0, atol=1e-6)
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

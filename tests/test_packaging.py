@@ -26,7 +26,8 @@ def test_installed_wheel_finds_its_demo_config_outside_the_checkout(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     probe = "import cxrdist.demo as d; print(d.__file__); print(d.DEMO_CONFIG); print(d.DEMO_CONFIG.is_file())"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True,
+                         check=True)
     module, config, exists = out.stdout.split()
     assert Path(module).is_relative_to(site) and Path(config).is_relative_to(site) and exists == "True", out.stdout
     info = subprocess.run([sys.executable, "-m", "cxrdist", "info", "--config", config, "--no-manifest"], cwd=elsewhere,

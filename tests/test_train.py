@@ -24,7 +24,6 @@ from cxrdist.data.stream import StreamConfig, eval_loader
 from cxrdist.evaluation.gathered import predict, score
 from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
-from cxrdist.policy import resolve_policy
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single
 
 pytestmark = pytest.mark.slow
@@ -56,7 +55,8 @@ def csv_auc(path: Path, labels: list[str]) -> float:
 @pytest.fixture(scope="module")
 def two_process_run(synth_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    args = fast_overrides(synth_shards, out, **{"data.workers": 2, "model.backbone": "resnet10t", "train.epochs": 5, "train.lr": 3e-3, "train.ema_decay": 0.9})
+    args = fast_overrides(synth_shards, out,
+                          **{"data.workers": 2, "model.backbone": "resnet10t", "train.epochs": 5, "train.lr": 3e-3, "train.ema_decay": 0.9})
     result = launch_cpu(args + ["--fold", "0"], processes=2, timeout=900)
     assert result.returncode == 0, explain(result)
     return out / "demo" / "fold-0", result
@@ -122,7 +122,8 @@ def test_sigterm_then_resume_is_bitwise_equal_to_an_uninterrupted_run(synth_shar
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, f"{out}\n{err}"
     steps_per_epoch = len([r for r in records(reference / "demo" / "fold-0", "train") if r["epoch"] <= 1.0])
-    interrupted_at = json.loads(sorted((resumed / "demo" / "fold-0" / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())["step"]
+    newest = sorted((resumed / "demo" / "fold-0" / "checkpoints").glob("step-*"))[-1]
+    interrupted_at = json.loads(newest.joinpath("trainer_state.json").read_text())["step"]
     assert 0 < interrupted_at < steps_per_epoch  # mid-epoch
     result = run_single(fast_overrides(synth_shards, resumed, **common))
     assert result.returncode == 0, explain(result)
@@ -184,7 +185,8 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
     procs = []
     for rank in (0, 1):
         cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config", str(DEMO_CONFIG), *args]
+                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config",
+                            str(DEMO_CONFIG), *args]
         procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):

@@ -201,7 +201,8 @@ def decode_sample(raw: RawSample, num_labels: int, min_side: int) -> tuple[np.nd
         return None
 
 
-def collate(keys: list[str], images: list[torch.Tensor], labels: list[np.ndarray], corrupt_keys: list[str], cfg: StreamConfig, num_labels: int) -> dict:
+def collate(keys: list[str], images: list[torch.Tensor], labels: list[np.ndarray], corrupt_keys: list[str], cfg: StreamConfig,
+            num_labels: int) -> dict:
     if images:
         image, labels_raw = torch.stack(images), torch.from_numpy(np.stack(labels))
     else:  # every sample of the batch was corrupt: still a batch, so all ranks keep the same count
@@ -334,7 +335,8 @@ def batches_per_epoch(manifest: Manifest, splits: list[str], world_size: int, ba
     return steps * grad_accum
 
 
-def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamConfig, rank: int, world_size: int, start_batch: int = 0) -> DataLoader:
+def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamConfig, rank: int, world_size: int,
+                 start_batch: int = 0) -> DataLoader:
     """This rank's endless, shuffled, augmented batches; `start_batch` resumes as if that many were consumed."""
     check_config(cfg, rank, world_size)
     if start_batch < 0:

@@ -84,7 +84,8 @@ class DevicePlacer:
         return self.placed
 
 
-def predict_split(models: list[FoldModel], root: Path, manifest: Manifest, split: str, tta: bool, batch_size: int, workers: int, accelerator) -> Predictions:
+def predict_split(models: list[FoldModel], root: Path, manifest: Manifest, split: str, tta: bool, batch_size: int, workers: int,
+                  accelerator) -> Predictions:
     """Gathered, complete, key-sorted logits of every model and view over the split."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
@@ -144,7 +145,8 @@ def ensemble_metrics(
         "skipped": ensemble["skipped"],
         "gains": {
             "ensemble_over_mean_model": _difference(ensemble["macro_auc"], _mean([f["macro_auc"] for f in folds.values()])),
-            "ensemble_over_best_model": _difference(ensemble["macro_auc"], max((f["macro_auc"] for f in folds.values() if math.isfinite(f["macro_auc"])), default=None)),
+            "ensemble_over_best_model": _difference(ensemble["macro_auc"],
+                                                    max((f["macro_auc"] for f in folds.values() if math.isfinite(f["macro_auc"])), default=None)),
             "tta_per_model": None,
             "tta_mean_model": None,
             "tta_ensemble": None,

@@ -50,7 +50,8 @@ def pad_batch(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None, pad_to: int | None = None) -> Predictions:
+def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None,
+            pad_to: int | None = None) -> Predictions:
     """Run every model over the loader (one pass over the data); logits come back as fp32 numpy."""
     for model in models.values():
         model.eval()

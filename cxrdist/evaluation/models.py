@@ -92,7 +92,8 @@ def shards_root(models: list[FoldModel], override: Path | None = None) -> Path:
     else:
         roots = {Path(m.card.shards).resolve() for m in models}
         if len(roots) > 1:
-            raise UserError(f"the fold models were trained on different shard directories ({', '.join(map(str, sorted(roots)))}); pass the one to use")
+            raise UserError(f"the fold models were trained on different shard directories ({', '.join(map(str, sorted(roots)))}); "
+                            "pass the one to use")
         root = roots.pop()
     if not (root / "manifest.json").is_file():
         raise UserError(f"{root}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")

@@ -31,7 +31,8 @@ def write_predictions_csv(path: Path, ids: dict[str, list], probs: np.ndarray, l
             writer.writerow(row)
 
 
-def write_fold_probabilities(path: Path, keys: list[str], labels: list[str], per_model: dict[str, np.ndarray], per_model_plain: dict[str, np.ndarray] | None) -> None:
+def write_fold_probabilities(path: Path, keys: list[str], labels: list[str], per_model: dict[str, np.ndarray],
+                             per_model_plain: dict[str, np.ndarray] | None) -> None:
     """Every model's probabilities (for fold agreement in the report); plain arrays, no pickle."""
     arrays = {
         "keys": np.asarray(keys, dtype=str),

@@ -83,7 +83,8 @@ def collate(items: list) -> dict:
 
 
 @torch.no_grad()
-def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: bool, batch_size: int, workers: int, device) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: bool, batch_size: int, workers: int,
+                  device) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
     """(indices of readable files, ensemble probabilities (N, C) float64, [(index, why) unreadable])."""
     groups = groups_by_preprocessing(models)
     specs = [group[0].card.image for group in groups]

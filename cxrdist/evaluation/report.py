@@ -211,7 +211,9 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
 
 def data_section(root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
     if manifest is None:
-        return section("data", "Data", "", note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance and sample images cannot be shown."))
+        return section("data", "Data", "",
+                       note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance "
+                            "and sample images cannot be shown."))
     labels = manifest.labels
     folds = [manifest.splits[name] for name in manifest.fold_names]
     pos = np.array([sum(s.positives.get(l, 0) for s in folds) for l in labels], dtype=float)
@@ -246,7 +248,8 @@ def balance_table(manifest: Manifest) -> str:
     explain = "Prevalence of each finding per split (positives / images)."
     if balance:
         explain += (f" Largest fold deviation from the overall prevalence: {100 * balance.get('max_deviation_overall', 0):.2f} pp; "
-                    f"fold size spread {100 * balance.get('size_spread', 0):.1f}%; patients in more than one split: {balance.get('patients_in_several_splits', 0)}.")
+                    f"fold size spread {100 * balance.get('size_spread', 0):.1f}%; "
+                    f"patients in more than one split: {balance.get('patients_in_several_splits', 0)}.")
     return f'<p class="explain">{explain}</p>' + table(header, rows)
 
 
@@ -269,7 +272,8 @@ def sample_images(root: Path, manifest: Manifest, path: Path) -> str:
     figs.sample_grid(path, images, captions, titles)
     return figure(f"{FIGURES}/{path.name}", "sample images",
                   f"The first {len(images)} stored images of the {esc(split)} split as the models see them before resizing "
-                  f"({esc(manifest.image.get('format', '?'))}, long side ≤ {esc(manifest.image.get('max_size', '?'))} px), with their positive findings; "
+                  f"({esc(manifest.image.get('format', '?'))}, long side ≤ {esc(manifest.image.get('max_size', '?'))} px), "
+                  "with their positive findings; "
                   "a question mark means uncertain.")
 
 
@@ -297,7 +301,8 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
     gain_rows = [["Ensemble over the mean fold model", signed(gains.get("ensemble_over_mean_model"))],
                  ["Ensemble over the best fold model", signed(gains.get("ensemble_over_best_model"))]]
     if tta:
-        gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))], ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
+        gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))],
+                      ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
     body = table(header, rows, ["macro"] + [""] * len(labels))
     body += "<h3>Gains in macro AUC</h3>" + table(["", "Δ macro AUC"], gain_rows)
     notes = list(m.get("notes") or [])
@@ -311,7 +316,8 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
     bi = interval
     explain = (f"ROC-AUC on the <b>{esc(m['split'])}</b> split ({m['num_samples']:,} images, {m['num_patients']:,} patients) per fold model "
                f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). Targets follow the training "
-               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients (all images of a drawn patient).")
+               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients "
+               "(all images of a drawn patient).")
     return section("auc", "Discrimination", explain, body)
 
 
@@ -331,12 +337,14 @@ def roc_figure(predictions: pd.DataFrame, labels: list[str], aucs: dict, fig_dir
     scores = np.stack([predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
     known = np.isfinite(targets)
     figs.roc_grid(fig_dir / "roc.png", labels, np.nan_to_num(targets), scores, known, aucs)
-    return figure(f"{FIGURES}/roc.png", "ROC curves", "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
+    return figure(f"{FIGURES}/roc.png", "ROC curves",
+                  "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
 
 
 def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
     if ensemble is None or ensemble.predictions is None:
-        return section("predictions", "Predictions", "", note("Run <code>cxrdist evaluate</code> to see how the findings' predictions and the fold models relate."))
+        return section("predictions", "Predictions", "",
+                       note("Run <code>cxrdist evaluate</code> to see how the findings' predictions and the fold models relate."))
     m = ensemble.metrics
     labels = m["labels"]
     probs = np.stack([ensemble.predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
@@ -359,7 +367,8 @@ def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
                        f"{np.nanmean(off):.3f}. Models that agree less make more complementary errors, which is where the ensemble gains.")
     else:
         body += note("Fold agreement needs at least two fold models.")
-    return section("predictions", "Predictions", f"How the ensemble's predictions on the {esc(m['split'])} split relate across findings and across fold models.", body)
+    return section("predictions", "Predictions",
+                   f"How the ensemble's predictions on the {esc(m['split'])} split relate across findings and across fold models.", body)
 
 
 def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
@@ -401,7 +410,8 @@ def training_section(folds: list[FoldRun], fig_dir: Path) -> str:
                      auc_cell(best_auc), esc(f.card.step if f.card else "–"),
                      fmt(last.get("img_per_s"), 0)])
     body = figure(f"{FIGURES}/training.png", "training curves",
-                  "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) on each fold's held-out fold.")
+                  "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) "
+                  "on each fold's held-out fold.")
     body += table(["fold", "last step", "epoch", "last loss", "best val AUC (EMA)", "best step", "img/s"], rows)
     return section("training", "Training", "One run per fold, each validated on the fold it holds out.", body)
 

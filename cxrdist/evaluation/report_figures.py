@@ -32,7 +32,8 @@ def short(label: str, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(label, width)) or label
 
 
-def label_frequency(path: Path, labels: Sequence[str], train_pos: np.ndarray, train_unc: np.ndarray, train_n: int, test_prev: np.ndarray | None) -> Path:
+def label_frequency(path: Path, labels: Sequence[str], train_pos: np.ndarray, train_unc: np.ndarray, train_n: int,
+                    test_prev: np.ndarray | None) -> Path:
     """Horizontal bars: positive and uncertain prevalence over the training folds; test prevalence as dots."""
     order = np.argsort(train_pos)
     y = np.arange(len(labels))

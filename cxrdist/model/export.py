@@ -21,7 +21,7 @@ def save_model(directory: Path, model: torch.nn.Module, card: ModelCard) -> Path
     partial = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(partial / WEIGHTS_FILE))
     card.write(partial)
     return replace_directory(partial, directory)

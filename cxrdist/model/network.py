@@ -111,7 +111,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
-        raise UserError(f"model.pretrained_path: cannot read {path} as weights: {_first_line(e)}")
+        raise UserError(f"model.pretrained_path: cannot read {path} as weights: {_first_line(e)}") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # common checkpoint layouts
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]
@@ -134,7 +134,7 @@ def _create_from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Modul
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(
             f"model.pretrained_path: {path} does not fit backbone {name}: {_load_error(e)}"
-        )
+        ) from None
     model.pretrained_cfg.pop("state_dict", None)  # don't keep (or EMA-copy) the loaded tensors
     return model
 
@@ -146,7 +146,7 @@ def _create_downloaded(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise UserError(
             f"model.pretrained: cannot download weights for {name} ({_first_line(e)}); "
             "without internet, set model.pretrained_path to a local file"
-        )
+        ) from None
 
 
 def image_spec(cfg: ModelConfig, img_size: int) -> ImageSpec:

@@ -74,7 +74,8 @@ class Trainer:
         self.image = image_spec(cfg.model, cfg.data.img_size)
         if self.is_cuda and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed)
+        self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                   seed=cfg.seed)
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
         self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs})
         self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
@@ -103,7 +104,8 @@ class Trainer:
             return
         plugin = acc.state.deepspeed_plugin
         if plugin.zero_stage == 3:
-            raise UserError("DeepSpeed ZeRO-3 is not supported: EMA and evaluation need whole parameters; use ZeRO-1 or ZeRO-2 (launch/deepspeed_zero2.yaml)")
+            raise UserError("DeepSpeed ZeRO-3 is not supported: EMA and evaluation need whole parameters; "
+                            "use ZeRO-1 or ZeRO-2 (launch/deepspeed_zero2.yaml)")
         # Our loaders do not go through accelerate.prepare, so fill the "auto" fields it would have
         # taken from a loader, and take clipping from the config rather than accelerate's default.
         ds = plugin.deepspeed_config
@@ -157,12 +159,14 @@ class Trainer:
             start_batch = json.loads((resume_from / STATE_FILE).read_text())["batches"]
         # The loader iterator draws a seed from the global RNG when it is created: create it before
         # the checkpoint's RNG state is restored, in a fresh run and a resumed one alike.
-        batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes, start_batch=start_batch))
+        batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes,
+                                    start_batch=start_batch))
         if resume_from is not None:
             self.state = load_checkpoint(acc, self.ema, resume_from)
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
-        self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x {self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
+        self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
+                 f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
         code = self.train_until_done(batches)
         acc.end_training()
         return code
@@ -170,7 +174,8 @@ class Trainer:
     def train_until_done(self, batches) -> int:
         acc, cfg = self.accelerator, self.cfg
         total_batches = cfg.train.epochs * self.batches_per_epoch
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step", disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step",
+                   disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
         if self.state.batches >= total_batches:
             self.say(f"already complete at step {self.state.step} (best EMA macro AUC {self.state.best_auc:.4f})")
             return 0
@@ -203,7 +208,8 @@ class Trainer:
                     self.checkpoint()
                 if acc.is_main_process:
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.state.step}\n")
-                self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, exiting with {EXIT_PREEMPTED}")
+                self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, "
+                         f"exiting with {EXIT_PREEMPTED}")
                 bar.close()
                 return EXIT_PREEMPTED
         bar.close()
@@ -281,7 +287,8 @@ class Trainer:
     # ---- logging, evaluation ---------------------------------------------------------------------
     def log_train(self, window: Window, bar) -> None:
         acc = self.accelerator
-        totals = acc.reduce(torch.tensor([float(window.loss_sum), window.batches, window.samples, window.corrupt], dtype=torch.float64, device=acc.device), "sum").tolist()
+        totals = acc.reduce(torch.tensor([float(window.loss_sum), window.batches, window.samples, window.corrupt], dtype=torch.float64,
+                                         device=acc.device), "sum").tolist()
         loss_sum, n_batches, samples, corrupt = totals
         self.state.samples_seen += int(samples)
         self.state.corrupt_seen += int(corrupt)
@@ -320,7 +327,8 @@ class Trainer:
         acc = self.accelerator
         self.sync_buffers_from_main()
         loader = eval_loader(self.root, self.manifest, [self.val_split], self.eval_stream, acc.process_index, acc.num_processes)
-        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input, pad_to=self.eval_stream.batch_size)
+        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input,
+                        pad_to=self.eval_stream.batch_size)
         preds = gather_predictions(acc, local)
         check_complete(preds, self.manifest.num_samples([self.val_split]))
         results = score(preds, self.labels, self.policy, self.loss_fn)
@@ -341,12 +349,14 @@ class Trainer:
             if improved:
                 self.export_best(preds, results)
         couplings = (refine.weight.detach().float().cpu().numpy(), self.labels) if refine is not None else None
-        flat = {"val/ema_macro_auc": results["ema"]["macro_auc"], "val/live_macro_auc": results["live"]["macro_auc"], "val/ema_loss": results["ema"].get("loss")}
+        flat = {"val/ema_macro_auc": results["ema"]["macro_auc"], "val/live_macro_auc": results["live"]["macro_auc"],
+                "val/ema_loss": results["ema"].get("loss")}
         flat.update({f"val/auc/{k}": v for k, v in results["ema"]["per_label"].items() if v is not None})
         if record["sparsity"] is not None:
             flat["val/coupling_sparsity"] = record["sparsity"]
         log_wandb(acc, flat, self.state.step, couplings)
-        self.say(f"step {self.state.step}: val macro AUC EMA {results['ema']['macro_auc']:.4f}, live {results['live']['macro_auc']:.4f}" + (" (best)" if improved else ""))
+        self.say(f"step {self.state.step}: val macro AUC EMA {results['ema']['macro_auc']:.4f}, live {results['live']['macro_auc']:.4f}"
+                 + (" (best)" if improved else ""))
         acc.wait_for_everyone()
         return record
 
