@@ -9,7 +9,6 @@ the probabilities equal those `evaluate` gives for the same image in a shard.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
 from cxrdist.evaluation.outputs import write_predictions_csv
+from cxrdist.log import get_logger
 from cxrdist.evaluation.models import (
     FoldModel,
     ensemble_probabilities,
@@ -32,6 +32,7 @@ from cxrdist.evaluation.models import (
 )
 
 DEFAULT_OUT = Path("preds.csv")
+LOG = get_logger("predict")
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -96,7 +97,7 @@ def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: 
         for batch in loader:
             bad.extend(batch["bad"])
             for why in (w for _, w in batch["bad"]):
-                tqdm.write(f"cxrdist predict: skipped unreadable {why}", file=sys.stderr)
+                LOG.warning(f"cxrdist predict: skipped unreadable {why}")
             if batch["index"]:
                 indices.extend(batch["index"])
                 for images, group in zip(batch["images"], modules):

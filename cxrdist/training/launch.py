@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cxrdist
 from cxrdist.errors import UserError
+from cxrdist.log import get_logger
 
 TRAIN_SCRIPT = Path(cxrdist.__file__).resolve().parent / "train.py"
 
@@ -69,7 +70,7 @@ def launch_fold(config: Path, fold: int | None, overrides: list[str], processes:
 
     run_dir = load_config(config, overrides, fold=fold).run_dir
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
-    print("+ accelerate launch " + shlex.join(cmd[3:]), flush=True)
+    get_logger("launch").info("+ accelerate launch " + shlex.join(cmd[3:]))
     code = subprocess.call(cmd, env=env)
     if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
         return EXIT_PREEMPTED

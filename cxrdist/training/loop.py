@@ -20,6 +20,7 @@ from cxrdist.data.manifest import load_manifest
 from cxrdist.atomic import atomic_write_text
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
 from cxrdist.errors import UserError
+from cxrdist.log import get_logger
 from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, fold_name
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
 from cxrdist.model.ema import ModelEma
@@ -34,6 +35,8 @@ from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
 
+
+LOG = get_logger("train")
 
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     precision = cfg.train.mixed_precision
@@ -120,7 +123,7 @@ class Trainer:
             # on the module would be overwritten at the next step: use the L1 subgradient instead.
             self.cfg.model.refine.sparsity = "subgradient"
             if acc.is_main_process:
-                print("cxrdist: under DeepSpeed the refinement uses sparsity=subgradient (the proximal step needs the master weights)")
+                LOG.warning("cxrdist: under DeepSpeed the refinement uses sparsity=subgradient (the proximal step needs the master weights)")
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that
@@ -371,7 +374,7 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(f"cxrdist: {text}")
+            LOG.info(f"cxrdist: {text}")
 
 
 class Window:
