@@ -52,4 +52,4 @@ def test_accelerate_launch_module_form_runs_the_trainer(tmp_path):
            "--dynamo_backend", "no", "-m", "cxrdist.train", "--config", str(tmp_path / "nope.yaml")]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert done.returncode != 0
-    assert f"cxrdist train: error: config: --config {tmp_path / 'nope.yaml'}: no such file" in done.stderr, done.stderr
+    assert f"cxrdist train: error: --config {tmp_path / 'nope.yaml'}: no such file" in done.stderr, done.stderr
