@@ -124,13 +124,19 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"config: required key(s) not set: {', '.join(missing)}")
-        cfg: ExperimentConfig = OmegaConf.to_object(merged)  # runs every section's __post_init__ checks
+        cfg: ExperimentConfig = to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
+    return cfg
+
+
+def to_object(merged) -> ExperimentConfig:
+    """The typed config; every section's __post_init__ checks its own fields."""
+    try:
+        return OmegaConf.to_object(merged)
     except UserError as err:
         raise UserError(f"config: {err}") from None
-    return cfg
 
 
 def at_least(field_name: str, value: int, minimum: int) -> None:
