@@ -41,14 +41,15 @@ class ModelCard:
 
     @classmethod
     def build(cls, model: ModelConfig, labels: list[str], policy: list[str], image: ImageSpec, manifest, shards: Path,
-              experiment: str, fold: int, step: int, epoch: float, eval_batch_size: int, metrics: dict, **extra: Any) -> ModelCard:
+              experiment: str, fold: int, step: int, epoch: float, eval_batch_size: int, metrics: dict,
+              evaluation: dict | None = None, **extra: Any) -> ModelCard:
         """The one way training makes a card (`manifest` is the data.manifest.Manifest trained on)."""
         architecture = ModelConfig(**{**asdict(model), "pretrained": False, "pretrained_path": None, "refine": RefineConfig(**asdict(model.refine))})
         return cls(
             model=architecture, labels=list(labels), label_policy=dict(zip(labels, policy)), image=image,
             stored_image=dict(manifest.image), dataset=manifest.identity(), shards=str(Path(shards).resolve()),
             experiment=experiment, fold=int(fold), step=int(step), epoch=float(epoch), eval_batch_size=int(eval_batch_size),
-            metrics=metrics, extra=dict(extra),
+            metrics=metrics, evaluation=dict(evaluation or {}), extra=dict(extra),
         )
 
     @property
