@@ -21,8 +21,9 @@ from bench_stream import synthetic_image
 from PIL import Image
 
 from cxrdist.data.device_augment import augment_batch
-from cxrdist.data.stream import RawSample, StreamConfig, decode_train_batch
-from cxrdist.data.transforms import normalisation
+from cxrdist.data.shards import RawSample
+from cxrdist.data.spec import ImageSpec
+from cxrdist.data.stream import StreamConfig, decode_train_batch
 
 
 def raw_samples(n: int, size: int) -> list[tuple[int, RawSample]]:
@@ -53,14 +54,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     samples = raw_samples(args.n, args.size)
-    cpu_cfg = StreamConfig(img_size=args.img_size, batch_size=args.batch)
+    cpu_cfg = StreamConfig(ImageSpec(args.img_size), batch_size=args.batch)
     device_cfg = StreamConfig(**{**cpu_cfg.__dict__, "augment": "device"})
     rounds = [(cpu_seconds_per_image(samples, cpu_cfg), cpu_seconds_per_image(samples, device_cfg)) for _ in range(args.rounds)]
     cpu, device = min(r[0] for r in rounds), min(r[1] for r in rounds)
     batch = decode_train_batch(samples[: args.batch], device_cfg, 14)
-    augment_batch(batch["image"], batch["augment"], args.img_size, *normalisation(cpu_cfg))  # warm-up
+    augment_batch(batch["image"], batch["augment"], cpu_cfg.image)  # warm-up
     start = time.perf_counter()
-    augment_batch(batch["image"], batch["augment"], args.img_size, *normalisation(cpu_cfg))
+    augment_batch(batch["image"], batch["augment"], cpu_cfg.image)
     grid_ms = (time.perf_counter() - start) * 1000 / args.batch
     print(f"{args.size} px JPEG -> {args.img_size} px, batch {args.batch}, {args.n} images, best of {args.rounds} interleaved rounds, 1 thread")
     print(f"worker CPU ms/image: cpu augment {cpu * 1000:.2f}, device augment (decode + pad only) {device * 1000:.2f}; ratio {device / cpu:.2f}")

@@ -35,6 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from cxrdist.layout import BEST_DIR, METRICS_LOG, VAL_PREDICTIONS_FILE  # noqa: E402 (standard library only; the rest is imported where used)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,7 +105,8 @@ def bare_loop(p: dict, device: torch.device, labels: int) -> dict:
         loss = step()
     synchronize(device)
     seconds = time.perf_counter() - start
-    return {"img_per_s": p["batch"] * p["bare_steps"] / seconds, "steps": p["bare_steps"], "batch": p["batch"], "finite_loss": bool(torch.isfinite(loss))}
+    return {"img_per_s": p["batch"] * p["bare_steps"] / seconds, "steps": p["bare_steps"], "batch": p["batch"],
+            "finite_loss": bool(torch.isfinite(loss))}
 
 
 def synchronize(device: torch.device) -> None:
@@ -146,7 +148,8 @@ def launch(args: list[str], config_file: str | None, log: Path, timeout: int) ->
     cmd += ["--num_processes", str(max(1, world)), "--num_machines", "1", "--main_process_port", str(free_port())]
     if world > 1 and not config_file:
         cmd += ["--multi_gpu"]
-    cmd += ["--mixed_precision", "bf16", "--dynamo_backend", "no", str(REPO / "cxrdist" / "train.py"), "--config", str(REPO / "configs" / "paper.yaml"), *args]
+    cmd += ["--mixed_precision", "bf16", "--dynamo_backend", "no", str(REPO / "cxrdist" / "train.py"),
+            "--config", str(REPO / "configs" / "paper.yaml"), *args]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1",
            "CXRDIST_EXPECT_WORLD_SIZE": str(max(1, world))}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
@@ -168,7 +171,7 @@ def free_port() -> int:
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return [r for r in map(json.loads, (run_dir / METRICS_LOG).read_text().splitlines()) if r["kind"] == kind]
 
 
 def real_trainer(shards: Path, work: Path, p: dict) -> dict:
@@ -192,7 +195,8 @@ def deepspeed_zero2(shards: Path, work: Path, p: dict) -> dict:
     out = work / "runs"
     # One epoch (checkpoint at its end), then the same run asked for two: it resumes and trains the second.
     common = {"train.compile": "false", "train.checkpoint_every": 0}
-    launch(train_overrides(shards, out, p, "zero2", 1, {**common, "train.epochs": 1}), "launch/deepspeed_zero2.yaml", work / "zero2-a.log", timeout=300)
+    launch(train_overrides(shards, out, p, "zero2", 1, {**common, "train.epochs": 1}), "launch/deepspeed_zero2.yaml", work / "zero2-a.log",
+           timeout=300)
     run_dir = out / "zero2" / "fold-0"
     checkpoints = sorted(c.name for c in (run_dir / "checkpoints").glob("step-*"))
     second = train_overrides(shards, out, p, "zero2", 1, {**common, "train.epochs": 2})
@@ -210,6 +214,7 @@ def deepspeed_zero2(shards: Path, work: Path, p: dict) -> dict:
 def stream_alone(shards: Path, p: dict, device: torch.device) -> dict:
     from cxrdist.data.device_augment import augment_batch
     from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.spec import ImageSpec
     from cxrdist.data.stream import StreamConfig, resolve_workers, train_loader
     from cxrdist.data.transforms import normalisation
 
@@ -217,8 +222,8 @@ def stream_alone(shards: Path, p: dict, device: torch.device) -> dict:
     workers = resolve_workers(-1) if device.type == "cuda" else 1
     results = {"workers": workers}
     for place in ("cpu", "device"):
-        cfg = StreamConfig(img_size=p["img_size"], batch_size=p["batch"], workers=workers, augment=place)
-        scale_shift = tuple(t.to(device) for t in normalisation(cfg))
+        cfg = StreamConfig(ImageSpec(p["img_size"]), batch_size=p["batch"], workers=workers, augment=place)
+        scale_shift = tuple(t.to(device) for t in normalisation(cfg.image))
         batches = iter(train_loader(shards, manifest, manifest.train_splits(0), cfg, 0, 1))
         next(batches)  # worker start-up
         start, images = time.perf_counter(), 0
@@ -226,7 +231,7 @@ def stream_alone(shards: Path, p: dict, device: torch.device) -> dict:
             batch = next(batches)
             image = batch["image"].to(device, non_blocking=True)
             if place == "device":
-                image = augment_batch(image, batch["augment"], p["img_size"], *scale_shift)
+                image = augment_batch(image, batch["augment"], cfg.image, scale_shift)
             images += len(batch["key"])
         synchronize(device)
         results[f"{place}_augment_img_per_s"] = images / (time.perf_counter() - start)
@@ -242,17 +247,17 @@ def evaluation(run_dir: Path, shards: Path, p: dict, device: torch.device) -> di
     from sklearn.metrics import roc_auc_score
 
     from cxrdist.data.manifest import load_manifest
-    from cxrdist.data.stream import StreamConfig, eval_loader, resolve_workers
+    from cxrdist.data.stream import eval_loader, resolve_workers
     from cxrdist.evaluation.gathered import predict
+    from cxrdist.evaluation.models import stream_config
     from cxrdist.model.export import load_model
 
-    model, card = load_model(run_dir / "best", device)
+    model, card = load_model(run_dir / BEST_DIR, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     manifest = load_manifest(shards)
     batch = 4 * p["batch"]
-    cfg = StreamConfig(img_size=card["img_size"], in_chans=card["in_chans"], mean=tuple(card["mean"]), std=tuple(card["std"]), batch_size=batch,
-                       workers=resolve_workers(-1) if device.type == "cuda" else 1)
+    cfg = stream_config(card, batch, resolve_workers(-1) if device.type == "cuda" else 1)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -270,13 +275,13 @@ def evaluation(run_dir: Path, shards: Path, p: dict, device: torch.device) -> di
         synchronize(device)
     seconds = time.perf_counter() - start
     # The trainer's gathered macro AUC against sklearn on the predictions it wrote.
-    table = pd.read_csv(run_dir / "best" / "val_predictions.csv")
+    table = pd.read_csv(run_dir / BEST_DIR / VAL_PREDICTIONS_FILE)
     aucs = []
     for label in manifest.labels:
         known = table[f"target_{label}"].notna()
         if table.loc[known, f"target_{label}"].nunique() == 2:
             aucs.append(roc_auc_score(table.loc[known, f"target_{label}"], table.loc[known, f"prob_{label}"]))
-    gathered = json.loads((run_dir / "best" / "model.json").read_text())["metrics"]["ema"]["macro_auc"]
+    gathered = card.metrics["ema"]["macro_auc"]
     return {"img_per_s": len(preds.keys) / seconds, "images": len(preds.keys), "batch": batch, "gathered_macro_auc": gathered,
             "sklearn_macro_auc": float(np.mean(aucs)), "auc_abs_diff": abs(float(np.mean(aucs)) - gathered)}
 
@@ -416,7 +421,8 @@ def main() -> int:
         b = run_part(results, "b_trainer", real_trainer, Path(shards["path"]), work, p)
         run_part(results, "c_stream", stream_alone, Path(shards["path"]), p, device)
         if smoke:
-            results["d_zero2"] = {"skipped": "DeepSpeed on CPU is covered by tests/test_train.py::test_deepspeed_zero2_trains_and_evaluates_on_two_cpu_processes"}
+            results["d_zero2"] = {
+                "skipped": "DeepSpeed on CPU is covered by tests/test_train.py::test_deepspeed_zero2_trains_and_evaluates_on_two_cpu_processes"}
         else:
             run_part(results, "d_zero2", deepspeed_zero2, Path(shards["path"]), work, p)
         if "run_dir" in b:

@@ -11,8 +11,9 @@ of `transforms.rotate`, about the output centre) -> mirrored when flipped -> can
 the crop (top, left, h, w). Pixels the rotation brings in from outside the crop are faded to 0
 exactly as bilinear sampling with zero padding does on the CPU path.
 
-Differences from the CPU path, both sub-pixel: one bilinear resampling instead of two (resize,
-then rotate), and no antialias filter when the crop is shrunk (crops are at most 1/0.77 of the
+The resampling follows the ImageSpec's interpolation (bilinear, bicubic or nearest), as the CPU
+path's resize does. Differences from the CPU path, both sub-pixel: one resampling instead of two
+(resize, then a bilinear rotation), and no antialias filter when the crop is shrunk (crops are at most 1/0.77 of the
 output side at the default scale, so the filter is narrow). tests/test_device_augment.py bounds them.
 """
 
@@ -20,6 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from cxrdist.data.spec import ImageSpec
+from cxrdist.data.transforms import normalisation
 
 # Columns of the per-sample parameter rows the workers send (`transforms.draw_train_params`): the crop
 # in pixels of the decoded image, which sits at the canvas's top-left corner; flip (0/1); angle (degrees).
@@ -52,16 +56,21 @@ def inside_crop_weight(crop_grid: torch.Tensor, size: int) -> torch.Tensor:
     return (per_axis[..., 0] * per_axis[..., 1]).unsqueeze(1)
 
 
-def augment_batch(canvas: torch.Tensor, params: torch.Tensor, size: int, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) uint8 canvases + (B, 6) parameters -> (B, C, size, size) float32, normalised as
-    x * scale + shift ((C, 1, 1) tensors, `transforms.normalisation`), on the canvas's device."""
-    batch = canvas.shape[0]
+def augment_batch(canvas: torch.Tensor, params: torch.Tensor, spec: ImageSpec,
+                  scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, 1, H, W) uint8 canvases + (B, 6) parameters -> (B, C, spec.size, spec.size) float32 on the canvas's device,
+    resampled with the spec's interpolation and normalised as x * scale + shift (`transforms.normalisation(spec)`;
+    pass `scale_shift` already on the device to save the two small copies per batch)."""
+    batch, size = canvas.shape[0], spec.size
+    scale, shift = scale_shift if scale_shift is not None else normalisation(spec)
     if batch == 0:  # every sample of the batch was corrupt
         return torch.empty(0, scale.shape[0], size, size, device=canvas.device)
     to_canvas, to_crop = affine_thetas(params.to(canvas.device, non_blocking=True), tuple(canvas.shape[-2:]))
     shape = [batch, 1, size, size]
     grid = F.affine_grid(to_canvas, shape, align_corners=False)
-    pixels = F.grid_sample(canvas.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    pixels = F.grid_sample(canvas.to(torch.float32), grid, mode=spec.interpolation, padding_mode="border", align_corners=False)
+    if spec.interpolation == "bicubic":  # overshoots; the CPU path's resize to uint8 clamps
+        pixels = pixels.clamp(0, 255)
     pixels = pixels * inside_crop_weight(F.affine_grid(to_crop, shape, align_corners=False), size)
     scale, shift = scale.to(canvas.device), shift.to(canvas.device)
     return torch.addcmul(shift, pixels, scale)  # (B, 1, S, S) broadcast to (B, C, S, S)
