@@ -42,9 +42,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROFILES = {
     # The paper's recipe at the paper's scale of image; pretrained weights off (no download on the GPU machine).
     "gpu": dict(backbone="seresnext101_32x4d", img_size=380, stored=512, batch=32, images=1600, folds=4, steps=160, steady_from=60,
-                bare_steps=60, ds_steps=30, stream_batches=40, precision="bf16", compile=True),
-    "smoke": dict(backbone="test_resnet", img_size=64, stored=64, batch=8, images=96, folds=4, steps=6, steady_from=2,
-                  bare_steps=4, ds_steps=4, stream_batches=4, precision="bf16", compile=False),
+                bare_steps=60, ds_steps=30, stream_batches=40, precision="bf16", compile=True, log_every=5, warmup_batches=3, eval_warmup=True),
+    # Every part's code once, as small as it goes: 36 training images = 4 steps = one epoch (one evaluation, one export),
+    # 32 px, one warm-up batch where the GPU needs three for compile, no separate eval warm-up pass.
+    "smoke": dict(backbone="test_resnet", img_size=32, stored=48, batch=8, images=48, folds=4, steps=4, steady_from=1,
+                  bare_steps=2, ds_steps=4, stream_batches=2, precision="bf16", compile=False, log_every=2, warmup_batches=1, eval_warmup=False),
 }
 NOT_RUN_ON_CPU = ["torch.compile (bare loop and trainer)", "channels_last", "graph-break count", "torch.cuda.set_sync_debug_mode inside the step",
                   "peak GPU memory", "pinned-memory transfers", "DeepSpeed ZeRO-2 bf16 (run by tests/test_train.py on 2 CPU processes)",
@@ -96,7 +98,7 @@ def bare_loop(p: dict, device: torch.device, labels: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    warmup = 15 if cuda and p["compile"] else 2
+    warmup = 15 if cuda and p["compile"] else 1
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -127,7 +129,7 @@ def train_overrides(shards: Path, out: Path, p: dict, experiment: str, steps: in
     values = {
         "data.shards": shards, "output_dir": out, "experiment": experiment, "data.img_size": p["img_size"], "data.batch_size": p["batch"],
         "model.backbone": p["backbone"], "model.pretrained": "false", "train.epochs": epochs, "train.warmup_steps": 10,
-        "train.eval_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": 5, "train.compile": str(p["compile"]).lower(),
+        "train.eval_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": p["log_every"], "train.compile": str(p["compile"]).lower(),
         "logging.progress": "false", "logging.wandb": "disabled",
     }
     if world == 0:
@@ -268,8 +270,9 @@ def evaluation(run_dir: Path, shards: Path, p: dict, device: torch.device) -> di
 
     splits = [split for split in manifest.splits if split != "fold-0"] or ["fold-0"]
     with torch.inference_mode():
-        predict({"m": model}, eval_loader(shards, manifest, splits[:1], cfg, 0, 1), device, autocast, to_input, pad_to=batch)  # warm-up
-        synchronize(device)
+        if p["eval_warmup"]:  # cudnn autotuning and lazy CUDA state outside the timing
+            predict({"m": model}, eval_loader(shards, manifest, splits[:1], cfg, 0, 1), device, autocast, to_input, pad_to=batch)
+            synchronize(device)
         start = time.perf_counter()
         preds = predict({"m": model}, eval_loader(shards, manifest, splits, cfg, 0, 1), device, autocast, to_input, pad_to=batch)
         synchronize(device)
@@ -311,7 +314,7 @@ def step_checks(shards: Path, work: Path, p: dict, device: torch.device) -> dict
     trainer.loss_fn.forward = recording_loss
     batches = iter(trainer_loader(trainer))
     window = Window()
-    for _ in range(3):  # compile and lazy state outside the measured steps
+    for _ in range(p["warmup_batches"]):  # compile and lazy state outside the measured steps
         trainer.train_batch(next(batches), window)
     ema_before = {k: v.detach().clone() for k, v in trainer.ema.module.state_dict().items() if v.is_floating_point()}
     batch = next(batches)
