@@ -273,10 +273,13 @@ class Trainer:
         return True
 
     def clip_gradients(self) -> torch.Tensor | None:
-        """The gradient norm before clipping, left on the device (None under DeepSpeed, which clips itself)."""
+        """The gradient norm before clipping, as a device tensor. DeepSpeed clips itself and hands back its own
+        norm as a Python float (already read on the host), or None; the float is wrapped so one path follows."""
         clip = self.cfg.train.grad_clip
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        return None if norm is None else norm.detach()
+        if norm is None or isinstance(norm, torch.Tensor):
+            return None if norm is None else norm.detach()
+        return torch.tensor(float(norm), device=self.accelerator.device)
 
     def optimizer_step(self, grad_norm: torch.Tensor | None) -> torch.Tensor | bool:
         """Step unless the gradients are non-finite; returns whether the step was skipped, as a device
