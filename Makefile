@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_stream.py
 	$(VENV)/bin/python bench/bench_prepare.py
 	$(VENV)/bin/python bench/bench_trainer.py
+	cd bench && PYTHONPATH=.. ../$(VENV)/bin/python bench_augment.py
+
+# Wheels of the dependencies an offline GPU machine with only torch, torchvision, timm, accelerate and
+# scikit-learn lacks (see bench/README.md); run it with the GPU machine's Python version.
+gpu-wheels: $(STAMP)
+	$(VENV)/bin/python bench/gpu_wheels.py bench/wheels
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -39,12 +40,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.data.shards import RawSample, read_shard
 from cxrdist.data.spec import ImageSpec
-from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
+from cxrdist.data.transforms import decode_grayscale, draw_train_params, eval_transform, train_draft_side, train_transform
 from cxrdist.errors import UserError
 
 # Distinct first words keep the seed sequences of the different random streams apart.
 SHARD_ORDER_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3
 PREFETCH_BATCHES = 2
+AUGMENT_PLACES = ("cpu", "device")
 EVAL_META = ("patient", "path")  # sample json fields an eval batch carries to the predictions
 
 
@@ -55,6 +57,7 @@ class StreamConfig:
     workers: int = 4
     shuffle_buffer: int = 1000
     seed: int = 0
+    augment: str = "cpu"  # train augmentation in the workers ("cpu") or batched on the accelerator ("device")
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def collate(keys: list[str], images: list[torch.Tensor], labels: list[np.ndarray
 
 
 def decode_train_batch(raw_batch: list[tuple[int, RawSample]], cfg: StreamConfig, num_labels: int) -> dict:
-    keys, images, labels, corrupt = [], [], [], []
+    keys, images, labels, corrupt, params = [], [], [], [], []
     min_side = train_draft_side(cfg.image.size)
     for pass_index, raw in raw_batch:
         decoded = decode_sample(raw, num_labels, min_side)
@@ -220,9 +223,36 @@ def decode_train_batch(raw_batch: list[tuple[int, RawSample]], cfg: StreamConfig
             corrupt.append(raw.key)
             continue
         keys.append(raw.key)
-        images.append(train_transform(decoded[0], augment_rng(cfg.seed, pass_index, raw.key), cfg.image))
+        rng = augment_rng(cfg.seed, pass_index, raw.key)
+        if cfg.augment == "device":
+            images.append(decoded[0])
+            params.append(draw_train_params(*decoded[0].shape, rng))
+        else:
+            images.append(train_transform(decoded[0], rng, cfg.image))
         labels.append(decoded[1])
+    if cfg.augment == "device":
+        return collate_for_device(keys, images, params, labels, corrupt, cfg, num_labels)
     return collate(keys, images, labels, corrupt, cfg, num_labels)
+
+
+def collate_for_device(keys: list[str], images: list[np.ndarray], params: list[tuple], labels: list[np.ndarray], corrupt_keys: list[str],
+                       cfg: StreamConfig, num_labels: int) -> dict:
+    """Decoded images edge-padded into one uint8 canvas (B, 1, H, W) at their top-left corner, with their
+    augmentation parameters (B, 6) for `device_augment.augment_batch` (edge padding keeps bilinear taps
+    just outside an image from reading black)."""
+    height = max((image.shape[0] for image in images), default=cfg.image.size)
+    width = max((image.shape[1] for image in images), default=cfg.image.size)
+    canvas = np.empty((len(images), 1, height, width), dtype=np.uint8)
+    for slot, image in zip(canvas, images):
+        h, w = image.shape
+        slot[0, :h, :w] = image
+        slot[0, :h, w:] = image[:, -1:]
+        slot[0, h:, :] = slot[0, h - 1 : h, :]
+    return {
+        "image": torch.from_numpy(canvas), "augment": torch.tensor(params, dtype=torch.float32).reshape(-1, 6),
+        "labels_raw": torch.from_numpy(np.stack(labels)) if labels else torch.empty(0, num_labels),
+        "key": keys, "corrupt": len(corrupt_keys), "corrupt_keys": corrupt_keys,
+    }
 
 
 def decode_eval_batch(raw_batch: list[RawSample], cfg: StreamConfig, num_labels: int, hflip: bool) -> dict:
@@ -305,8 +335,20 @@ class EvalStream(IterableDataset):
 def check_config(cfg: StreamConfig, rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
+    if cfg.augment not in AUGMENT_PLACES:
+        raise UserError(f"data.augment must be one of {', '.join(AUGMENT_PLACES)}, got {cfg.augment!r}")
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise UserError(f"batch_size must be >= 1 and workers >= 0 (got {cfg.batch_size}, {cfg.workers})")
+
+
+def resolve_workers(workers: int) -> int:
+    """data.workers, with -1 = auto: the CPUs this process may use, shared by the processes on this node
+    (LOCAL_WORLD_SIZE, set by the launcher), one left for the training process itself; at most 16."""
+    if workers >= 0:
+        return workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, per_process - 1))
 
 
 def make_loader(dataset: IterableDataset, workers: int, seed: int) -> DataLoader:

@@ -63,6 +63,11 @@ def _scale_shift(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def normalisation(spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) as (C, 1, 1) tensors with normalise(x) == x * scale + shift, for the batched device path."""
+    return _scale_shift(*channel_stats(spec))
+
+
 def normalise(image: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     """(1, H, W) pixels in 0..255 (uint8 or float) -> (channels, H, W) float32: grayscale replicated, (x/255 - mean) / std."""
     scale, shift = _scale_shift(*channel_stats(spec))
@@ -135,6 +140,15 @@ def rotate(image: torch.Tensor, angle: float) -> torch.Tensor:
     return out.squeeze(0)
 
 
+def draw_train_params(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int, bool, float]:
+    """(top, left, h, w, flip, angle): one sample's train augmentation, drawn in a fixed order from `rng`
+    (the per-sample CPU path and the batched device path both use it, so they see the same draws)."""
+    top, left, h, w = crop_params(height, width, rng)
+    flip = bool(rng.random() < HFLIP_P)
+    angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    return top, left, h, w, flip, angle
+
+
 def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, spec: ImageSpec) -> torch.Tensor:
     """Random resized crop -> (size, size) with the spec's interpolation, hflip p=0.5, rotation +-10 deg (bilinear, fill 0), normalise.
 
@@ -142,9 +156,12 @@ def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, 
     same distribution up to resampling).
     """
     tensor = as_tensor(image)
-    top, left, h, w = crop_params(tensor.shape[1], tensor.shape[2], rng)
-    flip = bool(rng.random() < HFLIP_P)
-    angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    return apply_train_params(tensor, draw_train_params(tensor.shape[1], tensor.shape[2], rng), spec)
+
+
+def apply_train_params(tensor: torch.Tensor, params: tuple, spec: ImageSpec) -> torch.Tensor:
+    """(1, H, W) uint8 + (top, left, h, w, flip, angle) -> the augmented, normalised (channels, S, S) float32."""
+    top, left, h, w, flip, angle = params
     out = F.resized_crop(tensor, top, left, h, w, [spec.size, spec.size], interpolation=INTERPOLATION[spec.interpolation], antialias=True)
     if flip:
         out = F.horizontal_flip(out)

@@ -111,7 +111,8 @@ class LabelGraphRefinement(nn.Module):
         if "exp_avg_sq" not in state or "step" not in state:
             return None
         key = "max_exp_avg_sq" if group.get("amsgrad") and "max_exp_avg_sq" in state else "exp_avg_sq"
-        bias_correction = 1.0 - group["betas"][1] ** float(state["step"])
+        # The step count stays a tensor (on the device for fused Adam): reading it would sync the host.
+        bias_correction = 1.0 - group["betas"][1] ** torch.as_tensor(state["step"], dtype=torch.float32)
         return (state[key].float() / bias_correction).sqrt() + group["eps"]
 
     def _warn_no_adam_state(self, optimizer: object) -> None:

@@ -15,6 +15,7 @@ from cxrdist.model.config import LossConfig, ModelConfig, one_of
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+AUGMENT_MODES = ("cpu", "device")
 
 
 @dataclass
@@ -23,7 +24,8 @@ class DataConfig:
     img_size: int = 380
     batch_size: int = 32  # per device (per process)
     eval_batch_size: int = 0  # 0 = 2 x batch_size
-    workers: int = 4  # DataLoader workers per process
+    workers: int = -1  # DataLoader workers per process; -1 = from the CPUs per process (stream.resolve_workers)
+    augment: str = "cpu"  # train augmentation in the workers (cpu) or as one batched grid_sample on the accelerator (device)
     shuffle_buffer: int = 1000
     # "default" (CheXpert paper: U-Ones for Atelectasis and Edema, U-Zeros otherwise), "ignore",
     # "zeros", "ones", or a mapping {label: policy, default: policy}.
@@ -32,7 +34,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         at_least("data.batch_size", self.batch_size, 1)
-        at_least("data.workers", self.workers, 0)
+        if self.workers < -1:
+            raise UserError(f"data.workers must be >= 0, or -1 for one per CPU of this process, got {self.workers}")
+        one_of("data.augment", self.augment, AUGMENT_MODES)
 
 
 @dataclass

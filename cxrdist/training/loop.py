@@ -4,7 +4,6 @@ evaluation of the live and EMA models, atomic checkpoints, agreed preemption."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -16,9 +15,11 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from cxrdist import distributed
-from cxrdist.data.manifest import load_manifest
 from cxrdist.atomic import atomic_write_text
-from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
+from cxrdist.data.device_augment import augment_batch
+from cxrdist.data.manifest import load_manifest
+from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, resolve_workers, train_loader
+from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
 from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, fold_name
@@ -77,14 +78,17 @@ class Trainer:
         self.image = image_spec(cfg.model, cfg.data.img_size)
         if self.is_cuda and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                   seed=cfg.seed)
+        self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=resolve_workers(cfg.data.workers),
+                                   shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, augment=cfg.data.augment)
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
-        self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs})
+        self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs, "augment": "cpu"})
+        self.normalisation = tuple(t.to(acc.device) for t in normalisation(self.image))
         self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+        # Fused AdamW takes the non-finite-step decision as a device tensor (`found_inf`), so the
+        # guard needs no host sync; DeepSpeed wraps the optimizer in its own and keeps the default.
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=not self.deepspeed)
         if cfg.train.compile and self.is_cuda:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -98,6 +102,7 @@ class Trainer:
         self.preempt = PreemptionFlag().install()
         self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
         self.state = TrainerState()
+        self.bad_steps = BadSteps(acc.device)
 
     # ---- setup -------------------------------------------------------------------------------
     def check_engine(self) -> None:
@@ -166,6 +171,7 @@ class Trainer:
                                     start_batch=start_batch))
         if resume_from is not None:
             self.state = load_checkpoint(acc, self.ema, resume_from)
+            self.bad_steps = BadSteps(acc.device, self.state.bad_steps_in_row)
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
@@ -197,7 +203,8 @@ class Trainer:
             epoch_end = self.state.batches % self.batches_per_epoch == 0
             if epoch_end:
                 self.state.epoch = self.state.batches // self.batches_per_epoch
-            if self.state.step % cfg.train.log_every == 0 or epoch_end:
+            logged = self.state.step % cfg.train.log_every == 0 or epoch_end
+            if logged:
                 self.log_train(window, bar)
                 window = Window()
             if self.due(cfg.train.eval_every, epoch_end):
@@ -206,7 +213,8 @@ class Trainer:
             if self.due(cfg.train.checkpoint_every, epoch_end):
                 self.checkpoint()
                 checkpointed_at = self.state.step
-            if self.preempt.agreed(acc):
+            # Agreeing across ranks is an all-reduce read on the host (a sync): only on steps that log anyway.
+            if (logged or acc.num_processes == 1) and self.preempt.agreed(acc):
                 if checkpointed_at != self.state.step:
                     self.checkpoint()
                 if acc.is_main_process:
@@ -224,6 +232,7 @@ class Trainer:
         return 0
 
     def checkpoint(self) -> None:
+        self.settle_bad_steps()
         save_checkpoint(self.accelerator, self.ema, self.state, self.run_dir, self.cfg.train.keep_checkpoints)
 
     def due(self, every: int, epoch_end: bool) -> bool:
@@ -241,10 +250,13 @@ class Trainer:
     def train_batch(self, batch: dict, window: Window) -> bool:
         """One micro-batch; returns True when it completed an optimizer step (taken or skipped)."""
         acc = self.accelerator
-        targets, mask = (t.to(acc.device) for t in apply_policy(batch["labels_raw"], self.policy))
+        targets, mask = (t.to(acc.device, non_blocking=True) for t in apply_policy(batch["labels_raw"], self.policy))
+        images = batch["image"]
+        if "augment" in batch:  # data.augment=device: the workers only decoded
+            images = augment_batch(images.to(acc.device, non_blocking=True), batch["augment"], self.image, self.normalisation)
         with acc.accumulate(self.model):
             with acc.autocast():
-                logits = self.model(self.to_input(batch["image"]))
+                logits = self.model(self.to_input(images))
             loss = self.loss_fn(logits, targets, mask)
             if self.net.refine is not None:
                 loss = loss + self.net.refine.l1_penalty()
@@ -255,41 +267,68 @@ class Trainer:
                 return False
             lr = self.optimizer.param_groups[0]["lr"]
             grad_norm = self.clip_gradients()
-            finite = grad_norm is None or math.isfinite(grad_norm)
-            if finite or acc.mixed_precision == "fp16":
-                self.optimizer.step()  # with fp16 the GradScaler itself skips inf/NaN steps
+            skipped = self.optimizer_step(grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
-            skipped = not finite or acc.optimizer_step_was_skipped
         self.after_step(lr, skipped, grad_norm, window)
         return True
 
-    def clip_gradients(self) -> float | None:
+    def clip_gradients(self) -> torch.Tensor | None:
+        """The gradient norm before clipping, as a device tensor. DeepSpeed clips itself and hands back its own
+        norm as a Python float (already read on the host), or None; the float is wrapped so one path follows."""
         clip = self.cfg.train.grad_clip
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        return None if norm is None else float(norm)
+        if norm is None or isinstance(norm, torch.Tensor):
+            return None if norm is None else norm.detach()
+        return torch.tensor(float(norm), device=self.accelerator.device)
 
-    def after_step(self, lr: float, skipped: bool, grad_norm: float | None, window: Window) -> None:
+    def optimizer_step(self, grad_norm: torch.Tensor | None) -> torch.Tensor | bool:
+        """Step unless the gradients are non-finite; returns whether the step was skipped, as a device
+        tensor where the decision stays on the device (no host sync), else as a bool."""
+        acc = self.accelerator
+        inner = self.optimizer.optimizer
+        if acc.mixed_precision == "fp16" or grad_norm is None:
+            self.optimizer.step()  # fp16: the GradScaler itself skips inf/NaN steps (and syncs to tell)
+            return acc.optimizer_step_was_skipped
+        skipped = ~torch.isfinite(grad_norm)
+        if getattr(inner, "_step_supports_amp_scaling", False):  # fused: the kernel skips when found_inf is 1
+            inner.found_inf = skipped.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del inner.found_inf
+            return skipped
+        if not bool(skipped):  # an optimizer that cannot take the decision on the device
+            self.optimizer.step()
+        return bool(skipped)
+
+    def after_step(self, lr: float, skipped: torch.Tensor | bool, grad_norm: torch.Tensor | None, window: Window) -> None:
         st = self.state
         st.step += 1
         window.grad_norm = grad_norm
-        if skipped:
-            st.bad_steps_in_row += 1
-            st.bad_steps_total += 1
-            if st.bad_steps_in_row >= self.cfg.train.max_bad_steps:
-                raise UserError(
-                    f"{st.bad_steps_in_row} optimizer steps in a row had non-finite gradients (last at step {st.step}); "
-                    "lower train.lr, raise train.warmup_steps, or use bf16 instead of fp16"
-                )
-        else:
-            st.bad_steps_in_row = 0
-            if self.net.refine is not None:
-                self.net.refine.proximal_step(lr, self.optimizer)
+        self.bad_steps.add(skipped)
+        if self.net.refine is not None:
+            # A skipped step must not shrink A either: the threshold's learning rate is zeroed on the device.
+            taken_lr = lr * (~skipped).float() if isinstance(skipped, torch.Tensor) else (0.0 if skipped else lr)
+            self.net.refine.proximal_step(taken_lr, self.optimizer)
         self.scheduler.step_update(num_updates=st.step)
         self.ema.update(self.net, st.step)
+
+    def settle_bad_steps(self) -> None:
+        """Read the device-side count of skipped steps into the state (a host sync: at log and checkpoint time only)
+        and stop the run if too many came in a row."""
+        st = self.state
+        st.bad_steps_in_row, worst, total = self.bad_steps.read()
+        st.bad_steps_total += total
+        if worst >= self.cfg.train.max_bad_steps:
+            raise UserError(
+                f"{worst} optimizer steps in a row had non-finite gradients (by step {st.step}); "
+                "lower train.lr, raise train.warmup_steps, or use bf16 instead of fp16"
+            )
 
     # ---- logging, evaluation ---------------------------------------------------------------------
     def log_train(self, window: Window, bar) -> None:
         acc = self.accelerator
+        self.settle_bad_steps()
         totals = acc.reduce(torch.tensor([float(window.loss_sum), window.batches, window.samples, window.corrupt], dtype=torch.float64,
                                          device=acc.device), "sum").tolist()
         loss_sum, n_batches, samples, corrupt = totals
@@ -298,10 +337,12 @@ class Trainer:
         self.check_corrupt()
         record = {
             "kind": "train", "step": self.state.step, "world_size": acc.num_processes, "epoch": self.state.batches / self.batches_per_epoch,
-            "loss": loss_sum / max(n_batches, 1), "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": window.grad_norm,
+            "loss": loss_sum / max(n_batches, 1), "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
             "img_per_s": samples / window.total if window.total > 0 else None,
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
             "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
+            "max_memory_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if self.is_cuda else None,  # allocator stat: no sync
         }
         self.log.write(record)
         log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
@@ -384,10 +425,33 @@ class Window:
         self.wait = self.total = 0.0
         self.loss_sum = 0.0
         self.batches = self.samples = self.corrupt = 0
-        self.grad_norm: float | None = None
+        self.grad_norm: torch.Tensor | None = None  # of the last step, on the device until logged
 
     def add_batch(self, samples: int, corrupt: int, loss: torch.Tensor) -> None:
         self.batches += 1
         self.samples += samples
         self.corrupt += corrupt
         self.loss_sum = self.loss_sum + loss.float()  # stays on the device: no sync per step
+
+
+class BadSteps:
+    """Counts optimizer steps skipped for non-finite gradients on the device, so that the step never
+    waits for the host; `read` brings the counts over (a sync) when the trainer logs or checkpoints."""
+
+    def __init__(self, device: torch.device, in_row: int = 0) -> None:
+        self.in_row = torch.full((), in_row, dtype=torch.int64, device=device)  # the current run of skipped steps
+        self.worst = self.in_row.clone()  # the longest run seen since the last read
+        self.total = torch.zeros((), dtype=torch.int64, device=device)  # skipped since the last read
+
+    def add(self, skipped: torch.Tensor | bool) -> None:
+        skipped = torch.as_tensor(skipped, device=self.in_row.device).to(torch.int64)
+        self.in_row.add_(1).mul_(skipped)  # +1 when skipped, back to 0 when taken
+        torch.maximum(self.worst, self.in_row, out=self.worst)
+        self.total.add_(skipped)
+
+    def read(self) -> tuple[int, int, int]:
+        """(the current run, the longest run since the last read, skipped since the last read)."""
+        in_row, worst, total = torch.stack([self.in_row, self.worst, self.total]).tolist()
+        self.worst.copy_(self.in_row)
+        self.total.zero_()
+        return in_row, worst, total
