@@ -74,16 +74,17 @@ def run_prepare(args) -> int:
 
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="re-read every shard and check it against manifest.json")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", help="the shard directory, or its URL (s3://..., https://...)")
     p.set_defaults(run=run_verify)
 
 
 def run_verify(args) -> int:
+    from cxrdist.data.location import display, join
     from cxrdist.data.manifest import load_manifest
     from cxrdist.data.shards import verify_shards
 
     totals = verify_shards(args.dir, load_manifest(args.dir))
-    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {args.dir / 'manifest.json'}")
+    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {display(join(args.dir, 'manifest.json'))}")
     return 0
 
 
@@ -115,7 +116,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--out", type=Path, help="default: runs/EXP/ensemble")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
     p.set_defaults(run=run_evaluate)
 
@@ -137,7 +138,7 @@ def add_predict(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.set_defaults(run=run_predict)
 
 
@@ -153,7 +154,7 @@ def add_report(sub) -> None:
     p = sub.add_parser("report", help="one HTML page with figures about an experiment")
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, help="default: runs/EXP/report")
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.set_defaults(run=run_report)
 
 

@@ -121,16 +121,31 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def load_manifest(root: Path) -> Manifest:
-    """Load and sanity-check `root/manifest.json`; a directory without one is incomplete and refused."""
+def load_manifest(root: Path | str) -> Manifest:
+    """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused."""
+    from cxrdist.data.location import is_url
+
+    if is_url(root):
+        from cxrdist.data.remote_manifest import load_remote_manifest
+
+        return load_remote_manifest(root)
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise UserError(f"{root}: no such shard directory (run `cxrdist prepare` first)")
     if not path.is_file():
         raise UserError(f"{root}: no {MANIFEST_NAME}, so the shards are incomplete (re-run `cxrdist prepare`)")
+    manifest = parse_manifest(path.read_text(), str(path))
+    for shard in manifest.shards(list(manifest.splits)):
+        if not (root / shard.file).is_file():
+            raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")
+    return manifest
+
+
+def parse_manifest(text: str, path: str) -> Manifest:
+    """A manifest from its JSON text; `path` names it in errors."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     version = data.get("format_version")
@@ -140,7 +155,4 @@ def load_manifest(root: Path) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError) as err:
         raise UserError(f"{path}: malformed manifest ({err})") from None
-    for shard in manifest.shards(list(manifest.splits)):
-        if not (root / shard.file).is_file():
-            raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")
     return manifest

@@ -17,6 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from cxrdist.data.images import encode_image, load_for_shard
+from cxrdist.data.location import ShardReadFailed, display, join, open_shard, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.errors import BadImage, UserError
 
@@ -106,9 +107,9 @@ def write_shard(job: ShardJob) -> ShardResult:
     return ShardResult(str(target), len(keys), size, digest, keys, bad)
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
+def file_sha256(path: Path | str) -> tuple[str, int]:
     sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
+    with open_shard(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             sha.update(block)
             size += len(block)
@@ -137,9 +138,9 @@ def run_jobs(jobs: list[ShardJob], workers: int, on_done: Callable[[ShardResult]
     return results
 
 
-def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, data) for every member, keys split at the first dot as WebDataset does."""
-    with tarfile.open(path, "r") as tar:
+def iter_tar_members(path: Path | str) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, data) for every member, keys split at the first dot as WebDataset does; one sequential pass."""
+    with open_shard(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -148,17 +149,25 @@ def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
 
 
 def verify_shards(root: Path, manifest: Manifest) -> dict:
-    """Re-read every shard and check sha256, sample counts, keys and labels against the manifest."""
-    root = Path(root)
+    """Re-read every shard (file or URL) and check sha256, sample counts, keys and labels against the manifest."""
+    try:
+        return verify_each_shard(shard_root(root), manifest)
+    except ShardReadFailed as err:
+        raise UserError(err.line) from None
+    except tarfile.TarError as err:
+        raise UserError(f"{display(root)}: unreadable shard ({err})") from None
+
+
+def verify_each_shard(root: Path | str, manifest: Manifest) -> dict:
     seen: dict[str, str] = {}
     totals = {"shards": 0, "samples": 0}
     for split_name, split in manifest.splits.items():
         split_count = 0
         for shard in split.shards:
-            path = root / shard.file
+            path = join(root, shard.file)
             digest, size = file_sha256(path)
             if digest != shard.sha256 or size != shard.bytes:
-                raise UserError(f"{path}: sha256/size differ from the manifest (file changed or corrupt)")
+                raise UserError(f"{display(path)}: sha256/size differ from the manifest (file changed or corrupt)")
             keys = check_shard_members(path, manifest, split_name)
             if len(keys) != shard.num_samples:
                 raise UserError(f"{path}: {len(keys)} samples, manifest says {shard.num_samples}")

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from cxrdist.data.location import Location, ShardReadFailed, display, join, open_shard, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
 from cxrdist.errors import UserError
@@ -80,24 +81,26 @@ class Unit:
 # ---------------------------------------------------------------- reading shards
 
 
-def read_shard(path: Path, expected: int) -> Iterator[RawSample]:
-    """The raw samples of one tar shard, in order; the count must match the manifest's."""
+def read_shard(path: Location, expected: int) -> Iterator[RawSample]:
+    """The raw samples of one tar shard (a file or a URL), in order; the count must match the manifest's."""
     count = 0
     try:
-        with open(path, "rb") as handle:
+        with open_shard(path) as handle:
             for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": handle}])):
                 count += 1
                 image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
                 yield RawSample(sample["__key__"], image, sample.get("json"))
+    except ShardReadFailed as err:
+        raise UserError(err.line) from None
     except (tarfile.TarError, OSError, ValueError) as err:
         why = err.args[0] if err.args else type(err).__name__
-        raise UserError(f"{path}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
+        raise UserError(f"{display(path)}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
     if count != expected:
-        raise UserError(f"{path}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
+        raise UserError(f"{display(path)}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
 
 
-def read_shards(root: Path, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
-    return chain.from_iterable(read_shard(Path(root) / shard.file, shard.num_samples) for shard in shards)
+def read_shards(root: Location, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
+    return chain.from_iterable(read_shard(join(root, shard.file), shard.num_samples) for shard in shards)
 
 
 # ---------------------------------------------------------------- train: which unit reads what, per pass
@@ -294,7 +297,7 @@ def decoding_context():
 
 class TrainStream(IterableDataset):
     def __init__(self, root: Path, shards: list[ShardInfo], num_labels: int, cfg: StreamConfig, rank: int, world_size: int, start_batch: int):
-        self.root, self.shards, self.num_labels, self.cfg = Path(root), shards, num_labels, cfg
+        self.root, self.shards, self.num_labels, self.cfg = shard_root(root), shards, num_labels, cfg
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -312,7 +315,7 @@ class TrainStream(IterableDataset):
 
 class EvalStream(IterableDataset):
     def __init__(self, root: Path, shards: list[ShardInfo], num_labels: int, cfg: StreamConfig, hflip: bool):
-        self.root, self.shards, self.num_labels, self.cfg, self.hflip = Path(root), shards, num_labels, cfg, hflip
+        self.root, self.shards, self.num_labels, self.cfg, self.hflip = shard_root(root), shards, num_labels, cfg, hflip
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cxrdist.data.location import display, exists, join, resolved, shard_root
 from cxrdist.data.manifest import Manifest, fold_name, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import StreamConfig, eval_loader, eval_num_samples
@@ -117,17 +118,17 @@ def groups_by_preprocessing(models: list[FoldModel]) -> list[list[FoldModel]]:
     return list(groups.values())
 
 
-def shards_root(models: list[FoldModel], override: Path | None = None) -> Path:
-    """The prepared shard directory the models were trained on (or `override`)."""
+def shards_root(models: list[FoldModel], override: Path | str | None = None) -> Path | str:
+    """The prepared shard directory (or URL) the models were trained on (or `override`)."""
     if override is not None:
-        root = Path(override)
+        root = shard_root(override)
     else:
-        roots = {Path(m.card["shards"]).resolve() for m in models}
+        roots = {shard_root(resolved(m.card["shards"])) for m in models}
         if len(roots) > 1:
             raise UserError(f"the fold models were trained on different shard directories ({', '.join(map(str, sorted(roots)))}); pass the one to use")
         root = roots.pop()
-    if not (root / "manifest.json").is_file():
-        raise UserError(f"{root}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")
+    if not exists(join(root, "manifest.json")):
+        raise UserError(f"{display(root)}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")
     return root
 
 
@@ -233,7 +234,7 @@ def split_metadata(root: Path, manifest: Manifest, split: str) -> dict[str, dict
     """key -> the sample's json (path, patient, study, view, labels), read from the split's shards."""
     meta = {}
     for shard in manifest.split(split).shards:
-        for key, _image, info in read_shard_samples(Path(root) / shard.file):
+        for key, _image, info in read_shard_samples(join(root, shard.file)):
             meta[key] = info
     return meta
 
@@ -421,7 +422,7 @@ def run_evaluate(
         "label_policy": dict(zip(labels, policy)),
         "model_names": [m.name for m in models],
         "model_dirs": {m.name: str(m.directory) for m in models},
-        "shards": str(root),
+        "shards": resolved(root),
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
         "notes": split_notes(split, models),

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
+from cxrdist.data.location import exists, join, shard_root
 from cxrdist.data.manifest import load_manifest
 from cxrdist.data.stream import StreamConfig
 from cxrdist.data.transforms import decode_grayscale, eval_transform
@@ -58,8 +59,8 @@ def image_settings(models: list[FoldModel], shards: Path | None = None) -> dict:
     card = models[0].card
     if isinstance(card.get("image"), dict):
         return card["image"]
-    root = Path(shards) if shards is not None else Path(card.get("shards", ""))
-    if not (root / "manifest.json").is_file():
+    root = shard_root(shards if shards is not None else card.get("shards", ""))
+    if not exists(join(root, "manifest.json")):
         raise UserError(
             f"{models[0].directory}: the model card does not record the image preprocessing and its shard directory "
             f"{root} (with manifest.json) is not there to read it from"

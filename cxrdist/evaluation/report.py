@@ -21,6 +21,7 @@ from safetensors import safe_open
 from scipy.stats import rankdata
 
 from cxrdist.data.images import decode_image
+from cxrdist.data.location import exists, join, shard_root
 from cxrdist.data.manifest import Manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError
@@ -91,9 +92,9 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
 
 
 def find_manifest(folds: list[FoldRun], shards: Path | None) -> tuple[Path | None, Manifest | None]:
-    candidates = [Path(shards)] if shards is not None else [Path(f.card["shards"]) for f in folds if f.card and f.card.get("shards")]
-    for root in candidates:
-        if (root / "manifest.json").is_file():
+    candidates = [shards] if shards is not None else [f.card["shards"] for f in folds if f.card and f.card.get("shards")]
+    for root in map(shard_root, candidates):
+        if exists(join(root, "manifest.json")):
             return root, load_manifest(root)
     return None, None
 
@@ -252,7 +253,7 @@ def sample_images(root: Path, manifest: Manifest, path: Path) -> str:
     split = "test" if "test" in manifest.splits else manifest.fold_names[0]
     images, captions, titles = [], [], []
     for shard in manifest.split(split).shards:
-        for _key, data, meta in read_shard_samples(root / shard.file):
+        for _key, data, meta in read_shard_samples(join(root, shard.file)):
             images.append(decode_image(data))
             raw = meta.get("labels", [])
             found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]

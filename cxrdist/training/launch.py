@@ -25,7 +25,7 @@ def folds_to_train(config: Path, fold: str | None, overrides: list[str]) -> list
     from cxrdist.training.config import load_config
 
     cfg = load_config(config, overrides)
-    return list(range(load_manifest(Path(cfg.data.shards)).num_folds))
+    return list(range(load_manifest(cfg.data.shards).num_folds))
 
 
 def launch_command(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> tuple[list[str], dict]:

@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
+from cxrdist.data.location import resolved, shard_root
 from cxrdist.data.manifest import fold_name, load_manifest
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
 from cxrdist.errors import UserError
@@ -57,7 +58,7 @@ def _launcher_set_precision() -> bool:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self.root = Path(cfg.data.shards)
+        self.root = shard_root(cfg.data.shards)
         self.manifest = load_manifest(self.root)
         self.manifest.check_fold(cfg.fold)
         self.labels = self.manifest.labels
@@ -358,7 +359,7 @@ class Trainer:
         card = {
             **self.card, "labels": self.labels, "img_size": self.cfg.data.img_size, "model": model_config_dict(self.cfg.model),
             "label_policy": dict(zip(self.labels, self.policy)), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
-            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image, "eval_batch_size": self.eval_stream.batch_size,
+            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": resolved(self.root), "image": self.manifest.image, "eval_batch_size": self.eval_stream.batch_size,
             "metrics": {"split": self.val_split, "ema": results["ema"], "live": results["live"]},
         }
         best = save_model(self.run_dir / "best", self.ema.module, card)
