@@ -126,6 +126,9 @@ def run_evaluate(args) -> int:
 
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples)
     if metrics:
+        from cxrdist.evaluation.dashboard import log_ensemble_run
+
+        log_ensemble_run(args.runs, metrics, Path(metrics["out"]))
         print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
     return 0
 
@@ -161,7 +164,10 @@ def add_report(sub) -> None:
 def run_report(args) -> int:
     from cxrdist.evaluation.report import run_report as report
 
+    from cxrdist.evaluation.dashboard import log_report_artifact
+
     page = report(args.runs, args.out, shards=args.shards)
+    log_report_artifact(args.runs, page)
     print(f"report: {page}")
     return 0
 

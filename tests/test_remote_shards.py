@@ -73,7 +73,7 @@ def test_training_from_http_in_two_processes_equals_training_from_local_copy(syn
     local = launch_cpu(fast_overrides(synth_shards, tmp_path / "local", **{"train.epochs": 1}))
     assert remote.returncode == 0, explain(remote)
     assert local.returncode == 0, explain(local)
-    runs = [tmp_path / where / "cxrdist" / "fold-0" for where in ("http", "local")]
+    runs = [tmp_path / where / "demo" / "fold-0" for where in ("http", "local")]
     for kind, fields in (("train", ("loss", "grad_norm")), ("eval", ("ema", "live"))):
         got, want = ([{f: r[f] for f in fields} for r in records(run, kind)] for run in runs)
         assert got and got == want, kind

@@ -57,6 +57,7 @@ class LoggingConfig:
     wandb: str = "auto"  # online | offline | disabled | auto (online if logged in, else offline)
     project: str = "cxrdist"
     progress: bool = True  # tqdm bar on rank 0
+    log_models: bool = False  # upload best/ as a W&B model artifact each time it improves
 
 
 @dataclass

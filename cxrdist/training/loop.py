@@ -29,7 +29,7 @@ from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
-from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
+from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
 
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
@@ -297,6 +297,7 @@ class Trainer:
             "img_per_s": samples / window.total if window.total > 0 else None,
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
             "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
+            "ema_decay": self.ema.decay_at(self.state.step),  # the effective decay of the last update (warm-up included)
         }
         self.log.write(record)
         log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
@@ -364,6 +365,8 @@ class Trainer:
         }
         best = save_model(self.run_dir / "best", self.ema.module, card)
         write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+        if self.cfg.logging.log_models:
+            log_model_artifact(self.accelerator, best, f"{self.cfg.experiment}-fold-{self.cfg.fold}", self.state.step, results["ema"]["macro_auc"])
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:

@@ -99,3 +99,16 @@ def log_wandb(accelerator, values: dict, step: int, couplings: tuple[np.ndarray,
 
         flat["couplings"] = wandb.Image(Image.open(io.BytesIO(coupling_figure_png(*couplings))))
     accelerator.log(flat, step=step)
+
+
+def log_model_artifact(accelerator, directory: Path, name: str, step: int, macro_auc: float) -> None:
+    """best/ (model.safetensors + model.json + predictions) as a W&B model artifact, aliased best and step-N."""
+    if not accelerator.log_with or not accelerator.is_main_process:
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    artifact = wandb.Artifact(safe, type="model", metadata={"step": step, "macro_auc": finite(float(macro_auc))})
+    artifact.add_dir(str(directory))
+    run.log_artifact(artifact, aliases=["best", f"step-{step}"])
