@@ -97,7 +97,12 @@ def open_shard(location: Location) -> BinaryIO:
 def filesystem(url: str):
     import fsspec
 
-    return fsspec.core.url_to_fs(url)[0]
+    try:
+        return fsspec.core.url_to_fs(url)[0]
+    except ImportError as err:  # e.g. "Install s3fs to access S3"
+        raise UserError(f"{display(url)}: {reason(err)} (for s3://: pip install 'cxrdist[s3]')") from None
+    except ValueError as err:  # an unknown protocol
+        raise UserError(f"{display(url)}: {reason(err)}") from None
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
