@@ -55,7 +55,9 @@ def http_server(directory: Path, cuts: int = 0, cut_after: int = 4096):
 def s3_server(monkeypatch):
     """The endpoint of a moto S3 server on 127.0.0.1; the AWS_* variables point boto/s3fs at it (also in child processes)."""
     from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
 
+    S3FileSystem.clear_instance_cache()  # fsspec caches filesystems: none may keep another test's endpoint
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -65,6 +67,7 @@ def s3_server(monkeypatch):
     try:
         yield endpoint
     finally:
+        S3FileSystem.clear_instance_cache()
         server.stop()
 
 

@@ -81,7 +81,8 @@ def test_evaluate_logs_ensemble_run_and_report_uploads_page(trained_experiment, 
     agreement = json.loads((log.parent / "files" / logged["ensemble/fold_agreement/path"]).read_text())
     assert agreement["columns"] == ["model", *metrics["model_names"]]
 
-    reported = subprocess.run([*cmd, "report", "--runs", str(trained_experiment), "--out", str(rep)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    reported = subprocess.run([*cmd, "report", "--runs", str(trained_experiment), "--out", str(rep)],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert reported.returncode == 0, explain(reported)
     [log] = wb.run_files(rep)
     assert wb.run_info(log)["group"] == "ens"

@@ -15,7 +15,7 @@ from cxrdist.data.location import join
 from cxrdist.data.manifest import load_manifest
 from cxrdist.data.stream import StreamConfig, eval_loader, read_shard, train_loader
 from shard_servers import S3_ENV, http_server, s3_server, upload_directory
-from trainer_utils import REPO, cpu_env, explain, fast_overrides, launch_cpu, records
+from trainer_utils import REPO, explain, fast_overrides, launch_cpu, records
 
 STREAM = StreamConfig(img_size=32, batch_size=8, workers=1, shuffle_buffer=20, seed=1)
 
@@ -32,7 +32,8 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrdist", *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env or os.environ.copy())
+    command = [sys.executable, "-m", "cxrdist", *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=REPO, env=env or os.environ.copy())
 
 
 def test_http_streams_equal_local_ones_also_resumed(synth_shards):
@@ -41,7 +42,8 @@ def test_http_streams_equal_local_ones_also_resumed(synth_shards):
         remote = load_manifest(url)
         assert remote.identity() == local.identity()
         for rank in (0, 1):  # exact eval: the same samples per rank, in the same order
-            assert_same_batches(batches(eval_loader(url, remote, ["fold-0"], STREAM, rank, 2)), batches(eval_loader(synth_shards, local, ["fold-0"], STREAM, rank, 2)))
+            want = batches(eval_loader(synth_shards, local, ["fold-0"], STREAM, rank, 2))
+            assert_same_batches(batches(eval_loader(url, remote, ["fold-0"], STREAM, rank, 2)), want)
         splits = ["fold-1", "fold-2"]
         reference = batches(train_loader(synth_shards, local, splits, STREAM, 1, 2), 12)
         assert_same_batches(batches(train_loader(url, remote, splits, STREAM, 1, 2), 12), reference)
@@ -90,7 +92,8 @@ def test_s3_bucket_verify_stream_and_one_line_errors(synth_shards, monkeypatch):
         assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in ok.stdout + ok.stderr
 
         local, remote = load_manifest(synth_shards), load_manifest(bucket)
-        assert_same_batches(batches(eval_loader(bucket, remote, ["test"], STREAM, 0, 1)), batches(eval_loader(synth_shards, local, ["test"], STREAM, 0, 1)))
+        want = batches(eval_loader(synth_shards, local, ["test"], STREAM, 0, 1))
+        assert_same_batches(batches(eval_loader(bucket, remote, ["test"], STREAM, 0, 1)), want)
 
         import boto3
 
@@ -100,7 +103,8 @@ def test_s3_bucket_verify_stream_and_one_line_errors(synth_shards, monkeypatch):
         body[len(body) // 2] ^= 0xFF  # one flipped bit pattern inside an image
         client.put_object(Bucket="cxr", Key=f"chexpert/shards/{shard}", Body=bytes(body))
         changed = cli("verify", bucket)
-        assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "sha256" in changed.stderr and shard in changed.stderr, explain(changed)
+        assert changed.returncode == 2 and changed.stderr.count("\n") == 1, explain(changed)
+        assert "sha256" in changed.stderr and shard in changed.stderr, explain(changed)
 
         missing = cli("verify", "s3://cxr/elsewhere")
         assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "manifest.json: not found" in missing.stderr, explain(missing)

@@ -125,7 +125,7 @@ def shards_root(models: list[FoldModel], override: Path | str | None = None) -> 
     else:
         roots = {shard_root(resolved(m.card["shards"])) for m in models}
         if len(roots) > 1:
-            raise UserError(f"the fold models were trained on different shard directories ({', '.join(map(str, sorted(roots)))}); pass the one to use")
+            raise UserError(f"the fold models were trained on different shard directories ({', '.join(sorted(map(str, roots)))}); pass the one to use")
         root = roots.pop()
     if not exists(join(root, "manifest.json")):
         raise UserError(f"{display(root)}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")
