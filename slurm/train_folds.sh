@@ -69,7 +69,7 @@ try:
     folds = 0
     if sys.argv[1] == "manifest":
         from cxrdist.data.manifest import load_manifest
-        folds = load_manifest(Path(cfg.data.shards)).num_folds
+        folds = load_manifest(cfg.data.shards).num_folds
 except UserError as err:
     sys.exit(f"train_folds.sh: error: {err}")
 print(cfg.experiment, cfg.output_dir, folds)
