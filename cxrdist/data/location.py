@@ -97,6 +97,7 @@ def open_shard(location: Location) -> BinaryIO:
 def filesystem(url: str):
     import fsspec
 
+    ignore_unclosed_connection_warnings()
     try:
         return fsspec.core.url_to_fs(url)[0]
     except ImportError as err:  # e.g. "Install s3fs to access S3"
@@ -181,7 +182,33 @@ class RetryingStream(io.RawIOBase):
     def drop_handle(self) -> None:
         if self.handle is not None:
             try:
+                release_connection(self.handle)
                 self.handle.close()
             except Exception:  # noqa: BLE001 - a broken connection may fail to close too; it is dropped anyway
                 pass
             self.handle = None
+
+
+def release_connection(handle) -> None:
+    """Close an fsspec HTTP stream's response now, on its event loop (its close() only schedules that,
+    and aiohttp then warns "Unclosed connection" on stderr at exit)."""
+    loop, close = getattr(handle, "loop", None), getattr(handle, "_close", None)
+    if loop is not None and close is not None:
+        from fsspec.asyn import sync
+
+        sync(loop, close, timeout=5)
+
+
+def ignore_unclosed_connection_warnings() -> None:
+    """aiohttp reports a connection dropped mid-body and garbage-collected later as "Unclosed connection" on
+    stderr, sometimes at exit; after a retry that is expected noise, so fsspec's event loop drops those reports."""
+    from fsspec.asyn import get_loop
+
+    loop = get_loop()  # one per process (a new one after fork, in DataLoader workers)
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(drop_unclosed_reports)
+
+
+def drop_unclosed_reports(loop, context: dict) -> None:
+    if not str(context.get("message", "")).startswith("Unclosed"):
+        loop.default_exception_handler(context)
