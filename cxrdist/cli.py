@@ -32,7 +32,8 @@ def run_synth(args) -> int:
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
     p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
-    p.add_argument("--csv", type=Path, required=True, help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
+    p.add_argument("--csv", type=Path, required=True,
+                   help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
     p.add_argument("--images", type=Path, help="root the CSV's image paths are relative to")
     p.add_argument("--out", type=Path, help="shard directory to write")
     p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")
@@ -79,12 +80,12 @@ def add_verify(sub) -> None:
 
 
 def run_verify(args) -> int:
-    from cxrdist.data.location import display, join
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.location import display
+    from cxrdist.data.manifest import load_manifest, manifest_location
     from cxrdist.data.shards import verify_shards
 
     totals = verify_shards(args.dir, load_manifest(args.dir))
-    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {display(join(args.dir, 'manifest.json'))}")
+    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {display(manifest_location(args.dir))}")
     return 0
 
 
@@ -105,6 +106,22 @@ def run_train(args) -> int:
         code = launch_fold(args.config, fold, args.overrides, args.processes, args.launch_config)
         if code != 0:
             return code
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' for a config (the fold count from the shards' manifest)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--no-manifest", dest="manifest", action="store_false", help="do not read the manifest (NUM_FOLDS is printed as 0)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    from cxrdist.training.launch import experiment_info
+
+    experiment, output_dir, folds = experiment_info(args.config, args.overrides, read_manifest=args.manifest)
+    print(experiment, output_dir, folds)
     return 0
 
 
@@ -141,14 +158,13 @@ def add_predict(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.set_defaults(run=run_predict)
 
 
 def run_predict(args) -> int:
     from cxrdist.evaluation.predict import run_predict as predict
 
-    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards)
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
     print(f"wrote {out}")
     return 0
 
@@ -162,9 +178,8 @@ def add_report(sub) -> None:
 
 
 def run_report(args) -> int:
-    from cxrdist.evaluation.report import run_report as report
-
     from cxrdist.evaluation.dashboard import log_report_artifact
+    from cxrdist.evaluation.report import run_report as report
 
     page = report(args.runs, args.out, shards=args.shards)
     log_report_artifact(args.runs, page)
@@ -187,7 +202,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_report, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_report, add_demo):
         add(sub)
     return parser
 

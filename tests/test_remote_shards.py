@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,11 +12,14 @@ import torch
 
 from cxrdist.data.location import join
 from cxrdist.data.manifest import load_manifest
-from cxrdist.data.stream import StreamConfig, eval_loader, read_shard, train_loader
+from cxrdist.data.shards import read_shard
+from cxrdist.data.spec import ImageSpec
+from cxrdist.data.stream import StreamConfig, eval_loader, train_loader
+from cxrdist.model.card import ModelCard
 from shard_servers import S3_ENV, http_server, s3_server, upload_directory
 from trainer_utils import REPO, explain, fast_overrides, launch_cpu, records
 
-STREAM = StreamConfig(img_size=32, batch_size=8, workers=1, shuffle_buffer=20, seed=1)
+STREAM = StreamConfig(image=ImageSpec(32), batch_size=8, workers=1, shuffle_buffer=20, seed=1)
 
 
 def batches(loader, n: int | None = None) -> list[dict]:
@@ -79,8 +81,7 @@ def test_training_from_http_in_two_processes_equals_training_from_local_copy(syn
     for kind, fields in (("train", ("loss", "grad_norm")), ("eval", ("ema", "live"))):
         got, want = ([{f: r[f] for f in fields} for r in records(run, kind)] for run in runs)
         assert got and got == want, kind
-    card = json.loads((runs[0] / "best" / "model.json").read_text())
-    assert card["shards"] == url
+    assert ModelCard.read(runs[0] / "best").shards == url
 
 
 def test_s3_bucket_verify_stream_and_one_line_errors(synth_shards, monkeypatch):

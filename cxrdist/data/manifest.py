@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cxrdist.atomic import atomic_write_text
+from cxrdist.data.location import Location, ShardReadFailed, display, exists, is_url, join, read_text, shard_root
 from cxrdist.errors import UserError
+from cxrdist.layout import TEST_SPLIT, fold_name  # noqa: F401 - re-exported: data.manifest names its splits
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-TEST_SPLIT = "test"
-
-
-def fold_name(k: int) -> str:
-    return f"fold-{k}"
+EXISTENCE_CHECKS_IN_FLIGHT = 16  # parallel HEAD/stat requests when a manifest is read from a URL
 
 
 @dataclass
@@ -100,34 +98,25 @@ class Manifest:
         return cls(**{**data, "splits": splits})
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(root: Path, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
     atomic_write_text(path, manifest.to_json())
     return path
 
 
-def load_manifest(root: Path | str) -> Manifest:
+def manifest_location(root: Location) -> Location:
+    """Where a shard directory's (or URL's) manifest.json is."""
+    return join(root, MANIFEST_NAME)
+
+
+def has_manifest(root: Location) -> bool:
+    """Whether `root` (a directory or a URL) holds a manifest.json; a URL that cannot be reached is a UserError."""
+    return exists(manifest_location(root))
+
+
+def load_manifest(root: Location) -> Manifest:
     """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused."""
-    from cxrdist.data.location import is_url
-
     if is_url(root):
-        from cxrdist.data.remote_manifest import load_remote_manifest
-
         return load_remote_manifest(root)
     root = Path(root)
     path = root / MANIFEST_NAME
@@ -139,6 +128,26 @@ def load_manifest(root: Path | str) -> Manifest:
     for shard in manifest.shards(list(manifest.splits)):
         if not (root / shard.file).is_file():
             raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")
+    return manifest
+
+
+def load_remote_manifest(url: str) -> Manifest:
+    """The manifest under a URL; every shard it lists must be there (checked with parallel HEAD/stat requests)."""
+    root = shard_root(url)
+    location = manifest_location(root)
+    try:
+        text = read_text(location)
+    except FileNotFoundError:
+        raise UserError(f"{display(location)}: not found, so the shards there are incomplete (upload the whole `cxrdist prepare` output)") from None
+    except ShardReadFailed as err:
+        raise UserError(err.line) from None
+    manifest = parse_manifest(text, display(location))
+    files = [shard.file for shard in manifest.shards(list(manifest.splits))]
+    with ThreadPoolExecutor(EXISTENCE_CHECKS_IN_FLIGHT) as pool:
+        present = list(pool.map(lambda file: exists(join(root, file)), files))
+    missing = [file for file, ok in zip(files, present) if not ok]
+    if missing:
+        raise UserError(f"{display(join(root, missing[0]))}: shard listed in the manifest is missing ({len(missing)} of {len(files)} missing)")
     return manifest
 
 

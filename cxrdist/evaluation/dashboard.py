@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from cxrdist.training.tracking import wandb_mode
+from cxrdist.evaluation.outputs import load_fold_probabilities
+from cxrdist.layout import CONFIG_FILE, FOLD_PROBABILITIES_FILE, PREDICTIONS_FILE, fold_run_dirs
+from cxrdist.training.tracking import artifact_safe, wandb_mode
 
 ROC_POINTS = 101  # per label, on a fixed FPR grid: small tables, curves comparable across runs
 
@@ -23,7 +25,7 @@ def tracking_settings(runs: Path) -> dict:
     """{"mode", "project", "group"} from the first fold's config.yaml (defaults when there is none)."""
     from omegaconf import OmegaConf
 
-    configs = sorted(Path(runs).glob("fold-*/config.yaml"))
+    configs = [d / CONFIG_FILE for d in fold_run_dirs(runs) if (d / CONFIG_FILE).is_file()]
     cfg = OmegaConf.to_container(OmegaConf.load(configs[0])) if configs else {}
     logging = cfg.get("logging", {})
     return {"mode": wandb_mode(str(logging.get("wandb", "auto"))), "project": logging.get("project", "cxrdist"),
@@ -82,7 +84,6 @@ def agreement_table(fold_probabilities: Path):
     """Mean per-label Spearman correlation between every two fold models (as in the HTML report)."""
     import wandb
 
-    from cxrdist.evaluation.ensemble import load_fold_probabilities
     from cxrdist.evaluation.report import fold_agreement
 
     data = load_fold_probabilities(fold_probabilities)
@@ -120,9 +121,9 @@ def log_ensemble_run(runs: Path, metrics: dict, out: Path) -> None:
     try:
         values = flat_summary(metrics)
         values["ensemble/per_label_auc"] = auc_table(metrics)
-        roc = roc_table(Path(out) / "predictions.csv", metrics["labels"])
+        roc = roc_table(Path(out) / PREDICTIONS_FILE, metrics["labels"])
         values["ensemble/roc"] = wandb.plot.line(roc, "fpr", "tpr", stroke="label", title=f"ROC per label ({metrics['split']})")
-        probabilities = Path(out) / "fold_probabilities.npz"
+        probabilities = Path(out) / FOLD_PROBABILITIES_FILE
         if probabilities.is_file() and len(metrics.get("model_names", [])) > 1:
             values["ensemble/fold_agreement"], mean_agreement = agreement_table(probabilities)
             if mean_agreement is not None and math.isfinite(mean_agreement):
@@ -147,9 +148,4 @@ def log_report_artifact(runs: Path, page: Path) -> None:
         run.log({"report": wandb.Html(page.read_text())})
     finally:
         run.finish()
-
-
-def artifact_safe(name: str) -> str:
-    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
