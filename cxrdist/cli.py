@@ -75,16 +75,17 @@ def run_prepare(args) -> int:
 
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="re-read every shard and check it against manifest.json")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", help="the shard directory, or its URL (s3://..., https://...)")
     p.set_defaults(run=run_verify)
 
 
 def run_verify(args) -> int:
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.location import display
+    from cxrdist.data.manifest import load_manifest, manifest_location
     from cxrdist.data.shards import verify_shards
 
     totals = verify_shards(args.dir, load_manifest(args.dir))
-    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {args.dir / 'manifest.json'}")
+    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {display(manifest_location(args.dir))}")
     return 0
 
 
@@ -132,7 +133,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--out", type=Path, help="default: runs/EXP/ensemble")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
     p.set_defaults(run=run_evaluate)
 
@@ -142,6 +143,9 @@ def run_evaluate(args) -> int:
 
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples)
     if metrics:
+        from cxrdist.evaluation.dashboard import log_ensemble_run
+
+        log_ensemble_run(args.runs, metrics, Path(metrics["out"]))
         print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
     return 0
 
@@ -169,14 +173,16 @@ def add_report(sub) -> None:
     p = sub.add_parser("report", help="one HTML page with figures about an experiment")
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, help="default: runs/EXP/report")
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.set_defaults(run=run_report)
 
 
 def run_report(args) -> int:
+    from cxrdist.evaluation.dashboard import log_report_artifact
     from cxrdist.evaluation.report import run_report as report
 
     page = report(args.runs, args.out, shards=args.shards)
+    log_report_artifact(args.runs, page)
     print(f"report: {page}")
     return 0
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cxrdist.atomic import atomic_write_text
+from cxrdist.data.location import Location, ShardReadFailed, display, exists, is_url, join, read_text, shard_root
 from cxrdist.errors import UserError
 from cxrdist.layout import TEST_SPLIT, fold_name  # noqa: F401 - re-exported: data.manifest names its splits
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+EXISTENCE_CHECKS_IN_FLIGHT = 16  # parallel HEAD/stat requests when a manifest is read from a URL
 
 
 @dataclass
@@ -101,16 +104,57 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def load_manifest(root: Path) -> Manifest:
-    """Load and sanity-check `root/manifest.json`; a directory without one is incomplete and refused."""
+def manifest_location(root: Location) -> Location:
+    """Where a shard directory's (or URL's) manifest.json is."""
+    return join(root, MANIFEST_NAME)
+
+
+def has_manifest(root: Location) -> bool:
+    """Whether `root` (a directory or a URL) holds a manifest.json; a URL that cannot be reached is a UserError."""
+    return exists(manifest_location(root))
+
+
+def load_manifest(root: Location) -> Manifest:
+    """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused."""
+    if is_url(root):
+        return load_remote_manifest(root)
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise UserError(f"{root}: no such shard directory (run `cxrdist prepare` first)")
     if not path.is_file():
         raise UserError(f"{root}: no {MANIFEST_NAME}, so the shards are incomplete (re-run `cxrdist prepare`)")
+    manifest = parse_manifest(path.read_text(), str(path))
+    for shard in manifest.shards(list(manifest.splits)):
+        if not (root / shard.file).is_file():
+            raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")
+    return manifest
+
+
+def load_remote_manifest(url: str) -> Manifest:
+    """The manifest under a URL; every shard it lists must be there (checked with parallel HEAD/stat requests)."""
+    root = shard_root(url)
+    location = manifest_location(root)
     try:
-        data = json.loads(path.read_text())
+        text = read_text(location)
+    except FileNotFoundError:
+        raise UserError(f"{display(location)}: not found, so the shards there are incomplete (upload the whole `cxrdist prepare` output)") from None
+    except ShardReadFailed as err:
+        raise UserError(err.line) from None
+    manifest = parse_manifest(text, display(location))
+    files = [shard.file for shard in manifest.shards(list(manifest.splits))]
+    with ThreadPoolExecutor(EXISTENCE_CHECKS_IN_FLIGHT) as pool:
+        present = list(pool.map(lambda file: exists(join(root, file)), files))
+    missing = [file for file, ok in zip(files, present) if not ok]
+    if missing:
+        raise UserError(f"{display(join(root, missing[0]))}: shard listed in the manifest is missing ({len(missing)} of {len(files)} missing)")
+    return manifest
+
+
+def parse_manifest(text: str, path: str) -> Manifest:
+    """A manifest from its JSON text; `path` names it in errors."""
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     version = data.get("format_version")
@@ -120,7 +164,4 @@ def load_manifest(root: Path) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError) as err:
         raise UserError(f"{path}: malformed manifest ({err})") from None
-    for shard in manifest.shards(list(manifest.splits)):
-        if not (root / shard.file).is_file():
-            raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")
     return manifest

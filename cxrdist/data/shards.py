@@ -19,6 +19,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.atomic import atomic_open
 from cxrdist.data.images import encode_image, load_for_shard
+from cxrdist.data.location import Location, ShardReadFailed, display, join, open_shard, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.errors import BadImage, UserError
 
@@ -110,9 +111,9 @@ def write_shard(job: ShardJob) -> ShardResult:
     return ShardResult(str(target), len(keys), size, digest, keys, bad)
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
+def file_sha256(path: Path | str) -> tuple[str, int]:
     sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
+    with open_shard(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             sha.update(block)
             size += len(block)
@@ -141,9 +142,9 @@ def run_jobs(jobs: list[ShardJob], workers: int, on_done: Callable[[ShardResult]
     return results
 
 
-def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, data) for every member, keys split at the first dot as WebDataset does."""
-    with tarfile.open(path, "r") as tar:
+def iter_tar_members(path: Path | str) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, data) for every member, keys split at the first dot as WebDataset does; one sequential pass."""
+    with open_shard(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -152,23 +153,31 @@ def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
 
 
 def verify_shards(root: Path, manifest: Manifest) -> dict:
-    """Re-read every shard and check sha256, sample counts, keys and labels against the manifest."""
-    root = Path(root)
+    """Re-read every shard (file or URL) and check sha256, sample counts, keys and labels against the manifest."""
+    try:
+        return verify_each_shard(shard_root(root), manifest)
+    except ShardReadFailed as err:
+        raise UserError(err.line) from None
+    except tarfile.TarError as err:
+        raise UserError(f"{display(root)}: unreadable shard ({err})") from None
+
+
+def verify_each_shard(root: Path | str, manifest: Manifest) -> dict:
     seen: dict[str, str] = {}
     totals = {"shards": 0, "samples": 0}
     for split_name, split in manifest.splits.items():
         split_count = 0
         for shard in split.shards:
-            path = root / shard.file
+            path = join(root, shard.file)
             digest, size = file_sha256(path)
             if digest != shard.sha256 or size != shard.bytes:
-                raise UserError(f"{path}: sha256/size differ from the manifest (file changed or corrupt)")
+                raise UserError(f"{display(path)}: sha256/size differ from the manifest (file changed or corrupt)")
             keys = check_shard_members(path, manifest, split_name)
             if len(keys) != shard.num_samples:
-                raise UserError(f"{path}: {len(keys)} samples, manifest says {shard.num_samples}")
+                raise UserError(f"{display(path)}: {len(keys)} samples, manifest says {shard.num_samples}")
             for key in keys:
                 if key in seen:
-                    raise UserError(f"{path}: key {key!r} also appears in {seen[key]}")
+                    raise UserError(f"{display(path)}: key {key!r} also appears in {seen[key]}")
                 seen[key] = shard.file
             split_count += len(keys)
             totals["shards"] += 1
@@ -178,40 +187,43 @@ def verify_shards(root: Path, manifest: Manifest) -> dict:
     return totals
 
 
-def check_shard_members(path: Path, manifest: Manifest, split_name: str) -> list[str]:
+def check_shard_members(path: Location, manifest: Manifest, split_name: str) -> list[str]:
     image_ext = manifest.image["format"]
     members: dict[str, dict[str, bytes]] = {}
     for key, ext, data in iter_tar_members(path):
         members.setdefault(key, {})[ext] = data
     for key, parts in members.items():
         if set(parts) != {image_ext, "json"}:
-            raise UserError(f"{path}: sample {key!r} has members {sorted(parts)}, expected {image_ext} and json")
+            raise UserError(f"{display(path)}: sample {key!r} has members {sorted(parts)}, expected {image_ext} and json")
         try:
             labels = json.loads(parts["json"])["labels"]
         except (ValueError, KeyError):
-            raise UserError(f"{path}: sample {key!r} has an unreadable json member") from None
+            raise UserError(f"{display(path)}: sample {key!r} has an unreadable json member") from None
         if len(labels) != len(manifest.labels):
-            raise UserError(f"{path}: sample {key!r} has {len(labels)} labels, manifest has {len(manifest.labels)}")
+            raise UserError(f"{display(path)}: sample {key!r} has {len(labels)} labels, manifest has {len(manifest.labels)}")
     return list(members)
 
 
-def read_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
-    """The raw samples of one tar shard, in order (WebDataset's grouping); with `expected`, the count must match the manifest's."""
+def read_shard(path: Location, expected: int | None = None) -> Iterator[RawSample]:
+    """The raw samples of one tar shard (a file or a URL), in order (WebDataset's grouping); with `expected`, the count must
+    match the manifest's."""
     count = 0
     try:
-        with open(path, "rb") as handle:
-            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": handle}])):
+        with open_shard(path) as handle:
+            for sample in group_by_keys(tar_file_expander([{"url": display(path), "stream": handle}])):
                 count += 1
                 image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
                 yield RawSample(sample["__key__"], image, sample.get("json"))
+    except ShardReadFailed as err:
+        raise UserError(err.line) from None
     except (tarfile.TarError, OSError, ValueError) as err:
         why = err.args[0] if err.args else type(err).__name__
-        raise UserError(f"{path}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
+        raise UserError(f"{display(path)}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
     if expected is not None and count != expected:
-        raise UserError(f"{path}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
+        raise UserError(f"{display(path)}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
 
 
-def read_shard_samples(path: Path) -> Iterator[tuple[str, bytes, dict]]:
+def read_shard_samples(path: Location) -> Iterator[tuple[str, bytes, dict]]:
     """(key, image bytes, decoded metadata) per sample, for readers that want the json as a dict."""
     for sample in read_shard(path):
         yield sample.key, sample.image, json.loads(sample.meta)

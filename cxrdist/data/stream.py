@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cxrdist.data.location import Location, join, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.data.shards import RawSample, read_shard
 from cxrdist.data.spec import ImageSpec
@@ -73,8 +74,8 @@ class Unit:
 # ---------------------------------------------------------------- reading shards
 
 
-def read_shards(root: Path, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
-    return chain.from_iterable(read_shard(Path(root) / shard.file, shard.num_samples) for shard in shards)
+def read_shards(root: Location, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
+    return chain.from_iterable(read_shard(join(root, shard.file), shard.num_samples) for shard in shards)
 
 
 # ---------------------------------------------------------------- train: which unit reads what, per pass
@@ -303,7 +304,7 @@ def decoding_context():
 
 class TrainStream(IterableDataset):
     def __init__(self, root: Path, shards: list[ShardInfo], num_labels: int, cfg: StreamConfig, rank: int, world_size: int, start_batch: int):
-        self.root, self.shards, self.num_labels, self.cfg = Path(root), shards, num_labels, cfg
+        self.root, self.shards, self.num_labels, self.cfg = shard_root(root), shards, num_labels, cfg
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -321,7 +322,7 @@ class TrainStream(IterableDataset):
 
 class EvalStream(IterableDataset):
     def __init__(self, root: Path, shards: list[ShardInfo], num_labels: int, cfg: StreamConfig, hflip: bool):
-        self.root, self.shards, self.num_labels, self.cfg, self.hflip = Path(root), shards, num_labels, cfg, hflip
+        self.root, self.shards, self.num_labels, self.cfg, self.hflip = shard_root(root), shards, num_labels, cfg, hflip
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cxrdist import distributed
 from cxrdist.atomic import json_ready
+from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, load_manifest
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
@@ -84,7 +85,7 @@ class DevicePlacer:
         return self.placed
 
 
-def predict_split(models: list[FoldModel], root: Path, manifest: Manifest, split: str, tta: bool, batch_size: int, workers: int,
+def predict_split(models: list[FoldModel], root: Location, manifest: Manifest, split: str, tta: bool, batch_size: int, workers: int,
                   accelerator) -> Predictions:
     """Gathered, complete, key-sorted logits of every model and view over the split."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -186,7 +187,7 @@ def run_evaluate(
     out: Path | None = None,
     batch_size: int = 64,
     workers: int = 2,
-    shards: Path | None = None,
+    shards: Location | None = None,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> dict:
@@ -202,7 +203,7 @@ def run_evaluate(
     manifest = load_manifest(root)
     manifest.split(split)
     if manifest.labels != labels:
-        raise UserError(f"{root}: the manifest's labels differ from the models' labels")
+        raise UserError(f"{display(root)}: the manifest's labels differ from the models' labels")
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}
@@ -221,7 +222,7 @@ def run_evaluate(
         "label_policy": dict(zip(labels, policy)),
         "model_names": [m.name for m in models],
         "model_dirs": {m.name: str(m.directory) for m in models},
-        "shards": str(root),
+        "shards": resolved(root),
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
         "notes": split_notes(split, models),

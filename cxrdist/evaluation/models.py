@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrdist.data.location import Location, display, resolved, shard_root
+from cxrdist.data.manifest import has_manifest
 from cxrdist.data.stream import StreamConfig
 from cxrdist.errors import UserError
 from cxrdist.evaluation.gathered import probabilities
@@ -85,18 +87,18 @@ def groups_by_preprocessing(models: list[FoldModel]) -> list[list[FoldModel]]:
     return list(groups.values())
 
 
-def shards_root(models: list[FoldModel], override: Path | None = None) -> Path:
-    """The prepared shard directory the models were trained on (or `override`)."""
+def shards_root(models: list[FoldModel], override: Location | None = None) -> Location:
+    """The prepared shard directory (or URL) the models were trained on (or `override`)."""
     if override is not None:
-        root = Path(override)
+        root = shard_root(override)
     else:
-        roots = {Path(m.card.shards).resolve() for m in models}
+        roots = {shard_root(resolved(m.card.shards)) for m in models}
         if len(roots) > 1:
-            raise UserError(f"the fold models were trained on different shard directories ({', '.join(map(str, sorted(roots)))}); "
+            raise UserError(f"the fold models were trained on different shard directories ({', '.join(sorted(map(str, roots)))}); "
                             "pass the one to use")
         root = roots.pop()
-    if not (root / "manifest.json").is_file():
-        raise UserError(f"{root}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")
+    if not has_manifest(root):
+        raise UserError(f"{display(root)}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")
     return root
 
 

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from scipy.stats import rankdata
 
 from cxrdist.data.images import decode_image
-from cxrdist.data.manifest import Manifest, load_manifest
+from cxrdist.data.location import Location, join, shard_root
+from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError
 from cxrdist.evaluation import report_figures as figs
@@ -94,10 +95,10 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
     return folds
 
 
-def find_manifest(folds: list[FoldRun], shards: Path | None) -> tuple[Path | None, Manifest | None]:
-    candidates = [Path(shards)] if shards is not None else [Path(f.card.shards) for f in folds if f.card]
-    for root in candidates:
-        if (root / "manifest.json").is_file():
+def find_manifest(folds: list[FoldRun], shards: Location | None) -> tuple[Location | None, Manifest | None]:
+    candidates = [shards] if shards is not None else [f.card.shards for f in folds if f.card]
+    for root in map(shard_root, candidates):
+        if has_manifest(root):
             return root, load_manifest(root)
     return None, None
 
@@ -209,7 +210,7 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
     return lines, "".join(cards)
 
 
-def data_section(root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
+def data_section(root: Location | None, manifest: Manifest | None, fig_dir: Path) -> str:
     if manifest is None:
         return section("data", "Data", "",
                        note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance "
@@ -253,11 +254,11 @@ def balance_table(manifest: Manifest) -> str:
     return f'<p class="explain">{explain}</p>' + table(header, rows)
 
 
-def sample_images(root: Path, manifest: Manifest, path: Path) -> str:
+def sample_images(root: Location, manifest: Manifest, path: Path) -> str:
     split = TEST_SPLIT if TEST_SPLIT in manifest.splits else manifest.fold_names[0]
     images, captions, titles = [], [], []
     for shard in manifest.split(split).shards:
-        for _key, data, meta in read_shard_samples(root / shard.file):
+        for _key, data, meta in read_shard_samples(join(root, shard.file)):
             images.append(decode_image(data))
             raw = meta.get("labels", [])
             found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]
@@ -419,7 +420,7 @@ def training_section(folds: list[FoldRun], fig_dir: Path) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def run_report(runs: Path, out: Path | None = None, shards: Path | None = None) -> Path:
+def run_report(runs: Path, out: Path | None = None, shards: Location | None = None) -> Path:
     """Write OUT/report.html (default runs/report) and its figures in OUT/figures; returns the page's path."""
     runs = Path(runs)
     folds = find_fold_runs(runs)

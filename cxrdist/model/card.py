@@ -8,6 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cxrdist.data.location import Location, resolved
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.layout import CARD_FILE
@@ -28,7 +29,7 @@ class ModelCard:
     image: ImageSpec  # the input tensor: size, channels, normalisation, interpolation
     stored_image: dict  # how `prepare` stored the pixels: {"format", "max_size", "quality"} (the manifest's)
     dataset: dict  # Manifest.identity() of the shards it was trained on
-    shards: str  # where those shards were (absolute path at training time)
+    shards: str  # where those shards were: absolute path at training time, or the URL without credentials
     experiment: str
     fold: int
     step: int
@@ -40,14 +41,14 @@ class ModelCard:
     format_version: int = CARD_FORMAT_VERSION
 
     @classmethod
-    def build(cls, model: ModelConfig, labels: list[str], policy: list[str], image: ImageSpec, manifest, shards: Path,
+    def build(cls, model: ModelConfig, labels: list[str], policy: list[str], image: ImageSpec, manifest, shards: Location,
               experiment: str, fold: int, step: int, epoch: float, eval_batch_size: int, metrics: dict,
               evaluation: dict | None = None, **extra: Any) -> ModelCard:
         """The one way training makes a card (`manifest` is the data.manifest.Manifest trained on)."""
         architecture = ModelConfig(**{**asdict(model), "pretrained": False, "pretrained_path": None, "refine": RefineConfig(**asdict(model.refine))})
         return cls(
             model=architecture, labels=list(labels), label_policy=dict(zip(labels, policy)), image=image,
-            stored_image=dict(manifest.image), dataset=manifest.identity(), shards=str(Path(shards).resolve()),
+            stored_image=dict(manifest.image), dataset=manifest.identity(), shards=resolved(shards),
             experiment=experiment, fold=int(fold), step=int(step), epoch=float(epoch), eval_batch_size=int(eval_batch_size),
             metrics=metrics, evaluation=dict(evaluation or {}), extra=dict(extra),
         )

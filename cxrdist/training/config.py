@@ -77,6 +77,7 @@ class LoggingConfig:
     wandb: str = "auto"  # online | offline | disabled | auto (online if logged in, else offline)
     project: str = "cxrdist"
     progress: bool = True  # tqdm bar on rank 0
+    log_models: bool = False  # upload best/ as a W&B model artifact each time it improves
 
     def __post_init__(self) -> None:
         one_of("logging.wandb", self.wandb, WANDB_MODES)

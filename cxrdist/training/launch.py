@@ -23,7 +23,7 @@ def experiment_info(config: Path, overrides: list[str], read_manifest: bool = Tr
     from cxrdist.training.config import load_config
 
     cfg = load_config(config, overrides)
-    folds = load_manifest(Path(cfg.data.shards)).num_folds if read_manifest else 0
+    folds = load_manifest(cfg.data.shards).num_folds if read_manifest else 0
     return cfg.experiment, cfg.output_dir, folds
 
 

@@ -15,6 +15,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from cxrdist import distributed
+from cxrdist.data.location import display, shard_root
 from cxrdist.atomic import atomic_write_text
 from cxrdist.data.device_augment import augment_batch
 from cxrdist.data.manifest import load_manifest
@@ -34,7 +35,7 @@ from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.checkpoint import STATE_FILE, TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
-from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
+from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
 
 LOG = get_logger("train")
@@ -60,7 +61,7 @@ def _launcher_set_precision() -> bool:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self.root = Path(cfg.data.shards)
+        self.root = shard_root(cfg.data.shards)
         self.manifest = load_manifest(self.root)
         self.manifest.check_fold(cfg.fold)
         self.labels = self.manifest.labels
@@ -343,6 +344,7 @@ class Trainer:
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
             "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
             "max_memory_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if self.is_cuda else None,  # allocator stat: no sync
+            "ema_decay": self.ema.decay_at(self.state.step),  # the effective decay of the last update (warm-up included)
         }
         self.log.write(record)
         log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
@@ -354,7 +356,7 @@ class Trainer:
         if st.corrupt_seen and st.corrupt_seen / seen > self.cfg.data.max_corrupt_fraction:
             raise UserError(
                 f"{st.corrupt_seen} of {seen} training samples failed to decode ({st.corrupt_seen / seen:.2%} > "
-                f"data.max_corrupt_fraction={self.cfg.data.max_corrupt_fraction}); run `cxrdist verify {self.root}`"
+                f"data.max_corrupt_fraction={self.cfg.data.max_corrupt_fraction}); run `cxrdist verify {display(self.root)}`"
             )
 
     def sync_buffers_from_main(self) -> None:
@@ -412,6 +414,9 @@ class Trainer:
         )
         best = save_model(self.run_dir / BEST_DIR, self.ema.module, card)
         write_predictions_csv(best / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
+        if self.cfg.logging.log_models:
+            name = f"{self.cfg.experiment}-{fold_name(self.cfg.fold)}"
+            log_model_artifact(self.accelerator, best, name, self.state.step, results["ema"]["macro_auc"])
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:

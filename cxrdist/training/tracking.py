@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrdist.atomic import json_line
+from cxrdist.atomic import json_line, json_ready
 from cxrdist.layout import fold_name
 
 
@@ -74,3 +74,20 @@ def log_wandb(accelerator, values: dict, step: int, couplings: tuple[np.ndarray,
 
         flat["couplings"] = wandb.Image(Image.open(io.BytesIO(coupling_figure_png(*couplings))))
     accelerator.log(flat, step=step)
+
+
+def log_model_artifact(accelerator, directory: Path, name: str, step: int, macro_auc: float) -> None:
+    """best/ (model.safetensors + model.json + predictions) as a W&B model artifact, aliased best and step-N."""
+    if not accelerator.log_with or not accelerator.is_main_process:
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    artifact = wandb.Artifact(artifact_safe(name), type="model", metadata={"step": step, "macro_auc": json_ready(float(macro_auc))})
+    artifact.add_dir(str(directory))
+    run.log_artifact(artifact, aliases=["best", f"step-{step}"])
+
+
+def artifact_safe(name: str) -> str:
+    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

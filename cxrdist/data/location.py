@@ -1,0 +1,214 @@
+"""Where shards live: a local directory or a URL (https://, s3://, gs://, ... any fsspec scheme).
+
+The one place that opens a shard or a manifest. Local paths are opened with `open()`. URLs go through
+fsspec (s3fs for s3://, aiohttp for http(s)://), as streams read block by block, never downloaded
+whole first. A read that fails with a transient error (connection dropped, timeout, 5xx) is retried
+with exponential backoff on a fresh connection that resumes at the byte where the last one broke, so a
+reader never sees the hiccup; one that keeps failing raises `ShardReadFailed` with a one-line reason.
+
+A URL root is kept as a `str` (a `Path` would fold "s3://b" into "s3:/b"); a local root as a `Path`.
+Credentials come from the usual environment (AWS_* variables or ~/.aws for s3, fsspec's own config);
+`display()` strips user:password@ and query strings (pre-signed tokens) before a location is printed
+or recorded in a card.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+from cxrdist.errors import UserError
+
+Location = str | Path
+
+ATTEMPTS = 5  # reads of one block before giving up: waits of 0.5, 1, 2, 4 s in between
+BACKOFF_S = 0.5
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class ShardReadFailed(OSError):
+    """A remote read that failed ATTEMPTS times; `line` is the message (tar readers append to args)."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+def is_url(location: Location) -> bool:
+    return isinstance(location, str) and bool(URL_PATTERN.match(location))
+
+
+def shard_root(location: Location) -> Location:
+    """A shard directory as given by the user: URL -> str without a trailing slash, else Path."""
+    return location.rstrip("/") if is_url(location) else Path(location)
+
+
+def join(root: Location, relative: str) -> Location:
+    root = shard_root(root)
+    return f"{root}/{relative}" if isinstance(root, str) else root / relative
+
+
+def display(location: Location) -> str:
+    """The location as it may be printed or recorded: no user:password@, no query string."""
+    if not is_url(location):
+        return str(location)
+    parts = urlsplit(location)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def resolved(root: Location) -> str:
+    """What a model card records as the shard directory: an absolute path, or the displayable URL."""
+    root = shard_root(root)
+    return display(root) if isinstance(root, str) else str(root.resolve())
+
+
+def exists(location: Location) -> bool:
+    if not is_url(location):
+        return Path(location).is_file()
+    try:
+        return bool(filesystem(location).exists(location))
+    except NOT_TRANSIENT:
+        return False
+    except Exception as err:  # noqa: BLE001 - network stacks raise many types; the message says which
+        raise UserError(f"{display(location)}: cannot reach ({reason(err)})") from None
+
+
+def read_text(location: Location) -> str:
+    with open_shard(location) as handle:
+        return handle.read().decode()
+
+
+def open_shard(location: Location) -> BinaryIO:
+    """A binary, sequential stream of a local file or a URL (retrying, see the module doc)."""
+    if not is_url(location):
+        return open(location, "rb")
+    return io.BufferedReader(RetryingStream(location), buffer_size=1 << 20)
+
+
+# ---------------------------------------------------------------- remote streams
+
+
+def filesystem(url: str):
+    import fsspec
+
+    ignore_unclosed_connection_warnings()
+    try:
+        return fsspec.core.url_to_fs(url)[0]
+    except ImportError as err:  # e.g. "Install s3fs to access S3"
+        raise UserError(f"{display(url)}: {reason(err)} (for s3://: pip install 'cxrdist[s3]')") from None
+    except ValueError as err:  # an unknown protocol
+        raise UserError(f"{display(url)}: {reason(err)}") from None
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, TimeoutError, EOFError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        errors.append(FSTimeoutError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class RetryingStream(io.RawIOBase):
+    """Reads a URL front to back; on a transient error reopens it at the current offset and goes on."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.position, self.handle = url, 0, None
+        self.call_with_retries(lambda: None)  # open now: a missing file fails here, not at the first read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.call_with_retries(lambda: self.handle.read(len(buffer)))
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.drop_handle()
+        super().close()
+
+    def call_with_retries(self, read):
+        for attempt in range(ATTEMPTS):
+            try:
+                if self.handle is None:
+                    self.handle = self.open_at(self.position)
+                return read()
+            except NOT_TRANSIENT:
+                raise
+            except transient_errors() as err:
+                self.drop_handle()
+                if attempt + 1 == ATTEMPTS:
+                    raise ShardReadFailed(f"{display(self.url)}: unreadable after {ATTEMPTS} attempts ({reason(err)})") from None
+                time.sleep(BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def open_at(self, offset: int):
+        fs = filesystem(self.url)
+        # http(s) as one streaming GET (works with servers that ignore Range); object stores read ranges of blocks.
+        streaming = getattr(fs, "protocol", None) in ("http", "https", ("http", "https"))
+        handle = fs.open(self.url, "rb", block_size=0) if streaming else fs.open(self.url, "rb")
+        if offset and not streaming:
+            handle.seek(offset)
+        else:
+            remaining = offset
+            while remaining:
+                skipped = len(handle.read(min(remaining, 1 << 20)))
+                if not skipped:
+                    raise EOFError(f"stream ended at byte {offset - remaining} of the {offset} already read")
+                remaining -= skipped
+        return handle
+
+    def drop_handle(self) -> None:
+        if self.handle is not None:
+            try:
+                release_connection(self.handle)
+                self.handle.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close too; it is dropped anyway
+                pass
+            self.handle = None
+
+
+def release_connection(handle) -> None:
+    """Close an fsspec HTTP stream's response now, on its event loop (its close() only schedules that,
+    and aiohttp then warns "Unclosed connection" on stderr at exit)."""
+    loop, close = getattr(handle, "loop", None), getattr(handle, "_close", None)
+    if loop is not None and close is not None:
+        from fsspec.asyn import sync
+
+        sync(loop, close, timeout=5)
+
+
+def ignore_unclosed_connection_warnings() -> None:
+    """aiohttp reports a connection dropped mid-body and garbage-collected later as "Unclosed connection" on
+    stderr, sometimes at exit; after a retry that is expected noise, so fsspec's event loop drops those reports."""
+    from fsspec.asyn import get_loop
+
+    loop = get_loop()  # one per process (a new one after fork, in DataLoader workers)
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(drop_unclosed_reports)
+
+
+def drop_unclosed_reports(loop, context: dict) -> None:
+    if not str(context.get("message", "")).startswith("Unclosed"):
+        loop.default_exception_handler(context)
