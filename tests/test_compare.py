@@ -131,11 +131,14 @@ def sklearn_macro(csv: Path) -> float:
 
 
 def test_compare_cli_on_two_arms(evaluated_experiment, tmp_path, capsys):
-    runs_a, _ = evaluated_experiment
-    runs_b = tmp_path / "ens-b"
-    shutil.copytree(runs_a, runs_b, ignore=shutil.ignore_patterns("checkpoints", "report", "compare"))
+    runs_a, runs_b = tmp_path / "ens-a", tmp_path / "ens-b"
+    for copy in (runs_a, runs_b):
+        shutil.copytree(evaluated_experiment[0], copy, ignore=shutil.ignore_patterns("checkpoints", "report", "compare"))
     for k, csv in enumerate(sorted(runs_b.glob("fold-*/best/val_predictions.csv")) + [runs_b / "ensemble" / "predictions.csv"]):
         perturb(csv, seed=k)
+    for runs in (runs_a, runs_b):  # a table from before the patient column: the patients come from the fold's shards
+        csv = runs / "fold-0" / "best" / "val_predictions.csv"
+        pd.read_csv(csv, dtype=str, keep_default_na=False).drop(columns="patient").to_csv(csv, index=False)
 
     assert main(["compare", str(runs_a), str(runs_b), "--resamples", "200"]) == 0
     stdout = capsys.readouterr().out
