@@ -95,17 +95,22 @@ def add_train(sub) -> None:
     p.add_argument("--fold", default=None, help="fold number, or 'all' for every fold in turn (default: the config's)")
     p.add_argument("--processes", type=int, default=None, help="processes on this machine (default: GPUs, or 1 on CPU)")
     p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml)")
+    p.add_argument("--ablate", choices=["refine"], default=None,
+                   help="also train EXPERIMENT-norefine (model.refine.enabled=false) on the same folds, seed and data, after the experiment")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
     p.set_defaults(run=run_train)
 
 
 def run_train(args) -> int:
-    from cxrdist.training.launch import folds_to_train, launch_fold
+    from cxrdist.training.launch import ablation_arms, folds_to_train, launch_fold
 
-    for fold in folds_to_train(args.config, args.fold, args.overrides):
-        code = launch_fold(args.config, fold, args.overrides, args.processes, args.launch_config)
-        if code != 0:
-            return code
+    arms = ablation_arms(args.config, args.overrides, args.ablate)
+    folds = folds_to_train(args.config, args.fold, args.overrides)
+    for overrides in arms:
+        for fold in folds:
+            code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config)
+            if code != 0:
+                return code
     return 0
 
 
@@ -187,6 +192,27 @@ def run_report(args) -> int:
     return 0
 
 
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="two experiments on the same images: macro AUCs per fold and on the test split, "
+                                       "paired difference B - A with a paired patient-bootstrap interval")
+    p.add_argument("runs_a", type=Path, metavar="RUNS_A", help="the baseline, e.g. runs/EXP-norefine")
+    p.add_argument("runs_b", type=Path, metavar="RUNS_B", help="the candidate, e.g. runs/EXP")
+    p.add_argument("--split", default="test", help="the split of both arms' ensemble/predictions.csv (from `cxrdist evaluate`)")
+    p.add_argument("--out", type=Path, help="where compare.json goes (default: RUNS_B/compare, which `cxrdist report` shows)")
+    p.add_argument("--resamples", type=int, default=1000, help="paired patient bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_compare)
+
+
+def run_compare(args) -> int:
+    from cxrdist.evaluation.compare import format_table, run_compare as compare
+
+    result = compare(args.runs_a, args.runs_b, split=args.split, out=args.out, resamples=args.resamples, seed=args.seed)
+    print(format_table(result))
+    print(f"wrote {result['out']}")
+    return 0
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, on this CPU")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
@@ -202,7 +228,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_report, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_report, add_compare, add_demo):
         add(sub)
     return parser
 

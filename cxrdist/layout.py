@@ -4,6 +4,7 @@
     best/{model.safetensors, model.json, val_predictions.csv}
     OUTPUT_DIR/EXPERIMENT/ensemble/{predictions.csv, metrics.json, fold_probabilities.npz}
     OUTPUT_DIR/EXPERIMENT/report/{report.html, figures/}
+    OUTPUT_DIR/EXPERIMENT/compare/compare.json  (`cxrdist compare OTHER EXPERIMENT`)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ REPORT_DIR = "report"
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
 FOLD_PROBABILITIES_FILE = "fold_probabilities.npz"
+COMPARE_DIR = "compare"
+COMPARE_FILE = "compare.json"
 
 
 def fold_name(k: int) -> str:

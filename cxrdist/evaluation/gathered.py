@@ -123,6 +123,8 @@ def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None
 
 
 def write_predictions_csv(path: Path, preds: Predictions, model: str, labels: list[str], policy: list[str]) -> None:
-    """key, prob_<label>, target_<label> (blank where the policy ignores it) of one model; written atomically."""
+    """key[, patient], prob_<label>, target_<label> (blank where the policy ignores it) of one model; written atomically.
+    The patient column lets `cxrdist compare` resample patients."""
     targets, mask = apply_policy(preds.raw, policy)
-    outputs.write_predictions_csv(path, {"key": preds.keys}, probabilities(preds.logits[model]), labels, targets.numpy(), mask.numpy())
+    ids = {"key": preds.keys, **({"patient": preds.meta["patient"]} if "patient" in preds.meta else {})}
+    outputs.write_predictions_csv(path, ids, probabilities(preds.logits[model]), labels, targets.numpy(), mask.numpy())

@@ -37,6 +37,25 @@ def folds_to_train(config: Path, fold: str | None, overrides: list[str]) -> list
     return list(range(experiment_info(config, overrides)[2]))
 
 
+ABLATIONS = {"refine": ("norefine", ["model.refine.enabled=false"])}  # --ablate NAME -> (experiment suffix, overrides)
+
+
+def ablation_arms(config: Path, overrides: list[str], ablate: str | None) -> list[list[str]]:
+    """The override lists of the arms to train: the experiment as configured, then (with `ablate`) the same
+    experiment with one component switched off, named EXPERIMENT-SUFFIX. Everything else (data, folds, seed) is shared."""
+    if ablate is None:
+        return [list(overrides)]
+    if ablate not in ABLATIONS:
+        raise UserError(f"--ablate {ablate!r}: expected one of {', '.join(ABLATIONS)}")
+    from cxrdist.training.config import load_config
+
+    cfg = load_config(config, overrides)
+    if not cfg.model.refine.enabled:
+        raise UserError(f"--ablate {ablate}: model.refine.enabled is already false in {config}; both arms would be the same experiment")
+    suffix, switch = ABLATIONS[ablate]
+    return [list(overrides), [*overrides, *switch, f"experiment={cfg.experiment}-{suffix}"]]
+
+
 def launch_command(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> tuple[list[str], dict]:
     """The command and environment for one fold: GPUs when present, else CPU processes over gloo."""
     import torch
