@@ -117,13 +117,17 @@ def add_evaluate(sub) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
+    p.add_argument("--eval-targets", choices=["ignore_uncertain", "zeros", "ones"], default=None,
+                   help="what the AUCs score against, whatever the training policy: uncertain (-1) entries left out (ignore_uncertain), "
+                        "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
     p.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args) -> int:
     from cxrdist.evaluation.ensemble import run_evaluate as evaluate
 
-    metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples)
+    metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
+                       eval_targets=args.eval_targets)
     if metrics:
         print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
     return 0

@@ -308,9 +308,17 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
         body += "<h3>ROC curves (ensemble)</h3>" + roc_figure(ensemble.predictions, labels, ens["per_label"], fig_dir)
     bi = interval
     explain = (f"ROC-AUC on the <b>{esc(m['split'])}</b> split ({m['num_samples']:,} images, {m['num_patients']:,} patients) per fold model "
-               f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). Targets follow the training "
-               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients (all images of a drawn patient).")
+               f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). Targets: {esc(targets_phrase(m.get('eval_targets')))}, "
+               f"whatever the training policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients (all images of a drawn patient).")
     return section("auc", "Discrimination", explain, body)
+
+
+def targets_phrase(rule: str | None) -> str:
+    """How the report describes the evaluation targets (cxrdist/evaluation/targets.py)."""
+    return {
+        "zeros": "uncertain entries scored as negatives (eval targets 'zeros')",
+        "ones": "uncertain entries scored as positives (eval targets 'ones')",
+    }.get(rule or "", "uncertain entries left out of that label's AUC, blank = negative (eval targets 'ignore_uncertain')")
 
 
 def cv_table(folds: list[FoldRun]) -> str:
@@ -329,7 +337,7 @@ def roc_figure(predictions: pd.DataFrame, labels: list[str], aucs: dict, fig_dir
     scores = np.stack([predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
     known = np.isfinite(targets)
     figs.roc_grid(fig_dir / "roc.png", labels, np.nan_to_num(targets), scores, known, aucs)
-    return figure(f"{FIGURES}/roc.png", "ROC curves", "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
+    return figure(f"{FIGURES}/roc.png", "ROC curves", "One panel per finding; the dashed diagonal is chance. Images whose label the evaluation targets leave out (blank target) are left out.")
 
 
 def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:

@@ -10,6 +10,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
+from cxrdist.evaluation.targets import EVAL_TARGETS
 from cxrdist.model.config import LossConfig, ModelConfig
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -53,6 +54,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # What every AUC is scored against, independent of data.label_policy (cxrdist/evaluation/targets.py):
+    # ignore_uncertain (uncertain entries left out of that label's AUC) | zeros | ones.
+    targets: str = "ignore_uncertain"
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "auto"  # online | offline | disabled | auto (online if logged in, else offline)
     project: str = "cxrdist"
@@ -69,6 +77,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -124,6 +133,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (cfg.model.refine.sparsity in ("proximal", "subgradient"), "model.refine.sparsity must be proximal or subgradient"),
         (cfg.loss.name in ("asl", "bce"), "loss.name must be asl or bce"),
+        (cfg.eval.targets in EVAL_TARGETS, f"eval.targets must be one of {', '.join(EVAL_TARGETS)}"),
         ("/" not in cfg.experiment and cfg.experiment not in ("", ".", ".."), "experiment must be a plain name"),
     ]
     for ok, message in checks:

@@ -19,6 +19,7 @@ from cxrdist.data.manifest import fold_name, load_manifest
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
 from cxrdist.errors import UserError
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
+from cxrdist.evaluation.targets import CARD_KEY, card_record, evaluation_policy
 from cxrdist.model.ema import ModelEma
 from cxrdist.model.export import model_config_dict, save_model
 from cxrdist.model.loss import build_loss
@@ -62,6 +63,7 @@ class Trainer:
         self.manifest.check_fold(cfg.fold)
         self.labels = self.manifest.labels
         self.policy = resolve_policy(cfg.data.label_policy, self.labels)
+        self.eval_policy = evaluation_policy(cfg.eval.targets, len(self.labels))  # AUC targets, not the training policy
         self.train_splits = self.manifest.train_splits(cfg.fold)
         self.val_split = fold_name(cfg.fold)
         self.accelerator = make_accelerator(cfg)
@@ -327,11 +329,11 @@ class Trainer:
         local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input, pad_to=self.eval_stream.batch_size)
         preds = gather_predictions(acc, local)
         check_complete(preds, self.manifest.num_samples([self.val_split]))
-        results = score(preds, self.labels, self.policy, self.loss_fn)
+        results = score(preds, self.labels, self.eval_policy, self.loss_fn, loss_policy=self.policy)
         self.model.train()
         refine = self.ema.module.refine
         record = {
-            "kind": "eval", "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "split": self.val_split,
+            "kind": "eval", "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "split": self.val_split, "eval_targets": self.cfg.eval.targets,
             "ema": results["ema"], "live": results["live"], "corrupt": preds.corrupt,
             "sparsity": refine.sparsity() if refine is not None else None,
             "top_couplings": refine.top_couplings(self.labels, k=10) if refine is not None else [],
@@ -341,7 +343,7 @@ class Trainer:
             self.state.best_auc, self.state.best_step = results["ema"]["macro_auc"], self.state.step
         if acc.is_main_process:
             self.log.write(record)
-            write_predictions_csv(self.run_dir / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+            write_predictions_csv(self.run_dir / "val_predictions.csv", preds, "ema", self.labels, self.eval_policy)
             if improved:
                 self.export_best(preds, results)
         couplings = (refine.weight.detach().float().cpu().numpy(), self.labels) if refine is not None else None
@@ -357,12 +359,12 @@ class Trainer:
     def export_best(self, preds, results) -> None:
         card = {
             **self.card, "labels": self.labels, "img_size": self.cfg.data.img_size, "model": model_config_dict(self.cfg.model),
-            "label_policy": dict(zip(self.labels, self.policy)), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
+            "label_policy": dict(zip(self.labels, self.policy)), CARD_KEY: card_record(self.cfg.eval.targets, self.labels, self.policy), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
             "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image, "eval_batch_size": self.eval_stream.batch_size,
             "metrics": {"split": self.val_split, "ema": results["ema"], "live": results["live"]},
         }
         best = save_model(self.run_dir / "best", self.ema.module, card)
-        write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+        write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.eval_policy)
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
