@@ -25,6 +25,7 @@ from cxrdist.model.export import model_config_dict, save_model
 from cxrdist.model.loss import build_loss
 from cxrdist.model.network import build_model, model_card
 from cxrdist.model.params import param_groups
+from cxrdist.model.refine import clip_coefficient
 from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
@@ -280,7 +281,7 @@ class Trainer:
         else:
             st.bad_steps_in_row = 0
             if self.net.refine is not None:
-                self.net.refine.proximal_step(lr, self.optimizer)
+                self.net.refine.proximal_step(lr, self.optimizer, scale=clip_coefficient(grad_norm, self.cfg.train.grad_clip))
         self.scheduler.step_update(num_updates=st.step)
         self.ema.update(self.net, st.step)
 
