@@ -18,13 +18,16 @@ def add_synth(sub) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--planted-coupling", type=float, default=None, metavar="F",
+                   help="add a 'Planted Target' (a noisy copy of Pleural Effusion with no mark of its own, labelled for a fraction F "
+                        "of the patients, -1 elsewhere) and two independent controls; the full truth goes to labels_full.csv")
     p.set_defaults(run=run_synth)
 
 
 def run_synth(args) -> int:
     from cxrdist.data.synth import make_synthetic_dataset
 
-    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers)
+    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers, planted_coupling=args.planted_coupling)
     print(f"wrote {args.n} synthetic radiographs and {csv}")
     return 0
 
