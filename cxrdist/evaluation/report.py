@@ -28,6 +28,7 @@ from cxrdist.evaluation import report_figures as figs
 from cxrdist.evaluation.ensemble import ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, fold_sort_key, load_fold_probabilities
 from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
 from cxrdist.model.export import CARD_FILE, WEIGHTS_FILE
+from cxrdist.model.inert import inert_message
 from cxrdist.model.refine import LabelGraphRefinement
 
 REPORT_DIR = "report"
@@ -190,7 +191,8 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
         ens = m["ensemble"]
         ci = (ens.get("interval") or {}).get("macro_auc")
         sub = f"95% CI {ci[0]:.3f}–{ci[1]:.3f} · {esc(m['split'])}, {m['num_samples']} images" if ci else esc(m["split"])
-        cards.append(card(f"Ensemble macro AUC{' + TTA' if m.get('tta') else ''}", fmt(ens.get("macro_auc")), sub))
+        where = "Test" if m["split"] == "test" else esc(m["split"])
+        cards.append(card(f"{where} macro AUC (ensemble{' + TTA' if m.get('tta') else ''})", fmt(ens.get("macro_auc")), sub))
         gain = (m.get("gains") or {}).get("ensemble_over_mean_model")
         cards.append(card("Gain over mean fold model", signed(gain), f"{len(m['model_names'])} models"))
     else:
@@ -198,7 +200,8 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
     cv = [f.card["metrics"]["ema"].get("macro_auc") for f in cards_ if f.card.get("metrics", {}).get("ema")]
     cv = [v for v in cv if v is not None and math.isfinite(v)]
     if cv:
-        cards.append(card("Cross-validation macro AUC", fmt(float(np.mean(cv))), f"mean of {len(cv)} folds on their held-out fold"))
+        cards.append(card("Held-out fold macro AUC, selected on that fold", fmt(float(np.mean(cv))),
+                          f"mean of {len(cv)} folds; each is the best of its evaluations on the fold it is scored on (optimistic)"))
     cards.append(card("Folds trained", f"{len(cards_)} / {len(folds)}", "with a best model"))
     if manifest is not None:
         train_n = manifest.num_samples(manifest.fold_names)
@@ -379,9 +382,11 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
         alpha = f.card.get("model", {}).get("refine", {}).get("alpha")
         facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.get('step', '?'))}"
                  + (f", α = {alpha}" if alpha is not None else "") + ".")
+        refine_cfg = f.card.get("model", {}).get("refine", {})
+        inert = inert_message(f.coupling, float(alpha if alpha is not None else 0.3), float(refine_cfg.get("l1", float("nan"))))
+        if inert:
+            blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(esc(inert[0].upper() + inert[1:]) + f". {facts}") + "</div>")
         if not top:
-            blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(f"A is exactly zero: the L1 penalty removed every coupling, so this model's "
-                          f"refinement leaves the backbone's logits unchanged. {facts}") + "</div>")
             continue
         figs.matrix_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, labels, f"{f.name}: coupling matrix A", "coupling strength",
                             xlabel="target label (logit refined)", ylabel="source label (evidence)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from safetensors.torch import load_file
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
@@ -22,6 +23,7 @@ from cxrdist.evaluation.gathered import check_complete, gather_predictions, pred
 from cxrdist.evaluation.targets import CARD_KEY, card_record, evaluation_policy
 from cxrdist.model.ema import ModelEma
 from cxrdist.model.export import model_config_dict, save_model
+from cxrdist.model.inert import KNOB, inert_message, max_logit_shift
 from cxrdist.model.loss import build_loss
 from cxrdist.model.network import build_model, model_card
 from cxrdist.model.params import param_groups
@@ -219,7 +221,21 @@ class Trainer:
         if checkpointed_at != self.state.step:
             self.checkpoint()
         self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / 'best'}")
+        self.report_inert_refinement()
         return 0
+
+    def report_inert_refinement(self) -> None:
+        """The last log line and a metrics.jsonl record when the exported A is (nearly) all zero."""
+        refine = self.ema.module.refine
+        if refine is None or not self.accelerator.is_main_process:
+            return
+        best = self.run_dir / "best" / "model.safetensors"
+        coupling = load_file(str(best))["refine.weight"].float().numpy() if best.is_file() else refine.weight.detach().float().cpu().numpy()
+        message = inert_message(coupling, refine.alpha, refine.l1)
+        self.log.write({"kind": "refinement", "step": self.state.step, "inert": message is not None, "message": message,
+                        "max_logit_shift": max_logit_shift(coupling, refine.alpha), "knob": KNOB})
+        if message:
+            self.say(message)
 
     def checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.ema, self.state, self.run_dir, self.cfg.train.keep_checkpoints)
