@@ -41,7 +41,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.9998
-    ema_warmup: bool = True
+    ema_warmup: bool = True  # timm's ramp: decay(step) = min(ema_decay, 1 - (1 + step)^-ema_warmup_power)
+    ema_warmup_power: float = 0.6667  # 2/3 (timm): 0.99 at step 1e3, 0.999 at 3.2e4, 0.9998 only at 3.5e5
     mixed_precision: str = "auto"  # auto = what `accelerate launch` says, else bf16 on CUDA and fp32 on CPU
     compile: bool = False  # torch.compile, CUDA only
     channels_last: bool = True  # CUDA only
@@ -131,6 +132,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
+        (cfg.train.ema_warmup_power > 0, "train.ema_warmup_power must be > 0"),
         (cfg.model.refine.sparsity in ("proximal", "subgradient"), "model.refine.sparsity must be proximal or subgradient"),
         (cfg.loss.name in ("asl", "bce"), "loss.name must be asl or bce"),
         (cfg.eval.targets in EVAL_TARGETS, f"eval.targets must be one of {', '.join(EVAL_TARGETS)}"),

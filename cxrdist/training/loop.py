@@ -29,6 +29,7 @@ from cxrdist.model.network import build_model, model_card
 from cxrdist.model.params import param_groups
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.policy import apply_policy, resolve_policy
+from cxrdist.training.bad_steps import is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
@@ -98,11 +99,12 @@ class Trainer:
         self.net = acc.unwrap_model(self.model)
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
-        self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+        self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup, warmup_power=cfg.train.ema_warmup_power)
         self.loss_fn = build_loss(cfg.loss)
         self.preempt = PreemptionFlag().install()
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process)
         self.state = TrainerState()
+        self.loss_finite = torch.ones((), dtype=torch.bool, device=self.accelerator.device)
 
     # ---- setup -------------------------------------------------------------------------------
     def check_engine(self) -> None:
@@ -172,9 +174,19 @@ class Trainer:
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x {self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
+        self.say(self.ema_schedule_line())
         code = self.train_until_done(batches)
         acc.end_training()
         return code
+
+    def ema_schedule_line(self) -> str:
+        t = self.cfg.train
+        if not t.ema_warmup:
+            return f"EMA decay {t.ema_decay} from the first step (train.ema_warmup=false)"
+        reached = math.ceil((1 - t.ema_decay) ** (-1 / t.ema_warmup_power) - 1) if t.ema_decay > 0 else 0
+        last = self.ema.decay_at(self.total_steps)
+        return (f"EMA decay min({t.ema_decay}, 1 - (1 + step)^-{t.ema_warmup_power:g}): reached at step {reached:,}; "
+                f"this run's {self.total_steps:,} steps end at {last:.5f}" + ("" if reached <= self.total_steps else " (set train.ema_warmup=false or a larger train.ema_warmup_power to get there)"))
 
     def train_until_done(self, batches) -> int:
         acc, cfg = self.accelerator, self.cfg
@@ -263,6 +275,7 @@ class Trainer:
             if self.net.refine is not None:
                 loss = loss + self.net.refine.l1_penalty()
             acc.backward(loss)
+            self.loss_finite = self.loss_finite & torch.isfinite(loss.detach())  # stays on the device until the step
             self.state.batches += 1
             window.add_batch(len(batch["key"]), int(batch.get("corrupt", 0)), loss.detach())
             if not acc.sync_gradients:
@@ -274,7 +287,10 @@ class Trainer:
                 self.optimizer.step()  # with fp16 the GradScaler itself skips inf/NaN steps
             self.optimizer.zero_grad(set_to_none=True)
             skipped = not finite or acc.optimizer_step_was_skipped
-        self.after_step(lr, skipped, grad_norm, window)
+            scaler = getattr(acc, "scaler", None)
+            bad = is_bad_step(bool(self.loss_finite), finite, skipped, float(scaler.get_scale()) if scaler is not None else None)
+            self.loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
+        self.after_step(lr, skipped, grad_norm, window, bad)
         return True
 
     def clip_gradients(self) -> float | None:
@@ -282,11 +298,12 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         return None if norm is None else float(norm)
 
-    def after_step(self, lr: float, skipped: bool, grad_norm: float | None, window: Window) -> None:
+    def after_step(self, lr: float, skipped: bool, grad_norm: float | None, window: Window, bad: bool | None = None) -> None:
+        """`skipped`: the optimizer did not step; `bad`: a real non-finite step (not fp16 loss-scale calibration)."""
         st = self.state
         st.step += 1
         window.grad_norm = grad_norm
-        if skipped:
+        if skipped if bad is None else bad:
             st.bad_steps_in_row += 1
             st.bad_steps_total += 1
             if st.bad_steps_in_row >= self.cfg.train.max_bad_steps:
@@ -294,7 +311,7 @@ class Trainer:
                     f"{st.bad_steps_in_row} optimizer steps in a row had non-finite gradients (last at step {st.step}); "
                     "lower train.lr, raise train.warmup_steps, or use bf16 instead of fp16"
                 )
-        else:
+        if not skipped:
             st.bad_steps_in_row = 0
             if self.net.refine is not None:
                 self.net.refine.proximal_step(lr, self.optimizer, scale=clip_coefficient(grad_norm, self.cfg.train.grad_clip))
@@ -315,6 +332,7 @@ class Trainer:
             "img_per_s": samples / window.total if window.total > 0 else None,
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
             "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
+            "ema_decay": self.ema.decay_at(self.state.step),  # the effective decay (warm-up included)
         }
         self.log.write(record)
         log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
