@@ -87,8 +87,9 @@ def coupling_stats(best: Path) -> dict:
     value = float(a[s, t])
     return {
         "coupling": value,
-        "rank_into_target": int((into_target > abs(value)).sum()) + 1,
-        "rank_overall": int((magnitude > abs(value)).sum()) + 1,
+        # A pruned (zero) coupling has no rank: it ties with every other zero.
+        "rank_into_target": int((into_target > abs(value)).sum()) + 1 if abs(value) > 1e-6 else None,
+        "rank_overall": int((magnitude > abs(value)).sum()) + 1 if abs(value) > 1e-6 else None,
         "nonzero": int((np.abs(a[off]) > 1e-6).sum()),
         "couplings": int(off.sum()),
         "unsupported_zero_fraction": float((np.abs(a[unsupported]) <= 1e-6).mean()),

@@ -183,7 +183,7 @@ class Trainer:
         t = self.cfg.train
         if not t.ema_warmup:
             return f"EMA decay {t.ema_decay} from the first step (train.ema_warmup=false)"
-        reached = math.ceil((1 - t.ema_decay) ** (-1 / t.ema_warmup_power) - 1) if t.ema_decay > 0 else 0
+        reached = math.ceil((1 - t.ema_decay) ** (-1 / t.ema_warmup_power)) if t.ema_decay > 0 else 0  # timm's step counts from 1
         last = self.ema.decay_at(self.total_steps)
         return (f"EMA decay min({t.ema_decay}, 1 - (1 + step)^-{t.ema_warmup_power:g}): reached at step {reached:,}; "
                 f"this run's {self.total_steps:,} steps end at {last:.5f}" + ("" if reached <= self.total_steps else " (set train.ema_warmup=false or a larger train.ema_warmup_power to get there)"))
