@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from cxrdist.data.planted import CONTROLS, SOURCE, TARGET  # noqa: E402
 from cxrdist.labels import CHEXPERT_LABELS  # noqa: E402
+from cxrdist.layout import BEST_DIR, fold_name  # noqa: E402
 
 LABELS = [*CHEXPERT_LABELS, TARGET, *CONTROLS]
 
@@ -99,7 +100,7 @@ def coupling_stats(best: Path) -> dict:
 def score(run: Path, eval_shards: Path) -> dict:
     from cxrdist.evaluation.ensemble import run_evaluate
 
-    metrics = run_evaluate(run, split="fold-0", tta=False, out=run / "eval-full", batch_size=64, workers=0, shards=eval_shards, resamples=10)
+    metrics = run_evaluate(run, split=fold_name(0), tta=False, out=run / "eval-full", batch_size=64, workers=0, shards=eval_shards, resamples=10)
     per_label = metrics["ensemble"]["per_label"]
     original = [per_label[label] for label in CHEXPERT_LABELS if per_label.get(label) is not None]
     return {"target_auc": per_label[TARGET], "macro_auc_original": float(np.mean(original)), "macro_auc_all": metrics["ensemble"]["macro_auc"],
@@ -128,7 +129,7 @@ def main() -> None:
         for arm, refine, l1 in arms:
             tic = time.perf_counter()
             run = train(train_shards, args.out / "runs", f"{arm}-seed{seed}", seed, args.epochs, refine, l1, args.backbone)
-            row = {"arm": arm, "seed": seed, "l1": l1, "refine": refine, **score(run, eval_shards), **coupling_stats(run / "fold-0" / "best"),
+            row = {"arm": arm, "seed": seed, "l1": l1, "refine": refine, **score(run, eval_shards), **coupling_stats(run / fold_name(0) / BEST_DIR),
                    "seconds": round(time.perf_counter() - tic, 1), "n": args.n, "fraction": args.fraction, "epochs": args.epochs,
                    "backbone": args.backbone}
             print(json.dumps(row), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from cxrdist.errors import UserError
 from cxrdist.evaluation.ensemble import run_evaluate
 from cxrdist.evaluation.targets import check_eval_targets, evaluation_targets, rule_from_cards
+from cxrdist.model.card import CardEvaluation
 from cxrdist.training.config import load_config
 
 NAN = float("nan")
@@ -38,12 +40,19 @@ def test_unknown_rule_is_a_user_error(tmp_path):
     assert load_config(None, ["data.shards=x"]).eval.targets == "ignore_uncertain"
 
 
+def cards(*sections: dict) -> list[SimpleNamespace]:
+    """Stand-ins for ModelCards: only the evaluation section, read from model.json's dict as a card reads it."""
+    return [SimpleNamespace(evaluation=CardEvaluation.from_dict(section, {"Edema": "ones"})) for section in sections]
+
+
 def test_rule_comes_from_the_flag_then_the_cards_then_the_default():
-    assert rule_from_cards([{}, {}]) == "ignore_uncertain"
-    assert rule_from_cards([{"evaluation": {"targets": "zeros"}}] * 2) == "zeros"
-    assert rule_from_cards([{"evaluation": {"targets": "zeros"}}], "ones") == "ones"
+    zeros = {"targets": "zeros", "training_policy": {"Edema": "ones"}}
+    assert rule_from_cards(cards({}, {})) == "ignore_uncertain"  # a card from before the section: the default
+    assert rule_from_cards(cards(zeros, zeros)) == "zeros"
+    assert rule_from_cards(cards(zeros), "ones") == "ones"
+    assert rule_from_cards([]) == "ignore_uncertain"
     with pytest.raises(UserError, match="different evaluation targets"):
-        rule_from_cards([{"evaluation": {"targets": "zeros"}}, {}])
+        rule_from_cards(cards(zeros, {}))
 
 
 def copy_with_training_policy(runs: Path, out: Path, policy: str) -> Path:
@@ -73,7 +82,8 @@ def test_same_predictions_same_aucs_whatever_the_training_policy(trained_experim
     assert set(results["ones"]["training_policy"]["fold-0"].values()) == {"ones"}
 
     # The default leaves uncertain entries out: sklearn on the raw labels with -1 rows dropped.
-    zeros = run_evaluate(tmp_path / "ones", split="test", tta=False, out=tmp_path / "out-z", batch_size=32, workers=0, resamples=50, eval_targets="zeros")
+    zeros = run_evaluate(tmp_path / "ones", split="test", tta=False, out=tmp_path / "out-z", batch_size=32, workers=0, resamples=50,
+                         eval_targets="zeros")
     table = pd.read_csv(tmp_path / "out-ones" / "predictions.csv")
     labels = results["ones"]["labels"]
     assert zeros["eval_targets"] == "zeros"

@@ -21,7 +21,6 @@ from cxrdist.policy import apply_policy
 
 EVAL_TARGETS = ("ignore_uncertain", "zeros", "ones")
 DEFAULT_EVAL_TARGETS = "ignore_uncertain"
-CARD_KEY = "evaluation"  # model.json: {"targets": rule, "training_policy": {label: policy}}
 _AS_POLICY = {"ignore_uncertain": "ignore", "zeros": "zeros", "ones": "ones"}
 
 
@@ -44,22 +43,17 @@ def evaluation_targets(raw: np.ndarray, rule: str = DEFAULT_EVAL_TARGETS) -> tup
     return targets.numpy(), mask.numpy()
 
 
-def card_record(rule: str, labels: list[str], training_policy: list[str]) -> dict:
-    """What a model card records: the evaluation rule next to the training policy it is independent of."""
-    return {"targets": check_eval_targets(rule), "training_policy": dict(zip(labels, training_policy))}
-
-
-def rule_from_cards(cards: Iterable[dict], override: str | None = None) -> str:
-    """The rule to evaluate with: `override` if given, else the one the cards record (they must agree),
-    else the default. Cards written before the rule existed record none and get the default."""
+def rule_from_cards(cards: Iterable, override: str | None = None) -> str:
+    """The rule to evaluate with: `override` if given, else the one the cards (model.card.ModelCard) record,
+    which must agree, else the default. A card's evaluation section defaults to the default rule."""
     if override is not None:
         return check_eval_targets(override, "--eval-targets")
-    recorded = {(card.get(CARD_KEY) or {}).get("targets", DEFAULT_EVAL_TARGETS) for card in cards}
+    recorded = {card.evaluation.targets for card in cards}
     if len(recorded) > 1:
         raise UserError(f"the models record different evaluation targets ({', '.join(sorted(recorded))}); pass --eval-targets")
     return check_eval_targets(recorded.pop()) if recorded else DEFAULT_EVAL_TARGETS
 
 
-def training_policies(cards: dict[str, dict]) -> dict[str, dict]:
+def training_policies(cards: dict) -> dict[str, dict]:
     """{model name: {label: training policy}}, recorded next to the evaluation rule (for reference only)."""
-    return {name: dict(card.get("label_policy") or {}) for name, card in cards.items()}
+    return {name: dict(card.evaluation.training_policy) for name, card in cards.items()}
