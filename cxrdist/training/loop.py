@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.bad_steps import is_bad_step
 from cxrdist.training.checkpoint import STATE_FILE, TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
+from cxrdist.training.global_mean import GlobalMaskedMean
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
 
@@ -105,6 +107,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
         self.state = TrainerState()
         self.loss_finite = torch.ones((), dtype=torch.bool, device=self.accelerator.device)
+        self.global_mean = GlobalMaskedMean(acc.num_processes, cfg.train.grad_accum)
+        self.pending: deque[dict] = deque()  # the rest of the current accumulation group
 
     # ---- setup -------------------------------------------------------------------------------
     def check_engine(self) -> None:
@@ -205,7 +209,7 @@ class Trainer:
         evaluated_at = checkpointed_at = -1
         while self.state.batches < total_batches:
             tic = time.perf_counter()
-            batch = next(batches)
+            batch = self.next_micro_batch(batches)
             window.wait += time.perf_counter() - tic
             stepped = self.train_batch(batch, window)
             window.total += time.perf_counter() - tic
@@ -270,6 +274,15 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def next_micro_batch(self, batches) -> dict:
+        """The next micro-batch; at the start of an accumulation group all K are drawn first so that the
+        loss can be normalised by the group's unmasked entries over all ranks (training/global_mean.py)."""
+        if not self.pending:
+            self.pending.extend(next(batches) for _ in range(self.cfg.train.grad_accum))
+            masks = [apply_policy(b["labels_raw"], self.policy)[1] for b in self.pending]
+            self.global_mean.start_group(masks, lambda t: self.accelerator.reduce(t, reduction="sum"), self.accelerator.device)
+        return self.pending.popleft()
+
     def train_batch(self, batch: dict, window: Window) -> bool:
         """One micro-batch; returns True when it completed an optimizer step (taken or skipped)."""
         acc = self.accelerator
@@ -277,7 +290,7 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 logits = self.model(self.to_input(batch["image"]))
-            loss = self.loss_fn(logits, targets, mask)
+            loss = self.global_mean(self.loss_fn.masked_sum(logits, targets, mask))
             if self.net.refine is not None:
                 loss = loss + self.net.refine.l1_penalty()
             acc.backward(loss)
