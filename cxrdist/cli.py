@@ -18,13 +18,16 @@ def add_synth(sub) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--planted-coupling", type=float, default=None, metavar="F",
+                   help="add a 'Planted Target' (a noisy copy of Pleural Effusion with no mark of its own, labelled for a fraction F "
+                        "of the patients, -1 elsewhere) and two independent controls; the full truth goes to labels_full.csv")
     p.set_defaults(run=run_synth)
 
 
 def run_synth(args) -> int:
     from cxrdist.data.synth import make_synthetic_dataset
 
-    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers)
+    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers, planted_coupling=args.planted_coupling)
     print(f"wrote {args.n} synthetic radiographs and {csv}")
     return 0
 
@@ -140,13 +143,17 @@ def add_evaluate(sub) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
+    p.add_argument("--eval-targets", choices=["ignore_uncertain", "zeros", "ones"], default=None,
+                   help="what the AUCs score against, whatever the training policy: uncertain (-1) entries left out (ignore_uncertain), "
+                        "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
     p.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args) -> int:
     from cxrdist.evaluation.ensemble import run_evaluate as evaluate
 
-    metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples)
+    metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
+                       eval_targets=args.eval_targets)
     if metrics:
         from cxrdist.evaluation.dashboard import log_ensemble_run
 

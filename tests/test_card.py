@@ -11,7 +11,7 @@ import pytest
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
-from cxrdist.model.card import CARD_FORMAT_VERSION, ModelCard
+from cxrdist.model.card import CARD_FORMAT_VERSION, CardEvaluation, ModelCard
 from cxrdist.model.config import ModelConfig, RefineConfig
 
 LABELS = ["Edema", "Atelectasis", "Cardiomegaly"]
@@ -23,12 +23,16 @@ def manifest() -> Manifest:
                     image={"format": "jpg", "max_size": 128, "quality": 95})
 
 
-def card(tmp_path) -> ModelCard:
+def card_arguments(tmp_path) -> dict:
     model = ModelConfig(backbone="test_resnet", pretrained=True, pretrained_path="/somewhere/w.safetensors", refine=RefineConfig(alpha=0.5))
     image = ImageSpec(64, 3, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), "bicubic")
     metrics = {"split": "fold-0", "ema": {"macro_auc": 0.75, "per_label": {"Edema": float("nan")}}, "live": {"macro_auc": 0.7}}
-    return ModelCard.build(model, LABELS, ["ones", "ones", "zeros"], image, manifest(), tmp_path, experiment="exp", fold=0, step=12,
-                           epoch=1.5, eval_batch_size=16, metrics=metrics)
+    return dict(model=model, labels=LABELS, policy=["ones", "ones", "zeros"], image=image, manifest=manifest(), shards=tmp_path,
+                experiment="exp", fold=0, step=12, epoch=1.5, eval_batch_size=16, metrics=metrics)
+
+
+def card(tmp_path) -> ModelCard:
+    return ModelCard.build(**card_arguments(tmp_path))
 
 
 def test_round_trip_keeps_every_field_and_writes_strict_json(tmp_path):
@@ -45,13 +49,23 @@ def test_round_trip_keeps_every_field_and_writes_strict_json(tmp_path):
     assert again.to_json() == original.to_json()
 
 
-def test_unknown_sections_survive_and_evaluation_has_room(tmp_path):
+def test_unknown_sections_survive(tmp_path):
     data = json.loads(card(tmp_path).to_json())
-    data["evaluation"] = {"uncertain": "exclude"}
     data["later_section"] = {"x": 1}
     again = ModelCard.from_dict(data)
-    assert again.evaluation == {"uncertain": "exclude"} and again.extra == {"later_section": {"x": 1}}
+    assert again.extra == {"later_section": {"x": 1}}
     assert json.loads(again.to_json())["later_section"] == {"x": 1}
+
+
+def test_evaluation_section_records_the_rule_next_to_the_training_policy(tmp_path):
+    policy = dict(zip(LABELS, ["ones", "ones", "zeros"]))
+    data = json.loads(card(tmp_path).to_json())
+    assert data["evaluation"] == {"targets": "ignore_uncertain", "training_policy": policy}  # build's default rule
+    zeros = ModelCard.build(**{**card_arguments(tmp_path), "evaluation": CardEvaluation.of("zeros", LABELS, ["ones", "ones", "zeros"])})
+    again = ModelCard.from_json(zeros.to_json())
+    assert again.evaluation == CardEvaluation("zeros", policy) and again.evaluation.training_policy == again.label_policy
+    data.pop("evaluation")  # a card written before the section existed: the default rule, the card's training policy
+    assert ModelCard.from_dict(data).evaluation == CardEvaluation("ignore_uncertain", policy)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -63,6 +77,9 @@ def test_unknown_sections_survive_and_evaluation_has_room(tmp_path):
     (lambda d: d["image"].update(channels=1), "in_chans"),
     (lambda d: d["image"].update(interpolation="lanczos9"), "interpolation"),
     (lambda d: d["model"].update(no_such_field=1), "malformed"),
+    (lambda d: d["evaluation"].update(targets="U-Ones"), "evaluation.targets"),
+    (lambda d: d["evaluation"]["training_policy"].update(Edema="zeros"), "training_policy differs"),
+    (lambda d: d.update(evaluation={"uncertain": "exclude"}), "evaluation must hold"),
 ])
 def test_bad_cards_are_one_line_user_errors(tmp_path, change, message):
     data = json.loads(card(tmp_path).to_json())

@@ -119,3 +119,14 @@ def test_averaged_a_keeps_the_live_sparsity_pattern():
     assert averaged[0, 1].item() == 0.0
     assert averaged[1, 0].item() == pytest.approx(0.9 * 0.05 + 0.1 * 0.5)
     assert ema.module.refine.sparsity() == model.refine.sparsity()
+
+
+def test_warmup_power_is_an_option_and_the_effective_decay_is_logged(trained_experiment):
+    import json
+
+    model = torch.nn.Linear(2, 2)
+    assert ModelEma(model, decay=0.999, warmup_power=1.0).decay_at(100) == pytest.approx(0.99)  # timm counts from step 1
+    assert ModelEma(model, decay=0.999, warmup=False).decay_at(5) == pytest.approx(0.999)
+    lines = (trained_experiment / "fold-0" / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert train and all(r["ema_decay"] == pytest.approx(min(0.98, 1 - r["step"] ** (-0.6667))) for r in train)

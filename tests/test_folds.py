@@ -10,10 +10,12 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from cxrdist.data.folds import (
     assign_splits,
+    fold_name,
     format_balance,
     positives_matrix,
     read_assignment,
     split_balance,
+    stratification_matrix,
     write_assignment,
 )
 from cxrdist.errors import UserError
@@ -214,3 +216,26 @@ def test_bad_assignment_files_are_user_errors(tmp_path, content, message):
 def test_missing_assignment_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         read_assignment(tmp_path / "nope.csv")
+
+
+def test_uncertain_entries_are_stratified_too():
+
+    raw = np.array([[1, -1, np.nan], [0, np.nan, -1], [-1, 1, 0]], dtype=float)
+    assert stratification_matrix(raw).tolist() == [  # positives, then uncertain for labels that have any
+        [True, False, False, False, True, False],
+        [False, False, False, False, False, True],
+        [False, True, False, True, False, False],
+    ]
+    rng = np.random.default_rng(5)
+    n = 900
+    patients = [f"p{i}" for i in range(n)]
+    labels = rng.choice([1.0, 0.0, -1.0, np.nan], size=(n, 3), p=[0.3, 0.2, 0.15, 0.35])
+    uncertain = labels == -1
+
+    def worst_uncertain_deviation(matrix) -> float:
+        splits = np.asarray(assign_splits(patients, matrix, 5, seed=0, balance=False))
+        counts = np.array([[uncertain[splits == fold_name(k), j].sum() for j in range(3)] for k in range(5)])
+        return float(np.abs(counts - uncertain.sum(axis=0) / 5).max())
+
+    assert worst_uncertain_deviation(stratification_matrix(labels)) <= 1.0
+    assert worst_uncertain_deviation(positives_matrix(labels)) > 2.0  # positives only leave them to chance

@@ -12,7 +12,7 @@ from cxrdist.errors import UserError
 from cxrdist.model.config import LossConfig
 from cxrdist.model.loss import build_loss
 from cxrdist.model.network import CXRNet
-from cxrdist.model.refine import LabelGraphRefinement
+from cxrdist.model.refine import LabelGraphRefinement, clip_coefficient
 
 
 @pytest.fixture(autouse=True)
@@ -229,3 +229,45 @@ def test_refinement_learns_the_copied_label_and_the_ablation_cannot():
             assert refine.top_couplings([str(i) for i in range(LABELS)], k=1)[0][:2] == ("1", "4")
         else:  # the paper's L1 under Adam: small but never exactly zero
             assert refine.sparsity() < 0.2
+
+
+def lasso_toy(other_grad: float, scaled: bool, sparsity: str = "proximal", steps: int = 600) -> float:
+    """min_a 0.5 (a - 0.5)^2 + 0.1 |a| (optimum 0.40) with A[0, 1] = a, trained by Adam next to a
+    parameter whose gradient norm is `other_grad`, under gradient clipping at 1.0 (as the trainer)."""
+    refine = LabelGraphRefinement(2, l1=0.1, sparsity=sparsity)
+    other = nn.Parameter(torch.zeros(1))
+    params = [refine.weight, other]
+    opt = torch.optim.Adam(params, lr=0.02)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.5 * (refine.coupling()[0, 1] - 0.5) ** 2 + other_grad * other.sum() + refine.l1_penalty()
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        refine.proximal_step(lr, opt, scale=clip_coefficient(norm, 1.0) if scaled else 1.0)
+        sched.step()
+    return float(refine.A.detach()[0, 1])
+
+
+@pytest.mark.parametrize("other_grad", [0.0, 2.0, 4.0])
+def test_l1_means_the_same_at_every_gradient_norm_under_clipping(other_grad):
+    assert lasso_toy(other_grad, scaled=True) == pytest.approx(0.40, abs=0.01)
+    assert lasso_toy(other_grad, scaled=True, sparsity="subgradient") == pytest.approx(0.40, abs=0.01)
+
+
+def test_unscaled_threshold_grows_with_the_clip():
+    # What the trainer did before: the threshold ignores clipping, the optimum drifts to 0.5 - 0.1 / c.
+    assert lasso_toy(0.0, scaled=False) == pytest.approx(0.40, abs=0.01)
+    assert lasso_toy(4.0, scaled=False) == pytest.approx(0.10, abs=0.02)
+
+
+def test_clip_coefficient_is_torchs():
+    grads = [torch.full((3,), 2.0), torch.full((1,), -1.0)]
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    assert params[0].grad[0].item() == pytest.approx(2.0 * clip_coefficient(norm, 1.0), rel=1e-6)
+    assert clip_coefficient(0.5, 1.0) == 1.0 and clip_coefficient(5.0, 0.0) == 1.0 and clip_coefficient(None, 1.0) == 1.0

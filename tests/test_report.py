@@ -84,6 +84,8 @@ def test_page_lists_every_section_and_its_figures_exist(report, evaluated_experi
         with Image.open(report.parent / src) as image:
             assert image.format == "PNG" and min(image.size) > 100
     assert f"{metrics['ensemble']['macro_auc']:.3f}" in page
+    assert 0 < page.index("Test macro AUC (ensemble") < page.index("Held-out fold macro AUC, selected on that fold")
+    assert "uncertain entries left out of that label" in page
     assert "http://" not in page and "https://" not in page
 
 

@@ -51,6 +51,15 @@ def positives_matrix(raw: np.ndarray) -> np.ndarray:
     return raw == 1
 
 
+def stratification_matrix(raw: np.ndarray) -> np.ndarray:
+    """What the folds are stratified on: the positives, plus one column per label that has uncertain
+    (-1) entries, True where uncertain. Under U-Ones those entries are training positives (and under
+    U-Ignore missing ones), so they must be spread over the folds as evenly as the positives."""
+    raw = np.asarray(raw, dtype=float)
+    uncertain = positives_matrix(-raw)
+    return np.column_stack([positives_matrix(raw), uncertain[:, uncertain.any(axis=0)]])
+
+
 def assign_splits(
     patients: Sequence[str],
     positives: np.ndarray,

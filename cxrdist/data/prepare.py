@@ -82,7 +82,7 @@ def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions) -> np.n
         test_patients = set(records.loc[in_list, "patient"])
     return folds_lib.assign_splits(
         records["patient"].tolist(),
-        folds_lib.positives_matrix(raw),
+        folds_lib.stratification_matrix(raw),
         opts.folds,
         seed=opts.seed,
         test_fraction=opts.test_fraction,

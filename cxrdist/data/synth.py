@@ -762,7 +762,7 @@ def _write_image(job: tuple) -> None:
 
 
 def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int = 0, workers: int = 1,
-                           progress: bool = True) -> Path:
+                           progress: bool = True, planted_coupling: float | None = None) -> Path:
     """Write n synthetic radiographs to out/images and their labels to out/labels.csv; return the CSV path.
 
     Only out/images/patient*/... files and out/labels.csv are written (overwritten if present); anything
@@ -777,6 +777,8 @@ def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int 
         raise UserError(f"synth --seed {seed}: need a seed >= 0")
     if workers < 1:
         raise UserError(f"synth --workers {workers}: need at least 1")
+    if planted_coupling is not None and not 0 < planted_coupling <= 1:
+        raise UserError(f"synth --planted-coupling {planted_coupling}: the labelled fraction must be in (0, 1]")
     if out.exists() and not out.is_dir():
         raise UserError(f"synth --out {out}: exists and is not a directory")
     cohort = sample_cohort(n, seed)
@@ -798,7 +800,17 @@ def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int 
             for _ in pool.map(_write_image, jobs, chunksize=16):
                 bar.update()
     bar.close()
+    table = cohort.table
+    if planted_coupling is not None:  # cxrdist/data/planted.py: extra label columns, same images
+        from cxrdist.data.planted import plant_coupling
+
+        table, full = plant_coupling(table, planted_coupling, seed)
+        _write_csv(full, out / "labels_full.csv")
     csv = out / "labels.csv"
-    with atomic_open(csv, "w", newline="") as handle:
-        cohort.table.to_csv(handle, index=False)
+    _write_csv(table, csv)
     return csv
+
+
+def _write_csv(table: pd.DataFrame, csv: Path) -> None:
+    with atomic_open(csv, "w", newline="") as handle:
+        table.to_csv(handle, index=False)

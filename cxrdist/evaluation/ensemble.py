@@ -31,12 +31,12 @@ from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict
 from cxrdist.evaluation.metrics import auc_summary
+from cxrdist.evaluation.targets import evaluation_policy, rule_from_cards, training_policies
 from cxrdist.evaluation.outputs import default_out, write_fold_probabilities, write_json, write_predictions_csv
 from cxrdist.evaluation.models import (  # noqa: F401 - FoldModel and stream_config are part of this command's interface
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
-    label_policy,
     load_fold_models,
     model_probabilities,
     shards_root,
@@ -190,15 +190,19 @@ def run_evaluate(
     shards: Location | None = None,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    eval_targets: str | None = None,
 ) -> dict:
-    """Evaluate the fold ensemble on `split`; on the main process write predictions.csv,
+    """Evaluate the fold ensemble on `split` against `eval_targets` (default: what the cards record,
+    else ignore_uncertain; never the training policy); on the main process write predictions.csv,
     fold_probabilities.npz and metrics.json to `out` (default runs/ensemble) and return the metrics
     (an empty dict on the other ranks)."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     accelerator = make_accelerator()
     models = load_fold_models(runs, accelerator.device)
-    labels, policy = models[0].card.labels, label_policy(models)
+    labels = models[0].card.labels
+    rule = rule_from_cards([m.card for m in models], eval_targets)
+    policy = evaluation_policy(rule, len(labels))
     root = shards_root(models, shards)
     manifest = load_manifest(root)
     manifest.split(split)
@@ -219,7 +223,8 @@ def run_evaluate(
         "num_patients": len(set(groups)),
         "corrupt": preds.corrupt,
         "labels": labels,
-        "label_policy": dict(zip(labels, policy)),
+        "eval_targets": rule,
+        "training_policy": training_policies({m.name: m.card for m in models}),
         "model_names": [m.name for m in models],
         "model_dirs": {m.name: str(m.directory) for m in models},
         "shards": resolved(root),

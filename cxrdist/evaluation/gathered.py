@@ -111,20 +111,23 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
-def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None) -> dict[str, dict]:
+def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None, loss_policy: list[str] | None = None) -> dict[str, dict]:
+    """AUCs against `policy`'s targets (the evaluation targets); the loss against `loss_policy`'s
+    (the training policy: the loss is the training objective), `policy`'s when not given."""
     targets, mask = apply_policy(preds.raw, policy)
+    loss_targets, loss_mask = apply_policy(preds.raw, loss_policy) if loss_policy is not None else (targets, mask)
     results = {}
     for name, logits in preds.logits.items():
         summary = auc_summary(targets.numpy(), probabilities(logits), labels, mask.numpy())
         if loss_fn is not None and len(logits):
-            summary["loss"] = float(loss_fn(torch.from_numpy(logits), targets, mask))
+            summary["loss"] = float(loss_fn(torch.from_numpy(logits), loss_targets, loss_mask))
         results[name] = summary
     return results
 
 
 def write_predictions_csv(path: Path, preds: Predictions, model: str, labels: list[str], policy: list[str]) -> None:
-    """key[, patient], prob_<label>, target_<label> (blank where the policy ignores it) of one model; written atomically.
-    The patient column lets `cxrdist compare` resample patients."""
+    """key[, patient], prob_<label>, target_<label> of one model; written atomically. Targets are blank where
+    `policy` (the evaluation targets) leaves them out; the patient column lets `cxrdist compare` resample patients."""
     targets, mask = apply_policy(preds.raw, policy)
     ids = {"key": preds.keys, **({"patient": preds.meta["patient"]} if "patient" in preds.meta else {})}
     outputs.write_predictions_csv(path, ids, probabilities(preds.logits[model]), labels, targets.numpy(), mask.numpy())

@@ -67,14 +67,6 @@ def load_fold_models(runs: Path, device: torch.device | str = "cpu") -> list[Fol
     return models
 
 
-def label_policy(models: list[FoldModel]) -> list[str]:
-    """The uncertainty policy the models were trained with, one per label (the targets for AUC)."""
-    policies = {tuple(m.card.policy()) for m in models}
-    if len(policies) > 1:
-        raise UserError("the fold models were trained with different label policies; evaluate them separately")
-    return list(policies.pop())
-
-
 def stream_config(card: ModelCard, batch_size: int, workers: int) -> StreamConfig:
     return StreamConfig(card.image, batch_size=batch_size, workers=workers)
 

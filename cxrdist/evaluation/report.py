@@ -35,6 +35,7 @@ from cxrdist.layout import (
     fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
+from cxrdist.model.inert import inert_message
 from cxrdist.model.refine import LabelGraphRefinement
 
 PAGE_FILE = "report.html"
@@ -194,7 +195,8 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
         ens = m["ensemble"]
         ci = (ens.get("interval") or {}).get("macro_auc")
         sub = f"95% CI {ci[0]:.3f}–{ci[1]:.3f} · {esc(m['split'])}, {m['num_samples']} images" if ci else esc(m["split"])
-        cards.append(card(f"Ensemble macro AUC{' + TTA' if m.get('tta') else ''}", fmt(ens.get("macro_auc")), sub))
+        where = "Test" if m["split"] == TEST_SPLIT else esc(m["split"])
+        cards.append(card(f"{where} macro AUC (ensemble{' + TTA' if m.get('tta') else ''})", fmt(ens.get("macro_auc")), sub))
         gain = (m.get("gains") or {}).get("ensemble_over_mean_model")
         cards.append(card("Gain over mean fold model", signed(gain), f"{len(m['model_names'])} models"))
     else:
@@ -202,7 +204,8 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
     cv = [f.card.metrics["ema"].get("macro_auc") for f in cards_ if f.card.metrics.get("ema")]
     cv = [v for v in cv if v is not None and math.isfinite(v)]
     if cv:
-        cards.append(card("Cross-validation macro AUC", fmt(float(np.mean(cv))), f"mean of {len(cv)} folds on their held-out fold"))
+        cards.append(card("Held-out fold macro AUC, selected on that fold", fmt(float(np.mean(cv))),
+                          f"mean of {len(cv)} folds; each is the best of its evaluations on the fold it is scored on (optimistic)"))
     cards.append(card("Folds trained", f"{len(cards_)} / {len(folds)}", "with a best model"))
     if manifest is not None:
         train_n = manifest.num_samples(manifest.fold_names)
@@ -317,10 +320,18 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
         body += "<h3>ROC curves (ensemble)</h3>" + roc_figure(ensemble.predictions, labels, ens["per_label"], fig_dir)
     bi = interval
     explain = (f"ROC-AUC on the <b>{esc(m['split'])}</b> split ({m['num_samples']:,} images, {m['num_patients']:,} patients) per fold model "
-               f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). Targets follow the training "
-               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients "
-               "(all images of a drawn patient).")
+               f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). "
+               f"Targets: {esc(targets_phrase(m.get('eval_targets')))}, whatever the training policy. "
+               f"Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients (all images of a drawn patient).")
     return section("auc", "Discrimination", explain, body)
+
+
+def targets_phrase(rule: str | None) -> str:
+    """How the report describes the evaluation targets (cxrdist/evaluation/targets.py)."""
+    return {
+        "zeros": "uncertain entries scored as negatives (eval targets 'zeros')",
+        "ones": "uncertain entries scored as positives (eval targets 'ones')",
+    }.get(rule or "", "uncertain entries left out of that label's AUC, blank = negative (eval targets 'ignore_uncertain')")
 
 
 def cv_table(folds: list[FoldRun]) -> str:
@@ -340,7 +351,8 @@ def roc_figure(predictions: pd.DataFrame, labels: list[str], aucs: dict, fig_dir
     known = np.isfinite(targets)
     figs.roc_grid(fig_dir / "roc.png", labels, np.nan_to_num(targets), scores, known, aucs)
     return figure(f"{FIGURES}/roc.png", "ROC curves",
-                  "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
+                  "One panel per finding; the dashed diagonal is chance. "
+                  "Images whose label the evaluation targets leave out (blank target) are left out.")
 
 
 def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
@@ -384,9 +396,10 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
         alpha = f.card.model.refine.alpha
         facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.step)}"
                  + (f", α = {alpha}" if alpha is not None else "") + ".")
+        inert = inert_message(f.coupling, float(alpha), float(f.card.model.refine.l1))
+        if inert:
+            blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(esc(inert[0].upper() + inert[1:]) + f". {facts}") + "</div>")
         if not top:
-            blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(f"A is exactly zero: the L1 penalty removed every coupling, so this model's "
-                          f"refinement leaves the backbone's logits unchanged. {facts}") + "</div>")
             continue
         figs.coupling_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, f"{f.name}: coupling matrix A")
         rows = [[esc(s), esc(t), f"{v:+.4f}"] for s, t, v in top]

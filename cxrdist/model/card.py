@@ -11,12 +11,43 @@ from typing import Any
 from cxrdist.data.location import Location, resolved
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
+from cxrdist.evaluation.targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
 from cxrdist.layout import CARD_FILE
 from cxrdist.model.config import ModelConfig, RefineConfig
 
 CARD_FORMAT_VERSION = 2
 CARD_KIND = "cxrdist-model"
 STORED_IMAGE_KEYS = ("format", "max_size")
+
+
+@dataclass
+class CardEvaluation:
+    """What the AUCs of a card's `metrics` were scored against (cxrdist/evaluation/targets.py), next to the
+    training policy they do not depend on (the same as the card's label_policy)."""
+
+    targets: str  # the evaluation rule: ignore_uncertain | zeros | ones
+    training_policy: dict[str, str]  # label -> the uncertainty policy the loss saw
+
+    @classmethod
+    def of(cls, rule: str, labels: list[str], training_policy: list[str]) -> CardEvaluation:
+        return cls(rule, dict(zip(labels, training_policy)))
+
+    @classmethod
+    def from_dict(cls, data: Any, label_policy: dict[str, str]) -> CardEvaluation:
+        """The card's section; an empty one (a card written before the rule was recorded) is the default rule."""
+        if not data:
+            return cls(DEFAULT_EVAL_TARGETS, dict(label_policy))
+        if not isinstance(data, dict) or set(data) != {"targets", "training_policy"}:
+            raise UserError(f"evaluation must hold targets and training_policy, got {data!r}")
+        return cls(data["targets"], dict(data["training_policy"]))
+
+    def problems(self, label_policy: dict[str, str]) -> list[str]:
+        found = []
+        if self.targets not in EVAL_TARGETS:
+            found.append(f"evaluation.targets {self.targets!r} is not one of {', '.join(EVAL_TARGETS)}")
+        if self.training_policy != label_policy:
+            found.append("evaluation.training_policy differs from label_policy")
+        return found
 
 
 @dataclass
@@ -36,21 +67,22 @@ class ModelCard:
     epoch: float
     eval_batch_size: int  # the batch size of the validation pass (padded: logits do not depend on batching)
     metrics: dict  # {"split": "fold-K", "ema": auc summary, "live": auc summary}
-    evaluation: dict = field(default_factory=dict)  # the rule that turned raw labels into the AUC targets of `metrics`
+    evaluation: CardEvaluation  # the rule that turned raw labels into the AUC targets of `metrics`
     extra: dict = field(default_factory=dict)  # further top-level sections, kept as they are
     format_version: int = CARD_FORMAT_VERSION
 
     @classmethod
     def build(cls, model: ModelConfig, labels: list[str], policy: list[str], image: ImageSpec, manifest, shards: Location,
               experiment: str, fold: int, step: int, epoch: float, eval_batch_size: int, metrics: dict,
-              evaluation: dict | None = None, **extra: Any) -> ModelCard:
-        """The one way training makes a card (`manifest` is the data.manifest.Manifest trained on)."""
+              evaluation: CardEvaluation | None = None, **extra: Any) -> ModelCard:
+        """The one way training makes a card (`manifest` is the data.manifest.Manifest trained on; `evaluation`
+        what `metrics` was scored against, the default rule when not given)."""
         architecture = ModelConfig(**{**asdict(model), "pretrained": False, "pretrained_path": None, "refine": RefineConfig(**asdict(model.refine))})
         return cls(
             model=architecture, labels=list(labels), label_policy=dict(zip(labels, policy)), image=image,
             stored_image=dict(manifest.image), dataset=manifest.identity(), shards=resolved(shards),
             experiment=experiment, fold=int(fold), step=int(step), epoch=float(epoch), eval_batch_size=int(eval_batch_size),
-            metrics=metrics, evaluation=dict(evaluation or {}), extra=dict(extra),
+            metrics=metrics, evaluation=evaluation or CardEvaluation.of(DEFAULT_EVAL_TARGETS, labels, policy), extra=dict(extra),
         )
 
     @property
@@ -69,6 +101,7 @@ class ModelCard:
                 data[f.name] = getattr(self, f.name)
         data["model"] = asdict(self.model)
         data["image"] = self.image.to_dict()
+        data["evaluation"] = asdict(self.evaluation)
         data.update(self.extra)
         return data
 
@@ -94,7 +127,7 @@ class ModelCard:
         if data.get("format_version") != CARD_FORMAT_VERSION:
             raise UserError(f"{where}: model card format version {data.get('format_version')!r}, this cxrdist reads version {CARD_FORMAT_VERSION}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - {"evaluation"}
         missing = sorted(required - set(data))
         if missing:
             raise UserError(f"{where}: model card lacks {', '.join(missing)}")
@@ -102,8 +135,9 @@ class ModelCard:
             model = dict(data["model"])
             refine = RefineConfig(**model.pop("refine"))
             card = cls(
-                **{name: data[name] for name in known if name not in ("model", "image")},
+                **{name: data[name] for name in known if name not in ("model", "image", "evaluation")},
                 model=ModelConfig(**model, refine=refine),
+                evaluation=CardEvaluation.from_dict(data.get("evaluation"), data["label_policy"]),
                 image=ImageSpec(**{**data["image"], "mean": tuple(data["image"]["mean"]), "std": tuple(data["image"]["std"])}),
                 extra={k: v for k, v in data.items() if k not in known and k != "kind"},
             )
@@ -120,6 +154,8 @@ class ModelCard:
             problems.append("labels must be a non-empty list of names")
         elif sorted(self.label_policy) != sorted(self.labels):
             problems.append("label_policy must name every label once")
+        else:
+            problems += self.evaluation.problems(self.label_policy)
         if any(key not in self.stored_image for key in STORED_IMAGE_KEYS):
             problems.append(f"stored_image needs {', '.join(STORED_IMAGE_KEYS)}")
         if self.image.channels != self.model.in_chans:

@@ -1,6 +1,7 @@
 """Multilabel losses on fp32 logits with a mask for ignored (U-Ignore) entries.
 
-Reduction: the mean over the unmasked entries of the batch. The original ASL (and timm before
+Reduction: the mean over the unmasked entries of the batch (in training, of the whole optimizer step:
+every rank's and micro-batch's unmasked entries, cxrdist/training/global_mean.py). The original ASL (and timm before
 1.0.2x) returns the SUM over the batch and the labels; timm's current default ('batchmean')
 divides that by the batch size. Our mean = sum / (number of unmasked entries), so the loss
 scale, and with it the learning rate and the L1 weight, does not change with batch size, label
@@ -24,8 +25,15 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return loss.mean()
     keep = mask.to(device=loss.device) != 0
-    total = torch.where(keep, loss, torch.zeros_like(loss)).sum()
-    return total / keep.sum().clamp(min=1).to(loss.dtype)
+    return masked_sum(loss, mask) / keep.sum().clamp(min=1).to(loss.dtype)
+
+
+def masked_sum(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum over entries where mask is nonzero (training divides by the global count: training/global_mean.py)."""
+    if mask is None:
+        return loss.sum()
+    keep = mask.to(device=loss.device) != 0
+    return torch.where(keep, loss, torch.zeros_like(loss)).sum()
 
 
 class AsymmetricLoss(nn.Module):
@@ -77,6 +85,9 @@ class AsymmetricLoss(nn.Module):
     ) -> torch.Tensor:
         return masked_mean(self.elementwise(logits, targets), mask)
 
+    def masked_sum(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_sum(self.elementwise(logits, targets), mask)
+
 
 class MaskedBCEWithLogits(nn.Module):
     """Binary cross-entropy on fp32 logits with pos_weight and the same masked mean."""
@@ -95,6 +106,9 @@ class MaskedBCEWithLogits(nn.Module):
         self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         return masked_mean(self.elementwise(logits, targets), mask)
+
+    def masked_sum(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_sum(self.elementwise(logits, targets), mask)
 
 
 def build_loss(cfg: LossConfig, num_labels: int | None = None) -> nn.Module:

@@ -14,6 +14,7 @@ Sparsity, two modes:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -24,6 +25,20 @@ from cxrdist.errors import UserError
 from cxrdist.model.config import SPARSITY_MODES
 
 ZERO_TOLERANCE = 1e-6  # |a| at or below this counts as "no coupling" in reports
+
+
+def clip_coefficient(total_norm: torch.Tensor | float | None, max_norm: float) -> torch.Tensor | float:
+    """The factor `torch.nn.utils.clip_grad_norm_(params, max_norm)` multiplied the gradients by
+    (1.0 when clipping is off, did not bite, or the norm is unknown or non-finite). A tensor norm
+    gives a tensor on its device, so the training step never waits for the host."""
+    if total_norm is None or not max_norm > 0 or not math.isfinite(max_norm):
+        return 1.0
+    if isinstance(total_norm, torch.Tensor):
+        norm = total_norm.detach().float()
+        return torch.where(torch.isfinite(norm), (max_norm / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
+    if not math.isfinite(total_norm):
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
 
 
 class LabelGraphRefinement(nn.Module):
@@ -74,7 +89,8 @@ class LabelGraphRefinement(nn.Module):
         return self.l1 * self.coupling().abs().sum()
 
     @torch.no_grad()
-    def proximal_step(self, lr: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def proximal_step(self, lr: torch.Tensor | float, optimizer: torch.optim.Optimizer | None = None,
+                      scale: torch.Tensor | float = 1.0) -> None:
         """Soft-threshold A in place after an optimizer step: a <- sign(a) * max(|a| - t, 0).
 
         t = lr * l1 is the exact proximal step of plain SGD on loss + l1 * |A|. With an Adam-type
@@ -82,7 +98,12 @@ class LabelGraphRefinement(nn.Module):
         t is divided per entry by Adam's denominator sqrt(v_hat) + eps, the proximal step in the
         metric Adam actually steps in ("proximal Adam"). Without that, an Adam step moves an
         entry by about lr while the threshold is lr * l1, and L1 has almost no effect.
-        `lr` is the learning rate of A's parameter group for the step just taken. No-op in
+        `lr` is the learning rate of A's parameter group for the step just taken. `scale` is the
+        factor gradient clipping multiplied the gradients by in that step (`clip_coefficient`):
+        clipping scales the data gradient, and with it Adam's denominator, so an unscaled threshold
+        would grow by 1/scale and the L1 weight would mean more the larger the other parameters'
+        gradients. Scaled, the L1 term is clipped together with the loss, exactly as the subgradient
+        mode's `l1 * |A|` is, and the optimum is the same at every gradient norm. No-op in
         subgradient mode. Call it only after a step that was taken (not one skipped by the fp16
         GradScaler, not an accumulation micro-step). Under DeepSpeed the optimizer owns an fp32
         master copy of A and overwrites the module's A at the next step, so this edit does not
@@ -90,7 +111,7 @@ class LabelGraphRefinement(nn.Module):
         """
         if self.sparsity_mode != "proximal":
             return
-        threshold: torch.Tensor | float = lr * self.l1
+        threshold: torch.Tensor | float = lr * self.l1 * scale
         denominator = self._adam_denominator(optimizer) if optimizer is not None else None
         if denominator is not None:
             threshold = threshold / denominator

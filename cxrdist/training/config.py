@@ -10,6 +10,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
+from cxrdist.evaluation.targets import EVAL_TARGETS
 from cxrdist.layout import run_dir
 from cxrdist.model.config import LossConfig, ModelConfig, one_of
 
@@ -49,7 +50,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.9998
-    ema_warmup: bool = True
+    ema_warmup: bool = True  # timm's ramp: decay(step) = min(ema_decay, 1 - (1 + step)^-ema_warmup_power)
+    ema_warmup_power: float = 0.6667  # 2/3 (timm): 0.99 at step 1e3, 0.999 at 3.2e4, 0.9998 only at 3.5e5
     mixed_precision: str = "auto"  # auto = what `accelerate launch` says, else bf16 on CUDA and fp32 on CPU
     compile: bool = False  # torch.compile, CUDA only
     channels_last: bool = True  # CUDA only
@@ -70,6 +72,18 @@ class TrainConfig:
         at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.ema_warmup_power > 0:
+            raise UserError(f"train.ema_warmup_power must be > 0, got {self.ema_warmup_power}")
+
+
+@dataclass
+class EvalConfig:
+    # What every AUC is scored against, independent of data.label_policy (cxrdist/evaluation/targets.py):
+    # ignore_uncertain (uncertain entries left out of that label's AUC) | zeros | ones.
+    targets: str = "ignore_uncertain"
+
+    def __post_init__(self) -> None:
+        one_of("eval.targets", self.targets, EVAL_TARGETS)
 
 
 @dataclass
@@ -93,6 +107,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
@@ -23,17 +25,22 @@ from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, re
 from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
-from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, fold_name
+from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, WEIGHTS_FILE, fold_name
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
+from cxrdist.evaluation.targets import evaluation_policy
 from cxrdist.model.ema import ModelEma
-from cxrdist.model.card import ModelCard
+from cxrdist.model.card import CardEvaluation, ModelCard
 from cxrdist.model.export import save_model
+from cxrdist.model.inert import KNOB, inert_message, max_logit_shift
 from cxrdist.model.loss import build_loss
 from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
+from cxrdist.model.refine import clip_coefficient
 from cxrdist.policy import apply_policy, resolve_policy
+from cxrdist.training.bad_steps import is_bad_step
 from cxrdist.training.checkpoint import STATE_FILE, TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
+from cxrdist.training.global_mean import GlobalMaskedMean
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
@@ -66,6 +73,7 @@ class Trainer:
         self.manifest.check_fold(cfg.fold)
         self.labels = self.manifest.labels
         self.policy = resolve_policy(cfg.data.label_policy, self.labels)
+        self.eval_policy = evaluation_policy(cfg.eval.targets, len(self.labels))  # AUC targets, not the training policy
         self.train_splits = self.manifest.train_splits(cfg.fold)
         self.val_split = fold_name(cfg.fold)
         self.accelerator = make_accelerator(cfg)
@@ -98,12 +106,15 @@ class Trainer:
         self.net = acc.unwrap_model(self.model)
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
-        self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+        self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup, warmup_power=cfg.train.ema_warmup_power)
         self.loss_fn = build_loss(cfg.loss)
         self.preempt = PreemptionFlag().install()
         self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
         self.state = TrainerState()
         self.bad_steps = BadSteps(acc.device)
+        self.loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)  # of the current accumulation group
+        self.global_mean = GlobalMaskedMean(acc.num_processes, cfg.train.grad_accum)
+        self.pending: deque[dict] = deque()  # the rest of the current accumulation group
 
     # ---- setup -------------------------------------------------------------------------------
     def check_engine(self) -> None:
@@ -177,9 +188,20 @@ class Trainer:
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
                  f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
+        self.say(self.ema_schedule_line())
         code = self.train_until_done(batches)
         acc.end_training()
         return code
+
+    def ema_schedule_line(self) -> str:
+        t = self.cfg.train
+        if not t.ema_warmup:
+            return f"EMA decay {t.ema_decay} from the first step (train.ema_warmup=false)"
+        reached = math.ceil((1 - t.ema_decay) ** (-1 / t.ema_warmup_power)) if t.ema_decay > 0 else 0  # timm's step counts from 1
+        last = self.ema.decay_at(self.total_steps)
+        return (f"EMA decay min({t.ema_decay}, 1 - (1 + step)^-{t.ema_warmup_power:g}): reached at step {reached:,}; "
+                f"this run's {self.total_steps:,} steps end at {last:.5f}"
+                + ("" if reached <= self.total_steps else " (set train.ema_warmup=false or a larger train.ema_warmup_power to get there)"))
 
     def train_until_done(self, batches) -> int:
         acc, cfg = self.accelerator, self.cfg
@@ -194,7 +216,7 @@ class Trainer:
         evaluated_at = checkpointed_at = -1
         while self.state.batches < total_batches:
             tic = time.perf_counter()
-            batch = next(batches)
+            batch = self.next_micro_batch(batches)
             window.wait += time.perf_counter() - tic
             stepped = self.train_batch(batch, window)
             window.total += time.perf_counter() - tic
@@ -230,7 +252,21 @@ class Trainer:
         if checkpointed_at != self.state.step:
             self.checkpoint()
         self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / BEST_DIR}")
+        self.report_inert_refinement()
         return 0
+
+    def report_inert_refinement(self) -> None:
+        """The last log line and a metrics.jsonl record when the exported A is (nearly) all zero."""
+        refine = self.ema.module.refine
+        if refine is None or not self.accelerator.is_main_process:
+            return
+        best = self.run_dir / BEST_DIR / WEIGHTS_FILE
+        coupling = load_file(str(best))["refine.weight"].float().numpy() if best.is_file() else refine.weight.detach().float().cpu().numpy()
+        message = inert_message(coupling, refine.alpha, refine.l1)
+        self.log.write({"kind": "refinement", "step": self.state.step, "inert": message is not None, "message": message,
+                        "max_logit_shift": max_logit_shift(coupling, refine.alpha), "knob": KNOB})
+        if message:
+            self.say(message)
 
     def checkpoint(self) -> None:
         self.settle_bad_steps()
@@ -248,6 +284,15 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def next_micro_batch(self, batches) -> dict:
+        """The next micro-batch; at the start of an accumulation group all K are drawn first so that the
+        loss can be normalised by the group's unmasked entries over all ranks (training/global_mean.py)."""
+        if not self.pending:
+            self.pending.extend(next(batches) for _ in range(self.cfg.train.grad_accum))
+            masks = [apply_policy(b["labels_raw"], self.policy)[1] for b in self.pending]
+            self.global_mean.start_group(masks, lambda t: self.accelerator.reduce(t, reduction="sum"), self.accelerator.device)
+        return self.pending.popleft()
+
     def train_batch(self, batch: dict, window: Window) -> bool:
         """One micro-batch; returns True when it completed an optimizer step (taken or skipped)."""
         acc = self.accelerator
@@ -258,10 +303,11 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 logits = self.model(self.to_input(images))
-            loss = self.loss_fn(logits, targets, mask)
+            loss = self.global_mean(self.loss_fn.masked_sum(logits, targets, mask))
             if self.net.refine is not None:
                 loss = loss + self.net.refine.l1_penalty()
             acc.backward(loss)
+            self.loss_finite = self.loss_finite & torch.isfinite(loss.detach())  # stays on the device until the step
             self.state.batches += 1
             window.add_batch(len(batch["key"]), int(batch.get("corrupt", 0)), loss.detach())
             if not acc.sync_gradients:
@@ -270,7 +316,9 @@ class Trainer:
             grad_norm = self.clip_gradients()
             skipped = self.optimizer_step(grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
-        self.after_step(lr, skipped, grad_norm, window)
+            bad = self.is_bad(skipped, grad_norm)
+            self.loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
+        self.after_step(lr, skipped, bad, grad_norm, window)
         return True
 
     def clip_gradients(self) -> torch.Tensor | None:
@@ -302,15 +350,27 @@ class Trainer:
             self.optimizer.step()
         return bool(skipped)
 
-    def after_step(self, lr: float, skipped: torch.Tensor | bool, grad_norm: torch.Tensor | None, window: Window) -> None:
+    def is_bad(self, skipped: torch.Tensor | bool, grad_norm: torch.Tensor | None) -> torch.Tensor | bool:
+        """Whether the step counts toward train.max_bad_steps: a non-finite loss or skipped step, except the fp16
+        GradScaler's loss-scale calibration (training/bad_steps.py). Decided on the device, except under fp16,
+        whose scaler has synced already."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if self.accelerator.mixed_precision != "fp16" or scaler is None:
+            return skipped | ~self.loss_finite if isinstance(skipped, torch.Tensor) else skipped or not bool(self.loss_finite)
+        grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+        return is_bad_step(bool(self.loss_finite), grads_finite, bool(skipped), float(scaler.get_scale()))
+
+    def after_step(self, lr: float, skipped: torch.Tensor | bool, bad: torch.Tensor | bool, grad_norm: torch.Tensor | None,
+                   window: Window) -> None:
+        """`skipped`: the optimizer did not step; `bad`: a real non-finite step (not fp16 loss-scale calibration)."""
         st = self.state
         st.step += 1
         window.grad_norm = grad_norm
-        self.bad_steps.add(skipped)
+        self.bad_steps.add(bad)
         if self.net.refine is not None:
             # A skipped step must not shrink A either: the threshold's learning rate is zeroed on the device.
             taken_lr = lr * (~skipped).float() if isinstance(skipped, torch.Tensor) else (0.0 if skipped else lr)
-            self.net.refine.proximal_step(taken_lr, self.optimizer)
+            self.net.refine.proximal_step(taken_lr, self.optimizer, scale=clip_coefficient(grad_norm, self.cfg.train.grad_clip))
         self.scheduler.step_update(num_updates=st.step)
         self.ema.update(self.net, st.step)
 
@@ -377,11 +437,12 @@ class Trainer:
                         pad_to=self.eval_stream.batch_size)
         preds = gather_predictions(acc, local)
         check_complete(preds, self.manifest.num_samples([self.val_split]))
-        results = score(preds, self.labels, self.policy, self.loss_fn)
+        results = score(preds, self.labels, self.eval_policy, self.loss_fn, loss_policy=self.policy)
         self.model.train()
         refine = self.ema.module.refine
         record = {
             "kind": "eval", "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "split": self.val_split,
+            "eval_targets": self.cfg.eval.targets,
             "ema": results["ema"], "live": results["live"], "corrupt": preds.corrupt,
             "sparsity": refine.sparsity() if refine is not None else None,
             "top_couplings": refine.top_couplings(self.labels, k=10) if refine is not None else [],
@@ -391,7 +452,7 @@ class Trainer:
             self.state.best_auc, self.state.best_step = results["ema"]["macro_auc"], self.state.step
         if acc.is_main_process:
             self.log.write(record)
-            write_predictions_csv(self.run_dir / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
+            write_predictions_csv(self.run_dir / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.eval_policy)
             if improved:
                 self.export_best(preds, results)
         couplings = (refine.weight.detach().float().cpu().numpy(), self.labels) if refine is not None else None
@@ -411,9 +472,10 @@ class Trainer:
             self.cfg.model, self.labels, self.policy, self.image, self.manifest, self.root, experiment=self.cfg.experiment,
             fold=self.cfg.fold, step=self.state.step, epoch=self.state.batches / self.batches_per_epoch,
             eval_batch_size=self.eval_stream.batch_size, metrics={"split": self.val_split, "ema": results["ema"], "live": results["live"]},
+            evaluation=CardEvaluation.of(self.cfg.eval.targets, self.labels, self.policy),
         )
         best = save_model(self.run_dir / BEST_DIR, self.ema.module, card)
-        write_predictions_csv(best / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
+        write_predictions_csv(best / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.eval_policy)
         if self.cfg.logging.log_models:
             name = f"{self.cfg.experiment}-{fold_name(self.cfg.fold)}"
             log_model_artifact(self.accelerator, best, name, self.state.step, results["ema"]["macro_auc"])
