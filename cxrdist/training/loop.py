@@ -4,6 +4,7 @@ evaluation of the live and EMA models, atomic checkpoints, agreed preemption."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
