@@ -46,7 +46,9 @@ def add_prepare(sub) -> None:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--views", choices=["all", "frontal"], default="all")
-    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error", help="skip: leave out missing and unreadable images, listed in the manifest")
+    p.add_argument("--no-patient-grouping", action="store_true", help="accept a CSV without a 'patient' column (every image its own patient)")
+    p.add_argument("--allow-outside-images", action="store_true", help="read CSV paths that lead outside --images (../, absolute, symlinks)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     folds = p.add_mutually_exclusive_group()
@@ -67,8 +69,9 @@ def run_prepare(args) -> int:
     if manifest is not None:
         total = sum(s.num_samples for s in manifest.splits.values())
         print(f"wrote {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards to {args.out}")
-        if manifest.skipped_images["count"]:
-            print(f"skipped {manifest.skipped_images['count']} unreadable images (listed in manifest.json)")
+        skipped = manifest.skipped_images
+        if skipped["count"]:
+            print(f"skipped {skipped['count']} images ({skipped['missing']} missing, {skipped['count'] - skipped['missing']} unreadable; listed in manifest.json)")
     return 0
 
 

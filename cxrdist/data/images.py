@@ -28,6 +28,7 @@ _STANDARD_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 # A JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) only while the decoded image stays at
 # least this many times larger than the target, so the final LANCZOS step still antialiases.
 _DRAFT_MARGIN = 2
+MISSING_FILE = "no such file"
 
 
 def _one_line(error: BaseException) -> str:
@@ -59,7 +60,7 @@ def load_for_shard(path: Path, max_size: int) -> np.ndarray:
 
 def _read(path: Path, max_size: int | None) -> np.ndarray:
     if not path.is_file():
-        raise BadImage(f"{path}: no such file")
+        raise BadImage(f"{path}: {MISSING_FILE}")
     if is_dicom(path):
         return read_dicom(path)
     try:
