@@ -64,6 +64,10 @@ def run_prepare(args) -> int:
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
     if args.samples_per_shard < 1 or args.max_size < 16 or args.workers < 1:
         raise UserError("--samples-per-shard and --workers must be >= 1 and --max-size >= 16")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality {args.quality}: JPEG quality must be in 1..100")
+    if args.seed < 0 or args.folds < 2 or not 0.0 <= args.test_fraction < 1.0:
+        raise UserError("--seed must be >= 0, --folds >= 2 and --test-fraction in [0, 1)")
     opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
     manifest = prepare(opts)
     if manifest is not None:

@@ -165,3 +165,167 @@ def test_csv_inside_out_is_refused(prepared, capsys):
     assert main(prepare_args(moved, images, out)) == 2
     one_error(capsys, "inside --out")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("extra, needle", [(["--seed", "-1"], "--seed"), (["--quality", "0"], "quality"), (["--quality", "101"], "quality")])
+def test_bad_prepare_numbers_are_one_line(data, capsys, extra, needle):
+    root, csv, images = data
+    assert main(prepare_args(csv, images, root / "out", *extra)) == 2
+    one_error(capsys, needle)
+    assert not (root / "out").exists()
+
+
+# ---------------------------------------------------------------- 6, 8, 9: no silent leak, nothing read from outside
+
+
+def test_one_file_named_two_ways_is_refused(data, capsys):
+    root, csv, images = data
+    table = pd.read_csv(csv, dtype=str)
+    table.loc[1, "path"] = "./" + table.loc[0, "path"]  # another patient's row names the same file
+    table.loc[1, "patient"] = "someone-else"
+    table.to_csv(csv, index=False)
+    assert main(prepare_args(csv, images, root / "out")) == 2
+    one_error(capsys, "more than once")
+    assert not (root / "out").exists()
+
+
+def test_a_symlink_to_a_listed_image_is_refused(data, capsys):
+    root, csv, images = data
+    table = pd.read_csv(csv, dtype=str)
+    (images / "alias.png").symlink_to(images / table.loc[0, "path"])
+    table.loc[1, "path"] = "alias.png"
+    table.to_csv(csv, index=False)
+    assert main(prepare_args(csv, images, root / "out")) == 2
+    one_error(capsys, "same file")
+    no_leftovers(root)
+
+
+def test_csv_without_patient_column_is_refused_unless_waived(data, capsys):
+    root, csv, images = data
+    pd.read_csv(csv, dtype=str).drop(columns=["patient"]).to_csv(csv, index=False)
+    assert main(prepare_args(csv, images, root / "out")) == 2
+    one_error(capsys, "--no-patient-grouping")
+    assert not (root / "out").exists()
+    assert main(prepare_args(csv, images, root / "out", "--no-patient-grouping")) == 0
+    assert "note: no patient grouping" in capsys.readouterr().out
+    assert any("own patient" in n for n in load_manifest(root / "out").source["notes"])
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_paths_leading_outside_images_are_refused_unless_allowed(data, capsys, kind):
+    root, csv, images = data
+    secret = root / "secret.png"
+    secret.write_bytes((images / "p00" / "img0.png").read_bytes())
+    table = pd.read_csv(csv, dtype=str)
+    if kind == "symlink":
+        (images / "p00" / "link.png").symlink_to(secret)
+        table.loc[0, "path"] = "p00/link.png"
+    else:
+        table.loc[0, "path"] = "../secret.png" if kind == "dotdot" else str(secret)
+    table.to_csv(csv, index=False)
+    assert main(prepare_args(csv, images, root / "out")) == 2
+    one_error(capsys, "outside --images")
+    assert not (root / "out").exists()
+    assert main(prepare_args(csv, images, root / "out", "--allow-outside-images")) == 0
+
+
+def test_skip_leaves_out_missing_and_unreadable_images_and_lists_both(data, capsys):
+    root, csv, images = data
+    (images / "p03" / "img1.png").unlink()
+    (images / "p04" / "img0.png").write_bytes(b"garbage")
+    out = root / "out"
+    assert main(prepare_args(csv, images, out)) == 2
+    one_error(capsys, "missing")
+    assert main(prepare_args(csv, images, out, "--on-bad-image", "skip")) == 0
+    assert "1 missing, 1 unreadable" in capsys.readouterr().out
+    skipped = load_manifest(out).skipped_images
+    assert skipped["count"] == 2 and skipped["missing"] == 1
+    assert sorted(skipped["paths"]) == ["p03/img1.png", "p04/img0.png"]
+    assert sum(s.num_samples for s in load_manifest(out).splits.values()) == 22
+
+
+# ---------------------------------------------------------------- 10: a pixel limit for every decoder
+
+
+def huge_png(path: Path, side: int = 13000) -> None:
+    """A real 16-bit grayscale PNG of side x side zeros (a few hundred KB), written row by row."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor, row, parts = zlib.compressobj(9), b"\x00" * (1 + 2 * side), []
+    for _ in range(side):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def huge_jpeg(path: Path, side: int = 13000) -> None:
+    """A small JPEG whose frame header claims side x side pixels."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", side, side)
+    path.write_bytes(bytes(data))
+
+
+def huge_dicom(path: Path, side: int = 13000) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\x00" * 64
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("make, suffix", [(huge_png, ".png"), (huge_jpeg, ".jpg"), (huge_dicom, ".dcm")])
+def test_an_image_over_the_pixel_limit_is_a_bad_image_before_decoding(tmp_path, make, suffix):
+    import resource
+
+    from cxrdist.data.images import read_grayscale
+    from cxrdist.errors import BadImage
+
+    path = tmp_path / f"huge{suffix}"
+    make(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadImage, match="more than the limit"):
+        read_grayscale(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near the 338 MB decode
+
+
+def test_prepare_skips_an_oversized_image_as_bad(data, capsys):
+    root, csv, images = data
+    huge_png(images / "p05" / "img0.png")
+    assert main(prepare_args(csv, images, root / "out")) == 2
+    one_error(capsys, "more than the limit")
+    assert main(prepare_args(csv, images, root / "out", "--on-bad-image", "skip")) == 0
+    assert load_manifest(root / "out").skipped_images["paths"] == ["p05/img0.png"]
+
+
+# ---------------------------------------------------------------- manifests that must not pass verify
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.update(splits=[]), "malformed"),
+    (lambda m: m.update(num_folds="3"), "num_folds"),
+    (lambda m: m["splits"].pop("fold-1"), "fold-1"),
+])
+def test_verify_rejects_a_malformed_manifest(prepared, capsys, edit, needle):
+    import json
+
+    root, csv, images, out = prepared
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    edit(data)
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+    assert main(["verify", str(out)]) == 2
+    one_error(capsys, needle)

@@ -100,6 +100,15 @@ class Manifest:
         return cls(**{**data, "splits": splits})
 
 
+def check_same_dataset(recorded: dict | None, manifest: Manifest, root: Path, what: str) -> None:
+    """Refuse shards whose identity differs from the one `what` (a model, a checkpoint) recorded."""
+    if recorded and recorded != manifest.identity():
+        raise UserError(
+            f"{what} was trained on another dataset than {root} (labels, fold seed or shard contents differ): "
+            "its test and validation splits would overlap its training images; pass the shards it was trained on"
+        )
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, then rename: readers never see half a file."""
     path = Path(path)
@@ -121,6 +130,20 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
+def check_structure(manifest: Manifest, path: Path) -> None:
+    """Types and the fold layout: a hand-edited or foreign manifest must not pass as a dataset."""
+    if not isinstance(manifest.num_folds, int) or isinstance(manifest.num_folds, bool) or manifest.num_folds < 1:
+        raise UserError(f"{path}: num_folds must be a positive integer, not {manifest.num_folds!r}")
+    if not isinstance(manifest.labels, list) or not manifest.labels or not all(isinstance(x, str) for x in manifest.labels):
+        raise UserError(f"{path}: labels must be a non-empty list of names")
+    missing = [name for name in manifest.fold_names if name not in manifest.splits]
+    if missing:
+        raise UserError(f"{path}: split(s) {', '.join(missing)} missing (num_folds is {manifest.num_folds})")
+    for name, split in manifest.splits.items():
+        if not isinstance(split.num_samples, int) or not split.shards or not all(isinstance(s.num_samples, int) for s in split.shards):
+            raise UserError(f"{path}: split {name!r} has no shards or non-integer sample counts")
+
+
 def load_manifest(root: Path) -> Manifest:
     """Load and sanity-check `root/manifest.json`; a directory without one is incomplete and refused."""
     root = Path(root)
@@ -138,8 +161,9 @@ def load_manifest(root: Path) -> Manifest:
         raise UserError(f"{path}: format version {version!r}, this cxrdist reads version {FORMAT_VERSION}")
     try:
         manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{path}: malformed manifest ({err})") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
+    check_structure(manifest, path)
     for shard in manifest.shards(list(manifest.splits)):
         if not (root / shard.file).is_file():
             raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cxrdist.data.manifest import Manifest, fold_name, load_manifest
+from cxrdist.checks import check_writable_dir
+from cxrdist.data.manifest import Manifest, check_same_dataset, fold_name, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import StreamConfig, eval_loader, eval_num_samples
 from cxrdist.errors import UserError
@@ -402,6 +403,10 @@ def run_evaluate(
     manifest.split(split)
     if manifest.labels != labels:
         raise UserError(f"{root}: the manifest's labels differ from the models' labels")
+    for m in models:
+        check_same_dataset(m.card.get("dataset"), manifest, root, str(m.directory))
+    out = Path(out) if out is not None else default_out(runs)
+    check_writable_dir(out)
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}
@@ -410,7 +415,6 @@ def run_evaluate(
     meta = split_metadata(root, manifest, split)
     groups = [str(meta.get(key, {}).get("patient") or key) for key in preds.keys]
     metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
-    out = Path(out) if out is not None else default_out(runs)
     metrics = {
         "split": split,
         "tta": tta,

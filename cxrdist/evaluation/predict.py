@@ -10,6 +10,7 @@ the probabilities equal those `evaluate` gives for the same image in a shard.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
-from cxrdist.data.manifest import load_manifest
+from cxrdist.checks import check_writable_file
+from cxrdist.data.manifest import check_same_dataset, load_manifest
 from cxrdist.data.stream import StreamConfig
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
@@ -48,6 +50,22 @@ def collect_images(paths: list[Path]) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or directory")
     return list(dict.fromkeys(found))  # a file named twice is predicted once
+
+
+def check_models_agree(models: list[FoldModel], shards: Path | None) -> None:
+    """Fold models from different datasets are not one ensemble; --shards other than theirs is only warned about."""
+    identities = {json_key(m.card.get("dataset")) for m in models}
+    if len(identities) > 1:
+        raise UserError(f"the models under {models[0].directory.parent.parent} were trained on different datasets; predict with one experiment's folds")
+    if shards is not None and (Path(shards) / "manifest.json").is_file():
+        try:
+            check_same_dataset(models[0].card.get("dataset"), load_manifest(Path(shards)), Path(shards), str(models[0].directory))
+        except UserError as err:
+            print(f"cxrdist predict: warning: {err}", file=sys.stderr)
+
+
+def json_key(value) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def image_settings(models: list[FoldModel], shards: Path | None = None) -> dict:
@@ -148,11 +166,13 @@ def run_predict(
     """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...)."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+    check_writable_file(Path(out))
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)
+    check_models_agree(models, shards)
     settings = image_settings(models, shards)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cxrdist.errors import UserError
+from cxrdist.errors import UserError, one_line
 from cxrdist.model.config import ModelConfig, RefineConfig
 from cxrdist.model.network import CXRNet, build_model
 
@@ -48,9 +48,15 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[CXR
     card_path, weights = directory / CARD_FILE, directory / WEIGHTS_FILE
     if not card_path.is_file() or not weights.is_file():
         raise UserError(f"{directory}: not a trained model (needs {CARD_FILE} and {WEIGHTS_FILE})")
-    card = json.loads(card_path.read_text())
-    model = build_model(model_config_from_card(card), len(card["labels"]))
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        card = json.loads(card_path.read_text())
+        model = build_model(model_config_from_card(card), len(card["labels"]))
+    except Exception as err:  # noqa: BLE001 -- JSON, missing keys, a backbone timm does not know: all mean a bad card
+        raise UserError(f"{card_path}: not a usable model card ({type(err).__name__}: {one_line(err)})") from None
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as err:  # noqa: BLE001 -- truncated file, foreign tensors, another architecture
+        raise UserError(f"{weights}: does not hold the weights {CARD_FILE} describes ({type(err).__name__}: {one_line(err)})") from None
     return model.to(device).eval(), card
 
 

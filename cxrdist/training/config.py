@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
@@ -94,7 +95,7 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(overrides_layer(schema, overrides))
         if fold is not None:
             layers.append(OmegaConf.create({"fold": fold}))
         merged = OmegaConf.merge(*layers)
@@ -109,6 +110,27 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
     return cfg
 
 
+def overrides_layer(schema: DictConfig, overrides) -> DictConfig:
+    """Dotted overrides; a string setting keeps the user's text (YAML would turn `experiment=on` into True)."""
+    layer = OmegaConf.create()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if is_string_setting(schema, key):
+            OmegaConf.update(layer, key, value, force_add=True)
+        else:
+            layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([item]))
+    return layer
+
+
+def is_string_setting(schema: DictConfig, key: str) -> bool:
+    node = schema
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return isinstance(node, StringNode)
+
+
 def validate(cfg: ExperimentConfig) -> None:
     # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
     if cfg.train.mixed_precision in ("False", "false", "fp32"):
@@ -120,6 +142,11 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (math.isfinite(cfg.train.lr) and cfg.train.lr > 0, f"train.lr must be a positive number, not {cfg.train.lr}"),
+        (math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (math.isfinite(cfg.train.grad_clip) and cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0"),
+        (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (cfg.model.refine.sparsity in ("proximal", "subgradient"), "model.refine.sparsity must be proximal or subgradient"),
