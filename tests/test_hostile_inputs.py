@@ -3,7 +3,6 @@ state of the file system afterwards (old data intact, nothing outside the output
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path

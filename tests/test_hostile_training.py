@@ -119,7 +119,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(run, synth
 # ---------------------------------------------------------------- 4, 5: never mix datasets
 
 
-@pytest.mark.parametrize("change", [lambda m: m.update(seed=m["seed"] + 1), lambda m: m.update(labels=m["labels"][::-1])], ids=["seed", "label-order"])
+@pytest.mark.parametrize("change", [lambda m: m.update(seed=m["seed"] + 1), lambda m: m.update(labels=m["labels"][::-1])],
+                         ids=["seed", "label-order"])
 def test_resuming_onto_other_shards_is_refused(run, synth_shards, tmp_path, change):
     copy = copy_run(run, tmp_path)
     before = sorted(p.name for p in (copy / "checkpoints").iterdir())

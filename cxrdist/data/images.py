@@ -91,7 +91,8 @@ def quiet_bomb_warning():
 
 def check_pixels(where, width: int, height: int, frames: int = 1) -> None:
     if int(width) * int(height) * max(int(frames), 1) > MAX_PIXELS:
-        raise BadImage(f"{where}: {width} x {height} pixels{f' x {frames} frames' if frames > 1 else ''} is more than the limit of {MAX_PIXELS:,} (not a radiograph?)")
+        size = f"{width} x {height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+        raise BadImage(f"{where}: {size} is more than the limit of {MAX_PIXELS:,} (not a radiograph?)")
 
 
 def _draft_for(image: Image.Image, max_size: int) -> None:

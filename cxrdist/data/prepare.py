@@ -15,12 +15,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrdist import __version__
+from cxrdist.atomic import replace_directory
 from cxrdist.data import folds as folds_lib
 from cxrdist.data.images import MISSING_FILE
-from cxrdist.data.manifest import MANIFEST_NAME, TEST_SPLIT, Manifest, SplitInfo, fold_name, write_manifest
+from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
 from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, run_jobs, shard_info
 from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
 from cxrdist.errors import UserError
+from cxrdist.layout import TEST_SPLIT, fold_name, is_fold
 
 MAX_LISTED = 5
 
@@ -82,7 +84,7 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
 def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions) -> np.ndarray:
     if opts.folds_from is not None:
         splits = splits_from_file(records, opts.folds_from)
-        opts.folds = sum(1 for s in set(splits) if s.startswith("fold-"))
+        opts.folds = sum(1 for s in set(splits) if is_fold(s))
         return splits
     test_patients = None
     if opts.test_list is not None:
@@ -135,7 +137,7 @@ def check_out(opts: PrepareOptions) -> None:
 def is_prepared_dir(path: Path) -> bool:
     """A directory holding only what prepare writes (manifest.json, fold-K/, test/), manifest included."""
     names = {p.name for p in path.iterdir()}
-    ours = {n for n in names if n == MANIFEST_NAME or n == TEST_SPLIT or (n.startswith("fold-") and n[5:].isdigit())}
+    ours = {n for n in names if n == MANIFEST_NAME or n == TEST_SPLIT or is_fold(n)}
     return MANIFEST_NAME in names and ours == names
 
 
@@ -187,7 +189,7 @@ def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], spl
         with sigterm_as_interrupt():
             manifest = write_shards(staging, records, raw, labels, splits, opts)
             write_manifest(staging, manifest)
-            replace_dir(staging, out)
+            replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -205,17 +207,6 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an old `target` is moved aside first and deleted only once `new` is in place."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old)
 
 
 def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
@@ -264,7 +255,8 @@ def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, resul
         splits=split_infos,
         num_folds=opts.folds,
         seed=opts.seed,
-        source={"name": opts.source, "csv": str(opts.csv), "images": str(opts.images), "views": opts.views, "notes": list(records.attrs.get("notes", []))},
+        source={"name": opts.source, "csv": str(opts.csv), "images": str(opts.images), "views": opts.views,
+                "notes": list(records.attrs.get("notes", []))},
         image={"format": opts.fmt, "max_size": opts.max_size, "quality": opts.quality, "mode": "L"},
         balance=balance,
         skipped_images={

@@ -309,7 +309,9 @@ def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False
     view = _normalize_views(table["view"], csv, warn=True) if "view" in table.columns else ""
     records = _records(table, path, patient, study, view, _parse_labels(table, names, csv))
     if "patient" not in table.columns:
-        records.attrs["notes"] = ["no patient grouping (--no-patient-grouping): every image is its own patient, so a patient's images may sit in several folds"]
+        records.attrs["notes"] = [
+            "no patient grouping (--no-patient-grouping): every image is its own patient, so a patient's images may sit in several folds"
+        ]
     return records, names
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
-from cxrdist.model.config import LossConfig, ModelConfig
+from cxrdist.layout import run_dir
+from cxrdist.model.config import LossConfig, ModelConfig, one_of
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -29,6 +30,10 @@ class DataConfig:
     # "zeros", "ones", or a mapping {label: policy, default: policy}.
     label_policy: Any = "default"
     max_corrupt_fraction: float = 0.001  # stop when more samples than this fraction fail to decode
+
+    def __post_init__(self) -> None:
+        at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.workers", self.workers, 0)
 
 
 @dataclass
@@ -52,12 +57,35 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
+        if self.mixed_precision in ("False", "false", "fp32"):
+            self.mixed_precision = "no"
+        one_of("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        at_least("train.grad_accum", self.grad_accum, 1)
+        at_least("train.epochs", self.epochs, 1)
+        at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"train.lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UserError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
 
 @dataclass
 class LoggingConfig:
     wandb: str = "auto"  # online | offline | disabled | auto (online if logged in, else offline)
     project: str = "cxrdist"
     progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        one_of("logging.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass
@@ -72,9 +100,13 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        if "/" in self.experiment or self.experiment in ("", ".", ".."):
+            raise UserError(f"experiment must be a plain name, got {self.experiment!r}")
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.experiment / f"fold-{self.fold}"
+        return run_dir(self.output_dir, self.experiment, self.fold)
 
 
 def one_line(err: OmegaConfBaseException) -> str:
@@ -102,11 +134,10 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"config: required key(s) not set: {', '.join(missing)}")
-        cfg: ExperimentConfig = OmegaConf.to_object(merged)
+        cfg: ExperimentConfig = to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
-    validate(cfg)
     return cfg
 
 
@@ -131,31 +162,17 @@ def is_string_setting(schema: DictConfig, key: str) -> bool:
     return isinstance(node, StringNode)
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
-    if cfg.train.mixed_precision in ("False", "false", "fp32"):
-        cfg.train.mixed_precision = "no"
-    checks = [
-        (cfg.logging.wandb in WANDB_MODES, f"logging.wandb must be one of {', '.join(WANDB_MODES)}"),
-        (cfg.train.mixed_precision in PRECISIONS, f"train.mixed_precision must be one of {', '.join(PRECISIONS)}"),
-        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.data.workers >= 0, "data.workers must be >= 0"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (math.isfinite(cfg.train.lr) and cfg.train.lr > 0, f"train.lr must be a positive number, not {cfg.train.lr}"),
-        (math.isfinite(cfg.train.weight_decay) and cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (math.isfinite(cfg.train.grad_clip) and cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0"),
-        (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-        (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
-        (cfg.model.refine.sparsity in ("proximal", "subgradient"), "model.refine.sparsity must be proximal or subgradient"),
-        (cfg.loss.name in ("asl", "bce"), "loss.name must be asl or bce"),
-        ("/" not in cfg.experiment and cfg.experiment not in ("", ".", ".."), "experiment must be a plain name"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(f"config: {message}")
+def to_object(merged) -> ExperimentConfig:
+    """The typed config; every section's __post_init__ checks its own fields."""
+    try:
+        return OmegaConf.to_object(merged)
+    except UserError as err:
+        raise UserError(f"config: {err}") from None
+
+
+def at_least(field_name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserError(f"{field_name} must be >= {minimum}, got {value}")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
