@@ -30,11 +30,17 @@ def one_line(text: str, needle: str) -> None:
 
 @pytest.fixture(scope="module")
 def run(synth_shards, tmp_path_factory) -> Path:
-    """Two epochs, checkpoints at each epoch end, one evaluation at the very end (after the last checkpoint)."""
+    """One short epoch (batch 32), checkpoints every 5 steps and at the end, one evaluation at the very end
+    (after the last checkpoint). Every test here shares it (copying it when it changes files): each trainer
+    start costs more than the training itself on a loaded machine."""
     out = tmp_path_factory.mktemp("hostile-run")
-    result = run_single(fast_overrides(synth_shards, out, **{"train.epochs": 2, "train.eval_every": 100000, "train.keep_checkpoints": 3}))
+    result = run_single(fast_overrides(synth_shards, out, **SHORT))
     assert result.returncode == 0, explain(result)
+    assert len(checkpoints(out / "demo" / "fold-0")) >= 2
     return out / "demo" / "fold-0"
+
+
+SHORT = {"train.epochs": 1, "data.batch_size": 32, "train.checkpoint_every": 5, "train.eval_every": 100000, "train.keep_checkpoints": 5}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -67,18 +73,22 @@ def test_the_last_checkpoint_knows_the_final_evaluation(run):
     assert state["best_step"] == card["step"] == state["step"]
 
 
-def test_a_resume_never_replaces_a_better_best_model(run, synth_shards, tmp_path):
+def test_a_truncated_newest_checkpoint_falls_back_and_a_resume_never_replaces_a_better_best_model(run, synth_shards, tmp_path):
+    """The crash this models: the newest checkpoint was cut short, and an evaluation after the checkpoint resumed from
+    exported a better best model than any to come. The resume must skip the broken one (saying so) and keep best/."""
     copy = copy_run(run, tmp_path)
+    newest, previous = checkpoints(copy)[-1], checkpoints(copy)[-2]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     card_path = copy / "best" / "model.json"
     card = json.loads(card_path.read_text())
-    card["metrics"]["ema"]["macro_auc"] = 0.999  # an evaluation after the newest checkpoint, better than any to come
+    card["metrics"]["ema"]["macro_auc"] = 0.999
     card_path.write_text(json.dumps(card))
-    state_path = checkpoints(copy)[-1] / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    state["best_auc"], state["best_step"] = float("-inf"), -1  # as a checkpoint written before that evaluation
-    state_path.write_text(json.dumps(state))
-    result = run_single(fast_overrides(synth_shards, tmp_path / "runs", **{"train.epochs": 3, "train.eval_every": 100000}))
+    assert json.loads((previous / "trainer_state.json").read_text())["best_auc"] == float("-inf")  # written before any evaluation
+    result = run_single(fast_overrides(synth_shards, tmp_path / "runs", **SHORT))
     assert result.returncode == 0, explain(result)
+    text = result.stdout + result.stderr
+    assert f"skipping checkpoint {newest.name}" in text and f"resumed from {previous}" in text
     assert json.loads(card_path.read_text())["metrics"]["ema"]["macro_auc"] == 0.999
 
 
@@ -93,39 +103,59 @@ class WouldRunCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("victim", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
-def test_a_crafted_pickle_in_a_checkpoint_never_runs(run, synth_shards, tmp_path, victim):
+def crafted_checkpoint(run: Path, tmp_path: Path, victim: str) -> tuple[Path, Path]:
+    """A copy of the run's newest checkpoint whose `victim` file is a pickle that creates `marker` when unpickled."""
     checkpoint = tmp_path / "foreign-checkpoint"
     shutil.copytree(checkpoints(run)[-1], checkpoint)
     marker = tmp_path / "pwned"
     torch.save({"state": WouldRunCode(marker)}, checkpoint / victim)
-    result = run_single(fast_overrides(synth_shards, tmp_path / "runs", **{"train.resume": checkpoint}))
-    assert result.returncode == 2, explain(result)
-    one_line(result.stderr, victim)
+    return checkpoint, marker
+
+
+@pytest.mark.parametrize("victim", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_unread(run, tmp_path, victim):
+    """What the trainer calls before restoring anything (named by train.resume=PATH, or found by resume=auto)."""
+    from cxrdist.errors import UserError
+    from cxrdist.training.checkpoint import find_resume
+
+    checkpoint, marker = crafted_checkpoint(run, tmp_path, victim)
+    with pytest.raises(UserError, match=victim):
+        find_resume(tmp_path, str(checkpoint))
+    auto = tmp_path / "runs" / "checkpoints"
+    shutil.copytree(checkpoints(run)[-2], auto / checkpoints(run)[-2].name)
+    shutil.copytree(checkpoint, auto / "step-99999999")
+    said = []
+    path, _ = find_resume(auto.parent, "auto", said.append)
+    assert path.name == checkpoints(run)[-2].name and victim in said[0]
     assert not marker.exists()
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(run, synth_shards, tmp_path):
-    copy = copy_run(run, tmp_path)
-    newest, previous = checkpoints(copy)[-1], checkpoints(copy)[-2]
-    weights = newest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run_single(fast_overrides(synth_shards, tmp_path / "runs", **{"train.epochs": 2, "train.eval_every": 100000}))
-    assert result.returncode == 0, explain(result)
-    text = result.stdout + result.stderr
-    assert f"skipping checkpoint {newest.name}" in text and f"resumed from {previous}" in text
+def test_a_crafted_pickle_never_runs_in_the_trainer(run, synth_shards, tmp_path):
+    checkpoint, marker = crafted_checkpoint(run, tmp_path, "custom_checkpoint_0.pkl")  # accelerate unpickles it fully
+    result = run_single(fast_overrides(synth_shards, tmp_path / "runs", **{**SHORT, "train.resume": checkpoint}))
+    assert result.returncode == 2, explain(result)
+    one_line(result.stderr, "custom_checkpoint_0.pkl")
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- 4, 5: never mix datasets
 
 
-@pytest.mark.parametrize("change", [lambda m: m.update(seed=m["seed"] + 1), lambda m: m.update(labels=m["labels"][::-1])],
-                         ids=["seed", "label-order"])
-def test_resuming_onto_other_shards_is_refused(run, synth_shards, tmp_path, change):
+CHANGES = {"seed": lambda m: m.update(seed=m["seed"] + 1), "label-order": lambda m: m.update(labels=m["labels"][::-1])}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_the_dataset_identity_tells_a_re_prepared_dataset(synth_shards, tmp_path, change):
+    from cxrdist.data.manifest import load_manifest
+
+    assert load_manifest(other_shards(synth_shards, tmp_path, change)).identity() != load_manifest(synth_shards).identity()
+
+
+def test_resuming_onto_other_shards_is_refused(run, synth_shards, tmp_path):
     copy = copy_run(run, tmp_path)
     before = sorted(p.name for p in (copy / "checkpoints").iterdir())
-    shards = other_shards(synth_shards, tmp_path, change)
-    result = run_single(fast_overrides(shards, tmp_path / "runs", **{"train.epochs": 3}))
+    shards = other_shards(synth_shards, tmp_path, CHANGES["label-order"])
+    result = run_single(fast_overrides(shards, tmp_path / "runs", **{**SHORT, "train.epochs": 3}))
     assert result.returncode == 2, explain(result)
     one_line(result.stderr, "other shards")
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before
