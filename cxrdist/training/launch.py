@@ -12,6 +12,7 @@ from pathlib import Path
 import cxrdist
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
+from cxrdist.training.launcher_output import LauncherStderr, pump
 
 TRAIN_SCRIPT = Path(cxrdist.__file__).resolve().parent / "train.py"
 
@@ -84,8 +85,11 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     """Run the launcher in its own process group; SIGTERM/SIGINT/SIGUSR1 to us become a preemption
     request (SIGTERM or SIGUSR1) to the trainer processes, which checkpoint and exit; a second SIGINT
-    kills the group. Whatever is left of the group when the launcher ends is killed: no orphans."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    kills the group. Whatever is left of the group when the launcher ends is killed: no orphans.
+    Its stderr goes through LauncherStderr: a trainer's error stays one line, not a launcher page."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    stderr = LauncherStderr(sys.stderr)
+    reader = pump(proc.stderr.fileno(), stderr)
     interrupts = []
 
     def forward(signum, frame) -> None:
@@ -103,7 +107,10 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         signal_group(proc.pid, signal.SIGKILL)
-    return code
+        reader.join(timeout=30)  # the pipe closes when the last process of the group is gone
+        proc.stderr.close()
+    # the launcher exits 1 whatever the trainer said; its page named the trainer's code (2 for a user error)
+    return stderr.child_code if code != 0 and stderr.child_code else code
 
 
 def trainer_processes(launcher_pid: int) -> list:
