@@ -30,9 +30,9 @@ def one_line(text: str, needle: str) -> None:
 
 @pytest.fixture(scope="module")
 def run(synth_shards, tmp_path_factory) -> Path:
-    """One short epoch (batch 32), checkpoints every 5 steps and at the end, one evaluation at the very end
-    (after the last checkpoint). Every test here shares it (copying it when it changes files): each trainer
-    start costs more than the training itself on a loaded machine."""
+    """One short epoch (batch 32), a checkpoint every step, so the last one is written before the one evaluation at the
+    very end (whatever the step count; with every 5 steps, 11 steps ended with a checkpoint after it and hid the bug).
+    Every test here shares it (copying it when it changes files): each trainer start costs more than the training itself on a loaded machine."""
     out = tmp_path_factory.mktemp("hostile-run")
     result = run_single(fast_overrides(synth_shards, out, **SHORT))
     assert result.returncode == 0, explain(result)
@@ -40,7 +40,7 @@ def run(synth_shards, tmp_path_factory) -> Path:
     return out / "demo" / "fold-0"
 
 
-SHORT = {"train.epochs": 1, "data.batch_size": 32, "train.checkpoint_every": 5, "train.eval_every": 100000, "train.keep_checkpoints": 5}
+SHORT = {"train.epochs": 1, "data.batch_size": 32, "train.checkpoint_every": 1, "train.eval_every": 100000, "train.keep_checkpoints": 5}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
