@@ -50,7 +50,10 @@ def add_prepare(sub) -> None:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--views", choices=["all", "frontal"], default="all")
-    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                   help="skip: leave out missing and unreadable images, listed in the manifest")
+    p.add_argument("--no-patient-grouping", action="store_true", help="accept a CSV without a 'patient' column (every image its own patient)")
+    p.add_argument("--allow-outside-images", action="store_true", help="read CSV paths that lead outside --images (../, absolute, symlinks)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     folds = p.add_mutually_exclusive_group()
@@ -66,13 +69,19 @@ def run_prepare(args) -> int:
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
     if args.samples_per_shard < 1 or args.max_size < 16 or args.workers < 1:
         raise UserError("--samples-per-shard and --workers must be >= 1 and --max-size >= 16")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality {args.quality}: JPEG quality must be in 1..100")
+    if args.seed < 0 or args.folds < 2 or not 0.0 <= args.test_fraction < 1.0:
+        raise UserError("--seed must be >= 0, --folds >= 2 and --test-fraction in [0, 1)")
     opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
     manifest = prepare(opts)
     if manifest is not None:
         total = sum(s.num_samples for s in manifest.splits.values())
         print(f"wrote {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards to {args.out}")
-        if manifest.skipped_images["count"]:
-            print(f"skipped {manifest.skipped_images['count']} unreadable images (listed in manifest.json)")
+        skipped = manifest.skipped_images
+        if skipped["count"]:
+            unreadable = skipped["count"] - skipped["missing"]
+            print(f"skipped {skipped['count']} images ({skipped['missing']} missing, {unreadable} unreadable; listed in manifest.json)")
     return 0
 
 

@@ -145,11 +145,12 @@ def test_generic_csv_bad_value_counts_lines_including_blank_ones(tmp_path):
         load_records("csv", csv, labels="A")
 
 
-def test_generic_csv_without_patient_warns_and_uses_one_patient_per_image(tmp_path, caplog):
-    csv = write(tmp_path / "labels.csv", ["path,A", "a.png,1", "b.png,0"])
-    with caplog.at_level(logging.WARNING):
-        records, _ = load_records("csv", csv, labels="A")
-    assert "own patient" in caplog.text
+def test_generic_csv_without_patient_is_refused_unless_grouping_is_waived(tmp_path):
+    csv = write(tmp_path / "labels.csv", ["path,A", "./a.png,1", "b.png,0"])
+    with pytest.raises(UserError, match="no 'patient' column.*--no-patient-grouping"):
+        load_records("csv", csv, labels="A")
+    records, _ = load_records("csv", csv, labels="A", no_patient_grouping=True)
+    assert any("own patient" in note for note in records.attrs["notes"])
     assert records["patient"].tolist() == ["a.png", "b.png"]
     assert records["study"].tolist() == ["", ""] and records["view"].tolist() == ["", ""]
 

@@ -14,6 +14,8 @@ signed data are min-max scaled. DICOM is different: it carries its own display t
 from __future__ import annotations
 
 import io
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,10 @@ _STANDARD_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 # A JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) only while the decoded image stays at
 # least this many times larger than the target, so the final LANCZOS step still antialiases.
 _DRAFT_MARGIN = 2
+MISSING_FILE = "no such file"
+# Real radiographs are at most ~4,300 x 4,300 (18.5 Mpx); anything far larger is refused before decoding,
+# so that a small file (a 13,000 x 13,000 PNG compresses to 328 KB) cannot take gigabytes in every worker.
+MAX_PIXELS = 64_000_000
 
 
 def _one_line(error: BaseException) -> str:
@@ -59,11 +65,12 @@ def load_for_shard(path: Path, max_size: int) -> np.ndarray:
 
 def _read(path: Path, max_size: int | None) -> np.ndarray:
     if not path.is_file():
-        raise BadImage(f"{path}: no such file")
+        raise BadImage(f"{path}: {MISSING_FILE}")
     if is_dicom(path):
         return read_dicom(path)
     try:
-        with Image.open(path) as image:
+        with quiet_bomb_warning(), Image.open(path) as image:
+            check_pixels(path, *image.size)
             if max_size is not None and image.format == "JPEG":
                 _draft_for(image, max_size)
             image.load()
@@ -72,6 +79,20 @@ def _read(path: Path, max_size: int | None) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImage(f"{path}: cannot decode image ({_one_line(e)})") from e
+
+
+@contextmanager
+def quiet_bomb_warning():
+    """PIL warns on opening a large image; `check_pixels` refuses it right after, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def check_pixels(where, width: int, height: int, frames: int = 1) -> None:
+    if int(width) * int(height) * max(int(frames), 1) > MAX_PIXELS:
+        size = f"{width} x {height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+        raise BadImage(f"{where}: {size} is more than the limit of {MAX_PIXELS:,} (not a radiograph?)")
 
 
 def _draft_for(image: Image.Image, max_size: int) -> None:
@@ -155,6 +176,7 @@ def _dicom_to_uint8(ds, where: str) -> np.ndarray:
 
     if "PixelData" not in ds:
         raise BadImage(f"{where}: DICOM file has no pixel data")
+    check_pixels(where, ds.get("Columns", 0), ds.get("Rows", 0), ds.get("NumberOfFrames", 1) or 1)
     pixels = _dicom_pixels(ds, where)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -253,7 +275,8 @@ def encode_image(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 def decode_image(data: bytes) -> np.ndarray:
     """PNG/JPEG bytes -> 2-D uint8."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with quiet_bomb_warning(), Image.open(io.BytesIO(data)) as image:
+            check_pixels(f"<{len(data)} bytes>", *image.size)
             image.load()
             return _pil_to_gray(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

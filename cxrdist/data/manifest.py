@@ -98,10 +98,33 @@ class Manifest:
         return cls(**{**data, "splits": splits})
 
 
+def check_same_dataset(recorded: dict | None, manifest: Manifest, root: Location, what: str) -> None:
+    """Refuse shards whose identity differs from the one `what` (a model, a checkpoint) recorded."""
+    if recorded and recorded != manifest.identity():
+        raise UserError(
+            f"{what} was trained on another dataset than {display(root)} (labels, fold seed or shard contents differ): "
+            "its test and validation splits would overlap its training images; pass the shards it was trained on"
+        )
+
+
 def write_manifest(root: Path, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
     atomic_write_text(path, manifest.to_json())
     return path
+
+
+def check_structure(manifest: Manifest, path: Path) -> None:
+    """Types and the fold layout: a hand-edited or foreign manifest must not pass as a dataset."""
+    if not isinstance(manifest.num_folds, int) or isinstance(manifest.num_folds, bool) or manifest.num_folds < 1:
+        raise UserError(f"{path}: num_folds must be a positive integer, not {manifest.num_folds!r}")
+    if not isinstance(manifest.labels, list) or not manifest.labels or not all(isinstance(x, str) for x in manifest.labels):
+        raise UserError(f"{path}: labels must be a non-empty list of names")
+    missing = [name for name in manifest.fold_names if name not in manifest.splits]
+    if missing:
+        raise UserError(f"{path}: split(s) {', '.join(missing)} missing (num_folds is {manifest.num_folds})")
+    for name, split in manifest.splits.items():
+        if not isinstance(split.num_samples, int) or not split.shards or not all(isinstance(s.num_samples, int) for s in split.shards):
+            raise UserError(f"{path}: split {name!r} has no shards or non-integer sample counts")
 
 
 def manifest_location(root: Location) -> Location:
@@ -162,6 +185,7 @@ def parse_manifest(text: str, path: str) -> Manifest:
         raise UserError(f"{path}: format version {version!r}, this cxrdist reads version {FORMAT_VERSION}")
     try:
         manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{path}: malformed manifest ({err})") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
+    check_structure(manifest, path)
     return manifest

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrdist import __version__
+from cxrdist.atomic import replace_directory
 from cxrdist.data import folds as folds_lib
+from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
 from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, run_jobs, shard_info
 from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
@@ -43,12 +48,18 @@ class PrepareOptions:
     metadata: Path | None = None
     folds_only: Path | None = None
     folds_from: Path | None = None
+    no_patient_grouping: bool = False
+    allow_outside_images: bool = False
     progress: bool = True
 
 
 def prepare(opts: PrepareOptions) -> Manifest | None:
     """Run the whole preparation; returns the manifest (None with --folds-only)."""
-    records, labels = load_records(opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata)
+    if opts.folds_only is None and opts.out is not None:
+        check_out(opts)
+    records, labels = load_records(
+        opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping
+    )
     notes = list(records.attrs.get("notes", []))
     records = filter_views(records, opts.views)
     if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
@@ -58,13 +69,15 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     splits = assign(records, raw, opts)
     balance = folds_lib.split_balance(splits, records["patient"].to_numpy(), folds_lib.positives_matrix(raw), labels)
     print(folds_lib.format_balance(balance))
+    for note in notes:
+        print(f"note: {note}")
     if opts.folds_only is not None:
         folds_lib.write_assignment(opts.folds_only, records["path"].tolist(), records["patient"].tolist(), splits)
         print(f"wrote the fold assignment to {opts.folds_only} (reuse it with --folds-from)")
         return None
     if opts.images is None or opts.out is None:
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
-    check_images_exist(records["path"], opts.images)
+    check_image_paths(records["path"], opts.images, opts.allow_outside_images, missing_ok=opts.on_bad_image == "skip")
     return write_dataset(records, raw, labels, splits, opts)
 
 
@@ -104,12 +117,52 @@ def splits_from_file(records: pd.DataFrame, path: Path) -> np.ndarray:
     return splits
 
 
-def check_images_exist(paths: pd.Series, images: Path) -> None:
-    if not Path(images).is_dir():
+def check_out(opts: PrepareOptions) -> None:
+    """Refuse an --out that is a file, holds something prepare did not write, or overlaps an input:
+    the new dataset replaces --out wholesale, and nothing else may ever be deleted."""
+    out = Path(opts.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {opts.out}: is a file, not a directory")
+    if opts.images is not None:
+        images = Path(opts.images).resolve()
+        if out == images or images in out.parents or out in images.parents:
+            raise UserError(f"--out {opts.out} overlaps --images {opts.images}: write the shards to a directory outside the image tree")
+    for what, path in (("--csv", opts.csv), ("--test-list", opts.test_list), ("--folds-from", opts.folds_from), ("--metadata", opts.metadata)):
+        if path is not None and out in Path(path).resolve().parents:
+            raise UserError(f"{what} {path} is inside --out {opts.out}, which prepare replaces: move it out first")
+    if out.is_dir() and any(out.iterdir()) and not is_prepared_dir(out):
+        raise UserError(f"--out {opts.out}: not empty and not a directory written by `cxrdist prepare`; choose a new or empty directory")
+
+
+def is_prepared_dir(path: Path) -> bool:
+    """A directory holding only what prepare writes (manifest.json, fold-K/, test/), manifest included."""
+    names = {p.name for p in path.iterdir()}
+    ours = {n for n in names if n == MANIFEST_NAME or n == TEST_SPLIT or is_fold(n)}
+    return MANIFEST_NAME in names and ours == names
+
+
+def check_image_paths(paths: pd.Series, images: Path, allow_outside: bool, missing_ok: bool) -> None:
+    """Every CSV path must name a file under --images (after resolving symlinks), and no file twice."""
+    root = Path(images)
+    if not root.is_dir():
         raise UserError(f"--images {images}: no such directory")
-    missing = [p for p in paths if not (Path(images) / p).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} image files listed in the CSV are missing under {images} (first: {', '.join(missing[:MAX_LISTED])})")
+    root = root.resolve()
+    seen: dict[Path, str] = {}
+    missing = []
+    for path in paths:
+        target = (root / path).resolve()
+        if not allow_outside and not target.is_relative_to(root):
+            raise UserError(f"image path {path!r} leads outside --images {images} (pass --allow-outside-images to read it anyway)")
+        if target in seen:
+            raise UserError(f"image paths {seen[target]!r} and {path!r} name the same file {target}: one image cannot be two samples")
+        seen[target] = path
+        if not target.is_file():
+            missing.append(path)
+    if missing and not missing_ok:
+        raise UserError(
+            f"{len(missing)} image files listed in the CSV are missing under {images} (first: {', '.join(missing[:MAX_LISTED])}); "
+            "--on-bad-image skip leaves them out"
+        )
 
 
 def sample_specs(records: pd.DataFrame, raw: np.ndarray) -> list[SampleSpec]:
@@ -127,16 +180,42 @@ def split_names(splits: np.ndarray, num_folds: int) -> list[str]:
 
 
 def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
+    """Build the whole dataset in a hidden sibling directory and swap it in only when complete: a failed or
+    interrupted run leaves --out as it was (a previous dataset intact) and no partial shards anywhere."""
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        with sigterm_as_interrupt():
+            manifest = write_shards(staging, records, raw, labels, splits, opts)
+            write_manifest(staging, manifest)
+            replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the partial output is removed."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
+    out.mkdir()
     specs = sample_specs(records, raw)
     rng = np.random.default_rng(opts.seed)
     jobs_by_split: dict[str, list[ShardJob]] = {}
     for name in split_names(splits, opts.folds):
         split_dir = out / name
-        if split_dir.exists():
-            shutil.rmtree(split_dir)
         split_dir.mkdir()
         members = np.flatnonzero(splits == name)
         members = members[rng.permutation(len(members))]  # each shard a random sample of its split
@@ -147,9 +226,7 @@ def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], spl
     all_jobs = [job for jobs in jobs_by_split.values() for job in jobs]
     with tqdm(total=len(specs), desc="writing shards", unit="img", disable=None if opts.progress else True) as bar:  # None: only on a terminal
         results = run_jobs(all_jobs, opts.workers, lambda r: bar.update(len(r.keys) + len(r.bad)))
-    manifest = build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results)
-    write_manifest(out, manifest)
-    return manifest
+    return build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results)
 
 
 def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results) -> Manifest:
@@ -182,6 +259,9 @@ def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, resul
                 "notes": list(records.attrs.get("notes", []))},
         image={"format": opts.fmt, "max_size": opts.max_size, "quality": opts.quality, "mode": "L"},
         balance=balance,
-        skipped_images={"count": len(bad), "paths": [path for path, _ in bad], "reasons": [why for _, why in bad]},
+        skipped_images={
+            "count": len(bad), "missing": sum(1 for _, why in bad if why.endswith(MISSING_FILE)),
+            "paths": [path for path, _ in bad], "reasons": [why for _, why in bad],
+        },
         created_by=f"cxrdist {__version__}",
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -52,12 +53,16 @@ def load_records(
     labels: str | None = None,
     views: str = "all",
     metadata_csv: Path | None = None,
+    no_patient_grouping: bool = False,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Read `csv` as `source` and return (records, label names); see the module docstring.
 
     `labels` is the --labels spec (None: the source's default vocabulary). `metadata_csv` is
     only for mimic (default: mimic-cxr-2.0.0-metadata.csv next to `csv`). For mimic, the number
     of images dropped because their study has no labels row is in `records.attrs["notes"]`.
+    A generic CSV without a `patient` column is refused unless `no_patient_grouping` (then every
+    image is its own patient, noted in `records.attrs["notes"]`). Paths are normalised
+    (`./a.png` and `a.png` are one path) before the duplicate check.
     """
     if source not in SOURCES:
         raise UserError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
@@ -67,7 +72,7 @@ def load_records(
         raise UserError(f"--metadata is only used with --source mimic, not --source {source}")
     csv = Path(csv)
     if source == "csv":
-        records, names = _load_generic(csv, labels)
+        records, names = _load_generic(csv, labels, no_patient_grouping)
     elif source == "chexpert":
         records, names = _load_chexpert(csv, labels)
     elif source == "nih":
@@ -76,6 +81,7 @@ def load_records(
         records, names = _load_mimic(csv, labels, metadata_csv)
     if records.empty:
         raise UserError(f"{csv}: no image rows")
+    records["path"] = records["path"].map(posixpath.normpath)
     _check_unique_paths(records, csv)
     return filter_views(records, views), names
 
@@ -275,7 +281,7 @@ def _check_unique_paths(records: pd.DataFrame, csv: Path) -> None:
 # ---------------------------------------------------------------- the sources
 
 
-def _load_generic(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]]:
+def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False) -> tuple[pd.DataFrame, list[str]]:
     table = _read_table(csv)
     if spec is None or spec == "":
         if not set(CHEXPERT_LABELS) <= set(table.columns):
@@ -292,12 +298,21 @@ def _load_generic(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]]
     if "patient" in table.columns:
         patient = _stripped(table, "patient")
         _require_nonblank(patient, table, "patient", csv)
+    elif no_patient_grouping:
+        patient = path.map(posixpath.normpath)
     else:
-        log.warning("%s has no 'patient' column: every image is treated as its own patient", csv)
-        patient = path
+        raise UserError(
+            f"{csv}: no 'patient' column, so one patient's images could land in several folds; "
+            "add the column, or pass --no-patient-grouping to treat every image as its own patient"
+        )
     study = _stripped(table, "study") if "study" in table.columns else ""
     view = _normalize_views(table["view"], csv, warn=True) if "view" in table.columns else ""
-    return _records(table, path, patient, study, view, _parse_labels(table, names, csv)), names
+    records = _records(table, path, patient, study, view, _parse_labels(table, names, csv))
+    if "patient" not in table.columns:
+        records.attrs["notes"] = [
+            "no patient grouping (--no-patient-grouping): every image is its own patient, so a patient's images may sit in several folds"
+        ]
+    return records, names
 
 
 _CHEXPERT_PATH = re.compile(r"(?:^|/)(patient\d+)/(study\d+)/[^/]+$")

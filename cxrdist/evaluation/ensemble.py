@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from cxrdist import distributed
-from cxrdist.atomic import json_ready
+from cxrdist.atomic import check_writable_dir, json_ready
 from cxrdist.data.location import Location, display, resolved
-from cxrdist.data.manifest import Manifest, load_manifest
+from cxrdist.data.manifest import Manifest, check_same_dataset, load_manifest
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
@@ -208,6 +208,10 @@ def run_evaluate(
     manifest.split(split)
     if manifest.labels != labels:
         raise UserError(f"{display(root)}: the manifest's labels differ from the models' labels")
+    for m in models:
+        check_same_dataset(m.card.dataset, manifest, root, str(m.directory))
+    out = Path(out) if out is not None else default_out(runs)
+    check_writable_dir(out)
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}
@@ -215,7 +219,6 @@ def run_evaluate(
     per_model_plain = {m.name: model_probabilities(preds.logits, m.name, False) for m in models} if tta else None
     groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
     metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
-    out = Path(out) if out is not None else default_out(runs)
     metrics = {
         "split": split,
         "tta": tta,

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cxrdist.atomic import check_writable_file
 from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform
@@ -46,6 +47,13 @@ def collect_images(paths: list[Path]) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or directory")
     return list(dict.fromkeys(found))  # a file named twice is predicted once
+
+
+def check_models_agree(models: list[FoldModel]) -> None:
+    """Fold models trained on different datasets are not one ensemble."""
+    if any(m.card.dataset != models[0].card.dataset for m in models[1:]):
+        raise UserError(f"the models under {models[0].directory.parent.parent} were trained on different datasets; "
+                        "predict with one experiment's folds")
 
 
 def image_settings(models: list[FoldModel]) -> dict:
@@ -123,11 +131,13 @@ def run_predict(
     """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...)."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+    check_writable_file(Path(out))
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)
+    check_models_agree(models)
     settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:

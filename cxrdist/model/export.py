@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cxrdist.atomic import replace_directory
-from cxrdist.errors import UserError
+from cxrdist.errors import UserError, one_line
 from cxrdist.layout import CARD_FILE, WEIGHTS_FILE
 from cxrdist.model.card import ModelCard
 from cxrdist.model.network import CXRNet, build_model
@@ -32,6 +32,13 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[CXR
     if not (directory / CARD_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise UserError(f"{directory}: not a trained model (needs {CARD_FILE} and {WEIGHTS_FILE})")
     card = ModelCard.read(directory)
-    model = build_model(card.model, card.num_labels)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    try:
+        model = build_model(card.model, card.num_labels)
+    except Exception as err:  # noqa: BLE001 -- a backbone timm does not know, settings it rejects: a bad card
+        raise UserError(f"{directory / CARD_FILE}: not a usable model card ({type(err).__name__}: {one_line(err)})") from None
+    weights = directory / WEIGHTS_FILE
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as err:  # noqa: BLE001 -- truncated file, foreign tensors, another architecture
+        raise UserError(f"{weights}: does not hold the weights {CARD_FILE} describes ({type(err).__name__}: {one_line(err)})") from None
     return model.to(device).eval(), card

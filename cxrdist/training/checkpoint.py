@@ -3,6 +3,11 @@
 Layout: RUN/checkpoints/step-00001234/{accelerate state files, ema.safetensors, trainer_state.json}.
 A checkpoint is written to RUN/checkpoints/.partial-step-N and renamed when complete, so a crash
 (even kill -9) mid-write leaves the previous checkpoints untouched and resume never sees half a one.
+
+Loading never runs code from the files: before anything is restored, every file of the checkpoint is
+read the safe way (JSON, safetensors, torch.load with weights_only=True); a checkpoint that fails
+(truncated, foreign, a pickle with code in it) is refused, and `resume=auto` falls back to the
+previous complete one. No custom pickled object is saved (the LR schedule is a function of the step).
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from cxrdist.atomic import replace_directory
+from cxrdist.atomic import atomic_write_text, replace_directory
+from cxrdist.errors import UserError, one_line
 from cxrdist.layout import CHECKPOINTS_DIR
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TORCH_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+CUSTOM_PICKLE = "custom_checkpoint_*.pkl"  # accelerate loads these with a full unpickler
 
 
 @dataclass
@@ -37,6 +45,7 @@ class TrainerState:
     samples_seen: int = 0
     corrupt_seen: int = 0
     wandb_id: str = ""
+    dataset: dict = field(default_factory=dict)  # Manifest.identity() of the shards trained on
     extra: dict = field(default_factory=dict)
 
 
@@ -95,17 +104,57 @@ def prune(run_dir: Path, keep: int, best_step: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
+def update_state(run_dir: Path, state: TrainerState) -> None:
+    """Rewrite the trainer state of the checkpoint of `state.step` (e.g. after the final evaluation)."""
+    path = checkpoint_dir(run_dir) / f"step-{state.step:08d}" / STATE_FILE
+    if path.is_file():
+        atomic_write_text(path, json.dumps(asdict(state), indent=2))
+
+
+def find_resume(run_dir: Path, resume: str, say=print) -> tuple[Path, TrainerState] | None:
+    """The checkpoint to resume from and its (checked) trainer state, or None for a fresh start.
+
+    `auto`: the newest checkpoint that passes `check_checkpoint`, saying which were skipped and why.
+    A PATH must pass it, or it is a UserError.
+    """
     if resume == "never":
         return None
     if resume != "auto":
         path = Path(resume)
-        return path if (path / STATE_FILE).is_file() else None
-    complete = list_checkpoints(run_dir)
-    return complete[-1] if complete else None
+        if not (path / STATE_FILE).is_file():
+            raise UserError(f"train.resume={resume}: not a complete checkpoint directory (no {STATE_FILE})")
+        return path, check_checkpoint(path)
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, check_checkpoint(path)
+        except UserError as err:
+            say(f"skipping checkpoint {path.name}: {one_line(err)}; trying the previous one")
+    return None
+
+
+def check_checkpoint(path: Path) -> TrainerState:
+    """Read every file of the checkpoint without a full unpickler; a UserError names the first bad one."""
+    custom = sorted(path.glob(CUSTOM_PICKLE))
+    if custom:
+        raise UserError(f"{custom[0]}: a pickled object only a full unpickler could load (it could run code); cxrdist never writes one")
+    from accelerate.utils import load as torch_load_weights_only  # weights_only=True plus numpy's RNG-state types
+
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(str(file))
+            elif file.suffix in TORCH_SUFFIXES:
+                torch_load_weights_only(file, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 -- any failure to read foreign bytes means: not this checkpoint
+            raise UserError(f"{file}: cannot be loaded safely ({type(err).__name__}: {one_line(err)})") from None
+    try:
+        return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{path / STATE_FILE}: unreadable trainer state ({one_line(err)})") from None
 
 
 def load_checkpoint(accelerator, ema, path: Path) -> TrainerState:
+    """Restore a checkpoint that passed `check_checkpoint` (accelerate loads torch files with weights_only=True)."""
     accelerator.load_state(str(path))
     ema.load_state_dict(load_file(str(path / EMA_FILE)))
     data = json.loads((path / STATE_FILE).read_text())

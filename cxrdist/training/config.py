@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
@@ -70,6 +71,15 @@ class TrainConfig:
         at_least("train.grad_accum", self.grad_accum, 1)
         at_least("train.epochs", self.epochs, 1)
         at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"train.lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UserError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.ema_warmup_power > 0:
@@ -137,7 +147,7 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(overrides_layer(schema, overrides))
         if fold is not None:
             layers.append(OmegaConf.create({"fold": fold}))
         merged = OmegaConf.merge(*layers)
@@ -149,6 +159,27 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
     return cfg
+
+
+def overrides_layer(schema: DictConfig, overrides) -> DictConfig:
+    """Dotted overrides; a string setting keeps the user's text (YAML would turn `experiment=on` into True)."""
+    layer = OmegaConf.create()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if is_string_setting(schema, key):
+            OmegaConf.update(layer, key, value, force_add=True)
+        else:
+            layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([item]))
+    return layer
+
+
+def is_string_setting(schema: DictConfig, key: str) -> bool:
+    node = schema
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return isinstance(node, StringNode)
 
 
 def to_object(merged) -> ExperimentConfig:

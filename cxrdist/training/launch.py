@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import cxrdist
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
+from cxrdist.training.launcher_output import LauncherStderr, pump
 
 TRAIN_SCRIPT = Path(cxrdist.__file__).resolve().parent / "train.py"
 
@@ -90,7 +92,79 @@ def launch_fold(config: Path, fold: int | None, overrides: list[str], processes:
     run_dir = load_config(config, overrides, fold=fold).run_dir
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
     get_logger("launch").info("+ accelerate launch " + shlex.join(cmd[3:]))
-    code = subprocess.call(cmd, env=env)
+    code = run_forwarding_signals(cmd, env)
     if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
         return EXIT_PREEMPTED
     return code
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run the launcher in its own process group; SIGTERM/SIGINT/SIGUSR1 to us become a preemption
+    request (SIGTERM or SIGUSR1) to the trainer processes, which checkpoint and exit; a second SIGINT
+    kills the group. Whatever is left of the group when the launcher ends is killed: no orphans.
+    Its stderr goes through LauncherStderr: a trainer's error stays one line, not a launcher page."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    stderr = LauncherStderr(sys.stderr)
+    reader = pump(proc.stderr.fileno(), stderr)
+    interrupts = []
+
+    def forward(signum, frame) -> None:
+        if signum == signal.SIGINT:
+            interrupts.append(signum)
+            if len(interrupts) > 1:
+                signal_group(proc.pid, signal.SIGKILL)
+                return
+        signal_trainers(proc.pid, signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal_group(proc.pid, signal.SIGKILL)
+        reader.join(timeout=30)  # the pipe closes when the last process of the group is gone
+        proc.stderr.close()
+    # the launcher exits 1 whatever the trainer said; its page named the trainer's code (2 for a user error)
+    return stderr.child_code if code != 0 and stderr.child_code else code
+
+
+def trainer_processes(launcher_pid: int) -> list:
+    """The processes running train.py under the launcher (not their DataLoader workers, forked with the same command line)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    script = str(TRAIN_SCRIPT)
+
+    def runs_train(p) -> bool:
+        try:
+            return script in p.cmdline()
+        except psutil.Error:
+            return False
+
+    pids = {p.pid for p in tree if runs_train(p)}
+    return [p for p in tree if p.pid in pids and p.ppid() not in pids]
+
+
+def signal_trainers(launcher_pid: int, sig: int) -> None:
+    trainers = trainer_processes(launcher_pid)
+    if not trainers:  # not started yet (or already gone): the launcher's group gets it
+        signal_group(launcher_pid, sig)
+    for p in trainers:
+        try:
+            p.send_signal(sig)
+        except Exception:  # noqa: BLE001 -- it exited in between
+            pass
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -3,7 +3,6 @@ evaluation of the live and EMA models, atomic checkpoints, agreed preemption."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -39,7 +38,7 @@ from cxrdist.model.params import param_groups
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.policy import apply_policy, resolve_policy
 from cxrdist.training.bad_steps import is_bad_step
-from cxrdist.training.checkpoint import STATE_FILE, TrainerState, find_resume, load_checkpoint, save_checkpoint
+from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
@@ -102,8 +101,7 @@ class Trainer:
         if cfg.train.compile and self.is_cuda:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.scheduler = self.make_scheduler()
-        acc.register_for_checkpointing(self.scheduler)
+        self.scheduler = self.make_scheduler()  # not checkpointed: a pure function of the step (no pickle to load)
         self.net = acc.unwrap_model(self.model)
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
@@ -111,7 +109,7 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         self.preempt = PreemptionFlag().install()
         self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
-        self.state = TrainerState()
+        self.state = TrainerState(dataset=self.manifest.identity())
         self.bad_steps = BadSteps(acc.device)
         self.loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)  # of the current accumulation group
         self.global_mean = GlobalMaskedMean(acc.num_processes, cfg.train.grad_accum)
@@ -164,20 +162,37 @@ class Trainer:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             atomic_write_text(self.run_dir / CONFIG_FILE, to_yaml(self.cfg))
 
-    def resume(self) -> Path | None:
-        path = find_resume(self.run_dir, self.cfg.train.resume)
-        if path is None and self.cfg.train.resume not in ("auto", "never"):
-            raise UserError(f"train.resume={self.cfg.train.resume}: not a complete checkpoint directory")
-        return path
+    def resume(self) -> tuple[Path, TrainerState] | None:
+        found = find_resume(self.run_dir, self.cfg.train.resume, self.say)
+        if found is None:
+            return None
+        path, state = found
+        if state.dataset != self.manifest.identity():
+            what = ("records no dataset identity" if not state.dataset
+                    else f"was trained on other shards (labels {state.dataset.get('labels')}, seed {state.dataset.get('seed')})")
+            raise UserError(
+                f"checkpoint {path} {what}, not {self.root} (labels {self.labels}, seed {self.manifest.seed}): "
+                "resuming would mix label meanings or folds; use another experiment name or train.resume=never"
+            )
+        return found
+
+    def best_on_disk(self) -> tuple[float, int] | None:
+        """(macro AUC, step) of the exported best model: it may be newer than the checkpoint resumed from."""
+        try:
+            card = ModelCard.read(self.run_dir / BEST_DIR)
+            if card.dataset == self.manifest.identity():
+                return float(card.metrics["ema"]["macro_auc"]), card.step
+        except (UserError, OSError, KeyError, TypeError):
+            pass  # no best model yet, or one this run cannot use: the checkpoint's own best stands
+        return None
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
         acc = self.accelerator
         self.write_run_files()
-        resume_from = self.resume()
-        start_batch = 0
-        if resume_from is not None:
-            start_batch = json.loads((resume_from / STATE_FILE).read_text())["batches"]
+        found = self.resume()
+        resume_from = found[0] if found else None
+        start_batch = found[1].batches if found else 0
         # The loader iterator draws a seed from the global RNG when it is created: create it before
         # the checkpoint's RNG state is restored, in a fresh run and a resumed one alike.
         batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes,
@@ -185,6 +200,10 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(acc, self.ema, resume_from)
             self.bad_steps = BadSteps(acc.device, self.state.bad_steps_in_row)
+            self.scheduler.step_update(num_updates=self.state.step)
+            best = self.best_on_disk()
+            if best is not None and best[0] > self.state.best_auc:
+                self.state.best_auc, self.state.best_step = best
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
@@ -250,6 +269,8 @@ class Trainer:
         bar.close()
         if evaluated_at != self.state.step:
             self.evaluate()
+            if checkpointed_at == self.state.step and self.accelerator.is_main_process:
+                update_state(self.run_dir, self.state)  # that checkpoint was written before this evaluation
         if checkpointed_at != self.state.step:
             self.checkpoint()
         self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / BEST_DIR}")
