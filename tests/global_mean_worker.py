@@ -42,7 +42,7 @@ def issue_example(acc) -> dict:
     loss = norm(torch.where(mask != 0, model(values), torch.zeros(12)).sum())
     loss.backward()
     logged = acc.reduce(loss.detach().reshape(1), reduction="mean")  # what the trainer's train record averages
-    return {"count": count, "grad": float(acc.unwrap_model(model).w.grad), "logged_loss": float(logged)}
+    return {"count": float(count), "grad": float(acc.unwrap_model(model).w.grad), "logged_loss": float(logged)}
 
 
 def linear_with_accumulation(acc) -> dict:

@@ -60,17 +60,23 @@ def batch_of(trainer: Trainer, n: int = 8, seed: int = 0) -> dict:
     return {"image": images, "labels_raw": labels, "key": [f"k{i}" for i in range(n)], "corrupt": 0}
 
 
+def step(trainer: Trainer, batch: dict, window: Window) -> bool:
+    """One micro-batch the way the loop feeds it: drawn through next_micro_batch, which counts the
+    accumulation group's unmasked entries over all ranks (the global masked mean) first."""
+    return trainer.train_batch(trainer.next_micro_batch(iter([batch] * trainer.cfg.train.grad_accum)), window)
+
+
 def steps_in_step(trainer: Trainer) -> torch.Tensor:
     return trainer.optimizer.optimizer.state[trainer.net.refine.weight]["step"]
 
 
 def test_a_training_step_reads_nothing_on_the_host(trainer):
     window = Window()
-    trainer.train_batch(batch_of(trainer, seed=1), window)  # first step: lazy optimizer state, EMA key check
+    step(trainer, batch_of(trainer, seed=1), window)  # first step: lazy optimizer state, EMA key check
     ema_before = [t.clone() for t in trainer.ema.module.state_dict().values()]
     with counting_host_reads() as calls:
         for seed in (2, 3):
-            assert trainer.train_batch(batch_of(trainer, seed=seed), window)
+            assert step(trainer, batch_of(trainer, seed=seed), window)
     step_reads = {k: v for k, v in calls.items() if k[1] == "step"}
     assert step_reads == {}, f"host reads inside the training step: {step_reads}"
     assert any(k[1] == "apply_policy" for k in calls)  # the counter does see the calls it should
@@ -81,7 +87,7 @@ def test_a_training_step_reads_nothing_on_the_host(trainer):
 
 def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_log_time(trainer):
     window = Window()
-    trainer.train_batch(batch_of(trainer, seed=4), window)
+    step(trainer, batch_of(trainer, seed=4), window)
     trainer.settle_bad_steps()
     total_before, step_before = trainer.state.bad_steps_total, trainer.state.step
     weights = [p.detach().clone() for p in trainer.net.parameters()]
@@ -91,7 +97,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_log_tim
     hook = trainer.net.refine.weight.register_hook(lambda grad: grad * float("nan"))
     with counting_host_reads() as calls:
         for _ in range(2):
-            trainer.train_batch(bad, window)
+            step(trainer, bad, window)
     assert {k: v for k, v in calls.items() if k[1] == "step"} == {}
     # Skipped on the device: no weight, no Adam step count and no coupling moved.
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.net.parameters()))
@@ -99,7 +105,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_log_tim
     assert trainer.state.step == step_before + 2
     trainer.settle_bad_steps()  # 2 in a row < max_bad_steps=3: read, no stop
     assert (trainer.state.bad_steps_in_row, trainer.state.bad_steps_total) == (2, total_before + 2)
-    trainer.train_batch(bad, window)
+    step(trainer, bad, window)
     hook.remove()
     with pytest.raises(UserError, match="3 optimizer steps in a row had non-finite gradients"):
         trainer.settle_bad_steps()

@@ -24,8 +24,8 @@ class GlobalMaskedMean:
     def start_group(self, masks: Iterable[torch.Tensor], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device) -> torch.Tensor:
         """Count this rank's unmasked entries in the group's micro-batches (host masks: no sync), sum over ranks on
         the device; returns N as a device tensor (read it only where a sync is fine)."""
-        local = sum(int((mask != 0).sum()) for mask in masks)
-        total = all_reduce_sum(torch.tensor([local], dtype=torch.float32, device=device))[0]
+        local = torch.stack([(mask != 0).sum() for mask in masks]).sum().reshape(1)  # a tensor: no host read
+        total = all_reduce_sum(local.to(device=device, dtype=torch.float32))[0]
         self.scale = self.world_size * self.micro_batches / total.clamp(min=1)
         return total
 
