@@ -50,6 +50,10 @@ class TrainConfig:
     resume: str = "auto"  # auto = newest complete checkpoint in the run dir | never | PATH
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10
+    # Seconds a collective may wait for the other ranks (the process-group timeout): when a rank or
+    # a node dies, the others exit non-zero after at most this long. Long enough for the slowest
+    # rank-0-only work between two collectives (writing a checkpoint to the shared filesystem).
+    dist_timeout: int = 600
 
 
 @dataclass
@@ -120,6 +124,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.dist_timeout >= 1, "train.dist_timeout must be >= 1 (seconds)"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
         (cfg.model.refine.sparsity in ("proximal", "subgradient"), "model.refine.sparsity must be proximal or subgradient"),

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -38,7 +39,10 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     # Several CPU processes (tests, demo, DeepSpeed on CPU) talk over gloo; accelerate would not
     # count the DeepSpeed processes without it. A lone process must not ask for a process group.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    # The timeout bounds every collective: a rank whose peer vanished (node lost, no TCP reset)
+    # fails after dist_timeout seconds instead of torch's 30 minutes.
+    timeout = timedelta(seconds=cfg.train.dist_timeout)
+    handlers = [InitProcessGroupKwargs(backend="gloo" if not torch.cuda.is_available() else "nccl", timeout=timeout)] if several else []
     log_with = None if wandb_mode(cfg.logging.wandb) == "disabled" else "wandb"
     return Accelerator(
         mixed_precision=precision,
