@@ -56,6 +56,11 @@ class TwoHosts:
         """Prefix a command with this to run it on `host`."""
         return ["ip", "netns", "exec", self.names[host]]
 
+    def enter(self, host: int) -> list[str]:
+        """Like prefix(), but only the network namespace: `ip netns exec` also mounts a fresh /sys,
+        without the cgroup filesystem that slurmd needs."""
+        return ["nsenter", f"--net=/run/netns/{self.names[host]}"]
+
 
 def make_two_hosts(tag: str) -> TwoHosts:
     if os.geteuid() != 0:
