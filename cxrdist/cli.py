@@ -32,7 +32,8 @@ def run_synth(args) -> int:
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
     p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
-    p.add_argument("--csv", type=Path, required=True, help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
+    p.add_argument("--csv", type=Path, required=True,
+                   help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
     p.add_argument("--images", type=Path, help="root the CSV's image paths are relative to")
     p.add_argument("--out", type=Path, help="shard directory to write")
     p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")
@@ -107,6 +108,22 @@ def run_train(args) -> int:
     return 0
 
 
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' for a config (the fold count from the shards' manifest)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--no-manifest", dest="manifest", action="store_false", help="do not read the manifest (NUM_FOLDS is printed as 0)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    from cxrdist.training.launch import experiment_info
+
+    experiment, output_dir, folds = experiment_info(args.config, args.overrides, read_manifest=args.manifest)
+    print(experiment, output_dir, folds)
+    return 0
+
+
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="fold ensemble x flip TTA on a prepared split -> predictions.csv + metrics.json")
     p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
@@ -137,14 +154,13 @@ def add_predict(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
     p.set_defaults(run=run_predict)
 
 
 def run_predict(args) -> int:
     from cxrdist.evaluation.predict import run_predict as predict
 
-    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards)
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
     print(f"wrote {out}")
     return 0
 
@@ -180,7 +196,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_report, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_report, add_demo):
         add(sub)
     return parser
 

@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def choose_network_interface() -> None:
     """Before the process group starts: the interface that routes to MASTER_ADDR, on multi-machine runs."""
+    from cxrdist.log import get_logger
     from cxrdist.training import netif
 
     choice = netif.configure(os.environ)
     if os.environ.get("LOCAL_RANK", "0") == "0" and choice.reason != "one machine":
-        print(f"cxrdist: {netif.describe(choice)}", flush=True)
+        get_logger("train").info(f"cxrdist: {netif.describe(choice)}")
 
 
 if __name__ == "__main__":

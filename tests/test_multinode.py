@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cxrdist.model.card import ModelCard
 from cxrdist.training.failure import lost_peer
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, fast_overrides, records, single_process_auc
 from two_hosts import HostsUnavailable, TwoHosts, make_two_hosts
@@ -194,7 +195,7 @@ def test_two_hosts_without_interface_variables_train_and_gather(story, hosts, sy
     run_dir = story["run_dir"]
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}  # and CXRDIST_EXPECT_WORLD_SIZE=2 inside
     assert "cxrdist: done:" in story["finish"][0][1]
-    gathered = json.loads((run_dir / "best" / "model.json").read_text())["metrics"]["ema"]["macro_auc"]
+    gathered = ModelCard.read(run_dir / "best").metrics["ema"]["macro_auc"]
     assert abs(single_process_auc(run_dir / "best", synth_shards, fold=FOLD)["macro_auc"] - gathered) <= 1e-9
 
 

@@ -16,7 +16,8 @@ def route_to(source: str):
 
 
 @pytest.mark.parametrize("address, expected", [
-    ("10.0.0.5", "ib0"), ("192.168.1.5", "eth0"), ("127.0.0.1", "lo"), ("fd00::5", "ib0"), ("FD00:0::5", "ib0"), ("fe80::1%eth0", "eth0"), ("10.0.0.6", None),
+    ("10.0.0.5", "ib0"), ("192.168.1.5", "eth0"), ("127.0.0.1", "lo"), ("fd00::5", "ib0"), ("FD00:0::5", "ib0"), ("fe80::1%eth0", "eth0"),
+    ("10.0.0.6", None),
 ])
 def test_interface_is_the_one_holding_the_source_address(address, expected):
     assert netif.interface_with_address(address, ADDRESSES) == expected

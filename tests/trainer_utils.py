@@ -50,7 +50,8 @@ def cpu_env(world_size: int, **extra) -> dict:
     return env
 
 
-def launch_cpu(args: list[str], processes: int = 2, timeout: int = 600, env: dict | None = None, machine: tuple | None = None) -> subprocess.CompletedProcess:
+def launch_cpu(args: list[str], processes: int = 2, timeout: int = 600, env: dict | None = None,
+               machine: tuple | None = None) -> subprocess.CompletedProcess:
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (plain --cpu silently starts one process)."""
     cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if machine is None:
@@ -85,9 +86,8 @@ def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
 
     model, card = load_model(model_dir)
     manifest = load_manifest(shards)
-    batch = card["eval_batch_size"]
-    cfg = StreamConfig(img_size=card["img_size"], in_chans=card["in_chans"], mean=tuple(card["mean"]), std=tuple(card["std"]), batch_size=batch, workers=0)
+    batch = card.eval_batch_size
+    cfg = StreamConfig(card.image, batch_size=batch, workers=0)
     preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu", pad_to=batch).sorted()
     assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
-    policy = [card["label_policy"][label] for label in manifest.labels]
-    return score(preds, manifest.labels, policy)["m"]
+    return score(preds, manifest.labels, card.policy())["m"]
