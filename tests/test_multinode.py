@@ -219,3 +219,25 @@ def test_a_killed_trainer_ends_the_other_host_and_the_restart_resumes(story):
     print(f"\nkill -9: the first host exited {seconds:.1f} s later")
     finished = story["finish"][0][1]
     assert resumed_from(finished) == story["checkpoints_after_2"][-1] > story["checkpoints_after_1"][-1]
+
+
+RDZV_TIMEOUT = 15  # seconds, `--rdzv_conf timeout=N` (slurm/train_folds.sh passes RDZV_TIMEOUT, default 600)
+
+
+@pytest.mark.slow
+def test_a_host_that_never_starts_ends_the_other_at_the_rendezvous(hosts, tmp_path):
+    """Before any trainer runs, the launchers' rendezvous is the bound (train.dist_timeout only starts with the process group)."""
+    cmd = hosts.prefix(0) + LAUNCH + [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", "0", "--main_process_ip", hosts.addresses[0],
+        "--main_process_port", "29515", "--rdzv_conf", f"timeout={RDZV_TIMEOUT}", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(TRAIN), "--config", str(DEMO_CONFIG), "--fold", str(FOLD), *fast_overrides(tmp_path / "shards", tmp_path / "runs"),
+    ]
+    tic = time.monotonic()
+    # The guard is far below the 600 s default: only the configured bound ends it in time.
+    done = subprocess.run(cmd, env=host_env(), cwd=REPO, capture_output=True, text=True, timeout=RDZV_TIMEOUT + 160)
+    seconds = time.monotonic() - tic
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-4000:]
+    assert "1/2 clients joined" in output, output[-4000:]
+    assert not (tmp_path / "runs").exists()  # no trainer started
+    print(f"\nno second host: the first host's launcher exited {seconds:.1f} s after it started (rdzv timeout={RDZV_TIMEOUT})")
