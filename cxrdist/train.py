@@ -30,11 +30,33 @@ def main(argv: list[str] | None = None) -> int:
         from cxrdist.training.loop import Trainer
 
         cfg = load_config(args.config, args.overrides, fold=args.fold)
+        choose_network_interface()
         return Trainer(cfg).fit()
     except UserError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"cxrdist train: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from cxrdist.training.failure import EXIT_LOST_PEER, lost_peer, lost_peer_message
+
+        if not lost_peer(err):
+            raise
+        # Every surviving rank says it: on another machine this may be the only line there is.
+        print(f"cxrdist train: error: {lost_peer_message(err)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # A normal interpreter exit waits on gloo's pending work and the loader workers (seconds);
+        # the process group is broken, the checkpoints are whole: leave now.
+        os._exit(EXIT_LOST_PEER)
+
+
+def choose_network_interface() -> None:
+    """Before the process group starts: the interface that routes to MASTER_ADDR, on multi-machine runs."""
+    from cxrdist.log import get_logger
+    from cxrdist.training import netif
+
+    choice = netif.configure(os.environ)
+    if os.environ.get("LOCAL_RANK", "0") == "0" and choice.reason != "one machine":
+        get_logger("train").info(f"cxrdist: {netif.describe(choice)}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PROCS_PER_NODE=${PROCS_PER_NODE:-2}           # CPU processes per node when GPUS_PER_NODE=0
 SIGNAL_BEFORE=${SIGNAL_BEFORE:-300}           # seconds before the time limit that USR1 arrives
 MAX_REQUEUES=${MAX_REQUEUES:-50}
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}             # seconds the launchers wait at the start for every node
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: submit the fold array and the ensemble job.
@@ -65,6 +66,7 @@ submit() {
     local overrides=("$@")
     [[ -n ${RUNS_DIR:-} ]] && overrides+=("output_dir=$RUNS_DIR")
     (( NODES >= 1 )) || die "NODES=$NODES: expected at least 1"
+    [[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "RDZV_TIMEOUT=$RDZV_TIMEOUT: expected a number of seconds >= 1"
 
     local info experiment output_dir num_folds
     # "EXPERIMENT OUTPUT_DIR NUM_FOLDS" (the fold count from the manifest, as `cxrdist train --fold all` takes it)
@@ -133,6 +135,9 @@ launcher_args() {
     head=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
     port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     local args=(--num_machines "$nodes" --main_process_ip "$head" --main_process_port "$port" --dynamo_backend no)
+    # A node that never starts: the others give up at the rendezvous after RDZV_TIMEOUT seconds
+    # (torch elastic's static rendezvous; train.dist_timeout bounds everything after it).
+    (( nodes > 1 )) && args+=(--rdzv_conf "timeout=$RDZV_TIMEOUT")
     if (( GPUS_PER_NODE > 0 )); then
         total=$((nodes * GPUS_PER_NODE))
         args+=(--num_processes "$total" --mixed_precision "${MIXED_PRECISION:-bf16}")

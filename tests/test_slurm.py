@@ -94,6 +94,7 @@ def test_fold_task_starts_one_launcher_per_node_with_the_job_geometry(stand_ins)
     assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64", "--gres=gpu:8"} <= set(srun)
     flags = " ".join(launch)
     assert "--num_machines 2 --main_process_ip node001 --main_process_port 20125" in flags  # 20000 + 125 % 20000
+    assert "--rdzv_conf timeout=600" in flags  # a node that never starts: the others give up at the rendezvous
     assert "--num_processes 16 --mixed_precision bf16 --multi_gpu" in flags
     assert launch[launch.index("--config") - 1:] == [str(REPO / "cxrdist" / "train.py"), "--config", str(DEMO_CONFIG), "--fold", "1",
                                                      "train.epochs=1"]
@@ -106,11 +107,12 @@ def test_fold_task_with_a_deepspeed_config_and_cpu_processes(stand_ins):
     _, launch = srun_call(stand_ins["record"])
     assert launch[:2] == ["--config_file", "launch/deepspeed_zero2.yaml"] and "--multi_gpu" not in launch
 
-    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=0, PROCS_PER_NODE=3))
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=0, PROCS_PER_NODE=3, RDZV_TIMEOUT=90))
     assert done.returncode == 0, done.stdout + done.stderr
     srun, launch = srun_call(stand_ins["record"])
     assert not any(a.startswith("--gres") for a in srun)
     assert "--num_processes 6 --mixed_precision no --multi_gpu" in " ".join(launch)
+    assert "--rdzv_conf timeout=90" in " ".join(launch)
 
 
 @pytest.mark.parametrize("code, requeued", [(75, True), (1, False), (0, False)])
@@ -163,6 +165,9 @@ def test_usage_and_missing_config_errors_are_one_line(stand_ins):
     assert done.returncode == 2 and done.stderr.strip().startswith("train_folds.sh: error: usage:")
     done = subprocess.run(["bash", str(TRAIN_FOLDS), "configs/nope.yaml"], env=stand_ins["env"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and done.stderr.strip() == "train_folds.sh: error: config configs/nope.yaml: no such file"
+    env = dict(stand_ins["env"], RDZV_TIMEOUT="10m")
+    done = subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == "train_folds.sh: error: RDZV_TIMEOUT=10m: expected a number of seconds >= 1"
     assert not list(stand_ins["record"].glob("sbatch.*"))
 
 

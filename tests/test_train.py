@@ -20,26 +20,11 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from cxrdist.data.manifest import load_manifest
-from cxrdist.data.stream import StreamConfig, eval_loader
-from cxrdist.evaluation.gathered import predict, score
-from cxrdist.evaluation.targets import evaluation_policy
 from cxrdist.model.card import ModelCard
-from cxrdist.model.export import load_model
-from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single
+from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single,
+                           single_process_auc)
 
 pytestmark = pytest.mark.slow
-
-
-def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
-    """The same checkpoint evaluated in this one process, no accelerate, no gather."""
-    model, card = load_model(model_dir)
-    manifest = load_manifest(shards)
-    batch = card.eval_batch_size
-    cfg = StreamConfig(card.image, batch_size=batch, workers=0)
-    preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu", pad_to=batch).sorted()
-    assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
-    policy = evaluation_policy(card.evaluation.targets, len(manifest.labels))
-    return score(preds, manifest.labels, policy)["m"]
 
 
 def csv_auc(path: Path, labels: list[str]) -> float:

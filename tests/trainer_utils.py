@@ -75,3 +75,20 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 def explain(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
+    """The same checkpoint evaluated in this one process, no accelerate, no gather."""
+    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.stream import StreamConfig, eval_loader
+    from cxrdist.evaluation.gathered import predict, score
+    from cxrdist.evaluation.targets import evaluation_policy
+    from cxrdist.model.export import load_model
+
+    model, card = load_model(model_dir)
+    manifest = load_manifest(shards)
+    batch = card.eval_batch_size
+    cfg = StreamConfig(card.image, batch_size=batch, workers=0)
+    preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu", pad_to=batch).sorted()
+    assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
+    return score(preds, manifest.labels, evaluation_policy(card.evaluation.targets, len(manifest.labels)))["m"]

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
+from cxrdist.distributed import DEFAULT_DIST_TIMEOUT
 from cxrdist.errors import UserError
 from cxrdist.evaluation.targets import EVAL_TARGETS
 from cxrdist.layout import run_dir
@@ -62,6 +63,10 @@ class TrainConfig:
     resume: str = "auto"  # auto = newest complete checkpoint in the run dir | never | PATH
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10
+    # Seconds a collective may wait for the other ranks (the process-group timeout): when a rank or
+    # a node dies, the others exit non-zero after at most this long. Long enough for the slowest
+    # rank-0-only work between two collectives (writing a checkpoint to the shared filesystem).
+    dist_timeout: int = DEFAULT_DIST_TIMEOUT
 
     def __post_init__(self) -> None:
         # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
@@ -70,6 +75,7 @@ class TrainConfig:
         one_of("train.mixed_precision", self.mixed_precision, PRECISIONS)
         at_least("train.grad_accum", self.grad_accum, 1)
         at_least("train.epochs", self.epochs, 1)
+        at_least("train.dist_timeout", self.dist_timeout, 1)
         at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         at_least("train.warmup_steps", self.warmup_steps, 0)
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -53,6 +53,7 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
         precision = None if _launcher_set_precision() else ("bf16" if torch.cuda.is_available() else "no")
     log_with = None if wandb_mode(cfg.logging.wandb) == "disabled" else "wandb"
     return distributed.make_accelerator(
+        dist_timeout=cfg.train.dist_timeout,
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with,

@@ -1,0 +1,40 @@
+"""A rank that lost its peers: recognise the process group's errors and say so in one line."""
+
+from __future__ import annotations
+
+import os
+
+# What a surviving rank exits with. `accelerate launch` reports any non-zero code as 1; SLURM's
+# srun --kill-on-bad-exit then ends the step on every node, and the fold task fails.
+EXIT_LOST_PEER = 1
+
+# gloo's and NCCL's words for a peer that is gone: its connection reset or closed (the process
+# died), or no answer within the process-group timeout (the node vanished without a reset).
+LOST_PEER_MARKERS = (
+    "timeout caused pair closure", "timed out waiting", "connection closed by peer", "connection reset by peer",
+    "broken pipe", "ncclremoteerror", "nccl watchdog", "gloo",
+)
+
+
+def lost_peer(err: BaseException) -> bool:
+    """An error of the process group (a dead or unreachable rank), not of the training itself."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(marker in text for marker in LOST_PEER_MARKERS)
+
+
+def cause(err: BaseException) -> str:
+    text = str(err).lower()
+    if "timed out" in text or "timeout" in text:
+        return "no answer from another rank within train.dist_timeout (a node lost, partitioned or stuck)"
+    return "another rank's connection closed (that process died)"
+
+
+def lost_peer_message(err: BaseException) -> str:
+    rank = os.environ.get("RANK", "?")
+    detail = " ".join(str(err).split())[:300]
+    return (f"rank {rank}: lost contact with the other ranks: {cause(err)}; stopping. "
+            f"Restart every node to resume from the newest complete checkpoint. ({type(err).__name__}: {detail})")
