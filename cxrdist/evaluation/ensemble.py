@@ -30,6 +30,7 @@ from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import StreamConfig, eval_loader, eval_num_samples
 from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
+from cxrdist.evaluation.clinical import clinical_metrics, load_out_of_fold
 from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict, probabilities
 from cxrdist.evaluation.metrics import auc_summary
 from cxrdist.model.export import CARD_FILE, load_model
@@ -410,6 +411,9 @@ def run_evaluate(
     meta = split_metadata(root, manifest, split)
     groups = [str(meta.get(key, {}).get("patient") or key) for key in preds.keys]
     metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
+    targets, mask = (t.numpy() for t in apply_policy(preds.raw, policy))
+    oof = load_out_of_fold([m.directory for m in models], labels)
+    metrics.update(clinical_metrics(oof, targets, ensemble_probabilities(per_model), mask, labels, groups, resamples, seed))
     out = Path(out) if out is not None else default_out(runs)
     metrics = {
         "split": split,
