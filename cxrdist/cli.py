@@ -149,6 +149,25 @@ def run_predict(args) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="the fold ensemble as one ONNX or TorchScript file + a JSON sidecar")
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", type=Path, required=True, help="the model file; the sidecar is written to OUT.json")
+    p.add_argument("--tta", action="store_true", help="average with the mirrored image (flip TTA) inside the model")
+    p.add_argument("--metrics", type=Path, help="metrics.json with the thresholds (default: runs/EXP/ensemble/metrics.json)")
+    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    from cxrdist.evaluation.export import run_export as export
+
+    out = export(args.runs, args.fmt, args.out, tta=args.tta, shards=args.shards, metrics=args.metrics)
+    print(f"wrote {out} and {out}.json")
+    return 0
+
+
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="one HTML page with figures about an experiment")
     p.add_argument("--runs", type=Path, required=True)
@@ -180,7 +199,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_report, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_export, add_report, add_demo):
         add(sub)
     return parser
 
