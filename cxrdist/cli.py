@@ -138,13 +138,17 @@ def add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
+    p.add_argument("--cam", type=Path, metavar="DIR", help="also write Grad-CAM overlays (one PNG per image and finding) to DIR")
+    p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability")
+    p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image")
     p.set_defaults(run=run_predict)
 
 
 def run_predict(args) -> int:
     from cxrdist.evaluation.predict import run_predict as predict
 
-    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards)
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards,
+                  cam=args.cam, cam_threshold=args.cam_threshold, cam_top=args.cam_top)
     print(f"wrote {out}")
     return 0
 
