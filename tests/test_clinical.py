@@ -45,3 +45,19 @@ def test_thresholds_come_from_the_out_of_fold_predictions_and_apply_to_the_test_
     expected = calibration_summary(targets, probs, mask, labels)
     assert metrics["calibration"]["ensemble"]["macro_ece"] == pytest.approx(expected["macro_ece"], abs=1e-9)
     assert metrics["calibration"]["ensemble"]["macro_brier"] == pytest.approx(expected["macro_brier"], abs=1e-9)
+
+
+def test_report_shows_operating_points_calibration_and_saliency(evaluated_experiment, tmp_path):
+    from PIL import Image
+
+    from cxrdist.evaluation.report import run_report
+
+    runs, metrics = evaluated_experiment
+    page = run_report(runs, tmp_path / "report").read_text()
+    assert ">Operating points<" in page and ">Calibration<" in page and ">Where the model looked<" in page
+    label = next(label for label, p in metrics["operating_points"]["per_label"].items() if p["sens@spec90"]["sensitivity"] is not None)
+    assert f"{100 * metrics['operating_points']['per_label'][label]['sens@spec90']['sensitivity']:.1f}%" in page
+    for name in ("reliability.png", "saliency.png"):
+        assert f'src="figures/{name}"' in page
+        with Image.open(tmp_path / "report" / "figures" / name) as image:
+            assert image.format == "PNG" and min(image.size) > 100

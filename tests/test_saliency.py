@@ -29,7 +29,8 @@ class BlobNet(nn.Module):
 
     def __init__(self, labels: int) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.AvgPool2d(4), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.AvgPool2d(4), nn.ReLU())  # a weight, so the map has a gradient
+        nn.init.ones_(self.features[0].weight)
         self.head = nn.Linear(1, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,3 +84,24 @@ def test_trained_maps_peak_where_the_finding_is_drawn(trained_experiment, synth_
         rates[label] = (np.mean([in_box(*peak(c), box) for c in cams]), len(paths))
     print("peak in region:", rates)
     assert rates["Cardiomegaly"][0] >= 0.0 and rates["Pneumothorax"][0] >= 0.0
+
+
+def test_predict_writes_an_overlay_per_image_and_finding(trained_experiment, synth_shards, tmp_path):
+    images = sorted((synth_shards.parent / "raw" / "images").rglob("*frontal.png"))[:3]
+    cams = tmp_path / "cams"
+    args = ["predict", "--runs", str(trained_experiment), "--images", *map(str, images), "--out", str(tmp_path / "p.csv"),
+            "--cam", str(cams), "--cam-threshold", "0", "--cam-top", "2", "--workers", "0"]
+    assert main(args) == 0
+    index = pd.read_csv(cams / "cams.csv")
+    probs = pd.read_csv(tmp_path / "p.csv")
+    assert len(index) == 2 * len(images)
+    for path, group in index.groupby("path", sort=False):
+        row = probs[probs["path"] == path].iloc[0]
+        top2 = row[[c for c in probs.columns if c.startswith("prob_")]].astype(float).nlargest(2)
+        assert list("prob_" + group["label"]) == list(top2.index)  # the two most probable findings, highest first
+    from PIL import Image
+
+    for file in index["file"]:
+        with Image.open(cams / file) as overlay:
+            assert overlay.mode == "RGB" and overlay.size == (64, 64)
+    assert sorted(p.name for p in cams.iterdir()) == sorted(["cams.csv", *index["file"]])
