@@ -10,25 +10,26 @@ import torch
 from torch import nn
 
 from cxrdist.cli import main
-from cxrdist.evaluation.ensemble import load_fold_models, stream_config
-from cxrdist.evaluation.predict import ImageFiles, image_settings
+from cxrdist.data.synth import LABELS, render_radiograph
 from cxrdist.evaluation.saliency import ensemble_cams, findings_to_explain, peak
-from cxrdist.model.network import CXRNet
+from cxrdist.model.config import ModelConfig
+from cxrdist.model.network import CXRNet, build_model
 from cxrdist.model.refine import LabelGraphRefinement
 
 # Where synth.py draws the marks (fractions of width u and height v of a frontal view): the heart ellipse is
 # centred near (0.55, 0.54) with half-axes up to ~0.22 x 0.12; the lung apices are at v ~ 0.09, the domes at ~0.55.
 HEART = (0.30, 0.80, 0.38, 0.72)  # u0, u1, v0, v1
-APEX = (0.05, 0.95, 0.0, 0.38)
+APEX = (0.05, 0.95, 0.0, 0.38)  # the apices and the first ~third of the lungs' height
+UPPER_LUNG = (0.05, 0.95, 0.0, 0.45)  # the lungs above the hila
+FINDINGS = ("Cardiomegaly", "Pneumothorax")
 
 
 class BlobNet(nn.Module):
     """A backbone whose single feature channel is the (pooled) image: its Grad-CAM map is where the image is bright."""
 
-    feature_info = [{"module": "features", "reduction": 4, "num_chs": 1}]
-
     def __init__(self, labels: int) -> None:
         super().__init__()
+        self.feature_info = [{"module": "features", "reduction": 4, "num_chs": 1}]
         self.features = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.AvgPool2d(4), nn.ReLU())  # a weight, so the map has a gradient
         nn.init.ones_(self.features[0].weight)
         self.head = nn.Linear(1, labels)
@@ -65,25 +66,53 @@ def in_box(u: float, v: float, box) -> bool:
     return box[0] <= u <= box[1] and box[2] <= v <= box[3]
 
 
-def test_trained_maps_peak_where_the_finding_is_drawn(trained_experiment, synth_shards):
-    raw = synth_shards.parent / "raw"
-    table = pd.read_csv(next(raw.glob("*.csv")))
-    test_paths = set(pd.read_csv(trained_experiment / "ensemble" / "predictions.csv")["path"]) if (trained_experiment / "ensemble").is_dir() else None
-    frontal = table[table["view"] != "LL"] if "view" in table else table
-    if test_paths is not None:
-        frontal = frontal[frontal["path"].isin(test_paths)]
-    models = load_fold_models(trained_experiment)
-    settings = image_settings(models)
-    labels = models[0].card["labels"]
+def rendered(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n frontal (PA) synthetic radiographs at 64 px, each showing Cardiomegaly and Pneumothorax with probability 1/2
+    and nothing else, normalised as the eval stream does; targets (n, 2)."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, 2)) < 0.5).astype(np.float32)
+    signs = np.zeros((n, len(LABELS)))
+    signs[:, [LABELS.index(label) for label in FINDINGS]] = targets
+    images = np.stack([render_radiograph(signs[i], "PA", 64, seed, i, i) for i in range(n)])
+    return torch.from_numpy(images).float().div(255).sub(0.5).div(0.25)[:, None], torch.from_numpy(targets)
+
+
+@pytest.fixture(scope="module")
+def localising_models() -> list[CXRNet]:
+    """Two "fold" models (test_resnet, 64 px, refinement on) trained for 150 steps on 600 rendered radiographs:
+    the smallest thing we found whose two findings reach AUC ~1 (the session's 1-epoch fixture reaches ~0.6)."""
+    images, targets = rendered(600, seed=1)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig(backbone="test_resnet", pretrained=False, in_chans=1), len(FINDINGS))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            batch = torch.randint(0, len(images), (32,))
+            loss = nn.functional.binary_cross_entropy_with_logits(model(images[batch]), targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        models.append(model.eval())
+    return models
+
+
+def test_trained_maps_peak_where_the_finding_is_drawn(localising_models):
+    images, targets = rendered(96, seed=2)
     rates = {}
-    for label, box in (("Cardiomegaly", HEART), ("Pneumothorax", APEX)):
-        paths = [raw / "images" / p for p in frontal.loc[frontal[label] == 1, "path"]][:24]
-        dataset = ImageFiles(paths, settings, [stream_config(models[0].card, 8, 0)])
-        images = torch.stack([dataset[i][1][0] for i in range(len(paths))])
-        cams = ensemble_cams([m.model for m in models], images, [labels.index(label)] * len(paths), tta=True)
-        rates[label] = (np.mean([in_box(*peak(c), box) for c in cams]), len(paths))
+    for j, (label, box) in enumerate(zip(FINDINGS, (HEART, UPPER_LUNG))):
+        positive = targets[:, j] > 0
+        cams = ensemble_cams(localising_models, images[positive], [j] * int(positive.sum()), tta=True)
+        peaks = [peak(c) for c in cams]
+        rates[label] = float(np.mean([in_box(u, v, box) for u, v in peaks]))
+        rates[label + " apex"] = float(np.mean([in_box(u, v, APEX) for u, v in peaks]))
     print("peak in region:", rates)
-    assert rates["Cardiomegaly"][0] >= 0.0 and rates["Pneumothorax"][0] >= 0.0
+    # Measured (2-core VM, this fixture): Cardiomegaly 1.00 in the heart box, 0.00 in the apex box; Pneumothorax 1.00 in the
+    # upper lung, 0.38 in the strict apex box (synth.py's rim is widest along the upper lateral chest wall, not at the very top).
+    # The boxes cover 17% and 45% of the image. Asserted with a margin:
+    assert rates["Cardiomegaly"] >= 0.8
+    assert rates["Cardiomegaly apex"] <= 0.2  # the two findings' maps point to different places
+    assert rates["Pneumothorax"] >= 0.8
 
 
 def test_predict_writes_an_overlay_per_image_and_finding(trained_experiment, synth_shards, tmp_path):

@@ -67,8 +67,8 @@ def clinical_metrics(
         temperature=temperatures,
         temperature_scaled=calibration_summary(targets, apply_temperature(probs, [temperatures[label] for label in labels]), mask, labels),
         out_of_fold=calibration_summary(*oof, labels),
-        out_of_fold_images=int(len(oof[0])),
+        out_of_fold_images=len(oof[0]),
     )
     result["operating_points"] = operating_points(oof, (targets, probs, mask), labels, groups, resamples, seed)
-    result["operating_points"]["out_of_fold_images"] = int(len(oof[0]))
+    result["operating_points"]["out_of_fold_images"] = len(oof[0])
     return result

@@ -18,10 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from cxrdist.errors import UserError
+from cxrdist.evaluation.ensemble import Flipped, groups_by_preprocessing, stream_config
+from cxrdist.evaluation.predict import ImageFiles
 from cxrdist.model.network import CXRNet
 
 MIN_CELLS = 7
@@ -49,17 +52,6 @@ def target_layer(model: CXRNet, img_size: int) -> nn.Module:
     return model.backbone.get_submodule(chosen["module"])
 
 
-class Mirrored(nn.Module):
-    """The model on the mirrored image; its Grad-CAM map is in mirrored coordinates."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(torch.flip(x, dims=[-1]))
-
-
 def ensemble_cams(models: Sequence[CXRNet], images: torch.Tensor, label_index: Sequence[int], tta: bool) -> np.ndarray:
     """(B, H, W) maps in [0, 1]: image b explained for label `label_index[b]`, averaged over models and views."""
     GradCAM, ClassifierOutputTarget = grad_cam_classes()
@@ -67,7 +59,7 @@ def ensemble_cams(models: Sequence[CXRNet], images: torch.Tensor, label_index: S
     maps = []
     for model in models:
         layer = target_layer(model, images.shape[-1])
-        views = [(model, False)] + ([(Mirrored(model), True)] if tta else [])
+        views = [(model, False)] + ([(Flipped(model), True)] if tta else [])
         for module, mirrored in views:
             with GradCAM(model=module, target_layers=[layer]) as cam:
                 grayscale = cam(input_tensor=images, targets=targets)
@@ -139,11 +131,6 @@ def write_file_cams(
     threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP, batch_size: int = 16,
 ) -> Path:
     """`cxrdist predict --cam`: overlays for the files (preprocessed as predict does) + an index, cams.csv."""
-    import pandas as pd
-
-    from cxrdist.evaluation.ensemble import groups_by_preprocessing, stream_config
-    from cxrdist.evaluation.predict import ImageFiles
-
     if len(groups_by_preprocessing(fold_models)) > 1:
         raise UserError("--cam needs fold models that take the same preprocessed input")
     card = fold_models[0].card
