@@ -55,7 +55,8 @@ def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> 
                 "read as 8-bit grayscale, bone bright (DICOM: windowed, MONOCHROME1 inverted)",
                 f"long side resized to at most {settings['max_size']} px and stored as {settings['format']}"
                 + (f" (quality {settings.get('quality', 95)})" if settings["format"] == "jpg" else ""),
-                f"whole image resized to {img_size}x{img_size}, bilinear with antialias",
+                f"decoded (a JPEG at least twice {img_size} px on both sides at 1/2, 1/4 or 1/8 scale, libjpeg's DCT scaling), "
+                f"then the whole image resized to {img_size}x{img_size}, bilinear with antialias",
                 f"x / 255, then (x - mean) / std per channel, grayscale repeated to {in_chans} channel(s)",
             ],
             "img_size": img_size, "in_chans": in_chans, "mean": list(mean), "std": list(std), "image": settings,
