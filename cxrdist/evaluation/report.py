@@ -425,7 +425,7 @@ def run_report(runs: Path, out: Path | None = None, shards: Path | None = None) 
         ("auc", "Discrimination", auc_section(folds, ensemble, fig_dir)),
         ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
         ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir)),
-        ("saliency", "Saliency", saliency_section(runs, ensemble.predictions if ensemble else None, root, manifest, fig_dir)),
+        ("saliency", "Saliency", saliency_section(runs, ensemble, root, manifest, fig_dir)),
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),
     ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 
 from cxrdist.data.manifest import Manifest
 from cxrdist.data.shards import read_shard_samples
@@ -111,14 +112,16 @@ def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.nd
     return figs.save(fig, path)
 
 
-def saliency_section(runs: Path, predictions, root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
-    """The test images with the most confident positive findings (one per label), with the ensemble's maps."""
+def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
+    """The evaluated split's images with the most confident positive findings (one per label), with the ensemble's maps."""
     from cxrdist.evaluation.ensemble import load_fold_models, stream_config
     from cxrdist.evaluation.saliency import ensemble_cams
 
     title = "Where the model looked"
-    if predictions is None or manifest is None or root is None or "test" not in manifest.splits:
-        return section("saliency", title, "", note("Needs <code>cxrdist evaluate</code> on the test split and the shards."))
+    predictions = ensemble.predictions if ensemble is not None else None
+    split = ensemble.metrics.get("split") if ensemble is not None else None
+    if predictions is None or manifest is None or root is None or split not in manifest.splits:
+        return section("saliency", title, "", note("Needs <code>cxrdist evaluate</code> and the shards it read."))
     try:
         models = load_fold_models(runs)
         labels = models[0].card["labels"]
@@ -126,16 +129,14 @@ def saliency_section(runs: Path, predictions, root: Path | None, manifest: Manif
         for j in np.argsort([-predictions[f"prob_{label}"].max() for label in labels])[:SALIENCY_IMAGES]:
             chosen.append((predictions["key"].iloc[int(predictions[f"prob_{labels[j]}"].idxmax())], int(j)))
         wanted = {key for key, _ in chosen}
-        pixels = {key: image for shard in manifest.split("test").shards for key, image, _ in read_shard_samples(root / shard.file) if key in wanted}
+        pixels = {key: image for shard in manifest.split(split).shards for key, image, _ in read_shard_samples(root / shard.file) if key in wanted}
         cfg = stream_config(models[0].card, 1, 0)
         batch = torch.stack([eval_transform(decode_grayscale(pixels[key], cfg.img_size), cfg) for key, _ in chosen])
         maps = ensemble_cams([m.model for m in models], batch, [j for _, j in chosen], tta=True)
     except UserError as err:
         return section("saliency", title, "", note(esc(err)))
     shown = [decode_grayscale(pixels[key]) for key, _ in chosen]
-    import cv2
-
-    maps = [cv2.resize(m, (img.shape[1], img.shape[0])) for m, img in zip(maps, shown)]
+    maps = [np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(img.shape[::-1], Image.BILINEAR)) for m, img in zip(maps, shown)]
     probs = {key: predictions.set_index("key").loc[key] for key, _ in chosen}
     captions = [f"{labels[j]} {probs[key][f'prob_{labels[j]}']:.2f}" for key, j in chosen]
     saliency_grid(fig_dir / "saliency.png", shown, maps, captions)
