@@ -152,6 +152,8 @@ def run_predict(
     and with `cam` a Grad-CAM overlay per image and finding (see evaluation/saliency.py) into that folder."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+    if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
+        raise UserError(f"--cam-top must be >= 1 and --cam-threshold within [0, 1] (got {cam_top}, {cam_threshold})")
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
