@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import StreamConfig, augment_rng, train_loader
 from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
 
@@ -86,8 +87,8 @@ class FolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        pixels = decode_grayscale(self.files[index].read_bytes(), train_draft_side(self.cfg.img_size))
-        image = train_transform(pixels, augment_rng(self.cfg.seed, 0, self.files[index].stem), self.cfg)
+        pixels = decode_grayscale(self.files[index].read_bytes(), train_draft_side(self.cfg.image.size))
+        image = train_transform(pixels, augment_rng(self.cfg.seed, 0, self.files[index].stem), self.cfg.image)
         return image, torch.tensor([float(index % 2), float("nan"), -1.0])
 
 
@@ -106,7 +107,7 @@ def loop_rate(blobs: list[bytes], cfg: StreamConfig, repeat: int = 1) -> float:
     start = time.perf_counter()
     for r in range(repeat):
         for i, blob in enumerate(blobs):
-            train_transform(decode_grayscale(blob, train_draft_side(cfg.img_size)), augment_rng(0, r, str(i)), cfg)
+            train_transform(decode_grayscale(blob, train_draft_side(cfg.image.size)), augment_rng(0, r, str(i)), cfg.image)
     return repeat * len(blobs) / (time.perf_counter() - start)
 
 
@@ -114,7 +115,7 @@ def eval_rate(blobs: list[bytes], cfg: StreamConfig, draft: bool) -> float:
     torch.set_num_threads(1)
     start = time.perf_counter()
     for blob in blobs:
-        eval_transform(decode_grayscale(blob, cfg.img_size if draft else None), cfg)
+        eval_transform(decode_grayscale(blob, cfg.image.size if draft else None), cfg.image)
     return len(blobs) / (time.perf_counter() - start)
 
 
@@ -150,7 +151,7 @@ def main() -> None:
         print(f"made {args.n} images of {args.size} px in {time.perf_counter() - tic:.1f} s "
               f"(JPEG q95 {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB each)")
         count = args.n // args.batch - 1  # about one pass, after the warm-up batch
-        cfg = StreamConfig(img_size=args.img_size, batch_size=args.batch, shuffle_buffer=1000)
+        cfg = StreamConfig(ImageSpec(args.img_size), batch_size=args.batch, shuffle_buffer=1000)
         pngs, jpgs = sorted((root / "png").iterdir()), sorted((root / "jpg").iterdir())
         rows = []
         loop_jpeg = loop_rate(jpegs[:200], cfg)

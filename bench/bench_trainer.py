@@ -83,7 +83,8 @@ def main() -> None:
         full = trainer_loop(args.backbone, images, raw, args.steps, shards)
         rounds.append((bare, full))
     bare, full = min(r[0] for r in rounds), min(r[1] for r in rounds)
-    print(f"| {args.backbone} | {args.img_size} | {args.batch} | {torch.get_num_threads()} | {bare * 1000:.0f} | {full * 1000:.0f} | {full / bare:.3f} |")
+    print(f"| {args.backbone} | {args.img_size} | {args.batch} | {torch.get_num_threads()} | "
+          f"{bare * 1000:.0f} | {full * 1000:.0f} | {full / bare:.3f} |")
 
 
 if __name__ == "__main__":

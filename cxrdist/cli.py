@@ -32,7 +32,8 @@ def run_synth(args) -> int:
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
     p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
-    p.add_argument("--csv", type=Path, required=True, help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
+    p.add_argument("--csv", type=Path, required=True,
+                   help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
     p.add_argument("--images", type=Path, help="root the CSV's image paths are relative to")
     p.add_argument("--out", type=Path, help="shard directory to write")
     p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")
@@ -107,6 +108,22 @@ def run_train(args) -> int:
     return 0
 
 
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' for a config (the fold count from the shards' manifest)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--no-manifest", dest="manifest", action="store_false", help="do not read the manifest (NUM_FOLDS is printed as 0)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    from cxrdist.training.launch import experiment_info
+
+    experiment, output_dir, folds = experiment_info(args.config, args.overrides, read_manifest=args.manifest)
+    print(experiment, output_dir, folds)
+    return 0
+
+
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="fold ensemble x flip TTA on a prepared split -> predictions.csv + metrics.json")
     p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
@@ -137,7 +154,6 @@ def add_predict(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
     p.add_argument("--cam", type=Path, metavar="DIR", help="also write Grad-CAM overlays (one PNG per image and finding) to DIR")
     p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability")
     p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image")
@@ -147,7 +163,7 @@ def add_predict(sub) -> None:
 def run_predict(args) -> int:
     from cxrdist.evaluation.predict import run_predict as predict
 
-    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, shards=args.shards,
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
                   cam=args.cam, cam_threshold=args.cam_threshold, cam_top=args.cam_top)
     print(f"wrote {out}")
     return 0
@@ -160,14 +176,13 @@ def add_export(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="the model file; the sidecar is written to OUT.json")
     p.add_argument("--tta", action="store_true", help="average with the mirrored image (flip TTA) inside the model")
     p.add_argument("--metrics", type=Path, help="metrics.json with the thresholds (default: runs/EXP/ensemble/metrics.json)")
-    p.add_argument("--shards", type=Path, help="the shard directory, if it moved since training")
     p.set_defaults(run=run_export)
 
 
 def run_export(args) -> int:
     from cxrdist.evaluation.export import run_export as export
 
-    out = export(args.runs, args.fmt, args.out, tta=args.tta, shards=args.shards, metrics=args.metrics)
+    out = export(args.runs, args.fmt, args.out, tta=args.tta, metrics=args.metrics)
     print(f"wrote {out} and {out}.json")
     return 0
 
@@ -203,7 +218,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_evaluate, add_predict, add_export, add_report, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_export, add_report, add_demo):
         add(sub)
     return parser
 

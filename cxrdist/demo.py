@@ -12,7 +12,8 @@ from cxrdist.data.prepare import PrepareOptions, prepare
 from cxrdist.data.synth import make_synthetic_dataset
 from cxrdist.errors import UserError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# Package data (configs/demo.yaml in a checkout links to it), so `cxrdist demo` runs from an installed wheel too.
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 DEMO_IMAGES = 3000
 DEMO_IMAGE_SIZE = 128  # rendered size; the demo config trains at 64 px
 DEMO_FOLDS = 5

@@ -58,23 +58,6 @@ MAX_REQUEUES=${MAX_REQUEUES:-50}
 # Stage 1: submit the fold array and the ensemble job.
 # ---------------------------------------------------------------------------------------------
 
-# Prints "EXPERIMENT OUTPUT_DIR NUM_FOLDS" for a config + overrides (NUM_FOLDS from the manifest).
-read -r -d '' EXPERIMENT_INFO <<'PY'
-import sys
-from pathlib import Path
-from cxrdist.errors import UserError
-try:
-    from cxrdist.training.config import load_config
-    cfg = load_config(Path(sys.argv[2]), sys.argv[3:])
-    folds = 0
-    if sys.argv[1] == "manifest":
-        from cxrdist.data.manifest import load_manifest
-        folds = load_manifest(Path(cfg.data.shards)).num_folds
-except UserError as err:
-    sys.exit(f"train_folds.sh: error: {err}")
-print(cfg.experiment, cfg.output_dir, folds)
-PY
-
 submit() {
     local config=$1; shift
     [[ -f $config ]] || die "config $config: no such file"
@@ -84,7 +67,10 @@ submit() {
     (( NODES >= 1 )) || die "NODES=$NODES: expected at least 1"
 
     local info experiment output_dir num_folds
-    info=$("$PYTHON" -c "$EXPERIMENT_INFO" "$([[ -n ${FOLDS:-} ]] && echo config || echo manifest)" "$config" "${overrides[@]}") || exit 2
+    # "EXPERIMENT OUTPUT_DIR NUM_FOLDS" (the fold count from the manifest, as `cxrdist train --fold all` takes it)
+    local query=(info --config "$config")
+    [[ -n ${FOLDS:-} ]] && query+=(--no-manifest)
+    info=$("$PYTHON" -m cxrdist "${query[@]}" "${overrides[@]}") || exit 2
     read -r experiment output_dir num_folds <<<"$info"
     local folds=${FOLDS:-0-$((num_folds - 1))}
     [[ $folds =~ ^[0-9]+([-,][0-9]+)*(%[0-9]+)?$ ]] || die "FOLDS=$folds: expected an array spec of fold numbers like 0-4, 0,2 or 0-4%2"

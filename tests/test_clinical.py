@@ -9,8 +9,16 @@ import pandas as pd
 import pytest
 
 from cxrdist.evaluation.calibration import calibration_summary, fit_temperatures
-from cxrdist.evaluation.clinical import read_val_predictions
 from cxrdist.evaluation.operating_points import choose_thresholds, rates
+
+
+def val_predictions(path, labels):
+    """(targets, probabilities, mask) as training wrote them (blank target = left out): the oracle for the out-of-fold set,
+    which evaluate derives from the shards' raw labels instead."""
+    table = pd.read_csv(path)
+    raw_targets = table[[f"target_{label}" for label in labels]].to_numpy(dtype=np.float64)
+    probs = table[[f"prob_{label}" for label in labels]].to_numpy(dtype=np.float64)
+    return np.nan_to_num(raw_targets), probs, (~np.isnan(raw_targets)).astype(np.float64)
 
 
 def test_thresholds_come_from_the_out_of_fold_predictions_and_apply_to_the_test_split(evaluated_experiment):
@@ -18,14 +26,14 @@ def test_thresholds_come_from_the_out_of_fold_predictions_and_apply_to_the_test_
     labels = metrics["labels"]
     on_disk = json.loads((runs / "ensemble" / "metrics.json").read_text())
     assert on_disk["operating_points"] == metrics["operating_points"]
-    parts = [read_val_predictions(runs / name / "best" / "val_predictions.csv", labels) for name in ("fold-0", "fold-1")]
+    parts = [val_predictions(runs / name / "best" / "val_predictions.csv", labels) for name in ("fold-0", "fold-1")]
     oof = [np.concatenate([p[i] for p in parts]) for i in range(3)]
     assert metrics["operating_points"]["out_of_fold_images"] == len(oof[0])
     chosen = choose_thresholds(*oof, labels)
 
     table = pd.read_csv(runs / "ensemble" / "predictions.csv")
     checked = 0
-    for j, label in enumerate(labels):
+    for label in labels:
         known = table[f"target_{label}"].notna().to_numpy()
         y, s = table[f"target_{label}"].to_numpy()[known], table[f"prob_{label}"].to_numpy()[known]
         for name, point in metrics["operating_points"]["per_label"][label].items():

@@ -16,8 +16,10 @@ from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import eval_loader
 from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import auc_intervals, patient_weights, weighted_auc
-from cxrdist.evaluation.ensemble import FoldModel, load_fold_probabilities, run_evaluate, split_notes, stream_config
+from cxrdist.evaluation.ensemble import FoldModel, run_evaluate, split_notes, stream_config
+from cxrdist.evaluation.outputs import load_fold_probabilities
 from cxrdist.evaluation.gathered import predict, probabilities
+from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
 from trainer_utils import LAUNCH, cpu_env, explain, free_port
 
@@ -113,8 +115,8 @@ def test_without_tta_evaluate_reproduces_the_training_validation_predictions(tra
     ours, theirs = probs_table(tmp_path / "predictions.csv", labels), probs_table(best / "val_predictions.csv", labels)
     assert sorted(ours.index) == sorted(theirs.index)
     np.testing.assert_allclose(ours.loc[theirs.index].to_numpy(), theirs.to_numpy(), rtol=0, atol=1e-6)
-    card = json.loads((best / "model.json").read_text())
-    assert metrics["ensemble"]["macro_auc"] == pytest.approx(card["metrics"]["ema"]["macro_auc"], abs=1e-6)
+    card = ModelCard.read(best)
+    assert metrics["ensemble"]["macro_auc"] == pytest.approx(card.metrics["ema"]["macro_auc"], abs=1e-6)
     assert metrics["notes"] == [] and metrics["tta"] is False and "ensemble_no_tta" not in metrics
 
 
@@ -141,7 +143,8 @@ def test_two_processes_give_the_single_process_predictions(evaluated_experiment,
     single = pd.read_csv(runs / "ensemble" / "predictions.csv")
     ddp = pd.read_csv(tmp_path / "ddp" / "predictions.csv")
     assert list(ddp["key"]) == list(single["key"])
-    pd.testing.assert_frame_equal(ddp.drop(columns=[c for c in ddp if c.startswith("prob_")]), single.drop(columns=[c for c in single if c.startswith("prob_")]))
+    pd.testing.assert_frame_equal(ddp.drop(columns=[c for c in ddp if c.startswith("prob_")]),
+                                  single.drop(columns=[c for c in single if c.startswith("prob_")]))
     # Per-image float32 network outputs may differ in the last bits with a different batch composition.
     np.testing.assert_allclose(ddp.filter(like="prob_").to_numpy(), single.filter(like="prob_").to_numpy(), rtol=0, atol=1e-6)
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cxrdist.cli import main
-from cxrdist.evaluation.ensemble import load_fold_models, stream_config
+from cxrdist.evaluation.models import load_fold_models
 from cxrdist.evaluation.predict import ImageFiles, image_settings, run_predict
 
 
@@ -25,7 +25,7 @@ def images(evaluated_experiment, synth_shards):
 def preprocessed(runs, images) -> np.ndarray:
     """The batch `cxrdist predict` feeds the models, built by its own dataset."""
     models = load_fold_models(runs)
-    dataset = ImageFiles(images, image_settings(models), [stream_config(models[0].card, 4, 0)])
+    dataset = ImageFiles(images, image_settings(models), [models[0].card.image])
     return torch.stack([dataset[i][1][0] for i in range(len(images))]).numpy()
 
 

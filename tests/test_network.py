@@ -14,7 +14,7 @@ import torch
 
 from cxrdist.errors import UserError
 from cxrdist.model.config import ModelConfig, RefineConfig
-from cxrdist.model.network import CXRNet, build_model, model_card, place_model
+from cxrdist.model.network import CXRNet, build_model, image_spec, place_model
 from cxrdist.model.params import param_groups
 from cxrdist.model.refine import LabelGraphRefinement
 
@@ -114,16 +114,15 @@ def test_pretrained_path_errors_are_user_errors(imagenet_like, tmp_path):
         build_model(ModelConfig(backbone=TINY, in_chans=2), 14)
 
 
-def test_model_card_uses_timms_data_config():
-    card = model_card(ModelConfig(backbone=TINY), 14)
+def test_image_spec_uses_timms_data_config():
+    spec = image_spec(ModelConfig(backbone=TINY), 48)
     data_cfg = timm.data.resolve_model_data_config(timm.create_model(TINY))
-    assert card["mean"] == list(data_cfg["mean"]) and card["std"] == list(data_cfg["std"])
-    assert card["backbone"] == TINY and card["in_chans"] == 3 and card["num_labels"] == 14
-    expected = dict(enabled=True, alpha=0.3, l1=1e-3, detach=False, sparsity="proximal")
-    assert card["refinement"] == expected
-    json.dumps(card)
-    default = model_card(ModelConfig(in_chans=1), 14)  # seresnext101: ImageNet statistics
-    assert default["mean"] == [pytest.approx((0.485 + 0.456 + 0.406) / 3)]
+    assert spec.mean == tuple(data_cfg["mean"]) and spec.std == tuple(data_cfg["std"])
+    assert spec.size == 48 and spec.channels == 3 and spec.interpolation == data_cfg["interpolation"]
+    json.dumps(spec.to_dict())
+    default = image_spec(ModelConfig(in_chans=1), 380)  # seresnext101: ImageNet statistics, bicubic
+    assert default.mean == (pytest.approx((0.485 + 0.456 + 0.406) / 3),)
+    assert default.interpolation == "bicubic"
 
 
 def test_param_groups_match_timm_and_isolate_a():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -194,7 +193,8 @@ def test_more_folds_than_patients_is_a_user_error(tmp_path, capsys):
 
 
 def test_cli_process_prints_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cxrdist", "prepare", "--csv", str(tmp_path / "nope.csv"), "--images", str(tmp_path), "--out", str(tmp_path / "o")],
+    result = subprocess.run([sys.executable, "-m", "cxrdist", "prepare", "--csv", str(tmp_path / "nope.csv"), "--images", str(tmp_path), "--out",
+                             str(tmp_path / "o")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

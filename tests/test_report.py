@@ -77,7 +77,8 @@ def test_page_lists_every_section_and_its_figures_exist(report, evaluated_experi
     for title in ("Data", "Discrimination", "Predictions", "Label couplings", "Training", "Fold balance", "Sample images", "ROC curves (ensemble)"):
         assert f">{title}<" in page
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert {Path(s).name for s in sources} >= {"label_frequency.png", "samples.png", "roc.png", "label_correlation.png", "fold_agreement.png", "training.png"}
+    assert {Path(s).name for s in sources} >= {"label_frequency.png", "samples.png", "roc.png", "label_correlation.png", "fold_agreement.png",
+                                               "training.png"}
     for src in sources:
         assert not src.startswith(("http:", "https:", "/")) and (report.parent / src).is_file()
         with Image.open(report.parent / src) as image:

@@ -95,7 +95,8 @@ def test_fold_task_starts_one_launcher_per_node_with_the_job_geometry(stand_ins)
     flags = " ".join(launch)
     assert "--num_machines 2 --main_process_ip node001 --main_process_port 20125" in flags  # 20000 + 125 % 20000
     assert "--num_processes 16 --mixed_precision bf16 --multi_gpu" in flags
-    assert launch[launch.index("--config") - 1:] == [str(REPO / "cxrdist" / "train.py"), "--config", str(DEMO_CONFIG), "--fold", "1", "train.epochs=1"]
+    assert launch[launch.index("--config") - 1:] == [str(REPO / "cxrdist" / "train.py"), "--config", str(DEMO_CONFIG), "--fold", "1",
+                                                     "train.epochs=1"]
     assert not (stand_ins["record"] / "scontrol.calls").exists()  # finished: no requeue
 
 
@@ -185,7 +186,8 @@ def test_submitter_sizes_the_array_from_the_manifest_and_chains_the_ensemble(sta
     assert {"--array=0-2", "--nodes=2", "--ntasks-per-node=1", "--gres=gpu:8", "--cpus-per-task=64", "--requeue",
             "--signal=B:USR1@300", "--time=12:00:00", "--partition=gpu", "--account=lab", "--exclusive", "--qos=high",
             f"--output={exp}/slurm/fold-%a-%A_%a.out", "--open-mode=append"} <= set(array)
-    assert array[array.index(str(REPO / "slurm" / "train_folds.sh")):] == [str(REPO / "slurm" / "train_folds.sh"), str(DEMO_CONFIG), f"data.shards={synth_shards}", "train.epochs=2"]
+    assert array[array.index(str(REPO / "slurm" / "train_folds.sh")):] == [str(REPO / "slurm" / "train_folds.sh"), str(DEMO_CONFIG),
+                                                                           f"data.shards={synth_shards}", "train.epochs=2"]
     assert {"--dependency=afterok:100", "--kill-on-invalid-dep=yes", "--gres=gpu:1", "--partition=gpu"} <= set(ensemble)
     assert ensemble[-2:] == [str(REPO / "slurm" / "ensemble.sh"), str(exp)]
 

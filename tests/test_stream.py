@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from cxrdist.data import stream
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_manifest, write_manifest
 from cxrdist.data.stream import (
     StreamConfig,
@@ -57,7 +58,8 @@ def write_split(root: Path, name: str, sizes: list[int], first: int, corrupt: di
         rel = f"{name}/shard-{shard_number:06d}.tar"
         with wds.TarWriter(str(root / rel), encoder=False) as writer:
             for _ in range(size):
-                meta = json.dumps({"labels": sample_labels(index), "patient": f"p{index}", "study": "s", "view": "PA", "path": f"{index}.png"}).encode()
+                meta = json.dumps({"labels": sample_labels(index), "patient": f"p{index}", "study": "s", "view": "PA",
+                                   "path": f"{index}.png"}).encode()
                 image = sample_image(index)
                 kind = (corrupt or {}).get(index - first)
                 if kind == "image":
@@ -80,7 +82,8 @@ def shard_root(tmp_path_factory) -> Path:
         "fold-2": write_split(root, "fold-2", CORRUPT_SIZES, 2000, corrupt={3: "image", 8: "json"}),
         "test": write_split(root, "test", TEST_SIZES, 3000),
     }
-    manifest = Manifest(labels=LABELS, splits=splits, num_folds=3, seed=0, source={"name": "test"}, image={"format": "jpg", "max_size": 48, "quality": 95})
+    manifest = Manifest(labels=LABELS, splits=splits, num_folds=3, seed=0, source={"name": "test"},
+                        image={"format": "jpg", "max_size": 48, "quality": 95})
     write_manifest(root, manifest)
     return root
 
@@ -95,7 +98,7 @@ def split_keys(first: int, sizes: list[int]) -> list[str]:
 
 
 def cfg(**kw) -> StreamConfig:
-    return StreamConfig(**{"img_size": 32, "batch_size": BATCH, "workers": 0, "shuffle_buffer": 20, **kw})
+    return StreamConfig(**{"image": ImageSpec(32), "batch_size": BATCH, "workers": 0, "shuffle_buffer": 20, **kw})
 
 
 def take(loader, n: int) -> list[dict]:
@@ -258,7 +261,9 @@ def test_eval_hflip_mirrors_images(shard_root, manifest):
 
 
 def test_manifest_count_mismatch_is_a_user_error(shard_root, manifest):
-    lying = replace(manifest, splits={**manifest.splits, "test": replace(manifest.splits["test"], shards=[replace(manifest.splits["test"].shards[0], num_samples=10)])})
+    lying = replace(manifest,
+                    splits={**manifest.splits,
+                            "test": replace(manifest.splits["test"], shards=[replace(manifest.splits["test"].shards[0], num_samples=10)])})
     with pytest.raises(UserError, match="manifest says 10"):
         list(eval_loader(shard_root, lying, ["test"], cfg(), 0, 1))
 

@@ -22,8 +22,8 @@ from sklearn.metrics import roc_auc_score
 from cxrdist.data.manifest import load_manifest
 from cxrdist.data.stream import StreamConfig, eval_loader
 from cxrdist.evaluation.gathered import predict, score
+from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
-from cxrdist.policy import resolve_policy
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single
 
 pytestmark = pytest.mark.slow
@@ -33,11 +33,11 @@ def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
     """The same checkpoint evaluated in this one process, no accelerate, no gather."""
     model, card = load_model(model_dir)
     manifest = load_manifest(shards)
-    batch = card["eval_batch_size"]
-    cfg = StreamConfig(img_size=card["img_size"], in_chans=card["in_chans"], mean=tuple(card["mean"]), std=tuple(card["std"]), batch_size=batch, workers=0)
+    batch = card.eval_batch_size
+    cfg = StreamConfig(card.image, batch_size=batch, workers=0)
     preds = predict({"m": model}, eval_loader(shards, manifest, [f"fold-{fold}"], cfg, 0, 1), "cpu", pad_to=batch).sorted()
     assert len(preds.keys) == len(set(preds.keys)) == manifest.num_samples([f"fold-{fold}"])
-    policy = [card["label_policy"][label] for label in manifest.labels]
+    policy = card.policy()
     return score(preds, manifest.labels, policy)["m"]
 
 
@@ -55,7 +55,8 @@ def csv_auc(path: Path, labels: list[str]) -> float:
 @pytest.fixture(scope="module")
 def two_process_run(synth_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    args = fast_overrides(synth_shards, out, **{"data.workers": 2, "model.backbone": "resnet10t", "train.epochs": 5, "train.lr": 3e-3, "train.ema_decay": 0.9})
+    args = fast_overrides(synth_shards, out,
+                          **{"data.workers": 2, "model.backbone": "resnet10t", "train.epochs": 5, "train.lr": 3e-3, "train.ema_decay": 0.9})
     result = launch_cpu(args + ["--fold", "0"], processes=2, timeout=900)
     assert result.returncode == 0, explain(result)
     return out / "demo" / "fold-0", result
@@ -74,8 +75,7 @@ def test_two_processes_learn(two_process_run):
 
 def test_gathered_auc_equals_one_process_and_sklearn(two_process_run, synth_shards):
     run_dir, _ = two_process_run
-    card = json.loads((run_dir / "best" / "model.json").read_text())
-    gathered = card["metrics"]["ema"]["macro_auc"]
+    gathered = ModelCard.read(run_dir / "best").metrics["ema"]["macro_auc"]
     alone = single_process_auc(run_dir / "best", synth_shards, fold=0)
     assert abs(alone["macro_auc"] - gathered) <= 1e-9
     labels = load_manifest(synth_shards).labels
@@ -122,7 +122,8 @@ def test_sigterm_then_resume_is_bitwise_equal_to_an_uninterrupted_run(synth_shar
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, f"{out}\n{err}"
     steps_per_epoch = len([r for r in records(reference / "demo" / "fold-0", "train") if r["epoch"] <= 1.0])
-    interrupted_at = json.loads(sorted((resumed / "demo" / "fold-0" / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())["step"]
+    newest = sorted((resumed / "demo" / "fold-0" / "checkpoints").glob("step-*"))[-1]
+    interrupted_at = json.loads(newest.joinpath("trainer_state.json").read_text())["step"]
     assert 0 < interrupted_at < steps_per_epoch  # mid-epoch
     result = run_single(fast_overrides(synth_shards, resumed, **common))
     assert result.returncode == 0, explain(result)
@@ -184,14 +185,15 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
     procs = []
     for rank in (0, 1):
         cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config", str(DEMO_CONFIG), *args]
+                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config",
+                            str(DEMO_CONFIG), *args]
         procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, f"{out}\n{err}"
     run_dir = tmp_path / "demo" / "fold-1"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
-    gathered = json.loads((run_dir / "best" / "model.json").read_text())["metrics"]["ema"]["macro_auc"]
+    gathered = ModelCard.read(run_dir / "best").metrics["ema"]["macro_auc"]
     assert abs(single_process_auc(run_dir / "best", synth_shards, fold=1)["macro_auc"] - gathered) <= 1e-9
 
 

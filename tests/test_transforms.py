@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrdist.data.stream import StreamConfig
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import (
     CROP_RATIO,
     CROP_SCALE,
@@ -36,7 +36,7 @@ def encode(array: np.ndarray, fmt: str, mode: str = "L") -> bytes:
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_eval_constant_image_matches_hand_computation(in_chans):
-    cfg = StreamConfig(img_size=32, in_chans=in_chans)
+    cfg = ImageSpec(32, channels=in_chans)
     out = eval_transform(np.full((40, 56), 100, np.uint8), cfg)
     assert out.shape == (in_chans, 32, 32) and out.dtype == torch.float32
     means = MEAN if in_chans == 3 else (sum(MEAN) / 3,)
@@ -51,19 +51,19 @@ def test_eval_constant_image_matches_hand_computation(in_chans):
 def test_eval_squashes_whole_image_without_cropping():
     image = np.zeros((40, 80), np.uint8)
     image[:, :4] = 255  # a bright strip at the far left edge must survive a squash, not a centre crop
-    out = eval_transform(image, StreamConfig(img_size=20, in_chans=1, mean=(0.0,), std=(1.0,)))
+    out = eval_transform(image, ImageSpec(20, channels=1, mean=(0.0,), std=(1.0,)))
     assert out.shape == (1, 20, 20)
     assert out[0, :, 0].min() > 0.5 and out[0, :, -1].max() < 0.05
 
 
 def test_eval_hflip_is_torch_flip():
-    cfg = StreamConfig(img_size=24)
+    cfg = ImageSpec(24)
     image = textured()
     assert torch.equal(eval_transform(image, cfg, hflip=True), torch.flip(eval_transform(image, cfg), dims=[-1]))
 
 
 def test_train_transform_deterministic_per_rng_seed():
-    cfg = StreamConfig(img_size=32)
+    cfg = ImageSpec(32)
     image = textured(64, 64)
     first = train_transform(image, np.random.default_rng(5), cfg)
     again = train_transform(image, np.random.default_rng(5), cfg)
@@ -77,7 +77,7 @@ def test_train_transform_deterministic_per_rng_seed():
 
 
 def test_train_transform_constant_image_keeps_value_inside_and_fills_zero():
-    cfg = StreamConfig(img_size=32, in_chans=1, mean=(0.0,), std=(1.0,))
+    cfg = ImageSpec(32, channels=1, mean=(0.0,), std=(1.0,))
     values = set()
     for seed in range(20):
         out = train_transform(np.full((48, 48), 200, np.uint8), np.random.default_rng(seed), cfg)
@@ -102,7 +102,7 @@ def test_train_does_not_touch_global_rng():
     before = (torch.rand(1), np.random.rand())
     torch.manual_seed(0)
     np.random.seed(0)
-    train_transform(textured(), np.random.default_rng(1), StreamConfig(img_size=16))
+    train_transform(textured(), np.random.default_rng(1), ImageSpec(16))
     assert (torch.rand(1), np.random.rand()) == before
 
 
@@ -134,10 +134,25 @@ def test_decode_draft_scales_large_jpeg_only_down_to_min_side():
 def test_decode_converts_rgb_and_rejects_garbage():
     out = decode_grayscale(encode(textured(), "JPEG", mode="RGB"))
     assert out.dtype == np.uint8 and out.shape == (40, 56)
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):  # PIL's UnidentifiedImageError
         decode_grayscale(b"not an image at all")
 
 
 def test_mismatched_channel_stats_refused():
     with pytest.raises(UserError):
-        eval_transform(textured(), StreamConfig(img_size=8, in_chans=2))
+        eval_transform(textured(), ImageSpec(8, channels=2))
+    with pytest.raises(UserError, match="interpolation"):
+        ImageSpec(8, interpolation="lanczos")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resize_uses_the_specs_interpolation(interpolation):
+    import torchvision.transforms.v2.functional as F
+
+    image = textured(64, 48)
+    spec = ImageSpec(24, channels=1, mean=(0.0,), std=(1.0,), interpolation=interpolation)
+    mode = F.InterpolationMode.BICUBIC if interpolation == "bicubic" else F.InterpolationMode.BILINEAR
+    expected = F.resize(torch.from_numpy(image)[None], [24, 24], interpolation=mode, antialias=True).float() / 255
+    assert torch.allclose(eval_transform(image, spec), expected, atol=1e-6)
+    other = ImageSpec(24, channels=1, mean=(0.0,), std=(1.0,), interpolation="bicubic" if interpolation == "bilinear" else "bilinear")
+    assert not torch.allclose(eval_transform(image, other), expected, atol=1e-3)

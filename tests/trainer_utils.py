@@ -50,7 +50,8 @@ def cpu_env(world_size: int, **extra) -> dict:
     return env
 
 
-def launch_cpu(args: list[str], processes: int = 2, timeout: int = 600, env: dict | None = None, machine: tuple | None = None) -> subprocess.CompletedProcess:
+def launch_cpu(args: list[str], processes: int = 2, timeout: int = 600, env: dict | None = None,
+               machine: tuple | None = None) -> subprocess.CompletedProcess:
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` (plain --cpu silently starts one process)."""
     cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if machine is None:

@@ -18,8 +18,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -27,9 +25,10 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
 
+from cxrdist.atomic import atomic_open
 from cxrdist.errors import UserError
+from cxrdist.layout import TEST_SPLIT, fold_index, fold_name, fold_sort_key, is_fold
 
-TEST_SPLIT = "test"
 ASSIGNMENT_COLUMNS = ["path", "patient", "split"]
 
 # One image of size error costs as much as SIZE_WEIGHT positives of label error. Prevalences must
@@ -42,10 +41,6 @@ SWAP_SAMPLE = 96  # patients drawn from each side of a pair of splits to try swa
 MAX_STEPS = 20_000
 MIN_GAIN = 1e-6  # in squared positives; anything smaller is rounding noise
 PATIENCE_ROUNDS = 2  # rounds in which every pair of splits failed, in a row, before stopping
-
-
-def fold_name(k: int) -> str:
-    return f"fold-{k}"
 
 
 def positives_matrix(raw: np.ndarray) -> np.ndarray:
@@ -352,14 +347,8 @@ def write_assignment(path: Path, paths: Sequence[str], patients: Sequence[str], 
     path = Path(path)
     table = pd.DataFrame({"path": list(paths), "patient": list(patients), "split": list(splits)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            table.to_csv(stream, index=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", newline="") as stream:
+        table.to_csv(stream, index=False)
 
 
 def read_assignment(path: Path) -> pd.DataFrame:
@@ -384,7 +373,7 @@ def _check_assignment(path: Path, table: pd.DataFrame) -> None:
         empty = np.flatnonzero(table[column].str.strip() == "")
         if empty.size:
             raise UserError(f"{path}: line {empty[0] + 2}: empty {column}")
-    bad = np.flatnonzero(~table["split"].str.fullmatch(r"fold-(0|[1-9]\d*)|test"))
+    bad = np.flatnonzero([not (is_fold(name) or name == TEST_SPLIT) for name in table["split"]])
     if bad.size:
         raise UserError(
             f"{path}: line {bad[0] + 2}: split {table['split'].iloc[bad[0]]!r} is not fold-N or {TEST_SPLIT}"
@@ -405,6 +394,6 @@ def _check_assignment(path: Path, table: pd.DataFrame) -> None:
 def _ordered_split_names(splits: np.ndarray) -> list[str]:
     """Folds by number, then the test split, then anything else."""
     present = set(splits.tolist())
-    folds = sorted((name for name in present if name.startswith("fold-") and name[5:].isdigit()), key=lambda n: int(n[5:]))
+    folds = sorted((name for name in present if fold_index(name) is not None), key=fold_sort_key)
     rest = sorted(present - set(folds) - {TEST_SPLIT})
     return folds + rest + ([TEST_SPLIT] if TEST_SPLIT in present else [])

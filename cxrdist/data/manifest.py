@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cxrdist.atomic import atomic_write_text
 from cxrdist.errors import UserError
+from cxrdist.layout import TEST_SPLIT, fold_name  # noqa: F401 - re-exported: data.manifest names its splits
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-TEST_SPLIT = "test"
-
-
-def fold_name(k: int) -> str:
-    return f"fold-{k}"
 
 
 @dataclass
@@ -98,21 +93,6 @@ class Manifest:
             for name, info in data["splits"].items()
         }
         return cls(**{**data, "splits": splits})
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:

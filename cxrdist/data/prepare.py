@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from cxrdist import __version__
 from cxrdist.data import folds as folds_lib
-from cxrdist.data.manifest import MANIFEST_NAME, TEST_SPLIT, Manifest, SplitInfo, fold_name, write_manifest
+from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
 from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, run_jobs, shard_info
 from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
 from cxrdist.errors import UserError
+from cxrdist.layout import TEST_SPLIT, fold_name, is_fold
 
 MAX_LISTED = 5
 
@@ -70,7 +71,7 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
 def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions) -> np.ndarray:
     if opts.folds_from is not None:
         splits = splits_from_file(records, opts.folds_from)
-        opts.folds = sum(1 for s in set(splits) if s.startswith("fold-"))
+        opts.folds = sum(1 for s in set(splits) if is_fold(s))
         return splits
     test_patients = None
     if opts.test_list is not None:
@@ -177,7 +178,8 @@ def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, resul
         splits=split_infos,
         num_folds=opts.folds,
         seed=opts.seed,
-        source={"name": opts.source, "csv": str(opts.csv), "images": str(opts.images), "views": opts.views, "notes": list(records.attrs.get("notes", []))},
+        source={"name": opts.source, "csv": str(opts.csv), "images": str(opts.images), "views": opts.views,
+                "notes": list(records.attrs.get("notes", []))},
         image={"format": opts.fmt, "max_size": opts.max_size, "quality": opts.quality, "mode": "L"},
         balance=balance,
         skipped_images={"count": len(bad), "paths": [path for path, _ in bad], "reasons": [why for _, why in bad]},

@@ -5,20 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from cxrdist.atomic import atomic_open
 from cxrdist.data.images import encode_image, load_for_shard
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.errors import BadImage, UserError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+class RawSample(NamedTuple):
+    key: str
+    image: bytes | None  # None when the sample has no image member (counted as corrupt later)
+    meta: bytes | None
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -79,29 +89,23 @@ def sample_json(spec: SampleSpec) -> bytes:
 def write_shard(job: ShardJob) -> ShardResult:
     """Write one shard under a temporary name, then rename it into place."""
     target = Path(job.target)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     keys, bad = [], []
-    try:
-        with open(tmp, "wb") as handle:
-            writer = wds.TarWriter(handle, encoder=False, mtime=0.0, user="cxrdist", group="cxrdist", format=tarfile.USTAR_FORMAT)
-            try:
-                for spec in job.samples:
-                    try:
-                        pixels = load_for_shard(Path(job.images_root) / spec.path, job.max_size)
-                    except BadImage as err:
-                        if not job.skip_bad:
-                            raise
-                        bad.append((spec.path, str(err)))
-                        continue
-                    image = encode_image(pixels, job.fmt, job.quality)
-                    writer.write({"__key__": spec.key, job.fmt: image, "json": sample_json(spec)})
-                    keys.append(spec.key)
-            finally:
-                writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(target, "wb") as handle:
+        writer = wds.TarWriter(handle, encoder=False, mtime=0.0, user="cxrdist", group="cxrdist", format=tarfile.USTAR_FORMAT)
+        try:
+            for spec in job.samples:
+                try:
+                    pixels = load_for_shard(Path(job.images_root) / spec.path, job.max_size)
+                except BadImage as err:
+                    if not job.skip_bad:
+                        raise
+                    bad.append((spec.path, str(err)))
+                    continue
+                image = encode_image(pixels, job.fmt, job.quality)
+                writer.write({"__key__": spec.key, job.fmt: image, "json": sample_json(spec)})
+                keys.append(spec.key)
+        finally:
+            writer.close()
     digest, size = file_sha256(target)
     return ShardResult(str(target), len(keys), size, digest, keys, bad)
 
@@ -137,14 +141,16 @@ def run_jobs(jobs: list[ShardJob], workers: int, on_done: Callable[[ShardResult]
     return results
 
 
-def iter_tar_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, data) for every member, keys split at the first dot as WebDataset does."""
+def iter_tar_members(path: Path, only: str | None = None) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, data) for every member (with `only`, the members with that extension: the others' data is
+    skipped by seeking, not read), keys split at the first dot as WebDataset does."""
     with tarfile.open(path, "r") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             key, _, ext = member.name.partition(".")
-            yield key, ext, tar.extractfile(member).read()
+            if only is None or ext == only:
+                yield key, ext, tar.extractfile(member).read()
 
 
 def verify_shards(root: Path, manifest: Manifest) -> dict:
@@ -191,18 +197,26 @@ def check_shard_members(path: Path, manifest: Manifest, split_name: str) -> list
     return list(members)
 
 
+def read_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
+    """The raw samples of one tar shard, in order (WebDataset's grouping); with `expected`, the count must match the manifest's."""
+    count = 0
+    try:
+        with open(path, "rb") as handle:
+            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": handle}])):
+                count += 1
+                image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+                yield RawSample(sample["__key__"], image, sample.get("json"))
+    except (tarfile.TarError, OSError, ValueError) as err:
+        why = err.args[0] if err.args else type(err).__name__
+        raise UserError(f"{path}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
+    if expected is not None and count != expected:
+        raise UserError(f"{path}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
+
+
 def read_shard_samples(path: Path) -> Iterator[tuple[str, bytes, dict]]:
-    """(key, image bytes, metadata) per sample; used by verification-style readers and tests."""
-    members: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    for key, ext, data in iter_tar_members(path):
-        if key not in members:
-            order.append(key)
-        members.setdefault(key, {})[ext] = data
-    for key in order:
-        parts = members[key]
-        image = next(v for k, v in parts.items() if k != "json")
-        yield key, image, json.loads(parts["json"])
+    """(key, image bytes, decoded metadata) per sample, for readers that want the json as a dict."""
+    for sample in read_shard(path):
+        yield sample.key, sample.image, json.loads(sample.meta)
 
 
 def shard_info(result: ShardResult, root: Path) -> ShardInfo:

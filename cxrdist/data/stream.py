@@ -26,45 +26,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.data.manifest import Manifest, ShardInfo
+from cxrdist.data.shards import RawSample, read_shard
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
 from cxrdist.errors import UserError
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 # Distinct first words keep the seed sequences of the different random streams apart.
 SHARD_ORDER_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3
 PREFETCH_BATCHES = 2
+EVAL_META = ("patient", "path")  # sample json fields an eval batch carries to the predictions
 
 
 @dataclass
 class StreamConfig:
-    img_size: int
-    in_chans: int = 3
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    image: ImageSpec  # what the transforms make of every image
     batch_size: int = 32
     workers: int = 4
     shuffle_buffer: int = 1000
     seed: int = 0
-
-
-class RawSample(NamedTuple):
-    key: str
-    image: bytes | None  # None when the sample has no image member (counted as corrupt later)
-    meta: bytes | None
 
 
 @dataclass(frozen=True)
@@ -78,22 +68,6 @@ class Unit:
 
 
 # ---------------------------------------------------------------- reading shards
-
-
-def read_shard(path: Path, expected: int) -> Iterator[RawSample]:
-    """The raw samples of one tar shard, in order; the count must match the manifest's."""
-    count = 0
-    try:
-        with open(path, "rb") as handle:
-            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": handle}])):
-                count += 1
-                image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-                yield RawSample(sample["__key__"], image, sample.get("json"))
-    except (tarfile.TarError, OSError, ValueError) as err:
-        why = err.args[0] if err.args else type(err).__name__
-        raise UserError(f"{path}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
-    if count != expected:
-        raise UserError(f"{path}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
 
 
 def read_shards(root: Path, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
@@ -199,11 +173,9 @@ def check_train_shards(shards: Sequence[ShardInfo], world_size: int, workers: in
 # ---------------------------------------------------------------- decoding and collating
 
 
-def parse_labels(meta: bytes | None, num_labels: int) -> np.ndarray:
-    """Raw labels (1/0/-1/null) from a sample's json as float32, NaN for blank."""
-    if meta is None:
-        raise ValueError("no json member")
-    labels = json.loads(meta)["labels"]
+def parse_labels(meta: dict, num_labels: int) -> np.ndarray:
+    """Raw labels (1/0/-1/null) from a sample's decoded json as float32, NaN for blank."""
+    labels = meta["labels"]
     if len(labels) != num_labels:
         raise ValueError(f"{len(labels)} labels, manifest has {num_labels}")
     return np.array([np.nan if value is None else float(value) for value in labels], dtype=np.float32)
@@ -216,50 +188,57 @@ def augment_rng(seed: int, pass_index: int, key: str) -> np.random.Generator:
     return np.random.default_rng([AUGMENT_STREAM, seed, pass_index, *words])
 
 
-def decode_sample(raw: RawSample, num_labels: int, min_side: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(grayscale image, labels) or None for a corrupt sample (image or json unreadable)."""
+def decode_sample(raw: RawSample, num_labels: int, min_side: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(grayscale image, labels, the sample's json) or None for a corrupt sample (image or json unreadable)."""
     try:
         if raw.image is None:
             raise ValueError("no image member")
-        return decode_grayscale(raw.image, min_side), parse_labels(raw.meta, num_labels)
+        if raw.meta is None:
+            raise ValueError("no json member")
+        meta = json.loads(raw.meta)
+        return decode_grayscale(raw.image, min_side), parse_labels(meta, num_labels), meta
     except Exception:  # noqa: BLE001 - any decoder failure means a corrupt sample, which the trainer counts
         return None
 
 
-def collate(keys: list[str], images: list[torch.Tensor], labels: list[np.ndarray], corrupt_keys: list[str], cfg: StreamConfig, num_labels: int) -> dict:
+def collate(keys: list[str], images: list[torch.Tensor], labels: list[np.ndarray], corrupt_keys: list[str], cfg: StreamConfig,
+            num_labels: int) -> dict:
     if images:
         image, labels_raw = torch.stack(images), torch.from_numpy(np.stack(labels))
     else:  # every sample of the batch was corrupt: still a batch, so all ranks keep the same count
-        image = torch.empty(0, cfg.in_chans, cfg.img_size, cfg.img_size)
+        image = torch.empty(0, cfg.image.channels, cfg.image.size, cfg.image.size)
         labels_raw = torch.empty(0, num_labels)
     return {"image": image, "labels_raw": labels_raw, "key": keys, "corrupt": len(corrupt_keys), "corrupt_keys": corrupt_keys}
 
 
 def decode_train_batch(raw_batch: list[tuple[int, RawSample]], cfg: StreamConfig, num_labels: int) -> dict:
     keys, images, labels, corrupt = [], [], [], []
-    min_side = train_draft_side(cfg.img_size)
+    min_side = train_draft_side(cfg.image.size)
     for pass_index, raw in raw_batch:
         decoded = decode_sample(raw, num_labels, min_side)
         if decoded is None:
             corrupt.append(raw.key)
             continue
         keys.append(raw.key)
-        images.append(train_transform(decoded[0], augment_rng(cfg.seed, pass_index, raw.key), cfg))
+        images.append(train_transform(decoded[0], augment_rng(cfg.seed, pass_index, raw.key), cfg.image))
         labels.append(decoded[1])
     return collate(keys, images, labels, corrupt, cfg, num_labels)
 
 
 def decode_eval_batch(raw_batch: list[RawSample], cfg: StreamConfig, num_labels: int, hflip: bool) -> dict:
-    keys, images, labels, corrupt = [], [], [], []
+    """Like a train batch, plus each sample's `meta` (EVAL_META fields of its json: patient, path) for the outputs."""
+    keys, images, labels, corrupt, meta = [], [], [], [], {name: [] for name in EVAL_META}
     for raw in raw_batch:
-        decoded = decode_sample(raw, num_labels, cfg.img_size)
+        decoded = decode_sample(raw, num_labels, cfg.image.size)
         if decoded is None:
             corrupt.append(raw.key)
             continue
         keys.append(raw.key)
-        images.append(eval_transform(decoded[0], cfg, hflip=hflip))
+        images.append(eval_transform(decoded[0], cfg.image, hflip=hflip))
         labels.append(decoded[1])
-    return collate(keys, images, labels, corrupt, cfg, num_labels)
+        for name in EVAL_META:
+            meta[name].append(decoded[2].get(name) or "")
+    return {**collate(keys, images, labels, corrupt, cfg, num_labels), "meta": meta}
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -326,8 +305,8 @@ class EvalStream(IterableDataset):
 def check_config(cfg: StreamConfig, rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
-    if cfg.batch_size < 1 or cfg.workers < 0 or cfg.img_size < 1:
-        raise UserError(f"batch_size and img_size must be >= 1 and workers >= 0 (got {cfg.batch_size}, {cfg.img_size}, {cfg.workers})")
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise UserError(f"batch_size must be >= 1 and workers >= 0 (got {cfg.batch_size}, {cfg.workers})")
 
 
 def make_loader(dataset: IterableDataset, workers: int, seed: int) -> DataLoader:
@@ -356,7 +335,8 @@ def batches_per_epoch(manifest: Manifest, splits: list[str], world_size: int, ba
     return steps * grad_accum
 
 
-def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamConfig, rank: int, world_size: int, start_batch: int = 0) -> DataLoader:
+def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamConfig, rank: int, world_size: int,
+                 start_batch: int = 0) -> DataLoader:
     """This rank's endless, shuffled, augmented batches; `start_batch` resumes as if that many were consumed."""
     check_config(cfg, rank, world_size)
     if start_batch < 0:

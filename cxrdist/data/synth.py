@@ -36,7 +36,6 @@ from (seed, patient) and (seed, image index), so any number of worker processes 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from cxrdist.atomic import atomic_open
 from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT_LABELS
 
@@ -799,7 +799,6 @@ def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int 
                 bar.update()
     bar.close()
     csv = out / "labels.csv"
-    partial = out / f".labels.csv.{os.getpid()}.tmp"
-    cohort.table.to_csv(partial, index=False)
-    os.replace(partial, csv)
+    with atomic_open(csv, "w", newline="") as handle:
+        cohort.table.to_csv(handle, index=False)
     return csv

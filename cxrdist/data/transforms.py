@@ -9,17 +9,13 @@ from __future__ import annotations
 import io
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from cxrdist.errors import UserError
-
-if TYPE_CHECKING:
-    from cxrdist.data.stream import StreamConfig
+from cxrdist.data.spec import ImageSpec
 
 CROP_SCALE = (0.7, 1.0)  # fraction of the image area kept by the random resized crop
 CROP_RATIO = (0.85, 1.15)  # width / height of the crop
@@ -28,7 +24,7 @@ MAX_ROTATION_DEG = 10.0
 # The smallest crop side is sqrt(0.7 * 0.85) = 0.77 of the image side; JPEG draft decoding for
 # training keeps enough pixels that even that crop is not upsampled.
 TRAIN_DRAFT_MARGIN = 1.0 / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0])
-BILINEAR = F.InterpolationMode.BILINEAR
+INTERPOLATION = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC, "nearest": F.InterpolationMode.NEAREST}
 
 
 def decode_grayscale(data: bytes, min_side: int | None = None) -> np.ndarray:
@@ -51,14 +47,10 @@ def train_draft_side(img_size: int) -> int:
     return math.ceil(img_size * TRAIN_DRAFT_MARGIN)
 
 
-def channel_stats(cfg: StreamConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The per-channel (mean, std) actually applied: the config's, or their average for in_chans=1."""
-    mean, std = tuple(float(m) for m in cfg.mean), tuple(float(s) for s in cfg.std)
-    if len(mean) != len(std):
-        raise UserError(f"normalisation mean has {len(mean)} values but std has {len(std)}")
-    if len(mean) != cfg.in_chans:
-        if cfg.in_chans != 1:
-            raise UserError(f"normalisation has {len(mean)} channel values but the model takes in_chans={cfg.in_chans}")
+def channel_stats(spec: ImageSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) actually applied: the spec's, or their average for one channel."""
+    mean, std = spec.mean, spec.std
+    if len(mean) != spec.channels:  # ImageSpec allows 3 values for 1 channel (timm's RGB statistics) and no other mismatch
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     return mean, std
 
@@ -71,9 +63,9 @@ def _scale_shift(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def normalise(image: torch.Tensor, cfg: StreamConfig) -> torch.Tensor:
-    """(1, H, W) pixels in 0..255 (uint8 or float) -> (in_chans, H, W) float32: grayscale replicated, (x/255 - mean) / std."""
-    scale, shift = _scale_shift(*channel_stats(cfg))
+def normalise(image: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """(1, H, W) pixels in 0..255 (uint8 or float) -> (channels, H, W) float32: grayscale replicated, (x/255 - mean) / std."""
+    scale, shift = _scale_shift(*channel_stats(spec))
     return torch.addcmul(shift, image.to(torch.float32), scale)
 
 
@@ -143,8 +135,8 @@ def rotate(image: torch.Tensor, angle: float) -> torch.Tensor:
     return out.squeeze(0)
 
 
-def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, cfg: StreamConfig) -> torch.Tensor:
-    """Random resized crop -> (img_size, img_size), hflip p=0.5, rotation +-10 deg (bilinear, fill 0), normalise.
+def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, spec: ImageSpec) -> torch.Tensor:
+    """Random resized crop -> (size, size) with the spec's interpolation, hflip p=0.5, rotation +-10 deg (bilinear, fill 0), normalise.
 
     The crop is resized first and rotated at the output size (cheaper than rotating the full image,
     same distribution up to resampling).
@@ -153,15 +145,15 @@ def train_transform(image: np.ndarray | torch.Tensor, rng: np.random.Generator, 
     top, left, h, w = crop_params(tensor.shape[1], tensor.shape[2], rng)
     flip = bool(rng.random() < HFLIP_P)
     angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
-    out = F.resized_crop(tensor, top, left, h, w, [cfg.img_size, cfg.img_size], interpolation=BILINEAR, antialias=True)
+    out = F.resized_crop(tensor, top, left, h, w, [spec.size, spec.size], interpolation=INTERPOLATION[spec.interpolation], antialias=True)
     if flip:
         out = F.horizontal_flip(out)
-    return normalise(rotate(out.to(torch.float32), angle), cfg)
+    return normalise(rotate(out.to(torch.float32), angle), spec)
 
 
-def eval_transform(image: np.ndarray | torch.Tensor, cfg: StreamConfig, hflip: bool = False) -> torch.Tensor:
-    """The whole image squashed to (img_size, img_size) (nothing cropped), optionally mirrored, normalised."""
-    out = F.resize(as_tensor(image), [cfg.img_size, cfg.img_size], interpolation=BILINEAR, antialias=True)
+def eval_transform(image: np.ndarray | torch.Tensor, spec: ImageSpec, hflip: bool = False) -> torch.Tensor:
+    """The whole image squashed to (size, size) (nothing cropped) with the spec's interpolation, optionally mirrored, normalised."""
+    out = F.resize(as_tensor(image), [spec.size, spec.size], interpolation=INTERPOLATION[spec.interpolation], antialias=True)
     if hflip:
         out = F.horizontal_flip(out)
-    return normalise(out, cfg)
+    return normalise(out, spec)

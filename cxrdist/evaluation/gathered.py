@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
+from cxrdist.evaluation import outputs
 from cxrdist.evaluation.metrics import auc_summary
 from cxrdist.policy import apply_policy
 
@@ -24,7 +23,7 @@ class Predictions:
     logits: dict[str, np.ndarray]  # model name -> (N, C) float32
     raw: np.ndarray  # (N, C) raw labels, NaN = blank
     corrupt: int = 0
-    meta: dict[str, list] = field(default_factory=dict)
+    meta: dict[str, list] = field(default_factory=dict)  # per-sample fields of the shard json (patient, path), key order
 
     def sorted(self) -> Predictions:
         order = np.argsort(np.asarray(self.keys), kind="stable")
@@ -51,11 +50,12 @@ def pad_batch(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None, pad_to: int | None = None) -> Predictions:
+def predict(models: dict[str, torch.nn.Module], loader, device, autocast=contextlib.nullcontext, prepare_input=None,
+            pad_to: int | None = None) -> Predictions:
     """Run every model over the loader (one pass over the data); logits come back as fp32 numpy."""
     for model in models.values():
         model.eval()
-    keys, raws, corrupt = [], [], 0
+    keys, raws, corrupt, meta = [], [], 0, {}
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
     for batch in loader:
         count = len(batch["key"])
@@ -69,6 +69,8 @@ def predict(models: dict[str, torch.nn.Module], loader, device, autocast=context
                 outputs[name].append(model(images)[:count].float().cpu().numpy())
         keys.extend(batch["key"])
         raws.append(batch["labels_raw"].numpy())
+        for name, values in batch.get("meta", {}).items():
+            meta.setdefault(name, []).extend(values)
         corrupt += int(batch.get("corrupt", 0))
     n_labels = raws[0].shape[1] if raws else 0
     return Predictions(
@@ -76,6 +78,7 @@ def predict(models: dict[str, torch.nn.Module], loader, device, autocast=context
         {name: np.concatenate(v) if v else np.zeros((0, n_labels), np.float32) for name, v in outputs.items()},
         np.concatenate(raws) if raws else np.zeros((0, n_labels), np.float32),
         corrupt,
+        meta,
     )
 
 
@@ -89,6 +92,7 @@ def gather_predictions(accelerator, local: Predictions) -> Predictions:
         {name: np.concatenate([p.logits[name] for p in parts if len(p.keys)] or [local.logits[name]]) for name in local.logits},
         np.concatenate([p.raw for p in parts if len(p.keys)] or [local.raw]),
         sum(p.corrupt for p in parts),
+        {name: [v for p in parts for v in p.meta.get(name, [""] * len(p.keys))] for name in set().union(*(p.meta for p in parts))},
     )
     return merged.sorted()
 
@@ -119,14 +123,6 @@ def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None
 
 
 def write_predictions_csv(path: Path, preds: Predictions, model: str, labels: list[str], policy: list[str]) -> None:
-    """key, target_<label> (blank where the policy ignores it), prob_<label>; written atomically."""
+    """key, prob_<label>, target_<label> (blank where the policy ignores it) of one model; written atomically."""
     targets, mask = apply_policy(preds.raw, policy)
-    probs = probabilities(preds.logits[model])
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["key"] + [f"target_{l}" for l in labels] + [f"prob_{l}" for l in labels])
-        for i, key in enumerate(preds.keys):
-            t = [(int(targets[i, j]) if mask[i, j] > 0 else "") for j in range(len(labels))]
-            writer.writerow([key] + t + [repr(float(p)) for p in probs[i]])
-    os.replace(tmp, path)
+    outputs.write_predictions_csv(path, {"key": preds.keys}, probabilities(preds.logits[model]), labels, targets.numpy(), mask.numpy())

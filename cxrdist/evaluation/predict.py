@@ -9,9 +9,6 @@ the probabilities equal those `evaluate` gives for the same image in a shard.
 
 from __future__ import annotations
 
-import csv
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +17,22 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
-from cxrdist.data.manifest import load_manifest
-from cxrdist.data.stream import StreamConfig
+from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
-from cxrdist.evaluation.ensemble import (
+from cxrdist.evaluation.outputs import write_predictions_csv
+from cxrdist.log import get_logger
+from cxrdist.evaluation.models import (
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
     load_fold_models,
     model_probabilities,
-    stream_config,
     view_modules,
 )
 
 DEFAULT_OUT = Path("preds.csv")
+LOG = get_logger("predict")
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -50,21 +48,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))  # a file named twice is predicted once
 
 
-def image_settings(models: list[FoldModel], shards: Path | None = None) -> dict:
-    """How prepare stored images for these models: {"format", "max_size", "quality"}.
-
-    From the model card when it records them, else from the manifest of the shards it was trained on.
-    """
-    card = models[0].card
-    if isinstance(card.get("image"), dict):
-        return card["image"]
-    root = Path(shards) if shards is not None else Path(card.get("shards", ""))
-    if not (root / "manifest.json").is_file():
-        raise UserError(
-            f"{models[0].directory}: the model card does not record the image preprocessing and its shard directory "
-            f"{root} (with manifest.json) is not there to read it from"
-        )
-    return load_manifest(root).image
+def image_settings(models: list[FoldModel]) -> dict:
+    """How prepare stored images for these models ({"format", "max_size", "quality"}), from the model card."""
+    return models[0].card.stored_image
 
 
 def stored_pixels(path: Path, image: dict) -> bytes:
@@ -76,8 +62,8 @@ def stored_pixels(path: Path, image: dict) -> bytes:
 class ImageFiles(Dataset):
     """(index, [tensor per preprocessing group]) or (index, error) for every file."""
 
-    def __init__(self, paths: list[Path], image: dict, configs: list[StreamConfig]) -> None:
-        self.paths, self.image, self.configs = paths, image, configs
+    def __init__(self, paths: list[Path], image: dict, specs: list[ImageSpec]) -> None:
+        self.paths, self.image, self.specs = paths, image, specs
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,7 +71,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         try:
             data = stored_pixels(self.paths[index], self.image)
-            return index, [eval_transform(decode_grayscale(data, cfg.img_size), cfg) for cfg in self.configs]
+            return index, [eval_transform(decode_grayscale(data, spec.size), spec) for spec in self.specs]
         except BadImage as err:
             return index, str(err)
 
@@ -98,19 +84,20 @@ def collate(items: list) -> dict:
 
 
 @torch.no_grad()
-def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: bool, batch_size: int, workers: int, device) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: bool, batch_size: int, workers: int,
+                  device) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
     """(indices of readable files, ensemble probabilities (N, C) float64, [(index, why) unreadable])."""
     groups = groups_by_preprocessing(models)
-    configs = [stream_config(group[0].card, batch_size, workers) for group in groups]
+    specs = [group[0].card.image for group in groups]
     modules = [view_modules(group, tta) for group in groups]
-    loader = DataLoader(ImageFiles(paths, image, configs), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(ImageFiles(paths, image, specs), batch_size=batch_size, num_workers=workers, collate_fn=collate)
     indices, bad = [], []
     logits: dict[str, list[np.ndarray]] = {name: [] for group in modules for name in group}
     with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
         for batch in loader:
             bad.extend(batch["bad"])
             for why in (w for _, w in batch["bad"]):
-                tqdm.write(f"cxrdist predict: skipped unreadable {why}", file=sys.stderr)
+                LOG.warning(f"cxrdist predict: skipped unreadable {why}")
             if batch["index"]:
                 indices.extend(batch["index"])
                 for images, group in zip(batch["images"], modules):
@@ -119,21 +106,10 @@ def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: 
                         logits[name].append(module(images).float().cpu().numpy())
             bar.update(len(batch["index"]) + len(batch["bad"]))
     if not indices:
-        return [], np.zeros((0, len(models[0].card["labels"]))), bad
+        return [], np.zeros((0, models[0].card.num_labels)), bad
     stacked = {name: np.concatenate(parts) for name, parts in logits.items()}
     per_model = {m.name: model_probabilities(stacked, m.name, tta) for m in models}
     return indices, ensemble_probabilities(per_model), bad
-
-
-def write_csv(path: Path, files: list[Path], probs: np.ndarray, labels: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path"] + [f"prob_{label}" for label in labels])
-        for file, row in zip(files, probs):
-            writer.writerow([str(file)] + [repr(float(p)) for p in row])
-    os.replace(tmp, path)
 
 
 def run_predict(
@@ -143,7 +119,6 @@ def run_predict(
     tta: bool = True,
     batch_size: int = 32,
     workers: int = 2,
-    shards: Path | None = None,
     cam: Path | None = None,
     cam_threshold: float = 0.5,
     cam_top: int = 3,
@@ -159,12 +134,12 @@ def run_predict(
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)
-    settings = image_settings(models, shards)
+    settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:
         raise UserError(f"none of the {len(files)} image files could be read (first: {bad[0][1]})")
     out = Path(out)
-    write_csv(out, [files[i] for i in indices], probs, models[0].card["labels"])
+    write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
     if cam is not None:
         from cxrdist.evaluation.saliency import write_file_cams
 

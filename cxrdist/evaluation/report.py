@@ -25,13 +25,17 @@ from cxrdist.data.manifest import Manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError
 from cxrdist.evaluation import report_figures as figs
-from cxrdist.evaluation.ensemble import ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, fold_sort_key, load_fold_probabilities
+from cxrdist.evaluation.outputs import load_fold_probabilities
 from cxrdist.evaluation.report_clinical import clinical_section, saliency_section
 from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
-from cxrdist.model.export import CARD_FILE, WEIGHTS_FILE
+from cxrdist.atomic import atomic_write_text
+from cxrdist.layout import (
+    BEST_DIR, CARD_FILE, ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, METRICS_LOG, PREDICTIONS_FILE, REPORT_DIR, TEST_SPLIT, WEIGHTS_FILE,
+    fold_run_dirs,
+)
+from cxrdist.model.card import ModelCard
 from cxrdist.model.refine import LabelGraphRefinement
 
-REPORT_DIR = "report"
 PAGE_FILE = "report.html"
 FIGURES = "figures"
 SAMPLE_IMAGES = 12
@@ -46,7 +50,7 @@ COUPLING_KEY = "refine.weight"
 class FoldRun:
     name: str
     directory: Path
-    card: dict | None = None  # best/model.json
+    card: ModelCard | None = None  # best/model.json
     train: list[dict] = field(default_factory=list)  # metrics.jsonl "train" records
     evals: list[dict] = field(default_factory=list)  # metrics.jsonl "eval" records
     coupling: np.ndarray | None = None  # the best model's A
@@ -77,10 +81,10 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
     if not runs.is_dir():
         raise UserError(f"{runs}: no such runs directory")
     folds = []
-    for directory in sorted((d for d in runs.glob("fold-*") if d.is_dir()), key=lambda d: fold_sort_key(d.name)):
-        best = directory / "best"
-        card = json.loads((best / CARD_FILE).read_text()) if (best / CARD_FILE).is_file() else None
-        records = read_records(directory / "metrics.jsonl")
+    for directory in fold_run_dirs(runs):
+        best = directory / BEST_DIR
+        card = ModelCard.read(best) if (best / CARD_FILE).is_file() else None
+        records = read_records(directory / METRICS_LOG)
         folds.append(FoldRun(
             directory.name, directory, card,
             [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "eval"],
@@ -92,7 +96,7 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
 
 
 def find_manifest(folds: list[FoldRun], shards: Path | None) -> tuple[Path | None, Manifest | None]:
-    candidates = [Path(shards)] if shards is not None else [Path(f.card["shards"]) for f in folds if f.card and f.card.get("shards")]
+    candidates = [Path(shards)] if shards is not None else [Path(f.card.shards) for f in folds if f.card]
     for root in candidates:
         if (root / "manifest.json").is_file():
             return root, load_manifest(root)
@@ -175,14 +179,12 @@ def _nan(value) -> float:
 
 def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemble: EnsembleResults | None) -> tuple[list[str], str]:
     cards_ = [f for f in folds if f.card]
-    first = cards_[0].card if cards_ else {}
+    first = cards_[0].card if cards_ else None
     lines = []
-    if first:
-        model = first.get("model", {})
-        refine = model.get("refine", {})
+    if first is not None:
         lines.append(
-            f"{esc(model.get('backbone', first.get('backbone', '?')))} at {esc(first.get('img_size', '?'))} px · "
-            f"label-graph refinement {'on' if refine.get('enabled') else 'off'} · {len(first.get('labels', []))} labels"
+            f"{esc(first.model.backbone)} at {esc(first.image.size)} px · "
+            f"label-graph refinement {'on' if first.model.refine.enabled else 'off'} · {first.num_labels} labels"
         )
     lines.append(f"runs: <code>{esc(runs)}</code>")
     cards = []
@@ -196,27 +198,29 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
         cards.append(card("Gain over mean fold model", signed(gain), f"{len(m['model_names'])} models"))
     else:
         cards.append(card("Ensemble", "not evaluated", "run <code>cxrdist evaluate</code>"))
-    cv = [f.card["metrics"]["ema"].get("macro_auc") for f in cards_ if f.card.get("metrics", {}).get("ema")]
+    cv = [f.card.metrics["ema"].get("macro_auc") for f in cards_ if f.card.metrics.get("ema")]
     cv = [v for v in cv if v is not None and math.isfinite(v)]
     if cv:
         cards.append(card("Cross-validation macro AUC", fmt(float(np.mean(cv))), f"mean of {len(cv)} folds on their held-out fold"))
     cards.append(card("Folds trained", f"{len(cards_)} / {len(folds)}", "with a best model"))
     if manifest is not None:
         train_n = manifest.num_samples(manifest.fold_names)
-        test_n = manifest.splits["test"].num_samples if "test" in manifest.splits else 0
+        test_n = manifest.splits[TEST_SPLIT].num_samples if TEST_SPLIT in manifest.splits else 0
         cards.append(card("Images", f"{train_n + test_n:,}", f"{train_n:,} in folds · {test_n:,} test"))
     return lines, "".join(cards)
 
 
 def data_section(root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
     if manifest is None:
-        return section("data", "Data", "", note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance and sample images cannot be shown."))
+        return section("data", "Data", "",
+                       note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance "
+                            "and sample images cannot be shown."))
     labels = manifest.labels
     folds = [manifest.splits[name] for name in manifest.fold_names]
     pos = np.array([sum(s.positives.get(l, 0) for s in folds) for l in labels], dtype=float)
     unc = np.array([sum(s.uncertain.get(l, 0) for s in folds) for l in labels], dtype=float)
     n = sum(s.num_samples for s in folds)
-    test = manifest.splits.get("test")
+    test = manifest.splits.get(TEST_SPLIT)
     test_prev = np.array([test.positives.get(l, 0) / max(test.num_samples, 1) for l in labels]) if test else None
     figs.label_frequency(fig_dir / "label_frequency.png", labels, pos, unc, n, test_prev)
     body = "<h3>Label frequency</h3>" + figure(f"{FIGURES}/label_frequency.png", "label frequency",
@@ -245,12 +249,13 @@ def balance_table(manifest: Manifest) -> str:
     explain = "Prevalence of each finding per split (positives / images)."
     if balance:
         explain += (f" Largest fold deviation from the overall prevalence: {100 * balance.get('max_deviation_overall', 0):.2f} pp; "
-                    f"fold size spread {100 * balance.get('size_spread', 0):.1f}%; patients in more than one split: {balance.get('patients_in_several_splits', 0)}.")
+                    f"fold size spread {100 * balance.get('size_spread', 0):.1f}%; "
+                    f"patients in more than one split: {balance.get('patients_in_several_splits', 0)}.")
     return f'<p class="explain">{explain}</p>' + table(header, rows)
 
 
 def sample_images(root: Path, manifest: Manifest, path: Path) -> str:
-    split = "test" if "test" in manifest.splits else manifest.fold_names[0]
+    split = TEST_SPLIT if TEST_SPLIT in manifest.splits else manifest.fold_names[0]
     images, captions, titles = [], [], []
     for shard in manifest.split(split).shards:
         for _key, data, meta in read_shard_samples(root / shard.file):
@@ -268,7 +273,8 @@ def sample_images(root: Path, manifest: Manifest, path: Path) -> str:
     figs.sample_grid(path, images, captions, titles)
     return figure(f"{FIGURES}/{path.name}", "sample images",
                   f"The first {len(images)} stored images of the {esc(split)} split as the models see them before resizing "
-                  f"({esc(manifest.image.get('format', '?'))}, long side ≤ {esc(manifest.image.get('max_size', '?'))} px), with their positive findings; "
+                  f"({esc(manifest.image.get('format', '?'))}, long side ≤ {esc(manifest.image.get('max_size', '?'))} px), "
+                  "with their positive findings; "
                   "a question mark means uncertain.")
 
 
@@ -296,7 +302,8 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
     gain_rows = [["Ensemble over the mean fold model", signed(gains.get("ensemble_over_mean_model"))],
                  ["Ensemble over the best fold model", signed(gains.get("ensemble_over_best_model"))]]
     if tta:
-        gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))], ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
+        gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))],
+                      ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
     body = table(header, rows, ["macro"] + [""] * len(labels))
     body += "<h3>Gains in macro AUC</h3>" + table(["", "Δ macro AUC"], gain_rows)
     notes = list(m.get("notes") or [])
@@ -310,18 +317,19 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
     bi = interval
     explain = (f"ROC-AUC on the <b>{esc(m['split'])}</b> split ({m['num_samples']:,} images, {m['num_patients']:,} patients) per fold model "
                f"{'with horizontal-flip TTA ' if tta else ''}and for the ensemble (mean of the models' probabilities). Targets follow the training "
-               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients (all images of a drawn patient).")
+               f"label policy. Intervals: 95% percentile bootstrap over {bi.get('resamples', '?')} resamples of patients "
+               "(all images of a drawn patient).")
     return section("auc", "Discrimination", explain, body)
 
 
 def cv_table(folds: list[FoldRun]) -> str:
-    trained = [f for f in folds if f.card and f.card.get("metrics", {}).get("ema")]
+    trained = [f for f in folds if f.card and f.card.metrics.get("ema")]
     if not trained:
         return note("No fold has exported a best model yet.")
-    labels = trained[0].card["labels"]
-    header = ["Label", *[f"{f.name} (on {f.card['metrics'].get('split', f.name)})" for f in trained]]
-    rows = [["Macro AUC", *[auc_cell(f.card["metrics"]["ema"].get("macro_auc")) for f in trained]]]
-    rows += [[esc(l), *[auc_cell(f.card["metrics"]["ema"].get("per_label", {}).get(l)) for f in trained]] for l in labels]
+    labels = trained[0].card.labels
+    header = ["Label", *[f"{f.name} (on {f.card.metrics.get('split', f.name)})" for f in trained]]
+    rows = [["Macro AUC", *[auc_cell(f.card.metrics["ema"].get("macro_auc")) for f in trained]]]
+    rows += [[esc(l), *[auc_cell(f.card.metrics["ema"].get("per_label", {}).get(l)) for f in trained]] for l in labels]
     return table(header, rows, ["macro"] + [""] * len(labels))
 
 
@@ -330,12 +338,14 @@ def roc_figure(predictions: pd.DataFrame, labels: list[str], aucs: dict, fig_dir
     scores = np.stack([predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
     known = np.isfinite(targets)
     figs.roc_grid(fig_dir / "roc.png", labels, np.nan_to_num(targets), scores, known, aucs)
-    return figure(f"{FIGURES}/roc.png", "ROC curves", "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
+    return figure(f"{FIGURES}/roc.png", "ROC curves",
+                  "One panel per finding; the dashed diagonal is chance. Images whose label the policy ignores are left out.")
 
 
 def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
     if ensemble is None or ensemble.predictions is None:
-        return section("predictions", "Predictions", "", note("Run <code>cxrdist evaluate</code> to see how the findings' predictions and the fold models relate."))
+        return section("predictions", "Predictions", "",
+                       note("Run <code>cxrdist evaluate</code> to see how the findings' predictions and the fold models relate."))
     m = ensemble.metrics
     labels = m["labels"]
     probs = np.stack([ensemble.predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
@@ -358,7 +368,8 @@ def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
                        f"{np.nanmean(off):.3f}. Models that agree less make more complementary errors, which is where the ensemble gains.")
     else:
         body += note("Fold agreement needs at least two fold models.")
-    return section("predictions", "Predictions", f"How the ensemble's predictions on the {esc(m['split'])} split relate across findings and across fold models.", body)
+    return section("predictions", "Predictions",
+                   f"How the ensemble's predictions on the {esc(m['split'])} split relate across findings and across fold models.", body)
 
 
 def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
@@ -367,17 +378,16 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
         return section("couplings", "Label couplings", "", note("No fold has a best model with the label-graph refinement enabled."))
     blocks = []
     for f in with_a:
-        labels = f.card["labels"]
+        labels = f.card.labels
         sparsity, top = coupling_summary(f.coupling, labels)
-        alpha = f.card.get("model", {}).get("refine", {}).get("alpha")
-        facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.get('step', '?'))}"
+        alpha = f.card.model.refine.alpha
+        facts = (f"Sparsity {100 * sparsity:.1f}% (off-diagonal entries with |a| ≤ 1e-6), best model at step {esc(f.card.step)}"
                  + (f", α = {alpha}" if alpha is not None else "") + ".")
         if not top:
             blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(f"A is exactly zero: the L1 penalty removed every coupling, so this model's "
                           f"refinement leaves the backbone's logits unchanged. {facts}") + "</div>")
             continue
-        figs.matrix_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, labels, f"{f.name}: coupling matrix A", "coupling strength",
-                            xlabel="target label (logit refined)", ylabel="source label (evidence)")
+        figs.coupling_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, f"{f.name}: coupling matrix A")
         rows = [[esc(s), esc(t), f"{v:+.4f}"] for s, t, v in top]
         blocks.append(f'<div><h3>{esc(f.name)}</h3><div class="split"><div>'
                       + figure(f"{FIGURES}/coupling_{f.name}.png", f"coupling matrix {f.name}", facts)
@@ -396,12 +406,13 @@ def training_section(folds: list[FoldRun], fig_dir: Path) -> str:
     rows = []
     for f in folds:
         last = f.train[-1] if f.train else {}
-        best = f.card or {}
+        best_auc = (f.card.metrics.get("ema") or {}).get("macro_auc") if f.card else None
         rows.append([esc(f.name), f"{last.get('step', '–')}", fmt(last.get("epoch"), 2), fmt(last.get("loss"), 4),
-                     auc_cell((best.get("metrics", {}).get("ema") or {}).get("macro_auc")), esc(best.get("step", "–")),
+                     auc_cell(best_auc), esc(f.card.step if f.card else "–"),
                      fmt(last.get("img_per_s"), 0)])
     body = figure(f"{FIGURES}/training.png", "training curves",
-                  "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) on each fold's held-out fold.")
+                  "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) "
+                  "on each fold's held-out fold.")
     body += table(["fold", "last step", "epoch", "last loss", "best val AUC (EMA)", "best step", "img/s"], rows)
     return section("training", "Training", "One run per fold, each validated on the fold it holds out.", body)
 
@@ -418,7 +429,7 @@ def run_report(runs: Path, out: Path | None = None, shards: Path | None = None) 
     out = Path(out) if out is not None else runs / REPORT_DIR
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
-    experiment = next((f.card.get("experiment") for f in folds if f.card and f.card.get("experiment")), runs.name)
+    experiment = next((f.card.experiment for f in folds if f.card and f.card.experiment), runs.name)
     subtitle, cards = overview(runs, folds, manifest, ensemble)
     sections = [
         ("data", "Data", data_section(root, manifest, fig_dir)),
@@ -431,7 +442,5 @@ def run_report(runs: Path, out: Path | None = None, shards: Path | None = None) 
     ]
     footer = f"Generated by <code>cxrdist report</code> on {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} from <code>{esc(runs)}</code>."
     path = out / PAGE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page(f"cxrdist · {experiment}", subtitle, cards, sections, footer), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, page(f"cxrdist · {experiment}", subtitle, cards, sections, footer))
     return path

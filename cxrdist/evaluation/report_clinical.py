@@ -76,12 +76,14 @@ def reliability_grid(path: Path, per_label: dict, scaled: dict | None, columns: 
 
 def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
     if not metrics or "calibration" not in metrics:
-        return section("clinical", "Operating points and calibration", "", note("No evaluation with operating points: run <code>cxrdist evaluate</code>."))
+        return section("clinical", "Operating points and calibration", "",
+                       note("No evaluation with operating points: run <code>cxrdist evaluate</code>."))
     cal = metrics["calibration"]
     body = ""
     if metrics.get("operating_points"):
         body += ("<h3>Operating points</h3><p>Thresholds chosen on the out-of-fold predictions of the held-out folds "
-                 f"({metrics['operating_points'].get('out_of_fold_images', '?')} images), applied unchanged to the {esc(metrics['split'])} split; "
+                 f"({metrics['operating_points'].get('out_of_fold_images', '?')} images), "
+                 f"applied unchanged to the {esc(metrics['split'])} split; "
                  "patient-bootstrap 95% intervals.</p>" + operating_point_table(metrics))
     else:
         body += note(esc(cal.get("note", "no out-of-fold predictions: no operating points")))
@@ -91,10 +93,12 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
             for label, v in cal["ensemble"]["per_label"].items() if v is not None]
     rows.insert(0, ["Macro", fmt(cal["ensemble"]["macro_ece"]), fmt(cal["ensemble"]["macro_brier"]),
                     fmt((cal.get("temperature_scaled") or {}).get("macro_ece")), ""])
-    body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature"], rows, ["macro"] + [""] * (len(rows) - 1))
+    body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature"], rows,
+                                           ["macro"] + [""] * (len(rows) - 1))
     reliability_grid(fig_dir / "reliability.png", cal["ensemble"]["per_label"], scaled)
     body += figure("figures/reliability.png", "reliability diagrams",
-                   "Reliability of the ensemble's probabilities (10 equal-width bins); dashed: after per-label temperature scaling fitted out of fold.")
+                   "Reliability of the ensemble's probabilities (10 equal-width bins); "
+                   "dashed: after per-label temperature scaling fitted out of fold.")
     return section("clinical", "Operating points and calibration", "What a threshold achieves and whether a probability means what it says.", body)
 
 
@@ -114,7 +118,7 @@ def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.nd
 
 def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
     """The evaluated split's images with the most confident positive findings (one per label), with the ensemble's maps."""
-    from cxrdist.evaluation.ensemble import load_fold_models, stream_config
+    from cxrdist.evaluation.models import load_fold_models
     from cxrdist.evaluation.saliency import ensemble_cams
 
     title = "Where the model looked"
@@ -124,14 +128,14 @@ def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest
         return section("saliency", title, "", note("Needs <code>cxrdist evaluate</code> and the shards it read."))
     try:
         models = load_fold_models(runs)
-        labels = models[0].card["labels"]
+        labels = models[0].card.labels
         chosen = []  # (key, label index): per label the test image where it is most probable, most confident labels first
         for j in np.argsort([-predictions[f"prob_{label}"].max() for label in labels])[:SALIENCY_IMAGES]:
             chosen.append((predictions["key"].iloc[int(predictions[f"prob_{labels[j]}"].idxmax())], int(j)))
         wanted = {key for key, _ in chosen}
         pixels = {key: image for shard in manifest.split(split).shards for key, image, _ in read_shard_samples(root / shard.file) if key in wanted}
-        cfg = stream_config(models[0].card, 1, 0)
-        batch = torch.stack([eval_transform(decode_grayscale(pixels[key], cfg.img_size), cfg) for key, _ in chosen])
+        spec = models[0].card.image
+        batch = torch.stack([eval_transform(decode_grayscale(pixels[key], spec.size), spec) for key, _ in chosen])
         maps = ensemble_cams([m.model for m in models], batch, [j for _, j in chosen], tta=True)
     except UserError as err:
         return section("saliency", title, "", note(esc(err)))

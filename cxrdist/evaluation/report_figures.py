@@ -6,6 +6,7 @@ import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 import numpy as np
@@ -18,9 +19,11 @@ FOLD_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
 PALETTE = {"train": "#3b6ea8", "uncertain": "#a9c4e4", "test": "#d1495b"}
 
 
-def save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+def save(fig: Figure, path: Path | BinaryIO) -> Path | BinaryIO:
+    """A PNG at `path`, or into a binary file object."""
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
     return path
 
 
@@ -29,7 +32,8 @@ def short(label: str, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(label, width)) or label
 
 
-def label_frequency(path: Path, labels: Sequence[str], train_pos: np.ndarray, train_unc: np.ndarray, train_n: int, test_prev: np.ndarray | None) -> Path:
+def label_frequency(path: Path, labels: Sequence[str], train_pos: np.ndarray, train_unc: np.ndarray, train_n: int,
+                    test_prev: np.ndarray | None) -> Path:
     """Horizontal bars: positive and uncertain prevalence over the training folds; test prevalence as dots."""
     order = np.argsort(train_pos)
     y = np.arange(len(labels))
@@ -128,6 +132,12 @@ def matrix_heatmap(path: Path, matrix: np.ndarray, row_names: Sequence[str], col
     bar.set_label(colorbar, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return save(fig, path)
+
+
+def coupling_heatmap(path: Path | BinaryIO, matrix: np.ndarray, labels: Sequence[str], title: str):
+    """The learned coupling matrix A (row = source label, column = target), as the report and W&B show it."""
+    return matrix_heatmap(path, matrix, labels, labels, title, "coupling strength",
+                          xlabel="target label (logit refined)", ylabel="source label (evidence)")
 
 
 def training_curves(path: Path, runs: dict[str, dict[str, list]]) -> Path:

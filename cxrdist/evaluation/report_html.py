@@ -17,7 +17,8 @@ body { margin: 0; font: 15px/1.55 -apple-system, "Segoe UI", Roboto, "Helvetica 
 header { background: linear-gradient(120deg, #0f2a44, #1f4e79); color: #fff; padding: 28px 40px 22px; }
 header h1 { margin: 0 0 4px; font-size: 26px; font-weight: 650; letter-spacing: .2px; }
 header p { margin: 2px 0; color: #cfe0f1; }
-nav { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line); padding: 8px 40px; display: flex; flex-wrap: wrap; gap: 4px 16px; font-size: 13.5px; }
+nav { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line); padding: 8px 40px;
+      display: flex; flex-wrap: wrap; gap: 4px 16px; font-size: 13.5px; }
 nav a { color: var(--accent); text-decoration: none; }
 nav a:hover { text-decoration: underline; }
 main { max-width: 1180px; margin: 0 auto; padding: 10px 40px 60px; }

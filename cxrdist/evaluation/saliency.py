@@ -22,8 +22,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cxrdist.atomic import atomic_open, atomic_path
+from cxrdist.data.spec import ImageSpec
+from cxrdist.data.transforms import channel_stats
 from cxrdist.errors import UserError
-from cxrdist.evaluation.ensemble import Flipped, groups_by_preprocessing, stream_config
+from cxrdist.evaluation.models import Flipped, groups_by_preprocessing
 from cxrdist.evaluation.predict import ImageFiles
 from cxrdist.model.network import CXRNet
 
@@ -37,7 +40,7 @@ def grad_cam_classes():
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
-        raise UserError("saliency maps need the grad-cam package: pip install 'cxrdist[saliency]'")
+        raise UserError("saliency maps need the grad-cam package: pip install 'cxrdist[saliency]'") from None
     return GradCAM, ClassifierOutputTarget
 
 
@@ -101,13 +104,12 @@ def slug(text: str) -> str:
 def write_png(path: Path, rgb: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
 
 
 def write_overlays(
-    out: Path, names: Sequence[str], images: torch.Tensor, probs: np.ndarray, models: Sequence[CXRNet], labels: Sequence[str], card: dict,
+    out: Path, names: Sequence[str], images: torch.Tensor, probs: np.ndarray, models: Sequence[CXRNet], labels: Sequence[str], spec: ImageSpec,
     tta: bool, threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP,
 ) -> list[dict]:
     """One overlay PNG per (image, finding to explain) in `out`; returns rows (name, label, probability, peak, file)."""
@@ -120,7 +122,7 @@ def write_overlays(
     rows = []
     for (b, j), cam in zip(pairs, cams):
         file = out / f"{slug(names[b])}__{slug(labels[j])}.png"
-        write_png(file, overlay(display_image(images[b], card["mean"], card["std"]), cam))
+        write_png(file, overlay(display_image(images[b], *channel_stats(spec)), cam))
         u, v = peak(cam)
         rows.append({"name": names[b], "label": labels[j], "probability": float(probs[b, j]), "peak_u": u, "peak_v": v, "file": file.name})
     return rows
@@ -134,17 +136,16 @@ def write_file_cams(
     if len(groups_by_preprocessing(fold_models)) > 1:
         raise UserError("--cam needs fold models that take the same preprocessed input")
     card = fold_models[0].card
-    dataset = ImageFiles(list(files), image, [stream_config(card, batch_size, 0)])
+    dataset = ImageFiles(list(files), image, [card.image])
     names = [f"{i:05d}_{Path(f).stem}" for i, f in enumerate(files)]
     rows = []
     for start in range(0, len(files), batch_size):
         batch = torch.stack([dataset[i][1][0] for i in range(start, min(start + batch_size, len(files)))])
         found = write_overlays(out, names[start:], batch, probs[start : start + len(batch)], [m.model for m in fold_models],
-                               card["labels"], card, tta, threshold, top)
+                               card.labels, card.image, tta, threshold, top)
         rows.extend({"path": str(files[names.index(r["name"])]), **r} for r in found)
     index = out / "cams.csv"
     out.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_name(f".{index.name}.tmp")
-    pd.DataFrame(rows, columns=["path", "name", "label", "probability", "peak_u", "peak_v", "file"]).to_csv(tmp, index=False)
-    tmp.replace(index)
+    with atomic_open(index, "w", newline="") as handle:
+        pd.DataFrame(rows, columns=["path", "name", "label", "probability", "peak_u", "peak_v", "file"]).to_csv(handle, index=False)
     return index

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cxrdist.errors import UserError
+
 SPARSITY_MODES = ("proximal", "subgradient")
 LOSS_NAMES = ("asl", "bce")
 
@@ -22,6 +24,11 @@ class RefineConfig:
     l1: float = 1e-3
     detach: bool = False  # stop gradients into the backbone through sigmoid(z)
     sparsity: str = "proximal"  # "proximal" (exact zeros) | "subgradient" (the paper's code)
+
+    def __post_init__(self) -> None:
+        one_of("model.refine.sparsity", self.sparsity, SPARSITY_MODES)
+        if self.l1 < 0:
+            raise UserError(f"model.refine.l1 must be >= 0, got {self.l1}")
 
 
 @dataclass
@@ -45,3 +52,12 @@ class LossConfig:
     clip: float = 0.05
     eps: float = 1e-8
     pos_weight: Optional[list[float]] = None  # one per label (or one for all); weights the positive term
+
+    def __post_init__(self) -> None:
+        one_of("loss.name", self.name, LOSS_NAMES)
+
+
+def one_of(field_name: str, value, allowed: tuple) -> None:
+    """A setting restricted to a few names: the error names the field, the value and the choices."""
+    if value not in allowed:
+        raise UserError(f"{field_name}: {value!r} is not one of {', '.join(map(str, allowed))}")

@@ -10,12 +10,12 @@ import timm.data
 import torch
 from torch import nn
 
+from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.model.config import ModelConfig
 from cxrdist.model.refine import LabelGraphRefinement
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-REFINE_FIELDS = ("enabled", "alpha", "l1", "detach", "sparsity")
 
 
 class CXRNet(nn.Module):
@@ -23,7 +23,7 @@ class CXRNet(nn.Module):
 
     A 1-channel input is replicated to 3 channels when the backbone takes 3 (a stride-0 expand, no
     copy), so the data pipeline may ship grayscale tensors. Normalising a (1, H, W) image with the
-    3-value mean/std of `model_card` broadcasts to the same 3 channels and is equally fine.
+    3-value mean/std of `image_spec` broadcasts to the same 3 channels and is equally fine.
     """
 
     def __init__(
@@ -111,7 +111,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
-        raise UserError(f"model.pretrained_path: cannot read {path} as weights: {_first_line(e)}")
+        raise UserError(f"model.pretrained_path: cannot read {path} as weights: {_first_line(e)}") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # common checkpoint layouts
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]
@@ -134,7 +134,7 @@ def _create_from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Modul
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(
             f"model.pretrained_path: {path} does not fit backbone {name}: {_load_error(e)}"
-        )
+        ) from None
     model.pretrained_cfg.pop("state_dict", None)  # don't keep (or EMA-copy) the loaded tensors
     return model
 
@@ -146,11 +146,11 @@ def _create_downloaded(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise UserError(
             f"model.pretrained: cannot download weights for {name} ({_first_line(e)}); "
             "without internet, set model.pretrained_path to a local file"
-        )
+        ) from None
 
 
-def model_card(cfg: ModelConfig, num_labels: int) -> dict[str, Any]:
-    """What model.json needs to rebuild and feed the network (image size is the trainer's)."""
+def image_spec(cfg: ModelConfig, img_size: int) -> ImageSpec:
+    """The input the network expects at `img_size`: timm's normalisation and interpolation for the backbone."""
     pretrained_cfg = timm.models.get_pretrained_cfg(cfg.backbone)
     data_cfg = timm.data.resolve_data_config(
         pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
@@ -158,16 +158,7 @@ def model_card(cfg: ModelConfig, num_labels: int) -> dict[str, Any]:
     mean, std = list(data_cfg["mean"]), list(data_cfg["std"])
     if cfg.in_chans == 1:  # the summed RGB filters see one channel: average the statistics
         mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    refine = {field: getattr(cfg.refine, field) for field in REFINE_FIELDS}
-    return {
-        "backbone": cfg.backbone,
-        "in_chans": cfg.in_chans,
-        "num_labels": num_labels,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": data_cfg["interpolation"],
-        "refinement": refine,
-    }
+    return ImageSpec(size=img_size, channels=cfg.in_chans, mean=tuple(mean), std=tuple(std), interpolation=data_cfg["interpolation"])
 
 
 def _load_error(error: BaseException, limit: int = 200) -> str:

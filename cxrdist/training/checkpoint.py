@@ -17,6 +17,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from cxrdist.atomic import replace_directory
+from cxrdist.layout import CHECKPOINTS_DIR
+
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -38,7 +41,7 @@ class TrainerState:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -65,7 +68,7 @@ def save_checkpoint(accelerator, ema, state: TrainerState, run_dir: Path, keep: 
         save_file(ema_state(ema), str(partial / EMA_FILE))
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         fault_injection(state.step)
-        partial.rename(final)
+        replace_directory(partial, final)
         prune(run_dir, keep, state.best_step)
     accelerator.wait_for_everyone()
     return final

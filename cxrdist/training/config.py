@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.errors import UserError
-from cxrdist.model.config import LossConfig, ModelConfig
+from cxrdist.layout import run_dir
+from cxrdist.model.config import LossConfig, ModelConfig, one_of
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -28,6 +29,10 @@ class DataConfig:
     # "zeros", "ones", or a mapping {label: policy, default: policy}.
     label_policy: Any = "default"
     max_corrupt_fraction: float = 0.001  # stop when more samples than this fraction fail to decode
+
+    def __post_init__(self) -> None:
+        at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.workers", self.workers, 0)
 
 
 @dataclass
@@ -51,12 +56,26 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
+        if self.mixed_precision in ("False", "false", "fp32"):
+            self.mixed_precision = "no"
+        one_of("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        at_least("train.grad_accum", self.grad_accum, 1)
+        at_least("train.epochs", self.epochs, 1)
+        at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
 
 @dataclass
 class LoggingConfig:
     wandb: str = "auto"  # online | offline | disabled | auto (online if logged in, else offline)
     project: str = "cxrdist"
     progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        one_of("logging.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass
@@ -71,9 +90,13 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        if "/" in self.experiment or self.experiment in ("", ".", ".."):
+            raise UserError(f"experiment must be a plain name, got {self.experiment!r}")
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.experiment / f"fold-{self.fold}"
+        return run_dir(self.output_dir, self.experiment, self.fold)
 
 
 def one_line(err: OmegaConfBaseException) -> str:
@@ -101,34 +124,24 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"config: required key(s) not set: {', '.join(missing)}")
-        cfg: ExperimentConfig = OmegaConf.to_object(merged)
+        cfg: ExperimentConfig = to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
-    validate(cfg)
     return cfg
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
-    if cfg.train.mixed_precision in ("False", "false", "fp32"):
-        cfg.train.mixed_precision = "no"
-    checks = [
-        (cfg.logging.wandb in WANDB_MODES, f"logging.wandb must be one of {', '.join(WANDB_MODES)}"),
-        (cfg.train.mixed_precision in PRECISIONS, f"train.mixed_precision must be one of {', '.join(PRECISIONS)}"),
-        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.data.workers >= 0, "data.workers must be >= 0"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-        (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
-        (cfg.model.refine.sparsity in ("proximal", "subgradient"), "model.refine.sparsity must be proximal or subgradient"),
-        (cfg.loss.name in ("asl", "bce"), "loss.name must be asl or bce"),
-        ("/" not in cfg.experiment and cfg.experiment not in ("", ".", ".."), "experiment must be a plain name"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(f"config: {message}")
+def to_object(merged) -> ExperimentConfig:
+    """The typed config; every section's __post_init__ checks its own fields."""
+    try:
+        return OmegaConf.to_object(merged)
+    except UserError as err:
+        raise UserError(f"config: {err}") from None
+
+
+def at_least(field_name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserError(f"{field_name} must be >= {minimum}, got {value}")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -10,8 +10,21 @@ from pathlib import Path
 
 import cxrdist
 from cxrdist.errors import UserError
+from cxrdist.log import get_logger
 
 TRAIN_SCRIPT = Path(cxrdist.__file__).resolve().parent / "train.py"
+
+
+def experiment_info(config: Path, overrides: list[str], read_manifest: bool = True) -> tuple[str, str, int]:
+    """(experiment, output_dir, number of folds in the shards' manifest; 0 without `read_manifest`).
+
+    `cxrdist train --fold all` and slurm/train_folds.sh (through `cxrdist info`) size their fold loops from it."""
+    from cxrdist.data.manifest import load_manifest
+    from cxrdist.training.config import load_config
+
+    cfg = load_config(config, overrides)
+    folds = load_manifest(Path(cfg.data.shards)).num_folds if read_manifest else 0
+    return cfg.experiment, cfg.output_dir, folds
 
 
 def folds_to_train(config: Path, fold: str | None, overrides: list[str]) -> list[int | None]:
@@ -21,11 +34,7 @@ def folds_to_train(config: Path, fold: str | None, overrides: list[str]) -> list
         if not fold.isdigit():
             raise UserError(f"--fold {fold!r}: expected a fold number or 'all'")
         return [int(fold)]
-    from cxrdist.data.manifest import load_manifest
-    from cxrdist.training.config import load_config
-
-    cfg = load_config(config, overrides)
-    return list(range(load_manifest(Path(cfg.data.shards)).num_folds))
+    return list(range(experiment_info(config, overrides)[2]))
 
 
 def launch_command(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> tuple[list[str], dict]:
@@ -48,7 +57,7 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
             env["ACCELERATE_USE_CPU"] = "1"
         cmd += (["--multi_gpu"] if n > 1 else []) + ["--num_processes", str(n), "--num_machines", "1"]
         cmd += ["--mixed_precision", "no" if gpus == 0 else "bf16", "--dynamo_backend", "no"]
-    cmd += [str(TRAIN_SCRIPT), "--config", str(config)]
+    cmd += [str(TRAIN_SCRIPT), "--config", str(config)]  # the script form, as documented (also: -m cxrdist.train)
     if fold is not None:
         cmd += ["--fold", str(fold)]
     return cmd + list(overrides), env
@@ -61,7 +70,7 @@ def launch_fold(config: Path, fold: int | None, overrides: list[str], processes:
 
     run_dir = load_config(config, overrides, fold=fold).run_dir
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
-    print("+ accelerate launch " + shlex.join(cmd[3:]), flush=True)
+    get_logger("launch").info("+ accelerate launch " + shlex.join(cmd[3:]))
     code = subprocess.call(cmd, env=env)
     if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
         return EXIT_PREEMPTED

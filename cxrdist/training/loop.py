@@ -11,41 +11,43 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from cxrdist.data.manifest import fold_name, load_manifest
+from cxrdist import distributed
+from cxrdist.data.manifest import load_manifest
+from cxrdist.atomic import atomic_write_text
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
 from cxrdist.errors import UserError
+from cxrdist.log import get_logger
+from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, fold_name
 from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
 from cxrdist.model.ema import ModelEma
-from cxrdist.model.export import model_config_dict, save_model
+from cxrdist.model.card import ModelCard
+from cxrdist.model.export import save_model
 from cxrdist.model.loss import build_loss
-from cxrdist.model.network import build_model, model_card
+from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
 from cxrdist.policy import apply_policy, resolve_policy
-from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from cxrdist.training.checkpoint import STATE_FILE, TrainerState, find_resume, load_checkpoint, save_checkpoint
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_wandb, start_wandb, wandb_mode
 
 
+LOG = get_logger("train")
+
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = None if _launcher_set_precision() else ("bf16" if torch.cuda.is_available() else "no")
-    # Several CPU processes (tests, demo, DeepSpeed on CPU) talk over gloo; accelerate would not
-    # count the DeepSpeed processes without it. A lone process must not ask for a process group.
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
     log_with = None if wandb_mode(cfg.logging.wandb) == "disabled" else "wandb"
-    return Accelerator(
+    return distributed.make_accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with,
         project_dir=str(cfg.run_dir),
-        kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
 
@@ -72,13 +74,11 @@ class Trainer:
         self.is_cuda = acc.device.type == "cuda"
         set_seed(cfg.seed)
         model = build_model(cfg.model, len(self.labels))
-        self.card = model_card(cfg.model, len(self.labels))
+        self.image = image_spec(cfg.model, cfg.data.img_size)
         if self.is_cuda and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.stream = StreamConfig(
-            img_size=cfg.data.img_size, in_chans=cfg.model.in_chans, mean=tuple(self.card["mean"]), std=tuple(self.card["std"]),
-            batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed,
-        )
+        self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                   seed=cfg.seed)
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
         self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs})
         self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
@@ -96,7 +96,7 @@ class Trainer:
         self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.loss_fn = build_loss(cfg.loss)
         self.preempt = PreemptionFlag().install()
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process)
+        self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
         self.state = TrainerState()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -107,7 +107,8 @@ class Trainer:
             return
         plugin = acc.state.deepspeed_plugin
         if plugin.zero_stage == 3:
-            raise UserError("DeepSpeed ZeRO-3 is not supported: EMA and evaluation need whole parameters; use ZeRO-1 or ZeRO-2 (launch/deepspeed_zero2.yaml)")
+            raise UserError("DeepSpeed ZeRO-3 is not supported: EMA and evaluation need whole parameters; "
+                            "use ZeRO-1 or ZeRO-2 (launch/deepspeed_zero2.yaml)")
         # Our loaders do not go through accelerate.prepare, so fill the "auto" fields it would have
         # taken from a loader, and take clipping from the config rather than accelerate's default.
         ds = plugin.deepspeed_config
@@ -122,7 +123,7 @@ class Trainer:
             # on the module would be overwritten at the next step: use the L1 subgradient instead.
             self.cfg.model.refine.sparsity = "subgradient"
             if acc.is_main_process:
-                print("cxrdist: under DeepSpeed the refinement uses sparsity=subgradient (the proximal step needs the master weights)")
+                LOG.warning("cxrdist: under DeepSpeed the refinement uses sparsity=subgradient (the proximal step needs the master weights)")
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that
@@ -143,7 +144,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            atomic_write_text(self.run_dir / CONFIG_FILE, to_yaml(self.cfg))
 
     def resume(self) -> Path | None:
         path = find_resume(self.run_dir, self.cfg.train.resume)
@@ -158,15 +159,17 @@ class Trainer:
         resume_from = self.resume()
         start_batch = 0
         if resume_from is not None:
-            start_batch = json.loads((resume_from / "trainer_state.json").read_text())["batches"]
+            start_batch = json.loads((resume_from / STATE_FILE).read_text())["batches"]
         # The loader iterator draws a seed from the global RNG when it is created: create it before
         # the checkpoint's RNG state is restored, in a fresh run and a resumed one alike.
-        batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes, start_batch=start_batch))
+        batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes,
+                                    start_batch=start_batch))
         if resume_from is not None:
             self.state = load_checkpoint(acc, self.ema, resume_from)
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
-        self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x {self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
+        self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
+                 f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
         code = self.train_until_done(batches)
         acc.end_training()
         return code
@@ -174,7 +177,8 @@ class Trainer:
     def train_until_done(self, batches) -> int:
         acc, cfg = self.accelerator, self.cfg
         total_batches = cfg.train.epochs * self.batches_per_epoch
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step", disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step",
+                   disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
         if self.state.batches >= total_batches:
             self.say(f"already complete at step {self.state.step} (best EMA macro AUC {self.state.best_auc:.4f})")
             return 0
@@ -207,7 +211,8 @@ class Trainer:
                     self.checkpoint()
                 if acc.is_main_process:
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.state.step}\n")
-                self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, exiting with {EXIT_PREEMPTED}")
+                self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, "
+                         f"exiting with {EXIT_PREEMPTED}")
                 bar.close()
                 return EXIT_PREEMPTED
         bar.close()
@@ -215,7 +220,7 @@ class Trainer:
             self.evaluate()
         if checkpointed_at != self.state.step:
             self.checkpoint()
-        self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / 'best'}")
+        self.say(f"done: best EMA macro AUC {self.state.best_auc:.4f} at step {self.state.best_step}; model in {self.run_dir / BEST_DIR}")
         return 0
 
     def checkpoint(self) -> None:
@@ -285,7 +290,8 @@ class Trainer:
     # ---- logging, evaluation ---------------------------------------------------------------------
     def log_train(self, window: Window, bar) -> None:
         acc = self.accelerator
-        totals = acc.reduce(torch.tensor([float(window.loss_sum), window.batches, window.samples, window.corrupt], dtype=torch.float64, device=acc.device), "sum").tolist()
+        totals = acc.reduce(torch.tensor([float(window.loss_sum), window.batches, window.samples, window.corrupt], dtype=torch.float64,
+                                         device=acc.device), "sum").tolist()
         loss_sum, n_batches, samples, corrupt = totals
         self.state.samples_seen += int(samples)
         self.state.corrupt_seen += int(corrupt)
@@ -324,7 +330,8 @@ class Trainer:
         acc = self.accelerator
         self.sync_buffers_from_main()
         loader = eval_loader(self.root, self.manifest, [self.val_split], self.eval_stream, acc.process_index, acc.num_processes)
-        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input, pad_to=self.eval_stream.batch_size)
+        local = predict({"ema": self.ema.module, "live": self.net}, loader, acc.device, acc.autocast, self.to_input,
+                        pad_to=self.eval_stream.batch_size)
         preds = gather_predictions(acc, local)
         check_complete(preds, self.manifest.num_samples([self.val_split]))
         results = score(preds, self.labels, self.policy, self.loss_fn)
@@ -341,32 +348,33 @@ class Trainer:
             self.state.best_auc, self.state.best_step = results["ema"]["macro_auc"], self.state.step
         if acc.is_main_process:
             self.log.write(record)
-            write_predictions_csv(self.run_dir / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+            write_predictions_csv(self.run_dir / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
             if improved:
                 self.export_best(preds, results)
         couplings = (refine.weight.detach().float().cpu().numpy(), self.labels) if refine is not None else None
-        flat = {"val/ema_macro_auc": results["ema"]["macro_auc"], "val/live_macro_auc": results["live"]["macro_auc"], "val/ema_loss": results["ema"].get("loss")}
+        flat = {"val/ema_macro_auc": results["ema"]["macro_auc"], "val/live_macro_auc": results["live"]["macro_auc"],
+                "val/ema_loss": results["ema"].get("loss")}
         flat.update({f"val/auc/{k}": v for k, v in results["ema"]["per_label"].items() if v is not None})
         if record["sparsity"] is not None:
             flat["val/coupling_sparsity"] = record["sparsity"]
         log_wandb(acc, flat, self.state.step, couplings)
-        self.say(f"step {self.state.step}: val macro AUC EMA {results['ema']['macro_auc']:.4f}, live {results['live']['macro_auc']:.4f}" + (" (best)" if improved else ""))
+        self.say(f"step {self.state.step}: val macro AUC EMA {results['ema']['macro_auc']:.4f}, live {results['live']['macro_auc']:.4f}"
+                 + (" (best)" if improved else ""))
         acc.wait_for_everyone()
         return record
 
     def export_best(self, preds, results) -> None:
-        card = {
-            **self.card, "labels": self.labels, "img_size": self.cfg.data.img_size, "model": model_config_dict(self.cfg.model),
-            "label_policy": dict(zip(self.labels, self.policy)), "fold": self.cfg.fold, "experiment": self.cfg.experiment,
-            "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "shards": str(self.root.resolve()), "image": self.manifest.image, "eval_batch_size": self.eval_stream.batch_size,
-            "metrics": {"split": self.val_split, "ema": results["ema"], "live": results["live"]},
-        }
-        best = save_model(self.run_dir / "best", self.ema.module, card)
-        write_predictions_csv(best / "val_predictions.csv", preds, "ema", self.labels, self.policy)
+        card = ModelCard.build(
+            self.cfg.model, self.labels, self.policy, self.image, self.manifest, self.root, experiment=self.cfg.experiment,
+            fold=self.cfg.fold, step=self.state.step, epoch=self.state.batches / self.batches_per_epoch,
+            eval_batch_size=self.eval_stream.batch_size, metrics={"split": self.val_split, "ema": results["ema"], "live": results["live"]},
+        )
+        best = save_model(self.run_dir / BEST_DIR, self.ema.module, card)
+        write_predictions_csv(best / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.policy)
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(f"cxrdist: {text}")
+            LOG.info(f"cxrdist: {text}")
 
 
 class Window:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
-import math
 import netrc
 import os
 from pathlib import Path
 
 import numpy as np
+
+from cxrdist.atomic import json_line
+from cxrdist.layout import fold_name
 
 
 def wandb_mode(configured: str) -> str:
@@ -29,19 +30,6 @@ def wandb_mode(configured: str) -> str:
     return "offline"
 
 
-def finite(value):
-    """JSON has no NaN/inf: store them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return finite(value.item())
-    return value
-
-
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = Path(path)
@@ -50,14 +38,14 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(finite(record)) + "\n")
+                handle.write(json_line(record) + "\n")
 
 
 def start_wandb(accelerator, cfg, config_dict: dict, run_id: str) -> str:
     """Initialise the W&B tracker (group = experiment, run = fold); returns the run id to resume with."""
     if "wandb" not in [t.name for t in accelerator.trackers] and not accelerator.log_with:
         return run_id
-    init = {"group": cfg.experiment, "name": f"fold-{cfg.fold}", "dir": str(cfg.run_dir), "resume": "allow", "mode": wandb_mode(cfg.logging.wandb)}
+    init = {"group": cfg.experiment, "name": fold_name(cfg.fold), "dir": str(cfg.run_dir), "resume": "allow", "mode": wandb_mode(cfg.logging.wandb)}
     if run_id:
         init["id"] = run_id
     accelerator.init_trackers(cfg.logging.project, config=config_dict, init_kwargs={"wandb": init})
@@ -68,24 +56,11 @@ def start_wandb(accelerator, cfg, config_dict: dict, run_id: str) -> str:
 
 
 def coupling_figure_png(matrix: np.ndarray, labels: list[str]) -> bytes:
-    """The learned coupling matrix A as a heatmap (PNG bytes), row = source label, column = target."""
-    import matplotlib
+    """The learned coupling matrix A as a heatmap (PNG bytes), the report's figure: row = source label, column = target."""
+    from cxrdist.evaluation.report_figures import coupling_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    limit = float(np.abs(matrix).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("target label")
-    ax.set_ylabel("source label")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    coupling_heatmap(buffer, matrix, labels, "coupling matrix A")
     return buffer.getvalue()
 
 

@@ -1,0 +1,91 @@
+"""Atomic file writes: write a temporary file in the same directory, then rename it over the target,
+so a reader (or a crash) never sees half a file. Every file cxrdist writes goes through here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path next to `path` for a writer that wants a file name (np.savez, DataFrame.to_csv);
+    renamed onto `path` when the block ends without an error, removed otherwise. Keep `suffix` equal to
+    the real extension when the writer appends one (np.savez adds .npz)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the target gets the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w", **kwargs) -> Iterator:
+    """An open handle on a temporary file that replaces `path` (synced) when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
+    with atomic_open(path, "w", encoding=encoding) as handle:
+        handle.write(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def json_ready(value):
+    """Strict JSON: NaN/inf -> null, tuples -> lists, numpy scalars and arrays -> Python."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line (NaN as null)."""
+    return json.dumps(json_ready(record), allow_nan=False)
+
+
+def atomic_write_json(path: Path, data, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(json_ready(data), indent=indent, allow_nan=False) + "\n")
+
+
+def replace_directory(partial: Path, directory: Path) -> Path:
+    """Swap a completely written `partial` directory into place of `directory` (which may exist)."""
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    partial.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory

@@ -1,0 +1,35 @@
+"""ImageSpec: what the network expects of an input tensor (size, channels, normalisation, resampling)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cxrdist.errors import UserError
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The eval and train transforms read only this; the model card records it."""
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"  # how images are resized; the backbone's pretrained config decides
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != len(self.std):
+            raise UserError(f"normalisation mean has {len(self.mean)} values but std has {len(self.std)}")
+        if len(self.mean) != self.channels and self.channels != 1:
+            raise UserError(f"normalisation has {len(self.mean)} channel values but the model takes in_chans={self.channels}")
+        if self.size < 1:
+            raise UserError(f"image size must be >= 1, got {self.size}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"image interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}

@@ -1,0 +1,61 @@
+"""Names on disk, in one place: split names and the layout of a run directory.
+
+    OUTPUT_DIR/EXPERIMENT/fold-K/{config.yaml, metrics.jsonl, val_predictions.csv, checkpoints/, best/}
+    best/{model.safetensors, model.json, val_predictions.csv}
+    OUTPUT_DIR/EXPERIMENT/ensemble/{predictions.csv, metrics.json, fold_probabilities.npz}
+    OUTPUT_DIR/EXPERIMENT/report/{report.html, figures/}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+FOLD_PREFIX = "fold-"
+TEST_SPLIT = "test"
+_FOLD = re.compile(r"fold-(0|[1-9]\d*)")
+
+# one fold's run directory
+CONFIG_FILE = "config.yaml"
+METRICS_LOG = "metrics.jsonl"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+# a trained model (best/)
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+# an experiment directory
+ENSEMBLE_DIR = "ensemble"
+REPORT_DIR = "report"
+PREDICTIONS_FILE = "predictions.csv"
+METRICS_FILE = "metrics.json"
+FOLD_PROBABILITIES_FILE = "fold_probabilities.npz"
+
+
+def fold_name(k: int) -> str:
+    return f"{FOLD_PREFIX}{k}"
+
+
+def fold_index(name: str) -> int | None:
+    """K for "fold-K", None for any other name (e.g. "test")."""
+    match = _FOLD.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def is_fold(name: str) -> bool:
+    return fold_index(name) is not None
+
+
+def fold_sort_key(name: str) -> tuple[int, str]:
+    """fold-2 before fold-10; other names last."""
+    k = fold_index(name)
+    return (k, name) if k is not None else (1 << 30, name)
+
+
+def run_dir(output_dir: Path | str, experiment: str, fold: int) -> Path:
+    return Path(output_dir) / experiment / fold_name(fold)
+
+
+def fold_run_dirs(experiment_dir: Path) -> list[Path]:
+    """The fold-K directories of an experiment, in fold order."""
+    return sorted((d for d in Path(experiment_dir).iterdir() if d.is_dir() and is_fold(d.name)), key=lambda d: fold_sort_key(d.name))

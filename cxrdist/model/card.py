@@ -1,0 +1,145 @@
+"""model.json: the typed contract between training (which writes it) and evaluation, prediction and
+the report (which read it). Written and read only here; readers use attributes, never keys."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cxrdist.data.spec import ImageSpec
+from cxrdist.errors import UserError
+from cxrdist.layout import CARD_FILE
+from cxrdist.model.config import ModelConfig, RefineConfig
+
+CARD_FORMAT_VERSION = 2
+CARD_KIND = "cxrdist-model"
+STORED_IMAGE_KEYS = ("format", "max_size")
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild a trained model, feed it, and say what it was trained and scored on."""
+
+    model: ModelConfig  # the architecture (pretrained weights are not needed to rebuild it)
+    labels: list[str]  # head order
+    label_policy: dict[str, str]  # label -> the uncertainty policy it was trained with
+    image: ImageSpec  # the input tensor: size, channels, normalisation, interpolation
+    stored_image: dict  # how `prepare` stored the pixels: {"format", "max_size", "quality"} (the manifest's)
+    dataset: dict  # Manifest.identity() of the shards it was trained on
+    shards: str  # where those shards were (absolute path at training time)
+    experiment: str
+    fold: int
+    step: int
+    epoch: float
+    eval_batch_size: int  # the batch size of the validation pass (padded: logits do not depend on batching)
+    metrics: dict  # {"split": "fold-K", "ema": auc summary, "live": auc summary}
+    evaluation: dict = field(default_factory=dict)  # the rule that turned raw labels into the AUC targets of `metrics`
+    extra: dict = field(default_factory=dict)  # further top-level sections, kept as they are
+    format_version: int = CARD_FORMAT_VERSION
+
+    @classmethod
+    def build(cls, model: ModelConfig, labels: list[str], policy: list[str], image: ImageSpec, manifest, shards: Path,
+              experiment: str, fold: int, step: int, epoch: float, eval_batch_size: int, metrics: dict,
+              evaluation: dict | None = None, **extra: Any) -> ModelCard:
+        """The one way training makes a card (`manifest` is the data.manifest.Manifest trained on)."""
+        architecture = ModelConfig(**{**asdict(model), "pretrained": False, "pretrained_path": None, "refine": RefineConfig(**asdict(model.refine))})
+        return cls(
+            model=architecture, labels=list(labels), label_policy=dict(zip(labels, policy)), image=image,
+            stored_image=dict(manifest.image), dataset=manifest.identity(), shards=str(Path(shards).resolve()),
+            experiment=experiment, fold=int(fold), step=int(step), epoch=float(epoch), eval_batch_size=int(eval_batch_size),
+            metrics=metrics, evaluation=dict(evaluation or {}), extra=dict(extra),
+        )
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def policy(self) -> list[str]:
+        """The training policy in label order."""
+        return [self.label_policy[label] for label in self.labels]
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {"kind": CARD_KIND, "format_version": self.format_version}
+        for f in fields(self):
+            if f.name not in ("extra", "format_version"):
+                data[f.name] = getattr(self, f.name)
+        data["model"] = asdict(self.model)
+        data["image"] = self.image.to_dict()
+        data.update(self.extra)
+        return data
+
+    def to_json(self) -> str:
+        from cxrdist.atomic import json_ready
+
+        return json.dumps(json_ready(self.to_dict()), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = CARD_FILE) -> ModelCard:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = CARD_FILE) -> ModelCard:
+        if not isinstance(data, dict) or data.get("kind") != CARD_KIND:
+            version = data.get("format_version") if isinstance(data, dict) else None
+            hint = "an older cxrdist wrote it; retrain or export it again" if version is not None else "not a cxrdist model card"
+            raise UserError(f"{where}: {hint} (expected kind {CARD_KIND!r}, format version {CARD_FORMAT_VERSION})")
+        if data.get("format_version") != CARD_FORMAT_VERSION:
+            raise UserError(f"{where}: model card format version {data.get('format_version')!r}, this cxrdist reads version {CARD_FORMAT_VERSION}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise UserError(f"{where}: model card lacks {', '.join(missing)}")
+        try:
+            model = dict(data["model"])
+            refine = RefineConfig(**model.pop("refine"))
+            card = cls(
+                **{name: data[name] for name in known if name not in ("model", "image")},
+                model=ModelConfig(**model, refine=refine),
+                image=ImageSpec(**{**data["image"], "mean": tuple(data["image"]["mean"]), "std": tuple(data["image"]["std"])}),
+                extra={k: v for k, v in data.items() if k not in known and k != "kind"},
+            )
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise UserError(f"{where}: malformed model card ({err})") from None
+        card.validate(where)
+        return card
+
+    def validate(self, where: str = CARD_FILE) -> None:
+        problems = []
+        if not self.labels or not all(isinstance(label, str) for label in self.labels):
+            problems.append("labels must be a non-empty list of names")
+        elif sorted(self.label_policy) != sorted(self.labels):
+            problems.append("label_policy must name every label once")
+        if any(key not in self.stored_image for key in STORED_IMAGE_KEYS):
+            problems.append(f"stored_image needs {', '.join(STORED_IMAGE_KEYS)}")
+        if self.image.channels != self.model.in_chans:
+            problems.append(f"image.channels={self.image.channels} but model.in_chans={self.model.in_chans}")
+        if not isinstance(self.metrics, dict) or not isinstance(self.dataset, dict):
+            problems.append("metrics and dataset must be objects")
+        if problems:
+            raise UserError(f"{where}: invalid model card: {'; '.join(problems)}")
+
+    # ---- files ------------------------------------------------------------------------------
+    def write(self, directory: Path) -> Path:
+        from cxrdist.atomic import atomic_write_text
+
+        path = Path(directory) / CARD_FILE
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> ModelCard:
+        """The card of a model directory (best/); a missing, old or foreign card is a one-line UserError."""
+        path = Path(directory) / CARD_FILE
+        if not path.is_file():
+            raise UserError(f"{directory}: no {CARD_FILE} (not a trained model)")
+        return cls.from_json(path.read_text(), str(path))
