@@ -179,14 +179,36 @@ def add_predict(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cam", type=Path, metavar="DIR", help="also write Grad-CAM overlays (one PNG per image and finding) to DIR")
+    p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability")
+    p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image")
     p.set_defaults(run=run_predict)
 
 
 def run_predict(args) -> int:
     from cxrdist.evaluation.predict import run_predict as predict
 
-    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers)
+    out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
+                  cam=args.cam, cam_threshold=args.cam_threshold, cam_top=args.cam_top)
     print(f"wrote {out}")
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="the fold ensemble as one ONNX or TorchScript file + a JSON sidecar")
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", type=Path, required=True, help="the model file; the sidecar is written to OUT.json")
+    p.add_argument("--tta", action="store_true", help="average with the mirrored image (flip TTA) inside the model")
+    p.add_argument("--metrics", type=Path, help="metrics.json with the thresholds (default: runs/EXP/ensemble/metrics.json)")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    from cxrdist.evaluation.export import run_export as export
+
+    out = export(args.runs, args.fmt, args.out, tta=args.tta, metrics=args.metrics)
+    print(f"wrote {out} and {out}.json")
     return 0
 
 
@@ -244,7 +266,8 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_report, add_compare, add_demo):
+    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_export, add_report, add_compare,
+                add_demo):
         add(sub)
     return parser
 

@@ -19,7 +19,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.atomic import atomic_open
 from cxrdist.data.images import encode_image, load_for_shard
-from cxrdist.data.location import Location, ShardReadFailed, display, join, open_shard, shard_root
+from cxrdist.data.location import Location, ShardReadFailed, display, is_url, join, open_shard, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.errors import BadImage, UserError
 
@@ -142,14 +142,17 @@ def run_jobs(jobs: list[ShardJob], workers: int, on_done: Callable[[ShardResult]
     return results
 
 
-def iter_tar_members(path: Path | str) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, data) for every member, keys split at the first dot as WebDataset does; one sequential pass."""
-    with open_shard(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+def iter_tar_members(path: Path | str, only: str | None = None) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, data) for every member (with `only`, the members with that extension), keys split at the
+    first dot as WebDataset does; one sequential pass. A local file is opened seekable, so the data of members that
+    `only` leaves out is skipped by seeking, not read; a URL is streamed."""
+    with open_shard(path) as handle, tarfile.open(fileobj=handle, mode="r|" if is_url(path) else "r") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             key, _, ext = member.name.partition(".")
-            yield key, ext, tar.extractfile(member).read()
+            if only is None or ext == only:
+                yield key, ext, tar.extractfile(member).read()
 
 
 def verify_shards(root: Path, manifest: Manifest) -> dict:

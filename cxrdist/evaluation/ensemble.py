@@ -29,6 +29,7 @@ from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
+from cxrdist.evaluation.clinical import clinical_metrics, load_out_of_fold, scored_targets
 from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict
 from cxrdist.evaluation.metrics import auc_summary
 from cxrdist.evaluation.targets import evaluation_policy, rule_from_cards, training_policies
@@ -219,6 +220,9 @@ def run_evaluate(
     per_model_plain = {m.name: model_probabilities(preds.logits, m.name, False) for m in models} if tta else None
     groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
     metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
+    targets, mask = scored_targets(preds.raw, policy)
+    oof = load_out_of_fold(models, root, manifest, policy)
+    metrics.update(clinical_metrics(oof, targets, ensemble_probabilities(per_model), mask, labels, groups, resamples, seed))
     metrics = {
         "split": split,
         "tta": tta,
@@ -238,7 +242,6 @@ def run_evaluate(
         **metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
-    targets, mask = (t.numpy() for t in apply_policy(preds.raw, policy))
     ids = {"key": preds.keys, "path": preds.meta["path"], "patient": preds.meta["patient"]}
     write_predictions_csv(out / PREDICTIONS_FILE, ids, ensemble_probabilities(per_model), labels, targets, mask)
     write_fold_probabilities(out / FOLD_PROBABILITIES_FILE, preds.keys, labels, per_model, per_model_plain)

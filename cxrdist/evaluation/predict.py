@@ -127,10 +127,16 @@ def run_predict(
     tta: bool = True,
     batch_size: int = 32,
     workers: int = 2,
+    cam: Path | None = None,
+    cam_threshold: float = 0.5,
+    cam_top: int = 3,
 ) -> Path:
-    """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...)."""
+    """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...),
+    and with `cam` a Grad-CAM overlay per image and finding (see evaluation/saliency.py) into that folder."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+    if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
+        raise UserError(f"--cam-top must be >= 1 and --cam-threshold within [0, 1] (got {cam_top}, {cam_threshold})")
     check_writable_file(Path(out))
     files = collect_images(images)
     if not files:
@@ -144,4 +150,8 @@ def run_predict(
         raise UserError(f"none of the {len(files)} image files could be read (first: {bad[0][1]})")
     out = Path(out)
     write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
+    if cam is not None:
+        from cxrdist.evaluation.saliency import write_file_cams
+
+        write_file_cams(Path(cam), models, [files[i] for i in indices], probs, settings, tta, cam_threshold, cam_top)
     return out

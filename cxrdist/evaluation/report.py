@@ -27,6 +27,7 @@ from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError
 from cxrdist.evaluation import report_figures as figs
 from cxrdist.evaluation.outputs import load_fold_probabilities
+from cxrdist.evaluation.report_clinical import clinical_section, saliency_section
 from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
 from cxrdist.atomic import atomic_write_text
 from cxrdist.layout import (
@@ -472,6 +473,8 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
         ("data", "Data", data_section(root, manifest, fig_dir)),
         ("auc", "Discrimination", auc_section(folds, ensemble, fig_dir)),
         ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
+        ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir)),
+        ("saliency", "Saliency", saliency_section(runs, ensemble, root, manifest, fig_dir)),
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),
     ]

@@ -1,0 +1,97 @@
+"""Calibration of per-label probabilities: reliability bins, expected calibration error, Brier score,
+and per-label temperature scaling fitted on out-of-fold predictions.
+
+ECE uses equal-width bins over [0, 1] and weighs each bin by its share of the images:
+sum_b n_b / N * |mean predicted probability_b - observed positive rate_b|.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import brier_score_loss
+
+DEFAULT_BINS = 10
+EPS = 1e-7
+LOG_TEMPERATURE_BOUNDS = (-4.0, 4.0)  # T in [0.018, 55]
+
+
+def reliability_bins(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list]:
+    """Per equal-width bin: mean predicted probability, observed positive rate, image count (empty bins left out)."""
+    y, p = np.asarray(targets, dtype=np.float64), np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    predicted = np.bincount(index, weights=p, minlength=bins)
+    observed = np.bincount(index, weights=y, minlength=bins)
+    full = counts > 0
+    return {
+        "predicted": (predicted[full] / counts[full]).tolist(),
+        "observed": (observed[full] / counts[full]).tolist(),
+        "count": counts[full].astype(int).tolist(),
+    }
+
+
+def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> float:
+    table = reliability_bins(targets, probs, bins)
+    counts = np.asarray(table["count"], dtype=np.float64)
+    gaps = np.abs(np.asarray(table["predicted"]) - np.asarray(table["observed"]))
+    return float((counts * gaps).sum() / counts.sum())
+
+
+def logit(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def fit_temperature(targets: np.ndarray, probs: np.ndarray) -> float | None:
+    """The T > 0 minimising the log loss of sigmoid(logit(p) / T); None without both classes."""
+    y, z = np.asarray(targets, dtype=np.float64), logit(probs)
+    if len(np.unique(y)) < 2:
+        return None
+
+    def log_loss(log_t: float) -> float:
+        q = np.clip(sigmoid(z / np.exp(log_t)), EPS, 1 - EPS)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+    return float(np.exp(minimize_scalar(log_loss, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded").x))
+
+
+def apply_temperature(probs: np.ndarray, temperatures: Sequence[float | None]) -> np.ndarray:
+    """Column j rescaled by temperature j (a None temperature leaves the column as it is)."""
+    t = np.asarray([1.0 if v is None else v for v in temperatures], dtype=np.float64)
+    return sigmoid(logit(probs) / t)
+
+
+def label_calibration(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> dict | None:
+    """{"ece", "brier", "reliability"} for one label's known entries; None when it has none."""
+    if len(targets) == 0:
+        return None
+    return {
+        "ece": expected_calibration_error(targets, probs, bins),
+        "brier": float(brier_score_loss(np.asarray(targets) > 0, probs)),
+        "reliability": reliability_bins(targets, probs, bins),
+    }
+
+
+def calibration_summary(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str], bins: int = DEFAULT_BINS) -> dict:
+    """Per-label calibration plus the macro (mean over labels) ECE and Brier score."""
+    keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
+    per_label = {label: label_calibration(targets[keep[:, j], j], probs[keep[:, j], j], bins) for j, label in enumerate(labels)}
+    known = [v for v in per_label.values() if v is not None]
+    return {
+        "bins": bins,
+        "macro_ece": float(np.mean([v["ece"] for v in known])) if known else None,
+        "macro_brier": float(np.mean([v["brier"] for v in known])) if known else None,
+        "per_label": per_label,
+    }
+
+
+def fit_temperatures(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, float | None]:
+    keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
+    return {label: fit_temperature(targets[keep[:, j], j], probs[keep[:, j], j]) for j, label in enumerate(labels)}

@@ -1,0 +1,111 @@
+"""`cxrdist export`: the fold ensemble as one ONNX or TorchScript file plus a JSON sidecar.
+
+The file takes a float32 batch (B, in_chans, img_size, img_size) preprocessed as `cxrdist predict`
+does (the sidecar says how) and returns (B, labels) probabilities: fold models averaged, the
+Label-Graph Refinement included, optionally averaged with the mirrored view (flip TTA). The
+sidecar carries the label order, the preprocessing, and the operating-point thresholds and
+temperatures fitted on the out-of-fold predictions (from the ensemble's metrics.json, when
+`cxrdist evaluate` has been run). Both files are written atomically (cxrdist/atomic.py).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from cxrdist.atomic import atomic_path, atomic_write_json
+from cxrdist.data.transforms import channel_stats
+from cxrdist.errors import UserError
+from cxrdist.evaluation.models import groups_by_preprocessing, load_fold_models
+from cxrdist.evaluation.outputs import default_out
+from cxrdist.evaluation.predict import image_settings
+from cxrdist.layout import METRICS_FILE
+from cxrdist.model.ensemble_module import EnsembleProbabilities
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def operating_thresholds(metrics_path: Path) -> tuple[dict | None, dict | None]:
+    """({label: {point: threshold}}, {label: temperature}) from an evaluation's metrics.json, or (None, None)."""
+    if not metrics_path.is_file():
+        return None, None
+    metrics = json.loads(metrics_path.read_text())
+    points = (metrics.get("operating_points") or {}).get("per_label")
+    thresholds = {label: {name: p["threshold"] for name, p in per.items()} for label, per in points.items()} if points else None
+    return thresholds, (metrics.get("calibration") or {}).get("temperature")
+
+
+def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> dict:
+    card = models[0].card
+    img_size, in_chans = card.image.size, card.image.channels
+    mean, std = channel_stats(card.image)
+    thresholds, temperatures = operating_thresholds(metrics_path)
+    return {
+        "format": fmt,
+        "input": {"name": INPUT_NAME, "shape": ["batch", in_chans, img_size, img_size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", card.num_labels], "dtype": "float32",
+                   "meaning": "per-label probability: sigmoid of the refined logits, averaged over views and fold models"},
+        "labels": card.labels,
+        "preprocessing": {
+            "steps": [
+                "read as 8-bit grayscale, bone bright (DICOM: windowed, MONOCHROME1 inverted)",
+                f"long side resized to at most {settings['max_size']} px and stored as {settings['format']}"
+                + (f" (quality {settings.get('quality', 95)})" if settings["format"] == "jpg" else ""),
+                f"decoded (a JPEG at least twice {img_size} px on both sides at 1/2, 1/4 or 1/8 scale, libjpeg's DCT scaling), "
+                f"then the whole image resized to {img_size}x{img_size}, {card.image.interpolation} with antialias",
+                f"x / 255, then (x - mean) / std per channel, grayscale repeated to {in_chans} channel(s)",
+            ],
+            "img_size": img_size, "in_chans": in_chans, "mean": list(mean), "std": list(std),
+            "interpolation": card.image.interpolation, "image": settings,
+        },
+        "tta": tta,
+        "models": [m.name for m in models],
+        "thresholds": thresholds,
+        "threshold_rule": "positive when probability >= threshold; chosen on the out-of-fold predictions" if thresholds else None,
+        "temperatures": temperatures,
+        "notes": [] if thresholds else [f"no {metrics_path}: run `cxrdist evaluate` first to get operating-point thresholds"],
+    }
+
+
+def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+    except ImportError:
+        raise UserError("--format onnx needs the onnx package: pip install 'cxrdist[export]'") from None
+    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False)
+
+
+def write_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(str(path))
+
+
+def run_export(runs: Path, fmt: str, out: Path, tta: bool = False, metrics: Path | None = None) -> Path:
+    """Write the ensemble to `out` (and `out`.json); returns `out`."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    models = load_fold_models(runs, "cpu")
+    if len(groups_by_preprocessing(models)) > 1:
+        raise UserError(f"{runs}: the fold models take differently preprocessed inputs; export them separately")
+    image = models[0].card.image
+    module = EnsembleProbabilities([m.model for m in models], tta).eval()
+    example = torch.zeros(2, image.channels, image.size, image.size)
+    card = sidecar(models, image_settings(models), fmt, tta, Path(metrics) if metrics else default_out(runs) / METRICS_FILE)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the model first: the sidecar names a model that exists
+    with atomic_path(out, suffix=out.suffix or ".tmp") as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks frozen for this input shape, as intended
+        (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
+    atomic_write_json(sidecar_path(out), card)
+    return out

@@ -1,0 +1,148 @@
+"""The report's clinical sections: operating points, calibration (table + reliability diagrams), and a
+grid of test images with the ensemble's Grad-CAM maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from cxrdist.data.manifest import Manifest
+from cxrdist.data.shards import read_shard_samples
+from cxrdist.data.transforms import decode_grayscale, eval_transform
+from cxrdist.errors import UserError
+from cxrdist.evaluation import report_figures as figs
+from cxrdist.evaluation.report_html import esc, figure, fmt, note, section, table
+
+SALIENCY_IMAGES = 8
+
+
+def interval_cell(value: float | None, interval: Sequence[float] | None) -> str:
+    if value is None:
+        return '<td class="na">–</td>'
+    ci = f' <span class="ci">({100 * interval[0]:.0f}–{100 * interval[1]:.0f})</span>' if interval else ""
+    return f"<td>{100 * value:.1f}%{ci}</td>"
+
+
+def operating_point_table(metrics: dict) -> str:
+    ops = metrics["operating_points"]
+    header = ["Label"]
+    for name in ops["points"]:
+        fixed, reported = ("spec", "sensitivity") if name.startswith("sens@") else ("sens", "specificity")
+        level = name.split(fixed)[-1]
+        header += [f"{reported} at {fixed}. {level}% (95% CI)", f"achieved {fixed}.", "threshold"]
+    rows = []
+    for label, points in ops["per_label"].items():
+        row = [esc(label)]
+        for name in ops["points"]:
+            p = points[name]
+            reported, other = ("sensitivity", "specificity") if name.startswith("sens@") else ("specificity", "sensitivity")
+            row += [interval_cell(p[reported], p[f"{reported}_interval"]), interval_cell(p[other], None), fmt(p["threshold"])]
+        rows.append(row)
+    return table(header, rows)
+
+
+def reliability_grid(path: Path, per_label: dict, scaled: dict | None, columns: int = 5) -> Path:
+    """One reliability diagram per label: observed positive rate against mean predicted probability per bin."""
+    labels = [label for label, v in per_label.items() if v is not None]
+    rows = max(1, math.ceil(len(labels) / columns))
+    fig = Figure(figsize=(2.6 * columns, 2.5 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
+        ax.axis("on")
+        ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
+        rel = per_label[label]["reliability"]
+        ax.plot(rel["predicted"], rel["observed"], "o-", ms=3, color="#1f77b4", label="ensemble")
+        if scaled and scaled.get(label):
+            rel = scaled[label]["reliability"]
+            ax.plot(rel["predicted"], rel["observed"], "s--", ms=2.5, color="#ff7f0e", label="temperature-scaled")
+        ax.set_title(f"{figs.short(label, 22)}\nECE {per_label[label]['ece']:.3f}", fontsize=8)
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    if labels:
+        axes.flat[0].legend(fontsize=6.5, frameon=False, loc="upper left")
+    fig.supxlabel("mean predicted probability", fontsize=9)
+    fig.supylabel("observed positive rate", fontsize=9)
+    fig.tight_layout()
+    return figs.save(fig, path)
+
+
+def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
+    if not metrics or "calibration" not in metrics:
+        return section("clinical", "Operating points and calibration", "",
+                       note("No evaluation with operating points: run <code>cxrdist evaluate</code>."))
+    cal = metrics["calibration"]
+    body = ""
+    if metrics.get("operating_points"):
+        body += ("<h3>Operating points</h3><p>Thresholds chosen on the out-of-fold predictions of the held-out folds "
+                 f"({metrics['operating_points'].get('out_of_fold_images', '?')} images), "
+                 f"applied unchanged to the {esc(metrics['split'])} split; "
+                 "patient-bootstrap 95% intervals.</p>" + operating_point_table(metrics))
+    else:
+        body += note(esc(cal.get("note", "no out-of-fold predictions: no operating points")))
+    temps = cal.get("temperature") or {}
+    scaled = (cal.get("temperature_scaled") or {}).get("per_label") or {}
+    rows = [[esc(label), fmt(v["ece"]), fmt(v["brier"]), fmt((scaled.get(label) or {}).get("ece")), fmt(temps.get(label), 2)]
+            for label, v in cal["ensemble"]["per_label"].items() if v is not None]
+    rows.insert(0, ["Macro", fmt(cal["ensemble"]["macro_ece"]), fmt(cal["ensemble"]["macro_brier"]),
+                    fmt((cal.get("temperature_scaled") or {}).get("macro_ece")), ""])
+    body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature"], rows,
+                                           ["macro"] + [""] * (len(rows) - 1))
+    reliability_grid(fig_dir / "reliability.png", cal["ensemble"]["per_label"], scaled)
+    body += figure("figures/reliability.png", "reliability diagrams",
+                   "Reliability of the ensemble's probabilities (10 equal-width bins); "
+                   "dashed: after per-label temperature scaling fitted out of fold.")
+    return section("clinical", "Operating points and calibration", "What a threshold achieves and whether a probability means what it says.", body)
+
+
+def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4) -> Path:
+    rows = max(1, math.ceil(len(images) / columns))
+    fig = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, cam, caption in zip(axes.flat, images, maps, captions):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=7.5)
+    fig.tight_layout()
+    return figs.save(fig, path)
+
+
+def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
+    """The evaluated split's images with the most confident positive findings (one per label), with the ensemble's maps."""
+    from cxrdist.evaluation.models import load_fold_models
+    from cxrdist.evaluation.saliency import ensemble_cams
+
+    title = "Where the model looked"
+    predictions = ensemble.predictions if ensemble is not None else None
+    split = ensemble.metrics.get("split") if ensemble is not None else None
+    if predictions is None or manifest is None or root is None or split not in manifest.splits:
+        return section("saliency", title, "", note("Needs <code>cxrdist evaluate</code> and the shards it read."))
+    try:
+        models = load_fold_models(runs)
+        labels = models[0].card.labels
+        chosen = []  # (key, label index): per label the test image where it is most probable, most confident labels first
+        for j in np.argsort([-predictions[f"prob_{label}"].max() for label in labels])[:SALIENCY_IMAGES]:
+            chosen.append((predictions["key"].iloc[int(predictions[f"prob_{labels[j]}"].idxmax())], int(j)))
+        wanted = {key for key, _ in chosen}
+        pixels = {key: image for shard in manifest.split(split).shards for key, image, _ in read_shard_samples(root / shard.file) if key in wanted}
+        spec = models[0].card.image
+        batch = torch.stack([eval_transform(decode_grayscale(pixels[key], spec.size), spec) for key, _ in chosen])
+        maps = ensemble_cams([m.model for m in models], batch, [j for _, j in chosen], tta=True)
+    except UserError as err:
+        return section("saliency", title, "", note(esc(err)))
+    shown = [decode_grayscale(pixels[key]) for key, _ in chosen]
+    maps = [np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(img.shape[::-1], Image.BILINEAR)) for m, img in zip(maps, shown)]
+    probs = {key: predictions.set_index("key").loc[key] for key, _ in chosen}
+    captions = [f"{labels[j]} {probs[key][f'prob_{labels[j]}']:.2f}" for key, j in chosen]
+    saliency_grid(fig_dir / "saliency.png", shown, maps, captions)
+    return section("saliency", title, "Grad-CAM of each finding's refined logit, averaged over the fold models and the mirrored view, "
+                   "on the test image where that finding is most probable.", figure("figures/saliency.png", "saliency maps"))

@@ -1,0 +1,151 @@
+"""Grad-CAM saliency maps of the fold ensemble (pytorch-grad-cam), and overlays written as PNG.
+
+The explained score is a label's refined logit z' (the model's output, so the Label-Graph
+Refinement is included: evidence for a coupled label counts). Every fold model is explained; with
+flip TTA each model is also explained on the mirrored image and that map is mirrored back before
+averaging, so a map is in the coordinates of the image as given. Each map is scaled to [0, 1]
+(pytorch-grad-cam's per-image min-max) before the maps are averaged.
+
+The explained layer is the deepest feature stage of the timm backbone that still has at least
+MIN_CELLS cells across the input (layer4 of a ResNet at 380 px has 12; at 64 px it has 2, and a
+2x2 map cannot say heart from apex, so there layer2 with 8 is taken).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cxrdist.atomic import atomic_open, atomic_path
+from cxrdist.data.spec import ImageSpec
+from cxrdist.data.transforms import channel_stats
+from cxrdist.errors import UserError
+from cxrdist.evaluation.models import Flipped, groups_by_preprocessing
+from cxrdist.evaluation.predict import ImageFiles
+from cxrdist.model.network import CXRNet
+
+MIN_CELLS = 7
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_TOP = 3
+
+
+def grad_cam_classes():
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise UserError("saliency maps need the grad-cam package: pip install 'cxrdist[saliency]'") from None
+    return GradCAM, ClassifierOutputTarget
+
+
+def target_layer(model: CXRNet, img_size: int) -> nn.Module:
+    """The deepest backbone stage with >= MIN_CELLS cells across an `img_size` input (else the deepest)."""
+    info = getattr(model.backbone, "feature_info", None)
+    stages = [s for s in (info or []) if isinstance(s, dict) and s.get("module")]
+    if not stages:
+        raise UserError(f"saliency maps need a convolutional timm backbone with feature_info; {type(model.backbone).__name__} has none")
+    fitting = [s for s in stages if img_size // int(s["reduction"]) >= MIN_CELLS]
+    chosen = fitting[-1] if fitting else stages[-1]
+    return model.backbone.get_submodule(chosen["module"])
+
+
+def ensemble_cams(models: Sequence[CXRNet], images: torch.Tensor, label_index: Sequence[int], tta: bool) -> np.ndarray:
+    """(B, H, W) maps in [0, 1]: image b explained for label `label_index[b]`, averaged over models and views."""
+    GradCAM, ClassifierOutputTarget = grad_cam_classes()
+    targets = [ClassifierOutputTarget(int(j)) for j in label_index]
+    maps = []
+    for model in models:
+        layer = target_layer(model, images.shape[-1])
+        views = [(model, False)] + ([(Flipped(model), True)] if tta else [])
+        for module, mirrored in views:
+            with GradCAM(model=module, target_layers=[layer]) as cam:
+                grayscale = cam(input_tensor=images, targets=targets)
+            maps.append(grayscale[:, :, ::-1] if mirrored else grayscale)
+    return np.mean(maps, axis=0)
+
+
+def peak(cam: np.ndarray) -> tuple[float, float]:
+    """(u, v) of the map's maximum as fractions of width and height (pixel centres)."""
+    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return (col + 0.5) / cam.shape[1], (row + 0.5) / cam.shape[0]
+
+
+def findings_to_explain(probs: np.ndarray, threshold: float, top: int) -> list[list[int]]:
+    """Per image: the labels with probability >= threshold, highest first, at most `top`."""
+    chosen = []
+    for row in np.asarray(probs):
+        order = [int(j) for j in np.argsort(-row, kind="stable") if row[j] >= threshold]
+        chosen.append(order[:top])
+    return chosen
+
+
+def display_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A preprocessed (C, H, W) tensor back to an (H, W, 3) float image in [0, 1] (first channel)."""
+    gray = image[0].float().numpy() * std[0] + mean[0]
+    return np.repeat(np.clip(gray, 0, 1)[:, :, None], 3, axis=2)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(image.astype(np.float32), cam.astype(np.float32), use_rgb=True, image_weight=0.6)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+
+
+def write_overlays(
+    out: Path, names: Sequence[str], images: torch.Tensor, probs: np.ndarray, models: Sequence[CXRNet], labels: Sequence[str], spec: ImageSpec,
+    tta: bool, threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP,
+) -> list[dict]:
+    """One overlay PNG per (image, finding to explain) in `out`; returns rows (name, label, probability, peak, file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = findings_to_explain(probs, threshold, top)
+    pairs = [(b, j) for b, js in enumerate(chosen) for j in js]
+    if not pairs:
+        return []
+    cams = ensemble_cams(models, images[[b for b, _ in pairs]], [j for _, j in pairs], tta)
+    rows = []
+    for (b, j), cam in zip(pairs, cams):
+        file = out / f"{slug(names[b])}__{slug(labels[j])}.png"
+        write_png(file, overlay(display_image(images[b], *channel_stats(spec)), cam))
+        u, v = peak(cam)
+        rows.append({"name": names[b], "label": labels[j], "probability": float(probs[b, j]), "peak_u": u, "peak_v": v, "file": file.name})
+    return rows
+
+
+def write_file_cams(
+    out: Path, fold_models, files: Sequence[Path], probs: np.ndarray, image: dict, tta: bool,
+    threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP, batch_size: int = 16,
+) -> Path:
+    """`cxrdist predict --cam`: overlays for the files (preprocessed as predict does) + an index, cams.csv."""
+    if len(groups_by_preprocessing(fold_models)) > 1:
+        raise UserError("--cam needs fold models that take the same preprocessed input")
+    card = fold_models[0].card
+    dataset = ImageFiles(list(files), image, [card.image])
+    names = [f"{i:05d}_{Path(f).stem}" for i, f in enumerate(files)]
+    rows = []
+    for start in range(0, len(files), batch_size):
+        batch = torch.stack([dataset[i][1][0] for i in range(start, min(start + batch_size, len(files)))])
+        found = write_overlays(out, names[start:], batch, probs[start : start + len(batch)], [m.model for m in fold_models],
+                               card.labels, card.image, tta, threshold, top)
+        rows.extend({"path": str(files[names.index(r["name"])]), **r} for r in found)
+    index = out / "cams.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(index, "w", newline="") as handle:
+        pd.DataFrame(rows, columns=["path", "name", "label", "probability", "peak_u", "peak_v", "file"]).to_csv(handle, index=False)
+    return index
