@@ -103,12 +103,8 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
 
 
 def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4) -> Path:
-    rows = max(1, math.ceil(len(images) / columns))
-    fig = Figure(figsize=(2.6 * columns, 2.9 * rows))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, cam, caption in zip(axes.flat, images, maps, captions):
+    fig, axes = figs.image_grid(len(images), columns, (2.6, 2.9))
+    for ax, image, cam, caption in zip(axes, images, maps, captions):
         ax.imshow(image, cmap="gray")
         ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(caption, fontsize=7.5)

@@ -56,13 +56,19 @@ def label_frequency(path: Path, labels: Sequence[str], train_pos: np.ndarray, tr
     return save(fig, path)
 
 
-def sample_grid(path: Path, images: Sequence[np.ndarray], captions: Sequence[str], titles: Sequence[str], columns: int = 6) -> Path:
-    rows = max(1, math.ceil(len(images) / columns))
-    fig = Figure(figsize=(2.3 * columns, 2.75 * rows))
+def image_grid(count: int, columns: int, cell: tuple[float, float]):
+    """A figure of `count` image cells, `columns` per row, axes off; returns (figure, the flat axes)."""
+    rows = max(1, math.ceil(count / columns))
+    fig = Figure(figsize=(cell[0] * columns, cell[1] * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, caption, title in zip(axes.flat, images, captions, titles):
+    return fig, axes.flat
+
+
+def sample_grid(path: Path, images: Sequence[np.ndarray], captions: Sequence[str], titles: Sequence[str], columns: int = 6) -> Path:
+    fig, axes = image_grid(len(images), columns, (2.3, 2.75))
+    for ax, image, caption, title in zip(axes, images, captions, titles):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=7.5, color="#555")
         ax.text(0.5, -0.03, caption, transform=ax.transAxes, ha="center", va="top", fontsize=7.5, wrap=True)
