@@ -53,24 +53,19 @@ def real_memory_mb() -> int:
     return kib // 1024 * 9 // 10  # a little under the total, or slurmd drains the node
 
 
-def slurm_conf(root: Path, host: str, cpus: int, memory_mb: int, munge_socket: Path) -> str:
+def shared_conf(root: Path, munge_socket: Path, per_node: str = "") -> str:
+    """The settings both test clusters share; `per_node` ("-%n") gives each node its own spool, pid and log."""
     return f"""\
-ClusterName=cxrdist-test
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also delays the restart of a requeued job (default 120 s)
 AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool{per_node}
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd{per_node}.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd{per_node}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -89,6 +84,18 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={root}/log/jobcomp.txt
+"""
+
+
+def slurm_conf(root: Path, host: str, cpus: int, memory_mb: int, munge_socket: Path) -> str:
+    return f"""\
+ClusterName=cxrdist-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+{shared_conf(root, munge_socket)}\
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """

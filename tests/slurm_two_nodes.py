@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed, real_memory_mb
+from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed, real_memory_mb, shared_conf
 from two_hosts import TwoHosts
 
 NODE_NAMES = ("cxn0", "cxn1")
@@ -36,33 +36,7 @@ SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={CONTROLLER_PORT}
 SlurmdPort={SLURMD_PORT}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={munge_socket},cred_expire=5
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool-%n
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd-%n.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-JobRequeue=1
-ReturnToService=2
-MpiDefault=none
-MinJobAge=3600
-KillWait=30
-InactiveLimit=0
-SchedulerParameters=sched_interval=1
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
-JobCompLoc={root}/log/jobcomp.txt
+{shared_conf(root, munge_socket, per_node="-%n")}\
 {nodes}
 PartitionName=two Nodes={",".join(NODE_NAMES)} Default=YES MaxTime=INFINITE State=UP
 """
