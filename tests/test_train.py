@@ -189,13 +189,18 @@ def deepspeed_env() -> dict:
     return env
 
 
-def test_deepspeed_zero2_trains_and_evaluates_on_two_cpu_processes(synth_shards, tmp_path):
-    """Through launch/deepspeed_zero2.yaml + its JSON with "auto" fields (first start JIT-builds an op)."""
+def test_deepspeed_zero2_trains_evaluates_and_resumes_on_two_cpu_processes(synth_shards, tmp_path):
+    """Through launch/deepspeed_zero2.yaml + its JSON with "auto" fields (first start JIT-builds an op); a second start
+    with one more epoch resumes from DeepSpeed's checkpoint, which must pass the safe (weights-only) checkpoint check."""
     pytest.importorskip("deepspeed")
-    cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-                    "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG),
-                    *fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1})]
-    result = subprocess.run(cmd, env=deepspeed_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+
+    def launch(epochs: int) -> subprocess.CompletedProcess:
+        cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                        "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG),
+                        *fast_overrides(synth_shards, tmp_path, **{"train.epochs": epochs})]
+        return subprocess.run(cmd, env=deepspeed_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+
+    result = launch(1)
     assert result.returncode == 0, explain(result)
     run_dir = tmp_path / "demo" / "fold-0"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
@@ -203,6 +208,13 @@ def test_deepspeed_zero2_trains_and_evaluates_on_two_cpu_processes(synth_shards,
     evals = records(run_dir, "eval")
     assert evals and 0.0 < evals[-1]["ema"]["macro_auc"] < 1.0
     assert (run_dir / "best" / "model.safetensors").is_file()
+    first_steps = records(run_dir, "train")[-1]["step"]
+
+    resumed = launch(2)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resumed from" in resumed.stdout + resumed.stderr, explain(resumed)
+    steps = [r["step"] for r in records(run_dir, "train")]
+    assert steps[-1] == 2 * first_steps and sorted(set(steps)) == steps  # continued, not restarted
 
 
 def test_deepspeed_zero3_is_refused_with_one_line(synth_shards, tmp_path):

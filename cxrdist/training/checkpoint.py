@@ -71,6 +71,7 @@ def save_checkpoint(accelerator, ema, state: TrainerState, run_dir: Path, keep: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
+        partial.mkdir()  # before the barrier: under DeepSpeed every rank writes its own files into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
     if accelerator.is_main_process:
@@ -137,20 +138,36 @@ def check_checkpoint(path: Path) -> TrainerState:
     custom = sorted(path.glob(CUSTOM_PICKLE))
     if custom:
         raise UserError(f"{custom[0]}: a pickled object only a full unpickler could load (it could run code); cxrdist never writes one")
+    import torch
     from accelerate.utils import load as torch_load_weights_only  # weights_only=True plus numpy's RNG-state types
 
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        try:
-            if file.suffix == ".safetensors":
-                load_file(str(file))
-            elif file.suffix in TORCH_SUFFIXES:
-                torch_load_weights_only(file, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 -- any failure to read foreign bytes means: not this checkpoint
-            raise UserError(f"{file}: cannot be loaded safely ({type(err).__name__}: {one_line(err)})") from None
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    with torch.serialization.safe_globals(deepspeed_state_types(files)):
+        for file in files:
+            try:
+                if file.suffix == ".safetensors":
+                    load_file(str(file))
+                elif file.suffix in TORCH_SUFFIXES:
+                    torch_load_weights_only(file, map_location="cpu")
+            except Exception as err:  # noqa: BLE001 -- any failure to read foreign bytes means: not this checkpoint
+                raise UserError(f"{file}: cannot be loaded safely ({type(err).__name__}: {one_line(err)})") from None
     try:
         return TrainerState(**json.loads((path / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"{path / STATE_FILE}: unreadable trainer state ({one_line(err)})") from None
+
+
+def deepspeed_state_types(files: list[Path]) -> list:
+    """The plain-data DeepSpeed types its ZeRO optimizer states hold (loss scaler settings, the stage enum, parameter
+    fragment addresses), admitted by the weights-only load only for a checkpoint DeepSpeed wrote: rebuilding them sets
+    attributes and runs no code of the file's choosing."""
+    if not any(f.name.startswith("zero_pp_rank_") for f in files):
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def load_checkpoint(accelerator, ema, path: Path) -> TrainerState:
