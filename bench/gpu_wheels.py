@@ -6,14 +6,17 @@ Resolves what bench/gpu.py imports of the project's dependencies (pyproject.toml
 extra, less NOT_IMPORTED_BY_BENCH) and those five packages' own, both with pip's resolver
 (`pip install --dry-run --report`), and builds a wheel of every package the first set has and the
 second lacks (webdataset, iterative-stratification, omegaconf, pandas, deepspeed, transformers, ...
-with their dependencies), at the same versions. Run it with the same Python
-version as the GPU machine's (the compiled wheels are tagged for it). On the GPU machine:
+with their dependencies), at the same versions. Compiled wheels are tagged for one Python: with
+`--python-version 3.12` (the lent H200's) binary wheels for that Python and manylinux x86_64 are
+downloaded, and only packages published as source alone (DeepSpeed) are built here (they are pure
+Python). On the GPU machine:
 
     pip install --no-index --find-links bench/wheels bench/wheels/*.whl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -51,14 +54,35 @@ def closure(requirements: list[str]) -> dict[str, str]:
     return {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in items}
 
 
+MANYLINUX = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
+
+
+def fetch_for_python(spec: str, dest: Path, python_version: str) -> None:
+    """A binary wheel of `spec` for another Python (manylinux x86_64), or, for a package published as source only,
+    a wheel built here (pure Python, so any Python takes it)."""
+    platforms = [arg for tag in MANYLINUX for arg in ("--platform", tag)]
+    binary = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version",
+                             python_version, "--implementation", "cp", *platforms, "--dest", str(dest), spec], capture_output=True, text=True)
+    if binary.returncode != 0:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), spec], check=True)
+
+
 def main() -> None:
-    dest = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "bench" / "wheels")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dest", nargs="?", type=Path, default=REPO / "bench" / "wheels")
+    parser.add_argument("--python-version", default=None, help="the GPU machine's Python, e.g. 3.12 (default: this one's)")
+    args = parser.parse_args()
+    dest = args.dest
     needed = closure(bench_requirements())
     present = closure(PRESENT_ON_GPU_MACHINE)
     missing = sorted(f"{name}=={version}" for name, version in needed.items() if name not in present and name != "cxrdist")
     print(f"{len(missing)} packages the GPU machine lacks: {' '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), *missing], check=True)
+    if args.python_version is None:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), *missing], check=True)
+    else:
+        for spec in missing:
+            fetch_for_python(spec, dest, args.python_version)
     size = sum(f.stat().st_size for f in dest.glob("*.whl"))
     print(f"{len(list(dest.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB in {dest}")
 
