@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +182,9 @@ def test_train_ablate_refine_launches_both_arms_on_the_same_folds_and_seed(synth
     from trainer_utils import DEMO_CONFIG, fast_overrides
 
     launched = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env=None: launched.append(cmd) or 0)
+    from cxrdist.training import launch
+
+    monkeypatch.setattr(launch, "run_forwarding_signals", lambda cmd, env: launched.append(cmd) or 0)  # the one place a launcher starts
     overrides = fast_overrides(synth_shards, tmp_path, experiment="abl")
     assert main(["train", "--config", str(DEMO_CONFIG), "--fold", "all", "--ablate", "refine", *overrides]) == 0
     configs = []
