@@ -9,6 +9,7 @@ Data loading is excluded from both (bench_stream.py measures it); the ratio is w
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -45,7 +46,8 @@ def trainer_loop(backbone: str, images: torch.Tensor, raw: torch.Tensor, steps: 
     trainer = Trainer(cfg)
     batch = {"image": images, "labels_raw": raw, "key": [f"k{i}" for i in range(len(images))], "corrupt": 0}
     window = Window()
-    return timed(lambda: trainer.train_batch(batch, window), steps)
+    batches = itertools.repeat(batch)
+    return timed(lambda: trainer.train_batch(trainer.next_micro_batch(batches), window), steps)
 
 
 def timed(step, steps: int) -> float:

@@ -304,26 +304,25 @@ def step_checks(shards: Path, work: Path, p: dict, device: torch.device) -> dict
     graph_breaks_before = graph_break_count()
     seen: dict[str, list] = {"refine_out": [], "loss_in": []}
     trainer.net.refine.register_forward_hook(lambda _m, _i, out: seen["refine_out"].append((out.dtype, torch.is_autocast_enabled(device.type))))
-    loss_forward = trainer.loss_fn.forward
+    masked_sum = trainer.loss_fn.masked_sum  # what the training step calls (the global masked mean scales it)
 
     def recording_loss(logits, *args, **kwargs):
-        loss = loss_forward(logits, *args, **kwargs)
+        loss = masked_sum(logits, *args, **kwargs)
         seen["loss_in"].append(loss.dtype)
         return loss
 
-    trainer.loss_fn.forward = recording_loss
+    trainer.loss_fn.masked_sum = recording_loss
     batches = iter(trainer_loader(trainer))
     window = Window()
     for _ in range(p["warmup_batches"]):  # compile and lazy state outside the measured steps
-        trainer.train_batch(next(batches), window)
+        trainer.train_batch(trainer.next_micro_batch(batches), window)
     ema_before = {k: v.detach().clone() for k, v in trainer.ema.module.state_dict().items() if v.is_floating_point()}
-    batch = next(batches)
     sync_mode = contextlib.nullcontext()
     if cuda:
         torch.cuda.synchronize(device)
         sync_mode = sync_debug_error()
-    with sync_mode:
-        trainer.train_batch(batch, window)
+    with sync_mode:  # the whole step as the loop runs it: the group's global-mean count, then the micro-batch
+        trainer.train_batch(trainer.next_micro_batch(batches), window)
     synchronize(device)
     trainer.settle_bad_steps()
     ema_after = trainer.ema.module.state_dict()

@@ -25,7 +25,9 @@ class GlobalMaskedMean:
         """Count this rank's unmasked entries in the group's micro-batches (host masks: no sync), sum over ranks on
         the device; returns N as a device tensor (read it only where a sync is fine)."""
         local = torch.stack([(mask != 0).sum() for mask in masks]).sum().reshape(1)  # a tensor: no host read
-        total = all_reduce_sum(local.to(device=device, dtype=torch.float32))[0]
+        if torch.device(device).type == "cuda":  # pinned: the copy is asynchronous, no host sync in the step
+            local = local.to(torch.float32).pin_memory()
+        total = all_reduce_sum(local.to(device=device, dtype=torch.float32, non_blocking=True))[0]
         self.scale = self.world_size * self.micro_batches / total.clamp(min=1)
         return total
 
