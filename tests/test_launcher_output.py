@@ -41,6 +41,12 @@ Root Cause (first observed failure):
 ============================================================
 """
 
+# One rank failed (exit 2); elastic then terminated its peer, whose report (SIGTERM, -15) came first.
+TERMINATED_PEER_FIRST = ("W1127 22:01:02.100000 4242 torch/distributed/elastic/multiprocessing/api.py:900] "
+                         "Sending process 4244 closing signal SIGTERM\n"
+                         "E1127 22:01:02.200000 4242 torch/distributed/elastic/multiprocessing/api.py:874] failed (exitcode: -15) local_rank: 1\n"
+                         + ELASTIC_PAGE)
+
 TRAINER_BUG = """Traceback (most recent call last):
   File "cxrdist/train.py", line 40, in <module>
     sys.exit(main())
@@ -57,7 +63,7 @@ def filtered(text: str, chunk: int = 7) -> tuple[str, LauncherStderr]:
     return sink.getvalue(), stderr
 
 
-@pytest.mark.parametrize("page", [SIMPLE_PAGE, ELASTIC_PAGE], ids=["one-process", "elastic"])
+@pytest.mark.parametrize("page", [SIMPLE_PAGE, ELASTIC_PAGE, TERMINATED_PEER_FIRST], ids=["one-process", "elastic", "peer-terminated"])
 def test_the_launchers_page_is_dropped_and_its_exit_code_kept(page):
     out, stderr = filtered("a warning\n" + TRAINER_LINE + page)
     assert out == "a warning\n" + TRAINER_LINE

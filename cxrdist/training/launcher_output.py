@@ -73,9 +73,14 @@ class LauncherStderr:
             self.sink.write(line)
 
     def note_exit(self, line: str) -> None:
+        """Keep the first trainer exit code, but prefer a real one (2: a user error) over a signal death (-15): when one
+        rank fails, torch elastic terminates its peers, and their reports may come first."""
         match = CHILD_EXIT.search(line)
-        if match and self.child_code is None:
-            self.child_code = int(match.group(1))
+        if match is None:
+            return
+        code = int(match.group(1))
+        if self.child_code is None or (self.child_code < 0 < code):
+            self.child_code = code
 
 
 def pump(fd: int, stderr: LauncherStderr) -> threading.Thread:
