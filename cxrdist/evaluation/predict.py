@@ -9,6 +9,7 @@ the probabilities equal those `evaluate` gives for the same image in a shard.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,22 @@ def collect_images(paths: list[Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and is_dicom(p)))))
+            found.extend(images_under(path))
         else:
             raise UserError(f"{path}: no such file or directory")
     return list(dict.fromkeys(found))  # a file named twice is predicted once
+
+
+def images_under(folder: Path) -> list[Path]:
+    """PNG/JPEG/DICOM files below `folder`, sorted. A subfolder or file that vanishes or cannot be read while the folder
+    is searched is passed over (os.walk ignores those errors), never a crash."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            p = Path(parent) / name
+            if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and is_dicom(p))):
+                found.append(p)
+    return sorted(found)
 
 
 def check_models_agree(models: list[FoldModel]) -> None:
@@ -138,12 +151,12 @@ def run_predict(
     if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
         raise UserError(f"--cam-top must be >= 1 and --cam-threshold within [0, 1] (got {cam_top}, {cam_threshold})")
     check_writable_file(Path(out))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_fold_models(runs, device)  # a wrong --runs is said before a long search of --images
+    check_models_agree(models)
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_fold_models(runs, device)
-    check_models_agree(models)
     settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:
