@@ -26,4 +26,4 @@ def inert_message(coupling: np.ndarray, alpha: float, l1: float) -> str | None:
     nonzero = int((np.abs(coupling) > 1e-6).sum() - (np.abs(np.diag(coupling)) > 1e-6).sum())
     state = "exactly zero" if nonzero == 0 else f"nearly zero ({nonzero} couplings, moving no logit by more than {shift:.2g})"
     return (f"the label-graph refinement is inert: A is {state}, so the model is the plain backbone; "
-            f"the L1 weight {KNOB}={l1:g} pruned the couplings (lower it, see README 'Label couplings')")
+            f"the L1 weight {KNOB}={l1:g} pruned the couplings (lower it; README, Method: 'Does the refinement help?')")
