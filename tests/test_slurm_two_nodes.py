@@ -22,7 +22,10 @@ TRAIN_FOLDS = REPO / "slurm" / "train_folds.sh"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 WAIT = 900  # seconds; a guard against hangs, not a speed requirement
 # 6 steps per epoch (2 ranks x 8) x 3 epochs: long enough to preempt in the middle.
-TRAINING = {"data.batch_size": 8, "train.epochs": 3, "train.dist_timeout": 60}
+# data.workers=0: once in three full-suite runs, rank 1's eval DataLoader worker (forked anew at every evaluation)
+# produced nothing after a resume and rank 0 timed out at the gather; under investigation (see the issue note).
+# This test is about SLURM across two nodes, so it reads in the trainer processes; tests/test_multinode.py keeps a worker.
+TRAINING = {"data.batch_size": 8, "train.epochs": 3, "train.dist_timeout": 60, "data.workers": 0}
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
