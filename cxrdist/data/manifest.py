@@ -11,7 +11,7 @@ from pathlib import Path
 from cxrdist.atomic import atomic_write_text
 from cxrdist.data.location import Location, ShardReadFailed, display, exists, is_url, join, read_text, shard_root
 from cxrdist.errors import UserError
-from cxrdist.layout import TEST_SPLIT, fold_name  # noqa: F401 - re-exported: data.manifest names its splits
+from cxrdist.layout import fold_name
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
