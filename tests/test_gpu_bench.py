@@ -29,3 +29,6 @@ def test_gpu_benchmark_smoke_mode_runs_every_part_and_passes_its_checks(tmp_path
     assert report["e_eval"]["auc_abs_diff"] <= 1e-9 and 0.0 < report["e_eval"]["sklearn_macro_auc"] < 1.0
     assert report["checks"]["augment"] == "device" and report["ratio_trainer_over_bare"] > 0
     assert report["c_stream"]["cpu_augment_img_per_s"] > 0 and report["c_stream"]["device_augment_img_per_s"] > 0
+    # torch.compile ran (aot_eager on CPU) in the process's step and in the launched trainer, in one graph each.
+    assert report["checks"]["compiled"] is True and report["checks"]["graph_breaks_in_step"] == 0
+    assert report["b_trainer"]["graph_breaks"] == 0

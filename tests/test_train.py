@@ -27,6 +27,10 @@ from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, f
 pytestmark = pytest.mark.slow
 
 
+# torch.compile on CPU for the multi-process tests: aot_eager traces forward and backward like inductor does, in seconds.
+COMPILED = {"train.compile": "true", "train.compile_devices": "all", "train.compile_backend": "aot_eager"}
+
+
 def csv_auc(path: Path, labels: list[str]) -> float:
     table = pd.read_csv(path)
     aucs = []
@@ -133,6 +137,16 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(synth_shards, t
     assert not list(checkpoints.glob(".partial-*"))
 
 
+def test_a_slow_rank_still_writes_its_part_of_the_checkpoint(synth_shards, tmp_path):
+    """Rank 1 sleeps inside save_state before writing its random states (tests/slow_rank/sitecustomize.py):
+    rank 0 must wait for it before it renames the partial checkpoint into place."""
+    env = cpu_env(2, PYTHONPATH=REPO / "tests" / "slow_rank", CXRDIST_TEST_SLOW_RANK="1:3")
+    result = launch_cpu(fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1}) + ["--fold", "0"], env=env)
+    assert result.returncode == 0, explain(result)
+    checkpoint = sorted((tmp_path / "demo" / "fold-0" / "checkpoints").glob("step-*"))[-1]
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
 def test_bad_config_key_is_one_line(synth_shards, tmp_path):
     result = run_single(fast_overrides(synth_shards, tmp_path) + ["train.epoch=3"])
     assert result.returncode == 2
@@ -165,9 +179,10 @@ def test_corrupt_sample_is_skipped_and_counted(synth_shards, tmp_path):
 
 
 def test_multi_node_path_on_one_host(synth_shards, tmp_path):
-    """Two `accelerate launch` with --num_machines 2 (ranks 0 and 1, main 127.0.0.1) train and gather."""
+    """Two `accelerate launch` with --num_machines 2 (ranks 0 and 1, main 127.0.0.1) train and gather; the model is
+    compiled (aot_eager: dynamo + AOT autograd without code generation) inside DDP, in one graph."""
     port = free_port()
-    args = [str(a) for a in fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1})] + ["--fold", "1"]
+    args = [str(a) for a in fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1, **COMPILED})] + ["--fold", "1"]
     procs = []
     for rank in (0, 1):
         cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
@@ -179,6 +194,7 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
         assert p.returncode == 0, f"{out}\n{err}"
     run_dir = tmp_path / "demo" / "fold-1"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
+    assert {r["graph_breaks"] for r in records(run_dir, "train")} == {0}
     gathered = ModelCard.read(run_dir / "best").metrics["ema"]["macro_auc"]
     assert abs(single_process_auc(run_dir / "best", synth_shards, fold=1)["macro_auc"] - gathered) <= 1e-9
 
@@ -191,13 +207,14 @@ def deepspeed_env() -> dict:
 
 def test_deepspeed_zero2_trains_evaluates_and_resumes_on_two_cpu_processes(synth_shards, tmp_path):
     """Through launch/deepspeed_zero2.yaml + its JSON with "auto" fields (first start JIT-builds an op); a second start
-    with one more epoch resumes from DeepSpeed's checkpoint, which must pass the safe (weights-only) checkpoint check."""
+    with one more epoch resumes from DeepSpeed's checkpoint, which must pass the safe (weights-only) checkpoint check.
+    The model is compiled (aot_eager) inside DeepSpeed's engine, so its checkpoint holds the compiled module's names."""
     pytest.importorskip("deepspeed")
 
     def launch(epochs: int) -> subprocess.CompletedProcess:
         cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
                         "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG),
-                        *fast_overrides(synth_shards, tmp_path, **{"train.epochs": epochs})]
+                        *fast_overrides(synth_shards, tmp_path, **{"train.epochs": epochs, **COMPILED})]
         return subprocess.run(cmd, env=deepspeed_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
 
     result = launch(1)

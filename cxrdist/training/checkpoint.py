@@ -74,6 +74,9 @@ def save_checkpoint(accelerator, ema, state: TrainerState, run_dir: Path, keep: 
         partial.mkdir()  # before the barrier: under DeepSpeed every rank writes its own files into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
+    # Every rank writes into `partial` (its random_states_R.pkl; its ZeRO shards under DeepSpeed) and
+    # save_state ends without a barrier: rank 0 must not rename it while a slower rank still writes.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file(ema_state(ema), str(partial / EMA_FILE))
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))

@@ -19,6 +19,7 @@ from cxrdist.model.config import LossConfig, ModelConfig, one_of
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 AUGMENT_MODES = ("cpu", "device")
+COMPILE_DEVICES = ("cuda", "all")
 
 
 @dataclass
@@ -55,7 +56,9 @@ class TrainConfig:
     ema_warmup: bool = True  # timm's ramp: decay(step) = min(ema_decay, 1 - (1 + step)^-ema_warmup_power)
     ema_warmup_power: float = 0.6667  # 2/3 (timm): 0.99 at step 1e3, 0.999 at 3.2e4, 0.9998 only at 3.5e5
     mixed_precision: str = "auto"  # auto = what `accelerate launch` says, else bf16 on CUDA and fp32 on CPU
-    compile: bool = False  # torch.compile, CUDA only
+    compile: bool = False  # torch.compile of the model (on CUDA only, unless compile_devices=all)
+    compile_devices: str = "cuda"  # cuda | all (on CPU, inductor takes minutes to compile: for tests and checks)
+    compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces forward and backward without code generation
     channels_last: bool = True  # CUDA only
     eval_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     checkpoint_every: int = 0  # optimizer steps; 0 = at the end of every epoch
@@ -73,6 +76,7 @@ class TrainConfig:
         if self.mixed_precision in ("False", "false", "fp32"):
             self.mixed_precision = "no"
         one_of("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        one_of("train.compile_devices", self.compile_devices, COMPILE_DEVICES)
         at_least("train.grad_accum", self.grad_accum, 1)
         at_least("train.epochs", self.epochs, 1)
         at_least("train.dist_timeout", self.dist_timeout, 1)

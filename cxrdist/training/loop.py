@@ -66,6 +66,12 @@ def _launcher_set_precision() -> bool:
     return os.environ.get("ACCELERATE_MIXED_PRECISION") not in (None, "")
 
 
+def graph_break_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -99,8 +105,9 @@ class Trainer:
         # Fused AdamW takes the non-finite-step decision as a device tensor (`found_inf`), so the
         # guard needs no host sync; DeepSpeed wraps the optimizer in its own and keeps the default.
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=not self.deepspeed)
-        if cfg.train.compile and self.is_cuda:
-            model = torch.compile(model)
+        self.compiled = self.compiles()
+        if self.compiled:
+            model = torch.compile(model, backend=cfg.train.compile_backend)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = self.make_scheduler()  # not checkpointed: a pure function of the step (no pickle to load)
         self.net = acc.unwrap_model(self.model)
@@ -117,6 +124,18 @@ class Trainer:
         self.pending: deque[dict] = deque()  # the rest of the current accumulation group
 
     # ---- setup -------------------------------------------------------------------------------
+    def compiles(self) -> bool:
+        train = self.cfg.train
+        if not train.compile:
+            return False
+        if self.is_cuda or train.compile_devices == "all":
+            if train.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise UserError(f"train.compile_backend: {train.compile_backend!r} is not a torch.compile backend "
+                                f"({', '.join(torch._dynamo.list_backends())})")
+            return True
+        self.say(f"train.compile is for CUDA only: not compiling on {self.accelerator.device.type} (train.compile_devices=all would)")
+        return False
+
     def check_engine(self) -> None:
         acc = self.accelerator
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -429,6 +448,8 @@ class Trainer:
             "max_memory_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if self.is_cuda else None,  # allocator stat: no sync
             "ema_decay": self.ema.decay_at(self.state.step),  # the effective decay of the last update (warm-up included)
         }
+        if self.compiled:
+            record["graph_breaks"] = graph_break_count()  # this process's, since it started: 0 = one graph for the model
         self.log.write(record)
         log_wandb(acc, {f"train/{k}": v for k, v in record.items() if k not in ("kind", "step")}, self.state.step)
         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s'] or 0:.0f}")
