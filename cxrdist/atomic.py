@@ -82,6 +82,46 @@ def atomic_write_json(path: Path, data, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(json_ready(data), indent=indent, allow_nan=False) + "\n")
 
 
+def staging_directory(directory: Path) -> Path:
+    """A hidden sibling of `directory` to build it in, named after this host and process, so that a
+    later run can tell a leftover of a killed one (remove_stale_staging) from one still at work."""
+    directory = Path(directory)
+    return directory.with_name(f".{directory.name}.partial-{_host()}-{os.getpid()}")
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Delete the staging directories of `directory` left by runs on this host whose process is gone
+    (killed with -9, the machine's OOM killer): they hold half a dataset. Those of live processes,
+    and of other hosts sharing the file system, are left alone. Returns what was removed."""
+    directory = Path(directory)
+    prefix = f".{directory.name}.partial-{_host()}-"
+    removed = []
+    for path in directory.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = path.name[len(prefix):]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _host() -> str:
+    return os.uname().nodename.replace("/", "_").replace("-", "_")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def replace_directory(partial: Path, directory: Path) -> Path:
     """Swap a completely written `partial` directory into place of `directory` (which may exist)."""
     old = directory.with_name(f".{directory.name}.old")

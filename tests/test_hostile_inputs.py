@@ -4,6 +4,8 @@ state of the file system afterwards (old data intact, nothing outside the output
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -104,6 +106,30 @@ def test_interrupted_prepare_leaves_the_previous_dataset_intact(prepared, capsys
     assert all(not Path(r.target).exists() for r in written)  # the partial shards are gone
     assert snapshot(out) == before
     no_leftovers(root)
+
+
+def test_the_leftover_of_a_killed_prepare_is_removed_by_the_next_run(prepared, capsys):
+    """kill -9 leaves the hidden staging directory behind (nothing can clean up); the next prepare of the same
+    --out removes it when its process is gone, and leaves those of live processes and of other hosts alone."""
+    from cxrdist.atomic import staging_directory
+
+    root, csv, images, out = prepared
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ours = staging_directory(out).name.rsplit("-", 1)[0]
+        dead, live, elsewhere = (out.with_name(name) for name in (f"{ours}-{killed.pid}", f"{ours}-{running.pid}", f".{out.name}.partial-node7-1"))
+        for leftover in (dead, live, elsewhere):
+            (leftover / "train").mkdir(parents=True)
+            (leftover / "train" / "shard-000000.tar").write_bytes(b"half a shard")
+        assert main(prepare_args(csv, images, out, "--seed", "5")) == 0
+        assert f"removed {dead}" in capsys.readouterr().out
+        assert not dead.exists() and live.is_dir() and elsewhere.is_dir()
+        assert load_manifest(out).seed == 5
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_a_successful_prepare_replaces_the_old_dataset_whole(prepared, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrdist import __version__
-from cxrdist.atomic import replace_directory
+from cxrdist.atomic import remove_stale_staging, replace_directory, staging_directory
 from cxrdist.data import folds as folds_lib
 from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
@@ -184,7 +183,9 @@ def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], spl
     interrupted run leaves --out as it was (a previous dataset intact) and no partial shards anywhere."""
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    for leftover in remove_stale_staging(out):
+        print(f"removed {leftover}: the unfinished output of a prepare that was killed")
+    staging = staging_directory(out)
     try:
         with sigterm_as_interrupt():
             manifest = write_shards(staging, records, raw, labels, splits, opts)
