@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrdist.evaluation.calibration import calibration_summary, fit_temperatures
+from cxrdist.evaluation.calibration import calibration_summary, fit_platts, fit_temperatures
 from cxrdist.evaluation.operating_points import choose_thresholds, rates
 
 
@@ -47,6 +47,11 @@ def test_thresholds_come_from_the_out_of_fold_predictions_and_apply_to_the_test_
 
     temperatures = fit_temperatures(*oof, labels)
     assert metrics["calibration"]["temperature"] == pytest.approx(temperatures)
+    platt = fit_platts(*oof, labels)
+    assert set(metrics["calibration"]["platt"]) == set(labels)
+    for label in labels:
+        assert metrics["calibration"]["platt"][label] == (None if platt[label] is None else pytest.approx(platt[label]))
+        assert platt[label] is None or platt[label][0] >= 0  # never reverses a label's ranking
     probs = table[[f"prob_{label}" for label in labels]].to_numpy()
     targets = np.nan_to_num(table[[f"target_{label}" for label in labels]].to_numpy())
     mask = table[[f"target_{label}" for label in labels]].notna().to_numpy()

@@ -8,9 +8,11 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
 from cxrdist.evaluation.calibration import (
+    apply_platt,
     apply_temperature,
     calibration_summary,
     expected_calibration_error,
+    fit_platt,
     fit_temperature,
     logit,
     reliability_bins,
@@ -112,3 +114,21 @@ def test_temperature_scaling_recovers_a_known_temperature():
     inside = np.abs(3 * z) < 12  # logit() clips probabilities to [1e-7, 1 - 1e-7]
     np.testing.assert_allclose(logit(apply_temperature(overconfident[:, None], [t]))[inside, 0], 3 * z[inside] / t, atol=1e-6)
     assert expected_calibration_error(y, apply_temperature(overconfident[:, None], [t])[:, 0]) < expected_calibration_error(y, overconfident)
+
+
+def test_platt_scaling_recovers_a_known_scale_and_shift_that_a_temperature_cannot():
+    """Probabilities whose logits are 2x too large AND shifted down by 1.5 (what ASL's easy-negative
+    down-weighting does): Platt recovers a = 0.5, b = 0.75; a temperature alone leaves them miscalibrated."""
+    rng = np.random.default_rng(4)
+    z = rng.normal(scale=2.0, size=40000)
+    y = rng.random(40000) < 1 / (1 + np.exp(-z))  # calibrated on z
+    shifted = 1 / (1 + np.exp(-(2 * z - 1.5)))
+    a, b = fit_platt(y, shifted)
+    assert (a, b) == (pytest.approx(0.5, rel=0.05), pytest.approx(0.75, abs=0.08))
+    platt = apply_platt(shifted[:, None], [(a, b)])[:, 0]
+    temperature = apply_temperature(shifted[:, None], [fit_temperature(y, shifted)])[:, 0]
+    assert expected_calibration_error(y, platt) < 0.02 < expected_calibration_error(y, temperature)
+    assert fit_platt(np.zeros(10), shifted[:10]) is None
+    # Scores that rank the wrong way out of fold: the fit may not reverse them; it falls back to the positive rate.
+    assert fit_platt(~y, shifted) == (0.0, pytest.approx(np.log(np.mean(~y) / np.mean(y))))
+    np.testing.assert_array_equal(apply_platt(shifted[:5, None], [None])[:, 0], apply_platt(shifted[:5, None], [(1.0, 0.0)])[:, 0])

@@ -208,11 +208,12 @@ def deepspeed_env() -> dict:
 def test_deepspeed_zero2_trains_evaluates_and_resumes_on_two_cpu_processes(synth_shards, tmp_path):
     """Through launch/deepspeed_zero2.yaml + its JSON with "auto" fields (first start JIT-builds an op); a second start
     with one more epoch resumes from DeepSpeed's checkpoint, which must pass the safe (weights-only) checkpoint check.
-    The model is compiled (aot_eager) inside DeepSpeed's engine, so its checkpoint holds the compiled module's names."""
+    The model is compiled (aot_eager) inside DeepSpeed's engine, so its checkpoint holds the compiled module's names, and
+    trained in bf16 as on a GPU (DeepSpeed casts the weights; the inputs follow, the EMA stays fp32)."""
     pytest.importorskip("deepspeed")
 
     def launch(epochs: int) -> subprocess.CompletedProcess:
-        cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+        cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "bf16",
                         "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG),
                         *fast_overrides(synth_shards, tmp_path, **{"train.epochs": epochs, **COMPILED})]
         return subprocess.run(cmd, env=deepspeed_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -222,6 +223,8 @@ def test_deepspeed_zero2_trains_evaluates_and_resumes_on_two_cpu_processes(synth
     run_dir = tmp_path / "demo" / "fold-0"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
     assert "sparsity=subgradient" in result.stdout + result.stderr
+    assert all(np.isfinite(r["loss"]) for r in records(run_dir, "train"))
+    assert load_file(str(run_dir / "best" / "model.safetensors"))["refine.weight"].dtype == torch.float32
     evals = records(run_dir, "eval")
     assert evals and 0.0 < evals[-1]["ema"]["macro_auc"] < 1.0
     assert (run_dir / "best" / "model.safetensors").is_file()

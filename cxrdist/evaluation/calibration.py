@@ -1,5 +1,7 @@
 """Calibration of per-label probabilities: reliability bins, expected calibration error, Brier score,
-and per-label temperature scaling fitted on out-of-fold predictions.
+and two per-label recalibrations fitted on out-of-fold predictions: temperature scaling
+(sigmoid(logit(p) / T), one parameter: rescales logits) and Platt scaling (sigmoid(a * logit(p) + b),
+a logistic regression on the logit: also shifts them, which Asymmetric Loss's probabilities need).
 
 ECE uses equal-width bins over [0, 1] and weighs each bin by its share of the images:
 sum_b n_b / N * |mean predicted probability_b - observed positive rate_b|.
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
 DEFAULT_BINS = 10
@@ -68,6 +71,28 @@ def apply_temperature(probs: np.ndarray, temperatures: Sequence[float | None]) -
     return sigmoid(logit(probs) / t)
 
 
+def fit_platt(targets: np.ndarray, probs: np.ndarray) -> tuple[float, float] | None:
+    """(a, b) of sigmoid(a * logit(p) + b), the maximum-likelihood logistic regression of the targets on
+    logit(p) (scikit-learn, unpenalised), constrained to a >= 0 so that it never reverses the ranking; None
+    without both classes. The log likelihood is concave, so when the free fit has a < 0 the constrained
+    one is a = 0, b = logit(positive rate): the label's scores carried no positive evidence there."""
+    y = np.asarray(targets, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        return None
+    model = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(logit(probs)[:, None], y > 0)
+    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+    if a < 0:
+        return 0.0, float(logit(np.array([np.mean(y > 0)]))[0])
+    return a, b
+
+
+def apply_platt(probs: np.ndarray, params: Sequence[Sequence[float] | None]) -> np.ndarray:
+    """Column j mapped through Platt parameters j (None leaves the column as it is)."""
+    a = np.asarray([1.0 if v is None else v[0] for v in params], dtype=np.float64)
+    b = np.asarray([0.0 if v is None else v[1] for v in params], dtype=np.float64)
+    return sigmoid(a * logit(probs) + b)
+
+
 def label_calibration(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> dict | None:
     """{"ece", "brier", "reliability"} for one label's known entries; None when it has none."""
     if len(targets) == 0:
@@ -95,3 +120,9 @@ def calibration_summary(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray
 def fit_temperatures(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, float | None]:
     keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
     return {label: fit_temperature(targets[keep[:, j], j], probs[keep[:, j], j]) for j, label in enumerate(labels)}
+
+
+def fit_platts(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, list[float] | None]:
+    keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
+    fitted = {label: fit_platt(targets[keep[:, j], j], probs[keep[:, j], j]) for j, label in enumerate(labels)}
+    return {label: None if v is None else list(v) for label, v in fitted.items()}

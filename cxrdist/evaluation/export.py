@@ -34,21 +34,21 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def operating_thresholds(metrics_path: Path) -> tuple[dict | None, dict | None]:
-    """({label: {point: threshold}}, {label: temperature}) from an evaluation's metrics.json, or (None, None)."""
+def operating_thresholds(metrics_path: Path) -> tuple[dict | None, dict]:
+    """({label: {point: threshold}}, the calibration section) from an evaluation's metrics.json, or (None, {})."""
     if not metrics_path.is_file():
-        return None, None
+        return None, {}
     metrics = json.loads(metrics_path.read_text())
     points = (metrics.get("operating_points") or {}).get("per_label")
     thresholds = {label: {name: p["threshold"] for name, p in per.items()} for label, per in points.items()} if points else None
-    return thresholds, (metrics.get("calibration") or {}).get("temperature")
+    return thresholds, metrics.get("calibration") or {}
 
 
 def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> dict:
     card = models[0].card
     img_size, in_chans = card.image.size, card.image.channels
     mean, std = channel_stats(card.image)
-    thresholds, temperatures = operating_thresholds(metrics_path)
+    thresholds, calibration = operating_thresholds(metrics_path)
     return {
         "format": fmt,
         "input": {"name": INPUT_NAME, "shape": ["batch", in_chans, img_size, img_size], "dtype": "float32"},
@@ -71,7 +71,8 @@ def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> 
         "models": [m.name for m in models],
         "thresholds": thresholds,
         "threshold_rule": "positive when probability >= threshold; chosen on the out-of-fold predictions" if thresholds else None,
-        "temperatures": temperatures,
+        "temperatures": calibration.get("temperature"),  # recalibrated p = sigmoid(logit(p) / T)
+        "platt": calibration.get("platt"),  # [a, b]: recalibrated p = sigmoid(a * logit(p) + b)
         "notes": [] if thresholds else [f"no {metrics_path}: run `cxrdist evaluate` first to get operating-point thresholds"],
     }
 

@@ -47,7 +47,7 @@ def operating_point_table(metrics: dict) -> str:
     return table(header, rows)
 
 
-def reliability_grid(path: Path, per_label: dict, scaled: dict | None, columns: int = 5) -> Path:
+def reliability_grid(path: Path, per_label: dict, scaled: dict | None, platt: dict | None = None, columns: int = 5) -> Path:
     """One reliability diagram per label: observed positive rate against mean predicted probability per bin."""
     labels = [label for label, v in per_label.items() if v is not None]
     rows = max(1, math.ceil(len(labels) / columns))
@@ -63,6 +63,9 @@ def reliability_grid(path: Path, per_label: dict, scaled: dict | None, columns: 
         if scaled and scaled.get(label):
             rel = scaled[label]["reliability"]
             ax.plot(rel["predicted"], rel["observed"], "s--", ms=2.5, color="#ff7f0e", label="temperature-scaled")
+        if platt and platt.get(label):
+            rel = platt[label]["reliability"]
+            ax.plot(rel["predicted"], rel["observed"], "^:", ms=2.5, color="#2ca02c", label="Platt-scaled")
         ax.set_title(f"{figs.short(label, 22)}\nECE {per_label[label]['ece']:.3f}", fontsize=8)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
@@ -89,16 +92,18 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
         body += note(esc(cal.get("note", "no out-of-fold predictions: no operating points")))
     temps = cal.get("temperature") or {}
     scaled = (cal.get("temperature_scaled") or {}).get("per_label") or {}
-    rows = [[esc(label), fmt(v["ece"]), fmt(v["brier"]), fmt((scaled.get(label) or {}).get("ece")), fmt(temps.get(label), 2)]
+    platt = (cal.get("platt_scaled") or {}).get("per_label") or {}
+    rows = [[esc(label), fmt(v["ece"]), fmt(v["brier"]), fmt((scaled.get(label) or {}).get("ece")), fmt(temps.get(label), 2),
+             fmt((platt.get(label) or {}).get("ece"))]
             for label, v in cal["ensemble"]["per_label"].items() if v is not None]
     rows.insert(0, ["Macro", fmt(cal["ensemble"]["macro_ece"]), fmt(cal["ensemble"]["macro_brier"]),
-                    fmt((cal.get("temperature_scaled") or {}).get("macro_ece")), ""])
-    body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature"], rows,
+                    fmt((cal.get("temperature_scaled") or {}).get("macro_ece")), "", fmt((cal.get("platt_scaled") or {}).get("macro_ece"))])
+    body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature", "ECE, Platt-scaled"], rows,
                                            ["macro"] + [""] * (len(rows) - 1))
-    reliability_grid(fig_dir / "reliability.png", cal["ensemble"]["per_label"], scaled)
+    reliability_grid(fig_dir / "reliability.png", cal["ensemble"]["per_label"], scaled, platt)
     body += figure("figures/reliability.png", "reliability diagrams",
                    "Reliability of the ensemble's probabilities (10 equal-width bins); "
-                   "dashed: after per-label temperature scaling fitted out of fold.")
+                   "dashed: after per-label temperature scaling, dotted: after Platt scaling, both fitted out of fold.")
     return section("clinical", "Operating points and calibration", "What a threshold achieves and whether a probability means what it says.", body)
 
 
