@@ -237,3 +237,44 @@ def test_marks_are_learnable_from_32px_pixels(big_cohort, name):
     model = LogisticRegression(C=0.05, max_iter=2000).fit(pixels[~held_out], target[~held_out])
     auc = roc_auc_score(target[held_out], model.predict_proba(pixels[held_out])[:, 1])
     assert auc > 0.8, f"{name}: held-out AUC {auc:.3f}"
+
+
+def test_planted_coupling_statistics(cohort):
+    """cxrdist/data/planted.py: the target is a noisy copy of the source (0.9 / 0.05, per study), written only
+    for about F of the patients (-1 elsewhere, never hiding the truth in labels_full), the controls independent."""
+    from cxrdist.data.planted import CONTROLS, P_CONTROL, P_TARGET_GIVEN_SOURCE, P_TARGET_OTHERWISE, SOURCE, TARGET, plant_coupling
+
+    seen, full = plant_coupling(cohort.table, labelled_fraction=0.25, seed=1)
+    source = full[SOURCE].fillna(0).to_numpy() == 1
+    target = full[TARGET].to_numpy().astype(int)
+    assert set(np.unique(target)) == {0, 1}
+    assert target[source].mean() == pytest.approx(P_TARGET_GIVEN_SOURCE, abs=0.03)
+    assert target[~source].mean() == pytest.approx(P_TARGET_OTHERWISE, abs=0.02)
+    for name in CONTROLS:
+        control = full[name].to_numpy().astype(int)
+        assert control.mean() == pytest.approx(P_CONTROL, abs=0.03)
+        assert abs(np.corrcoef(control, source)[0, 1]) < 0.05 and abs(np.corrcoef(control, target)[0, 1]) < 0.05
+    written = seen[TARGET].to_numpy().astype(int)
+    labelled = written != -1
+    np.testing.assert_array_equal(written[labelled], target[labelled])
+    by_patient = pd.Series(labelled).groupby(full["patient"].to_numpy()).agg(["min", "max"])
+    assert (by_patient["min"] == by_patient["max"]).all()  # a patient is labelled on all images or none
+    assert by_patient["min"].mean() == pytest.approx(0.25, abs=0.04)
+    by_study = pd.Series(target).groupby((full["patient"].astype(str) + "/" + full["study"].astype(str)).to_numpy()).nunique()
+    assert (by_study == 1).all()  # one report per study
+    # The original labels are untouched, and the same seed plants the same labels.
+    pd.testing.assert_frame_equal(seen[cohort.table.columns], cohort.table)
+    again, _ = plant_coupling(cohort.table, labelled_fraction=0.25, seed=1)
+    pd.testing.assert_frame_equal(again, seen)
+
+
+def test_synth_with_a_planted_coupling_writes_both_tables(tmp_path):
+    from cxrdist.data.planted import CONTROLS, TARGET
+
+    csv = make_synthetic_dataset(tmp_path / "s", n=24, size=32, seed=2, workers=1, progress=False, planted_coupling=0.5)
+    seen, full = _raw_csv(csv), _raw_csv(tmp_path / "s" / "labels_full.csv")
+    assert list(seen.columns) == list(full.columns) and {TARGET, *CONTROLS} <= set(seen.columns)
+    assert set(full[TARGET]) <= {"0", "1"} and "-1" in set(seen[TARGET])
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match="planted-coupling"):
+            make_synthetic_dataset(tmp_path / f"bad{bad}", n=8, size=32, seed=2, workers=1, progress=False, planted_coupling=bad)
