@@ -30,7 +30,7 @@ bench: $(STAMP)
 # Wheels of the dependencies an offline GPU machine with only torch, torchvision, timm, accelerate and
 # scikit-learn lacks (see bench/README.md); run it with the GPU machine's Python version.
 gpu-wheels: $(STAMP)
-	$(VENV)/bin/python bench/gpu_wheels.py bench/wheels $(if $(GPU_PYTHON),--python-version $(GPU_PYTHON))
+	$(VENV)/bin/python bench/gpu_wheels.py bench/wheels $(if $(GPU_PYTHON),--python-version $(GPU_PYTHON)) $(if $(GPU_PACKAGES),--present-file $(GPU_PACKAGES))
 
 clean:
 	rm -rf demo-out .pytest_cache

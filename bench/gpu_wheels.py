@@ -51,7 +51,11 @@ def closure(requirements: list[str]) -> dict[str, str]:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report), *requirements],
                        check=True, cwd=REPO)
         items = json.loads(report.read_text())["install"]
-    return {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in items}
+    return {canonical(item["metadata"]["name"]): item["metadata"]["version"] for item in items}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
 MANYLINUX = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
@@ -71,10 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest", nargs="?", type=Path, default=REPO / "bench" / "wheels")
     parser.add_argument("--python-version", default=None, help="the GPU machine's Python, e.g. 3.12 (default: this one's)")
+    parser.add_argument("--present-file", type=Path, default=None,
+                        help="names of the packages the GPU machine already has, one per line (# comments), beyond "
+                             f"{', '.join(PRESENT_ON_GPU_MACHINE)}: e.g. bench/h200-packages.txt")
     args = parser.parse_args()
     dest = args.dest
     needed = closure(bench_requirements())
     present = closure(PRESENT_ON_GPU_MACHINE)
+    if args.present_file:
+        # The names only: their dependencies as resolved here (newest versions) may not be what the machine's versions need.
+        listed = {canonical(line) for line in args.present_file.read_text().splitlines() if line.strip() and not line.startswith("#")}
+        present.update(dict.fromkeys(listed, "listed"))
     missing = sorted(f"{name}=={version}" for name, version in needed.items() if name not in present and name != "cxrdist")
     print(f"{len(missing)} packages the GPU machine lacks: {' '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
