@@ -362,6 +362,14 @@ def sync_debug_error():
 # ---------------------------------------------------------------- main
 
 
+def write_results(results: dict) -> None:
+    """The JSON so far, after every part: a run stopped at a time limit still leaves what it measured."""
+    out = Path(results["out"])
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(out)
+
+
 def run_part(results: dict, name: str, fn, *args):
     say(f"{name} ...")
     start = time.perf_counter()
@@ -370,6 +378,7 @@ def run_part(results: dict, name: str, fn, *args):
     except Exception as err:  # noqa: BLE001 - the report records every part's failure, then fails at the end
         results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
     results[name]["seconds"] = round(time.perf_counter() - start, 1)
+    write_results(results)
     say(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'traceback'}, default=str)}")
     return results[name]
 
@@ -410,7 +419,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict = {
-        "mode": "smoke (CPU)" if smoke else "gpu", "profile": p, "work": str(work), "torch": torch.__version__,
+        "mode": "smoke (CPU)" if smoke else "gpu", "profile": p, "work": str(work), "out": str(out), "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "gpus": gpu_count(), "cpus": os.cpu_count(),
         "not_run_on_cpu": NOT_RUN_ON_CPU if smoke else [],
     }
@@ -436,7 +445,7 @@ def main() -> int:
     if smoke:
         results["checks_passed"].pop("zero2_finite_and_resumed")
     results["seconds"] = round(time.perf_counter() - started, 1)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(results)
     failed = [name for name, ok in results["checks_passed"].items() if not ok]
     say(f"ratio (b)/(a) = {results.get('ratio_trainer_over_bare', float('nan')):.3f} (goal >= 0.95); "
         f"data wait {b.get('data_wait_fraction', float('nan')):.3f} (goal < 0.05); {results['seconds']} s; results in {out}")
