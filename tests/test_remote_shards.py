@@ -72,8 +72,9 @@ def test_connection_that_keeps_dropping_is_one_line(synth_shards, tmp_path):
 
 @pytest.mark.slow
 def test_training_from_http_in_two_processes_equals_training_from_local_copy(synth_shards, tmp_path):
+    """Also: a user:password in the URL (sent as HTTP basic auth) is written nowhere and printed nowhere."""
     with http_server(synth_shards) as (url, _handler):
-        remote = launch_cpu(fast_overrides(url, tmp_path / "http", **{"train.epochs": 1}))
+        remote = launch_cpu(fast_overrides(url.replace("http://", "http://alice:s3cret-pw@"), tmp_path / "http", **{"train.epochs": 1}))
     local = launch_cpu(fast_overrides(synth_shards, tmp_path / "local", **{"train.epochs": 1}))
     assert remote.returncode == 0, explain(remote)
     assert local.returncode == 0, explain(local)
@@ -82,6 +83,10 @@ def test_training_from_http_in_two_processes_equals_training_from_local_copy(syn
         got, want = ([{f: r[f] for f in fields} for r in records(run, kind)] for run in runs)
         assert got and got == want, kind
     assert ModelCard.read(runs[0] / "best").shards == url
+    assert "s3cret-pw" not in remote.stdout + remote.stderr
+    written = [path for path in (tmp_path / "http").rglob("*") if path.is_file() and b"s3cret-pw" in path.read_bytes()]
+    assert not written, written
+    assert f"shards: {url}" in (runs[0] / "config.yaml").read_text()
 
 
 def test_s3_bucket_verify_stream_and_one_line_errors(synth_shards, monkeypatch):

@@ -205,9 +205,18 @@ def at_least(field_name: str, value: int, minimum: int) -> None:
         raise UserError(f"{field_name} must be >= {minimum}, got {value}")
 
 
+def recorded(cfg: ExperimentConfig) -> DictConfig:
+    """The config as written to config.yaml and W&B: a user:password or token in a shard URL left out."""
+    from cxrdist.data.location import display
+
+    record = OmegaConf.structured(cfg)
+    record.data.shards = display(cfg.data.shards)
+    return record
+
+
 def to_yaml(cfg: ExperimentConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(recorded(cfg))
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return OmegaConf.to_container(recorded(cfg), resolve=True)
