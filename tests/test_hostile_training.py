@@ -200,6 +200,21 @@ def test_a_broken_model_is_one_line_in_evaluate_and_predict(run, tmp_path, capsy
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "eval").exists()
 
 
+@pytest.mark.parametrize("how", ["truncated", "foreign"])
+def test_a_broken_model_is_one_line_in_report(run, tmp_path, capsys, how):
+    """The report reads the weights only for the coupling matrix (it builds no network, so a card naming a backbone
+    timm lacks is reported as is); weights that are unreadable or lack the card's A are one line, no report."""
+    experiment = tmp_path / "exp"
+    shutil.copytree(run, experiment / "fold-0", ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.rmtree(experiment / "fold-0" / "best")
+    shutil.copytree(broken_model(run, tmp_path, how), experiment / "fold-0" / "best")
+    code = main(["report", "--runs", str(experiment), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    one_line(err, "model")
+    assert not (tmp_path / "report").exists()
+
+
 def _an_image(tmp_path: Path) -> Path:
     from PIL import Image
 

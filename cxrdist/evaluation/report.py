@@ -24,7 +24,7 @@ from cxrdist.data.images import decode_image
 from cxrdist.data.location import Location, join, shard_root
 from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
-from cxrdist.errors import UserError
+from cxrdist.errors import UserError, one_line
 from cxrdist.evaluation import report_figures as figs
 from cxrdist.evaluation.outputs import load_fold_probabilities
 from cxrdist.evaluation.report_clinical import clinical_section, saliency_section
@@ -72,11 +72,18 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def read_coupling(weights: Path) -> np.ndarray | None:
+def read_coupling(weights: Path, card: ModelCard | None) -> np.ndarray | None:
+    """The exported A; a weights file that is not what its card describes is one line, not a missing figure."""
     if not weights.is_file():
         return None
-    with safe_open(str(weights), framework="pt") as handle:
-        return handle.get_tensor(COUPLING_KEY).float().numpy() if COUPLING_KEY in handle.keys() else None
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            coupling = handle.get_tensor(COUPLING_KEY).float().numpy() if COUPLING_KEY in handle.keys() else None
+    except Exception as err:  # noqa: BLE001 -- truncated or not a safetensors file
+        raise UserError(f"{weights}: not a readable model weights file ({type(err).__name__}: {one_line(err)})") from None
+    if card is not None and card.model.refine.enabled and coupling is None:
+        raise UserError(f"{weights}: does not hold the weights {CARD_FILE} describes (no {COUPLING_KEY})")
+    return coupling
 
 
 def find_fold_runs(runs: Path) -> list[FoldRun]:
@@ -91,7 +98,7 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
         folds.append(FoldRun(
             directory.name, directory, card,
             [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "eval"],
-            read_coupling(best / WEIGHTS_FILE),
+            read_coupling(best / WEIGHTS_FILE, card),
         ))
     if not folds:
         raise UserError(f"{runs}: no fold-K run directories (expected runs/EXPERIMENT/fold-0, ...)")
