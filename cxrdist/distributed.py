@@ -28,3 +28,44 @@ def make_accelerator(dist_timeout: float = DEFAULT_DIST_TIMEOUT, **kwargs):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=dist_timeout)))
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def check_shared_directory(accelerator, directory) -> None:
+    """Every rank must see the same run directory (checkpoints are written into it by every rank, and
+    resumed from it): rank 0 writes a random token there, every rank reads it back. On machines that do
+    not share `directory` at the same path, every rank stops with one line naming the hosts that differ,
+    instead of a rank failing mid-checkpoint on a directory that only exists elsewhere."""
+    if accelerator.num_processes == 1:
+        return
+    import socket
+    import uuid
+    from pathlib import Path
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from cxrdist.atomic import atomic_write_text
+    from cxrdist.errors import UserError
+    from cxrdist.layout import SHARED_CHECK_FILE
+
+    marker = Path(directory) / SHARED_CHECK_FILE
+    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
+    if accelerator.is_main_process:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, token)
+    accelerator.wait_for_everyone()
+    try:
+        seen = marker.read_text() == token
+    except OSError:
+        seen = False
+    views = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, ok in views if not ok]
+    if blind:
+        hosts = sorted({host for _, host in blind})
+        raise UserError(
+            f"{directory} is not one directory for every process: rank 0 ({views[0][1]}) wrote into it and "
+            f"{len(blind)} rank(s) on {', '.join(hosts)} do not see it; output_dir (and the shards) must be on a "
+            "filesystem every machine mounts at the same path, given the same on every machine"
+        )

@@ -25,6 +25,7 @@ BEST_DIR = "best"
 # a trained model (best/)
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+SHARED_CHECK_FILE = ".shared-check"  # in a fold's run directory while the ranks check that they all see it
 # an experiment directory
 ENSEMBLE_DIR = "ensemble"
 REPORT_DIR = "report"

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_network_interface()
         return Trainer(cfg).fit()
     except UserError as err:
-        if os.environ.get("RANK", "0") == "0":
+        # Every rank raises the same error: one line per machine (on another machine it is the only one there).
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"cxrdist train: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:

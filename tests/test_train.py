@@ -194,6 +194,26 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
     assert abs(single_process_auc(run_dir / "best", synth_shards, fold=1)["macro_auc"] - gathered) <= 1e-9
 
 
+def test_an_output_dir_the_machines_do_not_share_is_one_line(synth_shards, tmp_path):
+    """Two machines given different output_dir (as when it is not on a shared filesystem): every rank stops at the
+    start with one line naming the problem, before any checkpoint could half-exist on one of them."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        args = [str(a) for a in fast_overrides(synth_shards, tmp_path / f"machine{rank}", **{"train.epochs": 1})] + ["--fold", "0"]
+        cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config",
+                        str(DEMO_CONFIG), *args]
+        procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outputs):
+        assert p.returncode != 0
+        lines = [line for line in err.splitlines() if line.startswith("cxrdist train: error:")]
+        assert len(lines) == 1 and "is not one directory for every process" in lines[0], err[-3000:]
+        assert 'File "' + str(REPO / "cxrdist") not in err, err[-3000:]  # no traceback through our code (the launcher's own page stays)
+    assert not list((tmp_path / "machine0").rglob("checkpoints")) and not list((tmp_path / "machine1").rglob("checkpoints"))
+
+
 def deepspeed_env() -> dict:
     env = cpu_env(2)
     env.pop("ACCELERATE_USE_CPU")  # that variable silently drops DeepSpeed

@@ -177,6 +177,7 @@ class Trainer:
         )
 
     def write_run_files(self) -> None:
+        distributed.check_shared_directory(self.accelerator, self.run_dir)
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
