@@ -277,6 +277,13 @@ def test_sigterm_to_cxrdist_train_checkpoints_and_leaves_no_process(synth_shards
         time.sleep(0.2)
     descendants = psutil.Process(proc.pid).children(recursive=True)
     assert any("train.py" in " ".join(p.cmdline()) for p in descendants)
+    # The same command again while it trains: refused in one line (training/run_lock.py), the running one untouched.
+    again = subprocess.run([sys.executable, "-m", "cxrdist", "train", "--config", str(DEMO_CONFIG), "--processes", "1", *overrides],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    one_line(again.stderr, "another run is training in this directory")
+    assert any(f"pid {p.pid} on " in again.stderr for p in descendants), again.stderr  # names the trainer that holds it
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
@@ -284,3 +291,8 @@ def test_sigterm_to_cxrdist_train_checkpoints_and_leaves_no_process(synth_shards
     gone, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     assert list((tmp_path / "runs" / "demo" / "fold-0" / "checkpoints").glob("step-*"))
+    # The lock died with its process: the next run takes it (a requeued job never meets a stale lock).
+    done = fast_overrides(synth_shards, tmp_path / "runs", **{"train.epochs": 1})
+    after = subprocess.run([sys.executable, "-m", "cxrdist", "train", "--config", str(DEMO_CONFIG), "--processes", "1", *done],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert after.returncode == 0 and "another run" not in after.stderr, after.stderr[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import tarfile
@@ -212,6 +213,24 @@ def test_an_output_dir_the_machines_do_not_share_is_one_line(synth_shards, tmp_p
         assert len(lines) == 1 and "is not one directory for every process" in lines[0], err[-3000:]
         assert 'File "' + str(REPO / "cxrdist") not in err, err[-3000:]  # no traceback through our code (the launcher's own page stays)
     assert not list((tmp_path / "machine0").rglob("checkpoints")) and not list((tmp_path / "machine1").rglob("checkpoints"))
+
+
+def test_a_run_directory_in_use_stops_every_rank_with_one_line(synth_shards, tmp_path):
+    """This test process holds the run directory's lock (as a running trainer would): both ranks of a new run stop
+    at once, exit 2, one line; nothing is written into the directory."""
+    from cxrdist.training.run_lock import lock_run_dir, release_run_lock
+
+    run_dir = tmp_path / "demo" / "fold-0"
+    held = lock_run_dir(run_dir)
+    try:
+        result = launch_cpu(fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1}) + ["--fold", "0"], timeout=300)
+    finally:
+        release_run_lock(held)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cxrdist train: error:")]
+    assert len(lines) == 1 and "another run is training in this directory" in lines[0], explain(result)
+    assert f"pid {os.getpid()} on " in lines[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
 
 
 def deepspeed_env() -> dict:

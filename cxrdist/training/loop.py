@@ -41,6 +41,7 @@ from cxrdist.training.bad_steps import is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
+from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
@@ -178,6 +179,7 @@ class Trainer:
 
     def write_run_files(self) -> None:
         distributed.check_shared_directory(self.accelerator, self.run_dir)
+        self.run_lock = hold_run_lock(self.accelerator, self.run_dir)
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -232,6 +234,7 @@ class Trainer:
         self.say(self.ema_schedule_line())
         code = self.train_until_done(batches)
         acc.end_training()
+        release_run_lock(self.run_lock)
         return code
 
     def ema_schedule_line(self) -> str:
