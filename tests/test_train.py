@@ -174,20 +174,25 @@ def test_corrupt_sample_is_skipped_and_counted(synth_shards, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def launch_two_machines(args_per_machine: list[list[str]], timeout: int) -> list[tuple[int, str, str]]:
+    """One `accelerate launch --num_machines 2` per machine rank (1 process each, main 127.0.0.1): (exit code, stdout, stderr) each."""
+    port = free_port()
+    procs = []
+    for rank, args in enumerate(args_per_machine):
+        cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config",
+                        str(DEMO_CONFIG), *args]
+        procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
 def test_multi_node_path_on_one_host(synth_shards, tmp_path):
     """Two `accelerate launch` with --num_machines 2 (ranks 0 and 1, main 127.0.0.1) train and gather; the model is
     compiled (aot_eager: dynamo + AOT autograd without code generation) inside DDP, in one graph."""
-    port = free_port()
     args = [str(a) for a in fast_overrides(synth_shards, tmp_path, **{"train.epochs": 1, **COMPILED})] + ["--fold", "1"]
-    procs = []
-    for rank in (0, 1):
-        cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config",
-                            str(DEMO_CONFIG), *args]
-        procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, f"{out}\n{err}"
+    for code, out, err in launch_two_machines([args, args], timeout=600):
+        assert code == 0, f"{out}\n{err}"
     run_dir = tmp_path / "demo" / "fold-1"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
     assert {r["graph_breaks"] for r in records(run_dir, "train")} == {0}
@@ -198,17 +203,10 @@ def test_multi_node_path_on_one_host(synth_shards, tmp_path):
 def test_an_output_dir_the_machines_do_not_share_is_one_line(synth_shards, tmp_path):
     """Two machines given different output_dir (as when it is not on a shared filesystem): every rank stops at the
     start with one line naming the problem, before any checkpoint could half-exist on one of them."""
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        args = [str(a) for a in fast_overrides(synth_shards, tmp_path / f"machine{rank}", **{"train.epochs": 1})] + ["--fold", "0"]
-        cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), "--config",
-                        str(DEMO_CONFIG), *args]
-        procs.append(subprocess.Popen(cmd, env=cpu_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_out, err) in zip(procs, outputs):
-        assert p.returncode != 0
+    per_machine = [[str(a) for a in fast_overrides(synth_shards, tmp_path / f"machine{rank}", **{"train.epochs": 1})] + ["--fold", "0"]
+                   for rank in (0, 1)]
+    for code, _out, err in launch_two_machines(per_machine, timeout=300):
+        assert code != 0
         lines = [line for line in err.splitlines() if line.startswith("cxrdist train: error:")]
         assert len(lines) == 1 and "is not one directory for every process" in lines[0], err[-3000:]
         assert 'File "' + str(REPO / "cxrdist") not in err, err[-3000:]  # no traceback through our code (the launcher's own page stays)
