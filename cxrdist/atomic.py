@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from cxrdist.errors import UserError
 
@@ -98,7 +99,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
     removed = []
     for path in directory.parent.glob(f"{glob_escape(prefix)}*"):
         pid = path.name[len(prefix):]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -110,16 +111,6 @@ def glob_escape(text: str) -> str:
 
 def _host() -> str:
     return os.uname().nodename.replace("/", "_").replace("-", "_")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def replace_directory(partial: Path, directory: Path) -> Path:

@@ -41,8 +41,8 @@ from cxrdist.training.bad_steps import is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
-from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
+from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
 
@@ -178,8 +178,6 @@ class Trainer:
         )
 
     def write_run_files(self) -> None:
-        distributed.check_shared_directory(self.accelerator, self.run_dir)
-        self.run_lock = hold_run_lock(self.accelerator, self.run_dir)
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -212,6 +210,8 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
         acc = self.accelerator
+        distributed.check_shared_directory(acc, self.run_dir)
+        self.run_lock = hold_run_lock(acc, self.run_dir)  # one run per run directory, until this process ends
         self.write_run_files()
         found = self.resume()
         resume_from = found[0] if found else None
