@@ -48,17 +48,17 @@ def check_shared_directory(accelerator, directory) -> None:
     from cxrdist.layout import SHARED_CHECK_FILE
 
     marker = Path(directory) / SHARED_CHECK_FILE
-    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
+    token = uuid.uuid4().hex
     if accelerator.is_main_process:
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, token)
-    accelerator.wait_for_everyone()
+    # The broadcast ends after rank 0 wrote the token, the gather after every rank read it.
+    token = broadcast_object_list([token])[0]
     try:
         seen = marker.read_text() == token
     except OSError:
         seen = False
     views = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         marker.unlink(missing_ok=True)
     blind = [(rank, host) for rank, host, ok in views if not ok]

@@ -106,23 +106,26 @@ def label_calibration(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAUL
 
 def calibration_summary(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str], bins: int = DEFAULT_BINS) -> dict:
     """Per-label calibration plus the macro (mean over labels) ECE and Brier score."""
-    keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
-    per_label = {label: label_calibration(targets[keep[:, j], j], probs[keep[:, j], j], bins) for j, label in enumerate(labels)}
-    known = [v for v in per_label.values() if v is not None]
+    by_label = per_label(lambda y, p: label_calibration(y, p, bins), targets, probs, mask, labels)
+    known = [v for v in by_label.values() if v is not None]
     return {
         "bins": bins,
         "macro_ece": float(np.mean([v["ece"] for v in known])) if known else None,
         "macro_brier": float(np.mean([v["brier"] for v in known])) if known else None,
-        "per_label": per_label,
+        "per_label": by_label,
     }
 
 
-def fit_temperatures(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, float | None]:
+def per_label(fit, targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict:
+    """{label: fit(that label's known targets, its probabilities)}."""
     keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
-    return {label: fit_temperature(targets[keep[:, j], j], probs[keep[:, j], j]) for j, label in enumerate(labels)}
+    return {label: fit(targets[keep[:, j], j], probs[keep[:, j], j]) for j, label in enumerate(labels)}
+
+
+def fit_temperatures(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, float | None]:
+    return per_label(fit_temperature, targets, probs, mask, labels)
 
 
 def fit_platts(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, list[float] | None]:
-    keep = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
-    fitted = {label: fit_platt(targets[keep[:, j], j], probs[keep[:, j], j]) for j, label in enumerate(labels)}
+    fitted = per_label(fit_platt, targets, probs, mask, labels)
     return {label: None if v is None else list(v) for label, v in fitted.items()}
