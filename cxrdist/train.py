@@ -12,6 +12,10 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+from cxrdist.training import outcome, trainer_stderr  # noqa: E402
+
+trainer_stderr.attach()  # before anything can write to stderr (no-op outside `cxrdist train`)
+
 from cxrdist.errors import UserError, one_line  # noqa: E402
 
 
@@ -31,20 +35,27 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides, fold=args.fold)
         choose_network_interface()
-        return Trainer(cfg).fit()
+        code = Trainer(cfg).fit()
+        outcome.record(code)
+        return code
     except UserError as err:
         # Every rank raises the same error: one line per machine (on another machine it is the only one there).
+        line = f"cxrdist train: error: {one_line(err)}"
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"cxrdist train: error: {one_line(err)}", file=sys.stderr)
+            print(line, file=sys.stderr)
+        outcome.record(2, line)
         return 2
     except Exception as err:
         from cxrdist.training.failure import EXIT_LOST_PEER, lost_peer, lost_peer_message
 
         if not lost_peer(err):
+            outcome.record(1, f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}")
             raise
         # Every surviving rank says it: on another machine this may be the only line there is.
-        print(f"cxrdist train: error: {lost_peer_message(err)}", file=sys.stderr, flush=True)
+        line = f"cxrdist train: error: {lost_peer_message(err)}"
+        print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        outcome.record(EXIT_LOST_PEER, line)
         # A normal interpreter exit waits on gloo's pending work and the loader workers (seconds);
         # the process group is broken, the checkpoints are whole: leave now.
         os._exit(EXIT_LOST_PEER)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -14,8 +19,51 @@ torch.set_num_threads(1)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DeepSpeed's JIT-built ops (and their build lock) in this venv, not in ~/.cache shared with other checkouts.
+os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Orphans of the processes a test starts (a launcher's trainers whose parent was killed) become children of
+# this process instead of init's, so the check below sees them.
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+LEFTOVER_GRACE_S = 30  # processes a test ended may take a moment to exit (a slurmstepd, a loaded machine)
+
+
+def live_descendants() -> dict[int, psutil.Process]:
+    alive = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive[p.pid] = p
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(request):
+    """A test that leaves a process running fails, and the process (with its process group) is killed."""
+    before = set(live_descendants())
+    yield
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := {pid: p for pid, p in live_descendants().items() if pid not in before}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    described = []
+    for p in left.values():
+        try:
+            described.append(f"{p.pid}: {' '.join(p.cmdline())[:200]}")
+            group = os.getpgid(p.pid)
+            if group != os.getpgid(0):  # its own group (a launcher, a daemon): end all of it
+                os.killpg(group, signal.SIGKILL)
+            else:
+                p.kill()
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+    pytest.fail(f"{request.node.nodeid} left {len(left)} process(es) running (now killed): " + "; ".join(described), pytrace=False)
 
 
 @pytest.fixture(scope="session")

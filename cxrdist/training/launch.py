@@ -7,12 +7,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import cxrdist
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
-from cxrdist.training.launcher_output import LauncherStderr, pump
+from cxrdist.training import outcome
+from cxrdist.training.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
 
 TRAIN_SCRIPT = Path(cxrdist.__file__).resolve().parent / "train.py"
 
@@ -86,16 +88,9 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
 
 def launch_fold(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> int:
     """Run one fold; returns the trainer's exit code (75 when it checkpointed after a preemption signal)."""
-    from cxrdist.training.config import load_config
-    from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER
-
-    run_dir = load_config(config, overrides, fold=fold).run_dir
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
     get_logger("launch").info("+ accelerate launch " + shlex.join(cmd[3:]))
-    code = run_forwarding_signals(cmd, env)
-    if code != 0 and (run_dir / PREEMPTED_MARKER).is_file():
-        return EXIT_PREEMPTED
-    return code
+    return run_forwarding_signals(cmd, env)
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -105,10 +100,30 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     """Run the launcher in its own process group; SIGTERM/SIGINT/SIGUSR1 to us become a preemption
     request (SIGTERM or SIGUSR1) to the trainer processes, which checkpoint and exit; a second SIGINT
     kills the group. Whatever is left of the group when the launcher ends is killed: no orphans.
-    Its stderr goes through LauncherStderr: a trainer's error stays one line, not a launcher page."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
-    stderr = LauncherStderr(sys.stderr)
-    reader = pump(proc.stderr.fileno(), stderr)
+
+    The exit code comes from the trainers' outcome files (training/outcome.py), not from the launcher,
+    which says 1 for every failure. The trainers' stderr reaches ours through training/trainer_stderr.py;
+    the launcher's own stderr is shown only when no trainer explained a failure."""
+    with tempfile.TemporaryDirectory(prefix="cxrdist-launch-") as channel:
+        trainer_stderr = TrainerStderr(Path(channel), sys.stderr)
+        env = {**env, outcome.OUTCOME_DIR_ENV: channel, TRAINER_STDERR_ENV: str(trainer_stderr.path)}
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+        launcher_stderr = TailBuffer(proc.stderr.fileno())
+        try:
+            launcher_code = wait_forwarding_signals(proc)
+        finally:
+            signal_group(proc.pid, signal.SIGKILL)
+            trainer_stderr.close()
+            page = launcher_stderr.text()
+            proc.stderr.close()
+        code, explained = outcome.decide(outcome.read(Path(channel)), launcher_code)
+    if not explained:
+        sys.stderr.write(page)
+        sys.stderr.flush()
+    return code
+
+
+def wait_forwarding_signals(proc: subprocess.Popen) -> int:
     interrupts = []
 
     def forward(signum, frame) -> None:
@@ -121,15 +136,10 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        code = proc.wait()
+        return proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        signal_group(proc.pid, signal.SIGKILL)
-        reader.join(timeout=30)  # the pipe closes when the last process of the group is gone
-        proc.stderr.close()
-    # the launcher exits 1 whatever the trainer said; its page named the trainer's code (2 for a user error)
-    return stderr.child_code if code != 0 and stderr.child_code else code
 
 
 def trainer_processes(launcher_pid: int) -> list:
