@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cxrdist.cli import main
-from cxrdist.data.synth import LABELS, render_radiograph
-from cxrdist.evaluation.saliency import ensemble_cams, findings_to_explain, peak
+from cxrdist.data.synth.render import LABELS, render_radiograph
+from cxrdist.evaluation.prediction.saliency import ensemble_cams, findings_to_explain, peak
 from cxrdist.model.config import ModelConfig
 from cxrdist.model.network import CXRNet, build_model
 from cxrdist.model.refine import LabelGraphRefinement

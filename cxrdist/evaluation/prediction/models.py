@@ -15,7 +15,7 @@ from cxrdist.data.location import Location, display, resolved, shard_root
 from cxrdist.data.manifest import has_manifest
 from cxrdist.data.stream import StreamConfig
 from cxrdist.errors import UserError
-from cxrdist.evaluation.gathered import probabilities
+from cxrdist.evaluation.scoring.gathered import probabilities
 from cxrdist.layout import BEST_DIR, CARD_FILE, FOLD_PREFIX, fold_name, fold_sort_key, is_fold
 from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model

@@ -21,8 +21,8 @@ import pandas as pd
 
 from cxrdist.atomic import atomic_write_json, json_ready
 from cxrdist.errors import UserError
-from cxrdist.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval, weighted_auc
-from cxrdist.evaluation.metrics import auc_summary
+from cxrdist.evaluation.scoring.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval, weighted_auc
+from cxrdist.evaluation.scoring.metrics import auc_summary
 from cxrdist.layout import (
     BEST_DIR, CARD_FILE, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, METRICS_FILE, PREDICTIONS_FILE, TEST_SPLIT, VAL_PREDICTIONS_FILE,
     fold_run_dirs,

@@ -22,9 +22,9 @@ from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import BadImage, UserError
-from cxrdist.evaluation.outputs import write_predictions_csv
+from cxrdist.evaluation.scoring.outputs import write_predictions_csv
 from cxrdist.log import get_logger
-from cxrdist.evaluation.models import (
+from cxrdist.evaluation.prediction.models import (
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
@@ -145,7 +145,7 @@ def run_predict(
     cam_top: int = 3,
 ) -> Path:
     """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...),
-    and with `cam` a Grad-CAM overlay per image and finding (see evaluation/saliency.py) into that folder."""
+    and with `cam` a Grad-CAM overlay per image and finding (see evaluation/prediction/saliency.py) into that folder."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
@@ -164,7 +164,7 @@ def run_predict(
     out = Path(out)
     write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
     if cam is not None:
-        from cxrdist.evaluation.saliency import write_file_cams
+        from cxrdist.evaluation.prediction.saliency import write_file_cams
 
         write_file_cams(Path(cam), models, [files[i] for i in indices], probs, settings, tta, cam_threshold, cam_top)
     return out

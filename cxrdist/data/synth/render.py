@@ -801,8 +801,8 @@ def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int 
                 bar.update()
     bar.close()
     table = cohort.table
-    if planted_coupling is not None:  # cxrdist/data/planted.py: extra label columns, same images
-        from cxrdist.data.planted import plant_coupling
+    if planted_coupling is not None:  # cxrdist/data/synth/planted.py: extra label columns, same images
+        from cxrdist.data.synth.planted import plant_coupling
 
         table, full = plant_coupling(table, planted_coupling, seed)
         _write_csv(full, out / "labels_full.csv")
