@@ -39,7 +39,7 @@ LABELS = [*CHEXPERT_LABELS, TARGET, *CONTROLS]
 
 def make_data(out: Path, n: int, fraction: float, folds: int) -> tuple[Path, Path]:
     from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth.render import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     raw = out / "raw"
     csv = make_synthetic_dataset(raw, n=n, size=96, seed=11, workers=2, progress=False, planted_coupling=fraction)

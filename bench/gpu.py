@@ -66,7 +66,7 @@ def say(text: str) -> None:
 
 def make_shards(work: Path, p: dict) -> Path:
     from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth.render import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     workers = max(1, min(16, os.cpu_count() or 1))
     csv = make_synthetic_dataset(work / "raw", n=p["images"], size=p["stored"], seed=0, workers=workers, progress=False)

@@ -25,7 +25,7 @@ def add_synth(sub) -> None:
 
 
 def run_synth(args) -> int:
-    from cxrdist.data.synth.render import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers, planted_coupling=args.planted_coupling)
     print(f"wrote {args.n} synthetic radiographs and {csv}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cxrdist.data.manifest import load_manifest
 from cxrdist.data.prepare import PrepareOptions, prepare
-from cxrdist.data.synth.render import make_synthetic_dataset
+from cxrdist.data.synth.dataset import make_synthetic_dataset
 from cxrdist.errors import UserError
 
 # Package data (configs/demo.yaml in a checkout links to it), so `cxrdist demo` runs from an installed wheel too.

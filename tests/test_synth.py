@@ -9,13 +9,9 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from cxrdist.data.synth.render import (
-    PATHOLOGIES,
-    make_synthetic_dataset,
-    render_image,
-    sample_cohort,
-    sample_labels,
-)
+from cxrdist.data.synth.dataset import make_synthetic_dataset
+from cxrdist.data.synth.label_table import PATHOLOGIES, sample_cohort, sample_labels
+from cxrdist.data.synth.render import render_image
 from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT_LABELS
 
