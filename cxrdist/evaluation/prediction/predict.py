@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrdist.atomic import check_writable_file
-from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
-from cxrdist.data.spec import ImageSpec
-from cxrdist.data.transforms import decode_grayscale, eval_transform
-from cxrdist.errors import BadImage, UserError
+from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
+from cxrdist.errors import UserError
+from cxrdist.evaluation.prediction.image_files import ImageFiles
 from cxrdist.evaluation.scoring.outputs import write_predictions_csv
 from cxrdist.log import get_logger
 from cxrdist.evaluation.prediction.models import (
@@ -72,29 +71,6 @@ def check_models_agree(models: list[FoldModel]) -> None:
 def image_settings(models: list[FoldModel]) -> dict:
     """How prepare stored images for these models ({"format", "max_size", "quality"}), from the model card."""
     return models[0].card.stored_image
-
-
-def stored_pixels(path: Path, image: dict) -> bytes:
-    """The bytes prepare would have written to a shard for this file."""
-    pixels = load_for_shard(path, int(image["max_size"]))
-    return encode_image(pixels, image["format"], int(image.get("quality", 95)))
-
-
-class ImageFiles(Dataset):
-    """(index, [tensor per preprocessing group]) or (index, error) for every file."""
-
-    def __init__(self, paths: list[Path], image: dict, specs: list[ImageSpec]) -> None:
-        self.paths, self.image, self.specs = paths, image, specs
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            data = stored_pixels(self.paths[index], self.image)
-            return index, [eval_transform(decode_grayscale(data, spec.size), spec) for spec in self.specs]
-        except BadImage as err:
-            return index, str(err)
 
 
 def collate(items: list) -> dict:
