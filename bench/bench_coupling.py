@@ -2,7 +2,7 @@
 
     python bench/bench_coupling.py [--n 900] [--epochs 8] [--seeds 0 1] [--l1 1e-3 1e-4 1e-5] [--out DIR]
 
-Data: `cxrdist synth --planted-coupling F` (cxrdist/data/planted.py): "Planted Target" is a noisy copy
+Data: `cxrdist synth --planted-coupling F` (cxrdist/data/synth/planted.py): "Planted Target" is a noisy copy
 of Pleural Effusion with no mark of its own, labelled for a fraction F of the patients (-1 elsewhere,
 left out of the loss by the training policy "ignore"), plus two independent controls. Training sees
 that table; the held-out fold-0 is scored against the fully labelled table (labels_full.csv, the same
@@ -30,7 +30,7 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxrdist.data.planted import CONTROLS, SOURCE, TARGET  # noqa: E402
+from cxrdist.data.synth.planted import CONTROLS, SOURCE, TARGET  # noqa: E402
 from cxrdist.labels import CHEXPERT_LABELS  # noqa: E402
 from cxrdist.layout import BEST_DIR, fold_name  # noqa: E402
 
@@ -39,7 +39,7 @@ LABELS = [*CHEXPERT_LABELS, TARGET, *CONTROLS]
 
 def make_data(out: Path, n: int, fraction: float, folds: int) -> tuple[Path, Path]:
     from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     raw = out / "raw"
     csv = make_synthetic_dataset(raw, n=n, size=96, seed=11, workers=2, progress=False, planted_coupling=fraction)
@@ -98,7 +98,7 @@ def coupling_stats(best: Path) -> dict:
 
 
 def score(run: Path, eval_shards: Path) -> dict:
-    from cxrdist.evaluation.ensemble import run_evaluate
+    from cxrdist.evaluation.prediction.ensemble import run_evaluate
 
     # eval-shards hold the same images and folds as the training shards, fully labelled: another dataset identity on purpose
     metrics = run_evaluate(run, split=fold_name(0), tta=False, out=run / "eval-full", batch_size=64, workers=0, shards=eval_shards, resamples=10,

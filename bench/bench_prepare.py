@@ -14,7 +14,7 @@ from PIL import Image
 
 
 def make_images(root: Path, n: int) -> Path:
-    from cxrdist.data.synth import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(root / "raw", n=n, size=256, seed=0, workers=2, progress=False)
     for png in (root / "raw" / "images").rglob("*.png"):  # the synthetic images, upscaled to 1024 px

@@ -66,7 +66,7 @@ def say(text: str) -> None:
 
 def make_shards(work: Path, p: dict) -> Path:
     from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     workers = max(1, min(16, os.cpu_count() or 1))
     csv = make_synthetic_dataset(work / "raw", n=p["images"], size=p["stored"], seed=0, workers=workers, progress=False)
@@ -255,8 +255,8 @@ def evaluation(run_dir: Path, shards: Path, p: dict, device: torch.device) -> di
 
     from cxrdist.data.manifest import load_manifest
     from cxrdist.data.stream import eval_loader, resolve_workers
-    from cxrdist.evaluation.gathered import predict
-    from cxrdist.evaluation.models import stream_config
+    from cxrdist.evaluation.scoring.gathered import predict
+    from cxrdist.evaluation.prediction.models import stream_config
     from cxrdist.model.export import load_model
 
     model, card = load_model(run_dir / BEST_DIR, device)

@@ -25,7 +25,7 @@ def add_synth(sub) -> None:
 
 
 def run_synth(args) -> int:
-    from cxrdist.data.synth import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers, planted_coupling=args.planted_coupling)
     print(f"wrote {args.n} synthetic radiographs and {csv}")
@@ -159,12 +159,12 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from cxrdist.evaluation.ensemble import run_evaluate as evaluate
+    from cxrdist.evaluation.prediction.ensemble import run_evaluate as evaluate
 
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
                        eval_targets=args.eval_targets)
     if metrics:
-        from cxrdist.evaluation.dashboard import log_ensemble_run
+        from cxrdist.evaluation.report.dashboard import log_ensemble_run
 
         log_ensemble_run(args.runs, metrics, Path(metrics["out"]))
         print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
@@ -186,7 +186,7 @@ def add_predict(sub) -> None:
 
 
 def run_predict(args) -> int:
-    from cxrdist.evaluation.predict import run_predict as predict
+    from cxrdist.evaluation.prediction.predict import run_predict as predict
 
     out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
                   cam=args.cam, cam_threshold=args.cam_threshold, cam_top=args.cam_top)
@@ -205,7 +205,7 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
-    from cxrdist.evaluation.export import run_export as export
+    from cxrdist.evaluation.prediction.export import run_export as export
 
     out = export(args.runs, args.fmt, args.out, tta=args.tta, metrics=args.metrics)
     print(f"wrote {out} and {out}.json")
@@ -221,8 +221,8 @@ def add_report(sub) -> None:
 
 
 def run_report(args) -> int:
-    from cxrdist.evaluation.dashboard import log_report_artifact
-    from cxrdist.evaluation.report import run_report as report
+    from cxrdist.evaluation.report.dashboard import log_report_artifact
+    from cxrdist.evaluation.report.report import run_report as report
 
     page = report(args.runs, args.out, shards=args.shards)
     log_report_artifact(args.runs, page)
@@ -243,7 +243,7 @@ def add_compare(sub) -> None:
 
 
 def run_compare(args) -> int:
-    from cxrdist.evaluation.compare import format_table, run_compare as compare
+    from cxrdist.evaluation.scoring.compare import format_table, run_compare as compare
 
     result = compare(args.runs_a, args.runs_b, split=args.split, out=args.out, resamples=args.resamples, seed=args.seed)
     print(format_table(result))

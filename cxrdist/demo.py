@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cxrdist.data.manifest import load_manifest
 from cxrdist.data.prepare import PrepareOptions, prepare
-from cxrdist.data.synth import make_synthetic_dataset
+from cxrdist.data.synth.dataset import make_synthetic_dataset
 from cxrdist.errors import UserError
 
 # Package data (configs/demo.yaml in a checkout links to it), so `cxrdist demo` runs from an installed wheel too.
@@ -21,8 +21,8 @@ DEMO_PROCESSES = 2
 
 
 def run_demo(out: Path) -> int:
-    from cxrdist.evaluation.ensemble import run_evaluate
-    from cxrdist.evaluation.report import run_report
+    from cxrdist.evaluation.prediction.ensemble import run_evaluate
+    from cxrdist.evaluation.report.report import run_report
     from cxrdist.training.launch import launch_fold
 
     out = Path(out).resolve()

@@ -64,3 +64,8 @@ def run_dir(output_dir: Path | str, experiment: str, fold: int) -> Path:
 def fold_run_dirs(experiment_dir: Path) -> list[Path]:
     """The fold-K directories of an experiment, in fold order."""
     return sorted((d for d in Path(experiment_dir).iterdir() if d.is_dir() and is_fold(d.name)), key=lambda d: fold_sort_key(d.name))
+
+
+def fold_best_dirs(experiment_dir: Path) -> list[Path]:
+    """The fold-K/best directories of an experiment that hold a trained model (its card), in fold order."""
+    return [d / BEST_DIR for d in fold_run_dirs(experiment_dir) if (d / BEST_DIR / CARD_FILE).is_file()]

@@ -101,7 +101,7 @@ def trained_experiment(synth_shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def evaluated_experiment(trained_experiment) -> tuple[Path, dict]:
     """`cxrdist evaluate` (both folds, flip TTA) on the test split, written to runs/ens/ensemble."""
-    from cxrdist.evaluation.ensemble import run_evaluate
+    from cxrdist.evaluation.prediction.ensemble import run_evaluate
 
     metrics = run_evaluate(trained_experiment, split="test", tta=True, batch_size=32, workers=1, resamples=200)
     return trained_experiment, metrics

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrdist.evaluation.calibration import calibration_summary, fit_platts, fit_temperatures
-from cxrdist.evaluation.operating_points import choose_thresholds, rates
+from cxrdist.evaluation.clinical.calibration import calibration_summary, fit_platts, fit_temperatures
+from cxrdist.evaluation.clinical.operating_points import choose_thresholds, rates
 
 
 def val_predictions(path, labels):
@@ -63,7 +63,7 @@ def test_thresholds_come_from_the_out_of_fold_predictions_and_apply_to_the_test_
 def test_report_shows_operating_points_calibration_and_saliency(evaluated_experiment, tmp_path):
     from PIL import Image
 
-    from cxrdist.evaluation.report import run_report
+    from cxrdist.evaluation.report.report import run_report
 
     runs, metrics = evaluated_experiment
     page = run_report(runs, tmp_path / "report").read_text()

@@ -13,11 +13,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxrdist.cli import main
-from cxrdist.evaluation.bootstrap import patient_weights
-from cxrdist.evaluation.compare import (
+from cxrdist.evaluation.scoring.bootstrap import patient_weights
+from cxrdist.evaluation.scoring.compare import (
     ScoredPredictions, compare_tables, paired_difference, paired_resample_aucs, read_scored_predictions,
 )
-from cxrdist.evaluation.outputs import write_predictions_csv
+from cxrdist.evaluation.scoring.outputs import write_predictions_csv
 from cxrdist.training.config import load_config
 
 LABELS = ["A", "B"]
@@ -157,7 +157,7 @@ def test_compare_cli_on_two_arms(evaluated_experiment, tmp_path, capsys):
     assert result["fold_summary"]["improved"] == improved
     assert f"B improved the macro AUC on {improved} of 2 folds" in stdout and "fold-0" in stdout and "test" in stdout
 
-    from cxrdist.evaluation.report import run_report
+    from cxrdist.evaluation.report.report import run_report
 
     page = run_report(runs_b, out=tmp_path / "report").read_text()
     assert "Does the refinement help?" in page and f"B improved {improved} of 2 folds" in page

@@ -91,7 +91,7 @@ def test_evaluate_logs_ensemble_run_and_report_uploads_page(trained_experiment, 
 
 
 def test_disabled_wandb_logs_nothing(tmp_path, monkeypatch):
-    from cxrdist.evaluation.dashboard import log_ensemble_run
+    from cxrdist.evaluation.report.dashboard import log_ensemble_run
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "ensemble"

@@ -15,10 +15,10 @@ from cxrdist.data.manifest import load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import eval_loader
 from cxrdist.errors import UserError
-from cxrdist.evaluation.bootstrap import auc_intervals, patient_weights, weighted_auc
-from cxrdist.evaluation.ensemble import FoldModel, run_evaluate, split_notes, stream_config
-from cxrdist.evaluation.outputs import load_fold_probabilities
-from cxrdist.evaluation.gathered import predict, probabilities
+from cxrdist.evaluation.scoring.bootstrap import auc_intervals, patient_weights, weighted_auc
+from cxrdist.evaluation.prediction.ensemble import FoldModel, run_evaluate, split_notes, stream_config
+from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
+from cxrdist.evaluation.scoring.gathered import predict, probabilities
 from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
 from trainer_utils import LAUNCH, cpu_env, explain, free_port
@@ -133,7 +133,7 @@ def test_two_processes_give_the_single_process_predictions(evaluated_experiment,
     runs, _ = evaluated_experiment
     script = tmp_path / "evaluate.py"
     script.write_text(
-        "import sys\nfrom pathlib import Path\nfrom cxrdist.evaluation.ensemble import run_evaluate\n"
+        "import sys\nfrom pathlib import Path\nfrom cxrdist.evaluation.prediction.ensemble import run_evaluate\n"
         "run_evaluate(Path(sys.argv[1]), split='test', out=Path(sys.argv[2]), batch_size=32, workers=0, resamples=200)\n"
     )
     cmd = LAUNCH + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from cxrdist.cli import main
-from cxrdist.evaluation.models import load_fold_models
-from cxrdist.evaluation.predict import ImageFiles, image_settings, run_predict
+from cxrdist.evaluation.prediction.models import load_fold_models
+from cxrdist.evaluation.prediction.image_files import ImageFiles
+from cxrdist.evaluation.prediction.predict import image_settings, run_predict
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ def test_inert_by_hand():
 def test_training_and_report_say_so(trained_experiment, tmp_path):
     from safetensors.torch import load_file
 
-    from cxrdist.evaluation.report import run_report
+    from cxrdist.evaluation.report.report import run_report
 
     run = trained_experiment / "fold-0"
     coupling = load_file(str(run / "best" / "model.safetensors"))["refine.weight"].numpy()

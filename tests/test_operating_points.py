@@ -7,7 +7,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_curve
 
-from cxrdist.evaluation.calibration import (
+from cxrdist.evaluation.clinical.calibration import (
     apply_platt,
     apply_temperature,
     calibration_summary,
@@ -17,7 +17,7 @@ from cxrdist.evaluation.calibration import (
     logit,
     reliability_bins,
 )
-from cxrdist.evaluation.operating_points import (
+from cxrdist.evaluation.clinical.operating_points import (
     applied_operating_points,
     choose_thresholds,
     operating_points,

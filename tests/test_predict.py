@@ -13,7 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from cxrdist.data.images import read_grayscale
 from cxrdist.data.shards import SampleSpec, ShardJob, read_shard_samples, write_shard
 from cxrdist.errors import UserError
-from cxrdist.evaluation.predict import collect_images, run_predict, stored_pixels
+from cxrdist.evaluation.prediction.image_files import stored_pixels
+from cxrdist.evaluation.prediction.predict import collect_images, run_predict
 
 SAMPLES = 3
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
 from cxrdist.errors import UserError
-from cxrdist.evaluation.report import balance_table, coupling_summary, fold_agreement, label_correlation, run_report
-from cxrdist.evaluation.report_html import table
+from cxrdist.evaluation.report.report import balance_table, coupling_summary, fold_agreement, label_correlation, run_report
+from cxrdist.evaluation.report.html import table
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars"]

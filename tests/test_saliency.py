@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from cxrdist.cli import main
-from cxrdist.data.synth import LABELS, render_radiograph
-from cxrdist.evaluation.saliency import ensemble_cams, findings_to_explain, peak
+from cxrdist.data.synth.label_table import LABELS
+from cxrdist.data.synth.render import render_radiograph
+from cxrdist.evaluation.prediction.saliency import ensemble_cams, findings_to_explain, peak
 from cxrdist.model.config import ModelConfig
 from cxrdist.model.network import CXRNet, build_model
 from cxrdist.model.refine import LabelGraphRefinement
 
-# Where synth.py draws the marks (fractions of width u and height v of a frontal view): the heart ellipse is
+# Where data/synth/render.py draws the marks (fractions of width u and height v of a frontal view): the heart ellipse is
 # centred near (0.55, 0.54) with half-axes up to ~0.22 x 0.12; the lung apices are at v ~ 0.09, the domes at ~0.55.
 HEART = (0.30, 0.80, 0.38, 0.72)  # u0, u1, v0, v1
 APEX = (0.05, 0.95, 0.0, 0.38)  # the apices and the first ~third of the lungs' height
@@ -110,7 +111,7 @@ def test_trained_maps_peak_where_the_finding_is_drawn(localising_models):
         rates[label + " apex"] = float(np.mean([in_box(u, v, APEX) for u, v in peaks]))
     print("peak in region:", rates)
     # Measured (2-core VM, this fixture): Cardiomegaly 1.00 in the heart box, 0.00 in the apex box; Pneumothorax 1.00 in the
-    # upper lung, 0.38 in the strict apex box (synth.py's rim is widest along the upper lateral chest wall, not at the very top).
+    # upper lung, 0.38 in the strict apex box (render.py's rim is widest along the upper lateral chest wall, not at the very top).
     # The boxes cover 17% and 45% of the image. Asserted with a margin:
     assert rates["Cardiomegaly"] >= 0.8
     assert rates["Cardiomegaly apex"] <= 0.2  # the two findings' maps point to different places

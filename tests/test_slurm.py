@@ -267,8 +267,8 @@ def two_folds(cluster, two_fold_shards, tmp_path_factory) -> dict:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_every_fold_trains_then_the_ensemble_job_runs(two_folds):
-    from cxrdist.evaluation.ensemble import METRICS_FILE
-    from cxrdist.evaluation.report import PAGE_FILE
+    from cxrdist.evaluation.prediction.ensemble import METRICS_FILE
+    from cxrdist.evaluation.report.report import PAGE_FILE
 
     exp, ids = two_folds["exp"], two_folds["ids"]
     logs = {k: fold_log(exp, ids["array"], k) for k in (0, 1)}

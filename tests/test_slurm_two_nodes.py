@@ -95,7 +95,7 @@ def test_every_fold_runs_one_launcher_per_node_with_world_size_two(run, hosts):
 
 
 def test_the_ensemble_job_runs_after_the_array(run):
-    from cxrdist.evaluation.ensemble import METRICS_FILE
+    from cxrdist.evaluation.prediction.ensemble import METRICS_FILE
 
     ensemble = run["ensemble"]
     assert ensemble["JobState"] == "COMPLETED"

@@ -9,13 +9,9 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from cxrdist.data.synth import (
-    PATHOLOGIES,
-    make_synthetic_dataset,
-    render_image,
-    sample_cohort,
-    sample_labels,
-)
+from cxrdist.data.synth.dataset import make_synthetic_dataset
+from cxrdist.data.synth.label_table import PATHOLOGIES, sample_cohort, sample_labels
+from cxrdist.data.synth.render import render_image
 from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT_LABELS
 
@@ -240,9 +236,9 @@ def test_marks_are_learnable_from_32px_pixels(big_cohort, name):
 
 
 def test_planted_coupling_statistics(cohort):
-    """cxrdist/data/planted.py: the target is a noisy copy of the source (0.9 / 0.05, per study), written only
+    """cxrdist/data/synth/planted.py: the target is a noisy copy of the source (0.9 / 0.05, per study), written only
     for about F of the patients (-1 elsewhere, never hiding the truth in labels_full), the controls independent."""
-    from cxrdist.data.planted import CONTROLS, P_CONTROL, P_TARGET_GIVEN_SOURCE, P_TARGET_OTHERWISE, SOURCE, TARGET, plant_coupling
+    from cxrdist.data.synth.planted import CONTROLS, P_CONTROL, P_TARGET_GIVEN_SOURCE, P_TARGET_OTHERWISE, SOURCE, TARGET, plant_coupling
 
     seen, full = plant_coupling(cohort.table, labelled_fraction=0.25, seed=1)
     source = full[SOURCE].fillna(0).to_numpy() == 1
@@ -269,7 +265,7 @@ def test_planted_coupling_statistics(cohort):
 
 
 def test_synth_with_a_planted_coupling_writes_both_tables(tmp_path):
-    from cxrdist.data.planted import CONTROLS, TARGET
+    from cxrdist.data.synth.planted import CONTROLS, TARGET
 
     csv = make_synthetic_dataset(tmp_path / "s", n=24, size=32, seed=2, workers=1, progress=False, planted_coupling=0.5)
     seen, full = _raw_csv(csv), _raw_csv(tmp_path / "s" / "labels_full.csv")

@@ -18,7 +18,7 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 def synthetic_shards(root: Path, n: int, folds: int, samples_per_shard: int) -> Path:
     """Synthetic radiographs (rendered at 96 px, stored as 64 px PNG) prepared into real shards + a 20% test split."""
     from cxrdist.data.prepare import PrepareOptions, prepare
-    from cxrdist.data.synth import make_synthetic_dataset
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(root / "raw", n=n, size=96, seed=3, workers=2, progress=False)
     prepare(PrepareOptions(source="csv", csv=csv, images=root / "raw" / "images", out=root / "shards", folds=folds, test_fraction=0.2,
@@ -81,8 +81,8 @@ def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
     """The same checkpoint evaluated in this one process, no accelerate, no gather."""
     from cxrdist.data.manifest import load_manifest
     from cxrdist.data.stream import StreamConfig, eval_loader
-    from cxrdist.evaluation.gathered import predict, score
-    from cxrdist.evaluation.targets import evaluation_policy
+    from cxrdist.evaluation.scoring.gathered import predict, score
+    from cxrdist.eval_targets import evaluation_policy
     from cxrdist.model.export import load_model
 
     model, card = load_model(model_dir)

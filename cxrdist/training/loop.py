@@ -26,8 +26,8 @@ from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
 from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, WEIGHTS_FILE, fold_name
-from cxrdist.evaluation.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
-from cxrdist.evaluation.targets import evaluation_policy
+from cxrdist.evaluation.scoring.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
+from cxrdist.eval_targets import evaluation_policy
 from cxrdist.model.ema import ModelEma
 from cxrdist.model.card import CardEvaluation, ModelCard
 from cxrdist.model.export import save_model

@@ -57,7 +57,7 @@ def start_wandb(accelerator, cfg, config_dict: dict, run_id: str) -> str:
 
 def coupling_figure_png(matrix: np.ndarray, labels: list[str]) -> bytes:
     """The learned coupling matrix A as a heatmap (PNG bytes), the report's figure: row = source label, column = target."""
-    from cxrdist.evaluation.report_figures import coupling_heatmap
+    from cxrdist.evaluation.figures import coupling_heatmap
 
     buffer = io.BytesIO()
     coupling_heatmap(buffer, matrix, labels, "coupling matrix A")

@@ -25,10 +25,10 @@ from cxrdist.data.location import Location, join, shard_root
 from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError, one_line
-from cxrdist.evaluation import report_figures as figs
-from cxrdist.evaluation.outputs import load_fold_probabilities
-from cxrdist.evaluation.report_clinical import clinical_section, saliency_section
-from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
+from cxrdist.evaluation import figures as figs
+from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
+from cxrdist.evaluation.report.clinical import clinical_section, saliency_section
+from cxrdist.evaluation.report.html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
 from cxrdist.atomic import atomic_write_text
 from cxrdist.layout import (
     BEST_DIR, CARD_FILE, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, METRICS_LOG, PREDICTIONS_FILE, REPORT_DIR,
@@ -335,7 +335,7 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
 
 
 def targets_phrase(rule: str | None) -> str:
-    """How the report describes the evaluation targets (cxrdist/evaluation/targets.py)."""
+    """How the report describes the evaluation targets (cxrdist/eval_targets.py)."""
     return {
         "zeros": "uncertain entries scored as negatives (eval targets 'zeros')",
         "ones": "uncertain entries scored as positives (eval targets 'ones')",

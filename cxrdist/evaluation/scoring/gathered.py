@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from cxrdist.evaluation import outputs
-from cxrdist.evaluation.metrics import auc_summary
+from cxrdist.evaluation.scoring import outputs
+from cxrdist.evaluation.scoring.metrics import auc_summary
 from cxrdist.policy import apply_policy
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from cxrdist.evaluation.bootstrap import CHUNK, DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval
+from cxrdist.evaluation.scoring.bootstrap import CHUNK, DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval
 
 TARGET_LEVELS = (0.90, 0.95)
 

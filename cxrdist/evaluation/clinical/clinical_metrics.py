@@ -23,9 +23,9 @@ from cxrdist.data.manifest import Manifest
 from cxrdist.data.shards import iter_tar_members
 from cxrdist.data.stream import parse_labels
 from cxrdist.errors import UserError
-from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES
-from cxrdist.evaluation.calibration import apply_platt, apply_temperature, calibration_summary, fit_platts, fit_temperatures
-from cxrdist.evaluation.operating_points import operating_points
+from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES
+from cxrdist.evaluation.clinical.calibration import apply_platt, apply_temperature, calibration_summary, fit_platts, fit_temperatures
+from cxrdist.evaluation.clinical.operating_points import operating_points
 from cxrdist.layout import VAL_PREDICTIONS_FILE
 from cxrdist.policy import apply_policy
 
@@ -35,7 +35,7 @@ OutOfFold = tuple[np.ndarray, np.ndarray, np.ndarray]  # targets, probabilities,
 def scored_targets(raw: np.ndarray, policy: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(targets, mask), float32 (N, C), that the evaluated split and the out-of-fold set are both scored against:
     the raw labels (1 / 0 / -1 / NaN) under `policy`, the per-label form of the fixed evaluation rule
-    (evaluation/targets.py) that `cxrdist evaluate` scores its AUCs with, whatever the models trained with."""
+    (cxrdist/eval_targets.py) that `cxrdist evaluate` scores its AUCs with, whatever the models trained with."""
     targets, mask = apply_policy(raw, policy)
     return targets.numpy(), mask.numpy()
 

@@ -26,8 +26,8 @@ from cxrdist.atomic import atomic_open, atomic_path
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import channel_stats
 from cxrdist.errors import UserError
-from cxrdist.evaluation.models import Flipped, groups_by_preprocessing
-from cxrdist.evaluation.predict import ImageFiles
+from cxrdist.evaluation.prediction.models import Flipped, groups_by_preprocessing
+from cxrdist.evaluation.prediction.image_files import ImageFiles
 from cxrdist.model.network import CXRNet
 
 MIN_CELLS = 7

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from cxrdist.evaluation.outputs import load_fold_probabilities
+from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
 from cxrdist.layout import CONFIG_FILE, FOLD_PROBABILITIES_FILE, PREDICTIONS_FILE, fold_run_dirs
 from cxrdist.training.tracking import artifact_safe, wandb_mode
 
@@ -84,7 +84,7 @@ def agreement_table(fold_probabilities: Path):
     """Mean per-label Spearman correlation between every two fold models (as in the HTML report)."""
     import wandb
 
-    from cxrdist.evaluation.report import fold_agreement
+    from cxrdist.evaluation.report.report import fold_agreement
 
     data = load_fold_probabilities(fold_probabilities)
     names = [str(n) for n in data["models"]]

@@ -16,8 +16,8 @@ from cxrdist.data.manifest import Manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import UserError
-from cxrdist.evaluation import report_figures as figs
-from cxrdist.evaluation.report_html import esc, figure, fmt, note, section, table
+from cxrdist.evaluation import figures as figs
+from cxrdist.evaluation.report.html import esc, figure, fmt, note, section, table
 
 SALIENCY_IMAGES = 8
 
@@ -119,8 +119,8 @@ def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.nd
 
 def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
     """The evaluated split's images with the most confident positive findings (one per label), with the ensemble's maps."""
-    from cxrdist.evaluation.models import load_fold_models
-    from cxrdist.evaluation.saliency import ensemble_cams
+    from cxrdist.evaluation.prediction.models import load_fold_models
+    from cxrdist.evaluation.prediction.saliency import ensemble_cams
 
     title = "Where the model looked"
     predictions = ensemble.predictions if ensemble is not None else None

@@ -14,17 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrdist.atomic import check_writable_file
-from cxrdist.data.images import IMAGE_SUFFIXES, encode_image, is_dicom, load_for_shard
-from cxrdist.data.spec import ImageSpec
-from cxrdist.data.transforms import decode_grayscale, eval_transform
-from cxrdist.errors import BadImage, UserError
-from cxrdist.evaluation.outputs import write_predictions_csv
+from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
+from cxrdist.errors import UserError
+from cxrdist.evaluation.prediction.image_files import ImageFiles
+from cxrdist.evaluation.scoring.outputs import write_predictions_csv
 from cxrdist.log import get_logger
-from cxrdist.evaluation.models import (
+from cxrdist.evaluation.prediction.models import (
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
@@ -72,29 +71,6 @@ def check_models_agree(models: list[FoldModel]) -> None:
 def image_settings(models: list[FoldModel]) -> dict:
     """How prepare stored images for these models ({"format", "max_size", "quality"}), from the model card."""
     return models[0].card.stored_image
-
-
-def stored_pixels(path: Path, image: dict) -> bytes:
-    """The bytes prepare would have written to a shard for this file."""
-    pixels = load_for_shard(path, int(image["max_size"]))
-    return encode_image(pixels, image["format"], int(image.get("quality", 95)))
-
-
-class ImageFiles(Dataset):
-    """(index, [tensor per preprocessing group]) or (index, error) for every file."""
-
-    def __init__(self, paths: list[Path], image: dict, specs: list[ImageSpec]) -> None:
-        self.paths, self.image, self.specs = paths, image, specs
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            data = stored_pixels(self.paths[index], self.image)
-            return index, [eval_transform(decode_grayscale(data, spec.size), spec) for spec in self.specs]
-        except BadImage as err:
-            return index, str(err)
 
 
 def collate(items: list) -> dict:
@@ -145,7 +121,7 @@ def run_predict(
     cam_top: int = 3,
 ) -> Path:
     """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...),
-    and with `cam` a Grad-CAM overlay per image and finding (see evaluation/saliency.py) into that folder."""
+    and with `cam` a Grad-CAM overlay per image and finding (see evaluation/prediction/saliency.py) into that folder."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
@@ -164,7 +140,7 @@ def run_predict(
     out = Path(out)
     write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
     if cam is not None:
-        from cxrdist.evaluation.saliency import write_file_cams
+        from cxrdist.evaluation.prediction.saliency import write_file_cams
 
         write_file_cams(Path(cam), models, [files[i] for i in indices], probs, settings, tta, cam_threshold, cam_top)
     return out

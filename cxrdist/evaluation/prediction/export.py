@@ -19,9 +19,9 @@ import torch
 from cxrdist.atomic import atomic_path, atomic_write_json
 from cxrdist.data.transforms import channel_stats
 from cxrdist.errors import UserError
-from cxrdist.evaluation.models import groups_by_preprocessing, load_fold_models
-from cxrdist.evaluation.outputs import default_out
-from cxrdist.evaluation.predict import image_settings
+from cxrdist.evaluation.prediction.models import groups_by_preprocessing, load_fold_models
+from cxrdist.evaluation.scoring.outputs import default_out
+from cxrdist.evaluation.prediction.predict import image_settings
 from cxrdist.layout import METRICS_FILE
 from cxrdist.model.ensemble_module import EnsembleProbabilities
 

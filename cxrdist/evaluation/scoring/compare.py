@@ -21,11 +21,11 @@ import pandas as pd
 
 from cxrdist.atomic import atomic_write_json, json_ready
 from cxrdist.errors import UserError
-from cxrdist.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval, weighted_auc
-from cxrdist.evaluation.metrics import auc_summary
+from cxrdist.evaluation.scoring.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval, weighted_auc
+from cxrdist.evaluation.scoring.metrics import auc_summary
 from cxrdist.layout import (
-    BEST_DIR, CARD_FILE, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, METRICS_FILE, PREDICTIONS_FILE, TEST_SPLIT, VAL_PREDICTIONS_FILE,
-    fold_run_dirs,
+    BEST_DIR, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, FOLD_PREFIX, METRICS_FILE, PREDICTIONS_FILE, TEST_SPLIT, VAL_PREDICTIONS_FILE,
+    fold_best_dirs, fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
 
@@ -172,11 +172,11 @@ def fold_tables(runs: Path) -> dict[str, Path]:
 
 def fold_patients(best: Path, split: str) -> dict[str, str] | None:
     """key -> patient of a fold, from the shards the model was trained on (for tables written without a patient column)."""
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.manifest import has_manifest, load_manifest
     from cxrdist.data.shards import read_shard_samples
 
     root = Path(ModelCard.read(best).shards)
-    if not (root / "manifest.json").is_file():
+    if not has_manifest(root):
         return None
     manifest = load_manifest(root)
     if split not in manifest.splits:
@@ -187,8 +187,8 @@ def fold_patients(best: Path, split: str) -> dict[str, str] | None:
 
 def arm_info(runs: Path) -> dict:
     """The experiment's name and whether its models use the refinement (from the first card found)."""
-    cards = sorted(Path(runs).glob(f"fold-*/{BEST_DIR}/{CARD_FILE}"))
-    card = ModelCard.read(cards[0].parent) if cards else None
+    best = fold_best_dirs(runs)
+    card = ModelCard.read(best[0]) if best else None
     return {"runs": str(runs), "experiment": card.experiment if card else Path(runs).name,
             "refine": card.model.refine.enabled if card else None}
 
@@ -234,7 +234,7 @@ def run_compare(runs_a: Path, runs_b: Path, split: str = TEST_SPLIT, out: Path |
         test = compare_tables(read_scored_predictions(tables[0]), read_scored_predictions(tables[1]),
                               f"{split} ({tables[0]} vs {tables[1]})", resamples, seed, level)
     if not folds and test is None:
-        raise UserError(f"nothing to compare: {runs_a} and {runs_b} have no fold-K/{BEST_DIR}/{VAL_PREDICTIONS_FILE} "
+        raise UserError(f"nothing to compare: {runs_a} and {runs_b} have no {FOLD_PREFIX}K/{BEST_DIR}/{VAL_PREDICTIONS_FILE} "
                         f"and no {ENSEMBLE_DIR}/{PREDICTIONS_FILE}")
     out = Path(out) if out is not None else runs_b / COMPARE_DIR
     result = json_ready({

@@ -15,8 +15,8 @@ from cxrdist.data.location import Location, display, resolved, shard_root
 from cxrdist.data.manifest import has_manifest
 from cxrdist.data.stream import StreamConfig
 from cxrdist.errors import UserError
-from cxrdist.evaluation.gathered import probabilities
-from cxrdist.layout import BEST_DIR, CARD_FILE, FOLD_PREFIX, fold_name, fold_sort_key, is_fold
+from cxrdist.evaluation.scoring.gathered import probabilities
+from cxrdist.layout import BEST_DIR, CARD_FILE, FOLD_PREFIX, fold_best_dirs, fold_name
 from cxrdist.model.card import ModelCard
 from cxrdist.model.export import load_model
 from cxrdist.model.network import CXRNet, place_model
@@ -44,10 +44,10 @@ def model_dirs(runs: Path) -> list[Path]:
         return [runs]
     if (runs / BEST_DIR / CARD_FILE).is_file():
         return [runs / BEST_DIR]
-    found = [card.parent for card in runs.glob(f"{FOLD_PREFIX}*/{BEST_DIR}/{CARD_FILE}") if is_fold(card.parent.parent.name)]
+    found = fold_best_dirs(runs)
     if not found:
         raise UserError(f"{runs}: no trained fold models (expected {FOLD_PREFIX}K/{BEST_DIR}/{CARD_FILE}; has training finished?)")
-    return sorted(found, key=lambda d: fold_sort_key(d.parent.name))
+    return found
 
 
 def load_fold_models(runs: Path, device: torch.device | str = "cpu") -> list[FoldModel]:

@@ -1,5 +1,5 @@
 """`cxrdist evaluate`: the fold ensemble with horizontal-flip TTA on a prepared split (the fold models and
-their views are in evaluation/models.py, the files it writes in evaluation/outputs.py).
+their views are in evaluation/prediction/models.py, the files it writes in evaluation/scoring/outputs.py).
 
 Every fold model's refined logits are turned into probabilities per view (the image and its mirror
 image), the views are averaged per model (TTA), and the models' probabilities are averaged (the
@@ -28,13 +28,13 @@ from cxrdist.data.manifest import Manifest, check_same_dataset, load_manifest
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
-from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
-from cxrdist.evaluation.clinical import clinical_metrics, load_out_of_fold, scored_targets
-from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict
-from cxrdist.evaluation.metrics import auc_summary
-from cxrdist.evaluation.targets import evaluation_policy, rule_from_cards, training_policies
-from cxrdist.evaluation.outputs import default_out, write_fold_probabilities, write_json, write_predictions_csv
-from cxrdist.evaluation.models import (  # noqa: F401 - FoldModel and stream_config are part of this command's interface
+from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
+from cxrdist.evaluation.clinical.clinical_metrics import clinical_metrics, load_out_of_fold, scored_targets
+from cxrdist.evaluation.scoring.gathered import Predictions, check_complete, gather_predictions, predict
+from cxrdist.evaluation.scoring.metrics import auc_summary
+from cxrdist.eval_targets import evaluation_policy, rule_from_cards, training_policies
+from cxrdist.evaluation.scoring.outputs import default_out, write_fold_probabilities, write_json, write_predictions_csv
+from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and stream_config are part of this command's interface
     FoldModel,
     ensemble_probabilities,
     groups_by_preprocessing,
