@@ -83,3 +83,11 @@ def test_each_resample_is_sklearn_on_its_materialised_images():
                 assert aucs[r, j] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
                 checked += 1
     assert checked > 100
+
+
+def test_one_thread_gives_the_same_aucs_as_several(monkeypatch):
+    targets, scores, mask, patients = awkward_labels(seed=4)
+    several = bootstrap_aucs(targets, scores, mask, patients, 150, seed=2)
+    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda _: {0}, raising=False)
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
+    np.testing.assert_array_equal(bootstrap_aucs(targets, scores, mask, patients, 150, seed=2), several)

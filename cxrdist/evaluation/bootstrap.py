@@ -13,9 +13,12 @@ those of `weighted_auc` on the per-image weights: both add the same integers and
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 from scipy import sparse
@@ -24,7 +27,7 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 CHUNK = 200  # resamples per vectorised block of per-image weights: bounds memory at CHUNK x N floats
 FLOAT32_EXACT = 2**24  # integers below this add up exactly in float32
-BLOCK = 128  # resamples drawn and scored together: bounds memory at BLOCK x (patients + 2 x positives) floats
+BLOCK = 128  # resamples drawn and scored together: memory ~ BLOCK x (patients + threads x 2 x positives) floats
 
 
 def patient_index(groups: Sequence) -> tuple[np.ndarray, int]:
@@ -159,19 +162,25 @@ def exact_dtype(mask: np.ndarray, patients: np.ndarray, n_patients: int) -> type
 def bootstrap_aucs(
     targets: np.ndarray, scores: np.ndarray, mask: np.ndarray | None, groups: Sequence, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> np.ndarray:
-    """(n_resamples, C) AUC of every label in every patient resample (NaN where a resample has one class)."""
+    """(n_resamples, C) AUC of every label in every patient resample (NaN where a resample has one class).
+
+    Labels are scored in threads, one per CPU this process may use (the sorts and sparse products
+    release the GIL); every label's column comes out the same whatever the thread count."""
     targets, scores = np.asarray(targets), np.asarray(scores)
     mask = np.ones_like(targets, dtype=np.float64) if mask is None else np.asarray(mask, dtype=np.float64)
     patients, n_patients = patient_index(groups)
     dtype = exact_dtype(mask, patients, n_patients)
-    labels = [ranked_label(targets[:, j], scores[:, j], mask[:, j], patients, n_patients, dtype) for j in range(targets.shape[1])]
+    columns = range(targets.shape[1])
     out = np.empty((n_resamples, targets.shape[1]))
-    start = 0
-    for counts in resample_counts(n_patients, n_resamples, seed):
-        counts = counts.astype(dtype)
-        for j, label in enumerate(labels):
-            out[start : start + counts.shape[1], j] = resample_auc(label, counts)
-        start += counts.shape[1]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, min(cpus, len(columns)))) as pool:
+        labels = list(pool.map(lambda j: ranked_label(targets[:, j], scores[:, j], mask[:, j], patients, n_patients, dtype), columns))
+        start = 0
+        for counts in resample_counts(n_patients, n_resamples, seed):
+            b = counts.shape[1]
+            for j, auc in zip(columns, pool.map(resample_auc, labels, repeat(counts.astype(dtype)))):
+                out[start : start + b, j] = auc
+            start += b
     return out
 
 
