@@ -151,12 +151,11 @@ def resample_auc(label: RankedLabel, counts: np.ndarray) -> np.ndarray:
     return auc
 
 
-def exact_dtype(mask: np.ndarray, patients: np.ndarray, n_patients: int) -> type:
-    """float32 where every sum a resample makes is an integer below 2**24 (so exact, and half the memory traffic):
-    0/1 weights, and a resample's whole weight (at most n_patients draws of the largest patient) below 2**24."""
-    largest = int(np.bincount(patients).max()) if len(patients) else 0
-    binary = bool(np.all((mask == 0) | (mask == 1)))
-    return np.float32 if binary and n_patients * largest < FLOAT32_EXACT else np.float64
+def resample_dtype(weights_binary: bool, images: np.ndarray, counts: np.ndarray) -> type:
+    """float32 where every sum a block of resamples makes is an integer below 2**24, so exact (and half the
+    memory traffic): 0/1 image weights, and no resample's whole image weight (`images` per patient x counts)
+    reaching 2**24; else float64."""
+    return np.float32 if weights_binary and int((images @ counts).max(initial=0)) < FLOAT32_EXACT else np.float64
 
 
 def bootstrap_aucs(
@@ -169,7 +168,8 @@ def bootstrap_aucs(
     targets, scores = np.asarray(targets), np.asarray(scores)
     mask = np.ones_like(targets, dtype=np.float64) if mask is None else np.asarray(mask, dtype=np.float64)
     patients, n_patients = patient_index(groups)
-    dtype = exact_dtype(mask, patients, n_patients)
+    binary = bool(np.all((mask == 0) | (mask == 1)))
+    dtype, images = np.float32 if binary else np.float64, np.bincount(patients, minlength=n_patients)
     columns = range(targets.shape[1])
     out = np.empty((n_resamples, targets.shape[1]))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -177,10 +177,10 @@ def bootstrap_aucs(
         labels = list(pool.map(lambda j: ranked_label(targets[:, j], scores[:, j], mask[:, j], patients, n_patients, dtype), columns))
         start = 0
         for counts in resample_counts(n_patients, n_resamples, seed):
-            b = counts.shape[1]
-            for j, auc in zip(columns, pool.map(resample_auc, labels, repeat(counts.astype(dtype)))):
-                out[start : start + b, j] = auc
-            start += b
+            block = counts.astype(resample_dtype(binary, images, counts))
+            for j, auc in zip(columns, pool.map(resample_auc, labels, repeat(block))):
+                out[start : start + block.shape[1], j] = auc
+            start += block.shape[1]
     return out
 
 
