@@ -98,6 +98,11 @@ class RankedLabel:
     negatives: np.ndarray  # (n_patients,) the negative image weight of each patient: W- of a resample
 
 
+def groups_holding(member_groups: np.ndarray, n_score_groups: int) -> int:
+    """How many score groups hold at least one of the members."""
+    return int(np.count_nonzero(np.bincount(member_groups, minlength=n_score_groups)))
+
+
 def ranked_label(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray, patients: np.ndarray, n_patients: int,
                  dtype: type = np.float64) -> RankedLabel:
     """One label's (targets, scores), per-image weights (the mask; 0 = left out) and patient numbers, ranked."""
@@ -106,7 +111,7 @@ def ranked_label(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray, p
     s, y, w, p = scores[order], targets[order] > 0, weights[order].astype(dtype), patients[order]
     group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1 if len(s) else np.zeros(0, dtype=np.int64)
     n_score_groups = group[-1] + 1 if len(s) else 0
-    if np.bincount(group[y], minlength=n_score_groups).astype(bool).sum() > np.bincount(group[~y], minlength=n_score_groups).astype(bool).sum():
+    if groups_holding(group[y], n_score_groups) > groups_holding(group[~y], n_score_groups):
         y, w, p, group = ~y[::-1], w[::-1], p[::-1], group[-1] - group[::-1]
     has_pos, has_neg = np.zeros(n_score_groups, dtype=bool), np.zeros(n_score_groups, dtype=bool)
     has_pos[group[y]], has_neg[group[~y]] = True, True
