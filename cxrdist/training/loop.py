@@ -38,7 +38,7 @@ from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.policy import apply_policy, resolve_policy
-from cxrdist.training.bad_steps import is_bad_step
+from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
@@ -427,6 +427,11 @@ class Trainer:
         GradScaler's loss-scale calibration (training/bad_steps.py). Decided on the device, except under fp16,
         whose scaler has synced already."""
         scaler = getattr(self.accelerator, "scaler", None)
+        if self.deepspeed and self.accelerator.mixed_precision == "fp16":
+            loss_scaler = self.optimizer.optimizer.loss_scaler  # DeepSpeed's own (ZeRO-1/2); `skipped` is its overflow flag
+            return is_bad_deepspeed_fp16_step(bool(self.loss_finite), bool(skipped), float(loss_scaler.cur_scale),
+                                              float(getattr(loss_scaler, "min_scale", loss_scaler.cur_scale)),
+                                              bool(getattr(loss_scaler, "dynamic", False)))
         if self.accelerator.mixed_precision != "fp16" or scaler is None:
             return skipped | ~self.loss_finite if isinstance(skipped, torch.Tensor) else skipped or not bool(self.loss_finite)
         grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
