@@ -277,4 +277,3 @@ def test_deepspeed_zero3_is_refused_with_one_line(synth_shards, tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("cxrdist train: error:")]
     assert len(errors) == 1 and "ZeRO-3" in errors[0], explain(result)
-
