@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from bootstrap_reference import reference_bootstrap_aucs  # noqa: E402
 
-from cxrdist.evaluation.bootstrap import bootstrap_aucs  # noqa: E402
+from cxrdist.evaluation.scoring.bootstrap import bootstrap_aucs  # noqa: E402
 
 IMAGES_PER_PATIENT = 377_110 / 65_379  # MIMIC-CXR v2: images / patients
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cxrdist.evaluation.bootstrap import weighted_auc
+from cxrdist.evaluation.scoring.bootstrap import weighted_auc
 
 CHUNK = 200
 

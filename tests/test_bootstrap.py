@@ -8,8 +8,8 @@ import pytest
 from bootstrap_reference import reference_bootstrap_aucs, reference_patient_weights
 from sklearn.metrics import roc_auc_score
 
-from cxrdist.evaluation import bootstrap
-from cxrdist.evaluation.bootstrap import auc_intervals, bootstrap_aucs, patient_weights, percentile_interval, resample_counts
+from cxrdist.evaluation.scoring import bootstrap
+from cxrdist.evaluation.scoring.bootstrap import auc_intervals, bootstrap_aucs, patient_weights, percentile_interval, resample_counts
 
 
 def awkward_labels(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

@@ -130,3 +130,28 @@ def test_warmup_power_is_an_option_and_the_effective_decay_is_logged(trained_exp
     lines = (trained_experiment / "fold-0" / "metrics.jsonl").read_text().splitlines()
     train = [r for r in map(json.loads, lines) if r["kind"] == "train"]
     assert train and all(r["ema_decay"] == pytest.approx(min(0.98, 1 - r["step"] ** (-0.6667))) for r in train)
+
+
+def test_the_readme_states_the_decay_the_code_uses():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`d(step) = min(train.ema_decay, 1 - step^(-p))`" in readme
+    ema = ModelEma(torch.nn.Linear(2, 2), decay=0.9998, warmup_power=2 / 3)
+    for step in (1, 2, 3, 10, 1000, 32000, 10**6):
+        assert ema.decay_at(step) == pytest.approx(min(0.9998, 1 - step ** (-2 / 3)), abs=1e-15)
+
+
+@pytest.mark.parametrize("step", [1, 50])
+def test_a_skipped_step_on_the_device_leaves_the_ema_and_a_taken_one_is_timms_update(step):
+    model = tiny_model()
+    skipped, taken, reference = (ModelEma(model, decay=0.99) for _ in range(3))
+    change_everything(model)
+    before = {k: v.clone() for k, v in skipped.state_dict().items()}
+    skipped.update(model, step, torch.tensor(True))
+    taken.update(model, step, torch.tensor(False))
+    reference.update(model, step)
+    for key, value in skipped.state_dict().items():
+        assert torch.equal(value, before[key]), key
+        assert torch.allclose(taken.state_dict()[key].float(), reference.state_dict()[key].float(), rtol=0, atol=1e-6), key
+    assert not torch.equal(taken.state_dict()["refine.weight"], before["refine.weight"])

@@ -13,7 +13,7 @@ from trainer_utils import DEMO_CONFIG, fast_overrides
 
 from cxrdist.errors import UserError
 from cxrdist.training.config import load_config
-from cxrdist.training.loop import Trainer, Window
+from cxrdist.training.loop import BadSteps, Trainer, Window
 
 # Every way a tensor's value reaches Python: each one waits for the device on CUDA.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
@@ -110,3 +110,23 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_log_tim
     with pytest.raises(UserError, match="3 optimizer steps in a row had non-finite gradients"):
         trainer.settle_bad_steps()
 
+
+
+def test_a_skipped_step_leaves_the_ema_and_advances_the_counter_and_the_schedule(trainer):
+    window = Window()
+    trainer.bad_steps = BadSteps(trainer.accelerator.device)  # the previous test ended on a run of skipped steps
+    step(trainer, batch_of(trainer, seed=6), window)
+    ema_before = [t.clone() for t in trainer.ema.module.state_dict().values()]
+    step_before = trainer.state.step
+    hook = trainer.net.refine.weight.register_hook(lambda grad: grad * float("nan"))
+    with counting_host_reads() as calls:
+        step(trainer, batch_of(trainer, seed=7), window)
+    hook.remove()
+    assert {k: v for k, v in calls.items() if k[1] == "step"} == {}
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.module.state_dict().values()))  # the EMA did not move
+    assert trainer.state.step == step_before + 1  # the counter and the LR schedule did
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.scheduler._get_lr(step_before + 1)[0]
+    step(trainer, batch_of(trainer, seed=8), window)  # the next taken step moves it again
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.module.state_dict().values()))
+    trainer.settle_bad_steps()
+    assert trainer.state.bad_steps_in_row == 0

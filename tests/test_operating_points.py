@@ -12,9 +12,11 @@ from cxrdist.evaluation.clinical.calibration import (
     apply_temperature,
     calibration_summary,
     expected_calibration_error,
+    MAX_PLATT_SLOPE,
     fit_platt,
     fit_temperature,
     logit,
+    platt_note,
     reliability_bins,
 )
 from cxrdist.evaluation.clinical.operating_points import (
@@ -132,3 +134,55 @@ def test_platt_scaling_recovers_a_known_scale_and_shift_that_a_temperature_canno
     # Scores that rank the wrong way out of fold: the fit may not reverse them; it falls back to the positive rate.
     assert fit_platt(~y, shifted) == (0.0, pytest.approx(np.log(np.mean(~y) / np.mean(y))))
     np.testing.assert_array_equal(apply_platt(shifted[:5, None], [None])[:, 0], apply_platt(shifted[:5, None], [(1.0, 0.0)])[:, 0])
+
+
+def test_platt_on_separated_scores_is_the_capped_slope_with_its_best_intercept_and_says_so():
+    # two images, logits -1 (negative) and +1 (positive): separated, so no maximum-likelihood fit exists; by symmetry
+    # the best intercept for any slope is 0, so the bounded fit is (MAX_PLATT_SLOPE, 0)
+    y, p = np.array([0.0, 1.0]), 1 / (1 + np.exp(-np.array([-1.0, 1.0])))
+    a, b = fit_platt(y, p)
+    assert a == MAX_PLATT_SLOPE and b == pytest.approx(0.0, abs=1e-6)
+    assert "separate the classes" in platt_note(y, p) and f"capped at {MAX_PLATT_SLOPE:g}" in platt_note(y, p)
+    # logits 0, 1 (negatives) and 2 (positive): separated; the best b for a = 10, against a brute-force grid of the log loss
+    z = np.array([0.0, 1.0, 2.0])
+    y = np.array([0.0, 0.0, 1.0])
+    a, b = fit_platt(y, 1 / (1 + np.exp(-z)))
+    grid = np.linspace(-30, 0, 300001)
+    losses = np.logaddexp(0, 10 * z[0] + grid) + np.logaddexp(0, 10 * z[1] + grid) + np.logaddexp(0, -(10 * z[2] + grid))
+    assert a == MAX_PLATT_SLOPE and b == pytest.approx(grid[np.argmin(losses)], abs=1e-3)
+
+
+def test_platt_on_overlapping_scores_is_the_free_fit_without_a_note():
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.4
+    p = 1 / (1 + np.exp(-(rng.normal(size=400) + y)))
+    assert fit_platt(y, p)[0] < MAX_PLATT_SLOPE and platt_note(y, p) is None
+
+
+def test_an_unreachable_operating_point_says_so_in_words():
+    # 3 negatives, 2 positives; the top score is a negative: any finite threshold calls it, a false-positive rate of
+    # 1/3 > 0.10, so specificity 90% is reachable only by calling no image positive
+    y = np.array([0, 1, 1, 0, 0])[:, None]
+    s = np.array([0.9, 0.8, 0.7, 0.2, 0.1])[:, None]
+    thresholds = choose_thresholds(y, s, None, ["L"], levels=(0.9,))
+    applied = applied_operating_points(thresholds, y, s, None, ["L"], np.arange(5), n_resamples=10)["L"]
+    unreachable = applied["sens@spec90"]
+    assert unreachable["reachable"] is False and unreachable["threshold"] is None and unreachable["sensitivity"] is None
+    assert unreachable["note"].startswith("not reachable: ") and "specificity >= 90%" in unreachable["note"]
+    reached = applied["spec@sens90"]  # highest threshold with sensitivity >= 0.9 is 0.7: it also calls the 0.9 negative
+    assert reached["threshold"] == 0.7 and reached["specificity"] == pytest.approx(2 / 3) and "reachable" not in reached
+
+
+def test_metrics_and_report_say_when_a_point_is_not_reachable_and_a_platt_fit_was_capped(tmp_path):
+    from cxrdist.evaluation.clinical import clinical_metrics
+    from cxrdist.evaluation.report.clinical import clinical_section
+
+    y = np.array([[0, 0], [1, 1], [1, 1], [0, 0], [0, 1]], dtype=np.float64)
+    s = np.array([[0.9, 0.1], [0.8, 0.8], [0.7, 0.7], [0.2, 0.2], [0.1, 0.6]])  # label B: separated scores
+    metrics = clinical_metrics((y, s, np.ones_like(y)), y, s, np.ones_like(y), ["A", "B"], np.arange(5), resamples=10)
+    assert set(metrics["calibration"]["platt_notes"]) == {"B"}
+    assert metrics["calibration"]["platt"]["B"][0] == MAX_PLATT_SLOPE
+    assert metrics["operating_points"]["per_label"]["A"]["sens@spec90"]["reachable"] is False
+    html = clinical_section({**metrics, "split": "test"}, tmp_path)
+    assert "not reachable" in html and "A, sens@spec90: not reachable: " in html
+    assert "Platt scaling, B: the out-of-fold scores separate the classes" in html

@@ -39,7 +39,7 @@ class ModelEma:
         update_after_step: int = 0,
         device: torch.device | str | None = None,
     ) -> None:
-        """decay: the target decay. warmup: ramp it as 1 - (1 + step)^-warmup_power (timm's
+        """decay: the target decay. warmup: ramp it as 1 - step^-warmup_power, step from 1 (timm's
         schedule; 0.99 at step 1,000 with power 2/3), so early weights fade fast. device: keep
         the copy elsewhere (e.g. "cpu") to save accelerator memory.
         """
@@ -63,10 +63,12 @@ class ModelEma:
         """The decay update(model, step) uses; step None = the target decay, no warm-up."""
         return self._ema.get_decay(step)
 
-    def update(self, model: nn.Module, step: int | None = None) -> None:
+    def update(self, model: nn.Module, step: int | None = None, skipped: torch.Tensor | bool = False) -> None:
         """After each optimizer step: ema = d * ema + (1 - d) * model, d = decay_at(step).
 
         timm's warm-up copies the model outright (d = 0) at steps <= update_after_step + 1.
+        `skipped`: the optimizer skipped this step (non-finite gradients): the EMA stays as it was. A device
+        tensor is applied on the device (the weight of the model becomes 0), so the step never waits for the host.
         """
         model = unwrap(model)
         if not self._keys_checked:
@@ -74,8 +76,23 @@ class ModelEma:
             if ours != theirs:  # timm pairs tensors by position, so names must line up
                 raise ValueError("ModelEma.update: the model's state_dict keys differ from the EMA's")
             self._keys_checked = True
-        self._ema.update(model, step)
+        if isinstance(skipped, torch.Tensor):
+            self._update_unless(model, self.decay_at(step), skipped)
+        elif not skipped:
+            self._ema.update(model, step)
         self._keep_live_support(model)
+
+    @torch.no_grad()
+    def _update_unless(self, model: nn.Module, decay: float, skipped: torch.Tensor) -> None:
+        """timm's update with the model's weight (1 - d) multiplied by `skipped == False` on the device; integer buffers
+        (BatchNorm's batch counter) are kept on a skipped step too."""
+        ema_values, model_values = list(self.module.state_dict().values()), list(model.state_dict().values())
+        weight = (~skipped).to(device=ema_values[0].device, dtype=torch.float32) * (1.0 - decay)
+        floats = [(e, m.to(device=e.device, dtype=e.dtype)) for e, m in zip(ema_values, model_values) if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], [weight] * len(floats))
+        for e, m in zip(ema_values, model_values):
+            if not e.is_floating_point():
+                e.copy_(torch.where(skipped.to(e.device), e, m.to(e.device)))
 
     @torch.no_grad()
     def _keep_live_support(self, model: nn.Module) -> None:

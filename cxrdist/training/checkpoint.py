@@ -46,6 +46,7 @@ class TrainerState:
     corrupt_seen: int = 0
     wandb_id: str = ""
     dataset: dict = field(default_factory=dict)  # Manifest.identity() of the shards trained on
+    settings: dict = field(default_factory=dict)  # what the stream order and the run depend on (training/resume_settings.py)
     extra: dict = field(default_factory=dict)
 
 

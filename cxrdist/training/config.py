@@ -20,6 +20,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 AUGMENT_MODES = ("cpu", "device")
 COMPILE_DEVICES = ("cuda", "all")
+RESUME_CHANGES = ("refuse", "allow")
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.9998
-    ema_warmup: bool = True  # timm's ramp: decay(step) = min(ema_decay, 1 - (1 + step)^-ema_warmup_power)
+    ema_warmup: bool = True  # timm's ramp: decay(step) = min(ema_decay, 1 - step^-ema_warmup_power), step from 1
     ema_warmup_power: float = 0.6667  # 2/3 (timm): 0.99 at step 1e3, 0.999 at 3.2e4, 0.9998 only at 3.5e5
     mixed_precision: str = "auto"  # auto = what `accelerate launch` says, else bf16 on CUDA and fp32 on CPU
     compile: bool = False  # torch.compile of the model (on CUDA only, unless compile_devices=all)
@@ -64,6 +65,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto = newest complete checkpoint in the run dir | never | PATH
+    # refuse | allow: resuming a checkpoint trained under other settings (training/resume_settings.py)
+    resume_changes: str = "refuse"
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10
     # Seconds a collective may wait for the other ranks (the process-group timeout): when a rank or
@@ -77,6 +80,7 @@ class TrainConfig:
             self.mixed_precision = "no"
         one_of("train.mixed_precision", self.mixed_precision, PRECISIONS)
         one_of("train.compile_devices", self.compile_devices, COMPILE_DEVICES)
+        one_of("train.resume_changes", self.resume_changes, RESUME_CHANGES)
         at_least("train.grad_accum", self.grad_accum, 1)
         at_least("train.epochs", self.epochs, 1)
         at_least("train.dist_timeout", self.dist_timeout, 1)

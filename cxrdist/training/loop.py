@@ -3,6 +3,7 @@ evaluation of the live and EMA models, atomic checkpoints, agreed preemption."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -37,10 +38,12 @@ from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.policy import apply_policy, resolve_policy
-from cxrdist.training.bad_steps import is_bad_step
+from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
+from cxrdist.training.randomness import model_randomness
+from cxrdist.training.resume_settings import EVAL_TARGETS, WORKERS, check_resume, current_settings
 from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
@@ -197,11 +200,29 @@ class Trainer:
             )
         return found
 
+    def checked_settings(self, found: tuple[Path, TrainerState] | None) -> dict:
+        """The settings to record in this run's checkpoints, after checking them against the checkpoint resumed from;
+        with data.workers=-1 the stream takes the recorded worker count, so the sample order stays the same."""
+        acc = self.accelerator
+        shards = [shard.file for shard in self.manifest.shards(self.train_splits)]
+        settings = current_settings(to_dict(self.cfg), self.stream.workers, acc.num_processes, shards)
+        if found is None:
+            return settings
+        path, state = found
+        recorded = state.settings.get(WORKERS)
+        if self.cfg.data.workers == -1 and recorded is not None and recorded != self.stream.workers:
+            self.say(f"data.workers=-1: the {recorded} DataLoader workers {path.name} was trained with, not {self.stream.workers}, "
+                     "so the resumed stream has the same order")
+            self.stream = dataclasses.replace(self.stream, workers=recorded)
+            settings[WORKERS] = recorded
+        check_resume(path, state.settings, settings, self.cfg.train.resume_changes == "allow", self.say)
+        return settings
+
     def best_on_disk(self) -> tuple[float, int] | None:
         """(macro AUC, step) of the exported best model: it may be newer than the checkpoint resumed from."""
         try:
             card = ModelCard.read(self.run_dir / BEST_DIR)
-            if card.dataset == self.manifest.identity():
+            if card.dataset == self.manifest.identity() and card.evaluation.targets == self.cfg.eval.targets:
                 return float(card.metrics["ema"]["macro_auc"]), card.step
         except (UserError, OSError, KeyError, TypeError):
             pass  # no best model yet, or one this run cannot use: the checkpoint's own best stands
@@ -212,10 +233,11 @@ class Trainer:
         acc = self.accelerator
         distributed.check_shared_directory(acc, self.run_dir)
         self.run_lock = hold_run_lock(acc, self.run_dir)  # one run per run directory, until this process ends
-        self.write_run_files()
         found = self.resume()
         resume_from = found[0] if found else None
         start_batch = found[1].batches if found else 0
+        settings = self.checked_settings(found)
+        self.write_run_files()  # after the checks: a refused resume leaves the run's config.yaml as it was
         # The loader iterator draws a seed from the global RNG when it is created: create it before
         # the checkpoint's RNG state is restored, in a fresh run and a resumed one alike.
         batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes,
@@ -224,10 +246,14 @@ class Trainer:
             self.state = load_checkpoint(acc, self.ema, resume_from)
             self.bad_steps = BadSteps(acc.device, self.state.bad_steps_in_row)
             self.scheduler.step_update(num_updates=self.state.step)
+            if self.state.settings.get(EVAL_TARGETS, self.cfg.eval.targets) != self.cfg.eval.targets:
+                self.state.best_auc, self.state.best_step = float("-inf"), -1  # scored under the old rule: not comparable
+                self.say("eval.targets changed: the stored best is not compared with this run's evaluations")
             best = self.best_on_disk()
             if best is not None and best[0] > self.state.best_auc:
                 self.state.best_auc, self.state.best_step = best
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
+        self.state.settings = settings
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
                  f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
@@ -243,7 +269,7 @@ class Trainer:
             return f"EMA decay {t.ema_decay} from the first step (train.ema_warmup=false)"
         reached = math.ceil((1 - t.ema_decay) ** (-1 / t.ema_warmup_power)) if t.ema_decay > 0 else 0  # timm's step counts from 1
         last = self.ema.decay_at(self.total_steps)
-        return (f"EMA decay min({t.ema_decay}, 1 - (1 + step)^-{t.ema_warmup_power:g}): reached at step {reached:,}; "
+        return (f"EMA decay min({t.ema_decay}, 1 - step^-{t.ema_warmup_power:g}): reached at step {reached:,}; "
                 f"this run's {self.total_steps:,} steps end at {last:.5f}"
                 + ("" if reached <= self.total_steps else " (set train.ema_warmup=false or a larger train.ema_warmup_power to get there)"))
 
@@ -347,7 +373,7 @@ class Trainer:
         if "augment" in batch:  # data.augment=device: the workers only decoded
             images = augment_batch(images.to(acc.device, non_blocking=True), batch["augment"], self.image, self.normalisation)
         with acc.accumulate(self.model):
-            with acc.autocast():
+            with acc.autocast(), model_randomness(self.cfg.seed, acc.process_index, self.state.batches, acc.device):
                 logits = self.model(self.to_input(images))
             loss = self.global_mean(self.loss_fn.masked_sum(logits, targets, mask))
             if self.net.refine is not None:
@@ -401,6 +427,11 @@ class Trainer:
         GradScaler's loss-scale calibration (training/bad_steps.py). Decided on the device, except under fp16,
         whose scaler has synced already."""
         scaler = getattr(self.accelerator, "scaler", None)
+        if self.deepspeed and self.accelerator.mixed_precision == "fp16":
+            loss_scaler = self.optimizer.optimizer.loss_scaler  # DeepSpeed's own (ZeRO-1/2); `skipped` is its overflow flag
+            return is_bad_deepspeed_fp16_step(bool(self.loss_finite), bool(skipped), float(loss_scaler.cur_scale),
+                                              float(getattr(loss_scaler, "min_scale", loss_scaler.cur_scale)),
+                                              bool(getattr(loss_scaler, "dynamic", False)))
         if self.accelerator.mixed_precision != "fp16" or scaler is None:
             return skipped | ~self.loss_finite if isinstance(skipped, torch.Tensor) else skipped or not bool(self.loss_finite)
         grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
@@ -418,7 +449,7 @@ class Trainer:
             taken_lr = lr * (~skipped).float() if isinstance(skipped, torch.Tensor) else (0.0 if skipped else lr)
             self.net.refine.proximal_step(taken_lr, self.optimizer, scale=clip_coefficient(grad_norm, self.cfg.train.grad_clip))
         self.scheduler.step_update(num_updates=st.step)
-        self.ema.update(self.net, st.step)
+        self.ema.update(self.net, st.step, skipped)  # a skipped step leaves the EMA (README: skipped steps)
 
     def settle_bad_steps(self) -> None:
         """Read the device-side count of skipped steps into the state (a host sync: at log and checkpoint time only)

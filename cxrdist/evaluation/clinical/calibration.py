@@ -19,6 +19,7 @@ from sklearn.metrics import brier_score_loss
 DEFAULT_BINS = 10
 EPS = 1e-7
 LOG_TEMPERATURE_BOUNDS = (-4.0, 4.0)  # T in [0.018, 55]
+MAX_PLATT_SLOPE = 10.0  # a Platt slope is a factor on the logits; beyond 10 a fit only says the scores were (nearly) separable
 
 
 def reliability_bins(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list]:
@@ -73,17 +74,48 @@ def apply_temperature(probs: np.ndarray, temperatures: Sequence[float | None]) -
 
 def fit_platt(targets: np.ndarray, probs: np.ndarray) -> tuple[float, float] | None:
     """(a, b) of sigmoid(a * logit(p) + b), the maximum-likelihood logistic regression of the targets on
-    logit(p) (scikit-learn, unpenalised), constrained to a >= 0 so that it never reverses the ranking; None
-    without both classes. The log likelihood is concave, so when the free fit has a < 0 the constrained
-    one is a = 0, b = logit(positive rate): the label's scores carried no positive evidence there."""
+    logit(p) (scikit-learn, unpenalised), constrained to 0 <= a <= MAX_PLATT_SLOPE; None without both classes.
+
+    The log likelihood is concave, so the constrained fit lies on the bound the free one passes: a < 0 gives
+    a = 0, b = logit(positive rate) (the scores carried no positive evidence: never reverse the ranking); scores
+    that separate the classes have no maximum-likelihood fit at all (the slope grows without end, and an
+    optimiser stops anywhere), so there, as when the free slope exceeds the cap, a = MAX_PLATT_SLOPE with the
+    best b for it. `platt_note` says which labels that happened to."""
     y = np.asarray(targets, dtype=np.float64)
     if len(np.unique(y)) < 2:
         return None
-    model = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(logit(probs)[:, None], y > 0)
-    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
-    if a < 0:
-        return 0.0, float(logit(np.array([np.mean(y > 0)]))[0])
-    return a, b
+    z, positive = logit(probs), y > 0
+    if not separable(z, positive):
+        model = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(z[:, None], positive)
+        a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+        if a < 0:
+            return 0.0, float(logit(np.array([np.mean(positive)]))[0])
+        if a <= MAX_PLATT_SLOPE:
+            return a, b
+    return MAX_PLATT_SLOPE, intercept_for_slope(z, positive, MAX_PLATT_SLOPE)
+
+
+def separable(z: np.ndarray, positive: np.ndarray) -> bool:
+    """Every positive scores at or above every negative: the logistic likelihood has no maximum (it grows with the slope)."""
+    return bool(z[~positive].max() <= z[positive].min())
+
+
+def intercept_for_slope(z: np.ndarray, positive: np.ndarray, a: float) -> float:
+    """The b maximising the likelihood of sigmoid(a * z + b) (convex in b; finite with both classes)."""
+    sign = np.where(positive, -1.0, 1.0)
+    return float(minimize_scalar(lambda b: float(np.logaddexp(0.0, sign * (a * z + b)).sum())).x)
+
+
+def platt_note(targets: np.ndarray, probs: np.ndarray) -> str | None:
+    """Why a label's Platt fit sits on the slope cap, in words; None when it does not."""
+    y = np.asarray(targets, dtype=np.float64)
+    fitted = fit_platt(y, probs)
+    if fitted is None or fitted[0] < MAX_PLATT_SLOPE:
+        return None
+    if separable(logit(probs), y > 0):
+        return (f"the out-of-fold scores separate the classes, so no maximum-likelihood fit exists: slope capped at "
+                f"{MAX_PLATT_SLOPE:g} (the probabilities are pushed toward 0 and 1 on either side of the gap)")
+    return f"the fitted slope exceeded {MAX_PLATT_SLOPE:g} (nearly separated scores): capped at {MAX_PLATT_SLOPE:g}"
 
 
 def apply_platt(probs: np.ndarray, params: Sequence[Sequence[float] | None]) -> np.ndarray:
@@ -129,3 +161,9 @@ def fit_temperatures(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | 
 def fit_platts(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, list[float] | None]:
     fitted = per_label(fit_platt, targets, probs, mask, labels)
     return {label: None if v is None else list(v) for label, v in fitted.items()}
+
+
+def platt_notes(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray | None, labels: Sequence[str]) -> dict[str, str]:
+    """{label: note} for the labels whose Platt fit was capped (fit_platt)."""
+    notes = per_label(platt_note, targets, probs, mask, labels)
+    return {label: note for label, note in notes.items() if note is not None}

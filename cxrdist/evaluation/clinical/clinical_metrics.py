@@ -23,9 +23,9 @@ from cxrdist.data.manifest import Manifest
 from cxrdist.data.shards import iter_tar_members
 from cxrdist.data.stream import parse_labels
 from cxrdist.errors import UserError
-from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES
-from cxrdist.evaluation.clinical.calibration import apply_platt, apply_temperature, calibration_summary, fit_platts, fit_temperatures
+from cxrdist.evaluation.clinical.calibration import apply_platt, apply_temperature, calibration_summary, fit_platts, fit_temperatures, platt_notes
 from cxrdist.evaluation.clinical.operating_points import operating_points
+from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES
 from cxrdist.layout import VAL_PREDICTIONS_FILE
 from cxrdist.policy import apply_policy
 
@@ -102,6 +102,7 @@ def clinical_metrics(
         temperature=temperatures,
         temperature_scaled=calibration_summary(targets, apply_temperature(probs, [temperatures[label] for label in labels]), mask, labels),
         platt=platt,  # {label: [a, b]}: sigmoid(a * logit(p) + b)
+        platt_notes=platt_notes(*oof, labels),  # {label: why its slope sits on the cap}, only for those labels
         platt_scaled=calibration_summary(targets, apply_platt(probs, [platt[label] for label in labels]), mask, labels),
         out_of_fold=calibration_summary(*oof, labels),
         out_of_fold_images=len(oof[0]),

@@ -28,7 +28,8 @@ def point_names(levels: Sequence[float] = TARGET_LEVELS) -> list[tuple[str, str,
 
 
 def threshold_for_specificity(targets: np.ndarray, scores: np.ndarray, level: float) -> float | None:
-    """The lowest threshold whose specificity is >= `level` (so the highest sensitivity that keeps it); None without both classes."""
+    """The lowest threshold whose specificity is >= `level` (so the highest sensitivity that keeps it); None without both classes.
+    Infinite when only calling no image positive keeps it (the top scores belong to too many negatives): not reachable."""
     y = np.asarray(targets) > 0
     if y.all() or not y.any():
         return None
@@ -95,7 +96,9 @@ def applied_operating_points(
         for name, threshold in thresholds[label].items():
             entry = {"threshold": threshold, "sensitivity": None, "specificity": None, "sensitivity_interval": None, "specificity_interval": None}
             y, s = np.asarray(targets)[:, j], np.asarray(scores)[:, j]
-            if threshold is not None and len(np.unique(y[keep[:, j]])) == 2:
+            if threshold is not None and not np.isfinite(threshold):
+                entry.update(threshold=None, reachable=False, note=unreachable_note(name))
+            elif threshold is not None and len(np.unique(y[keep[:, j]])) == 2:
                 sens, spec = rates(y[keep[:, j]], s[keep[:, j]], threshold)
                 boot_sens, boot_spec = [np.zeros(0)], [np.zeros(0)]
                 for start in range(0, n_resamples, CHUNK):
@@ -107,6 +110,13 @@ def applied_operating_points(
                              specificity_interval=percentile_interval(np.concatenate(boot_spec), level))
             result[label][name] = entry
     return result
+
+
+def unreachable_note(name: str) -> str:
+    fixed = "specificity" if name.startswith("sens@") else "sensitivity"
+    level = name.rsplit(fixed[:4], 1)[1]
+    return (f"not reachable: on the out-of-fold predictions no threshold keeps {fixed} >= {level}% "
+            "while calling any image positive (the highest scores belong to too many negatives)")
 
 
 def operating_points(

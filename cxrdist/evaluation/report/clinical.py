@@ -42,7 +42,10 @@ def operating_point_table(metrics: dict) -> str:
         for name in ops["points"]:
             p = points[name]
             reported, other = ("sensitivity", "specificity") if name.startswith("sens@") else ("specificity", "sensitivity")
-            row += [interval_cell(p[reported], p[f"{reported}_interval"]), interval_cell(p[other], None), fmt(p["threshold"])]
+            if p.get("reachable", True):
+                row += [interval_cell(p[reported], p[f"{reported}_interval"]), interval_cell(p[other], None), fmt(p["threshold"])]
+            else:
+                row += [f'<td class="na" title="{esc(p["note"])}">not reachable</td>', '<td class="na">–</td>', '<td class="na">–</td>']
         rows.append(row)
     return table(header, rows)
 
@@ -88,6 +91,8 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
                  f"({metrics['operating_points'].get('out_of_fold_images', '?')} images), "
                  f"applied unchanged to the {esc(metrics['split'])} split; "
                  "patient-bootstrap 95% intervals.</p>" + operating_point_table(metrics))
+        body += "".join(note(f"{esc(label)}, {esc(name)}: {esc(p['note'])}") for label, points in metrics["operating_points"]["per_label"].items()
+                        for name, p in points.items() if not p.get("reachable", True))
     else:
         body += note(esc(cal.get("note", "no out-of-fold predictions: no operating points")))
     temps = cal.get("temperature") or {}
@@ -100,6 +105,7 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
                     fmt((cal.get("temperature_scaled") or {}).get("macro_ece")), "", fmt((cal.get("platt_scaled") or {}).get("macro_ece"))])
     body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature", "ECE, Platt-scaled"], rows,
                                            ["macro"] + [""] * (len(rows) - 1))
+    body += "".join(note(f"Platt scaling, {esc(label)}: {esc(text)}") for label, text in (cal.get("platt_notes") or {}).items())
     reliability_grid(fig_dir / "reliability.png", cal["ensemble"]["per_label"], scaled, platt)
     body += figure("figures/reliability.png", "reliability diagrams",
                    "Reliability of the ensemble's probabilities (10 equal-width bins); "

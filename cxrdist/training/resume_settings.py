@@ -1,0 +1,77 @@
+"""What a checkpoint was trained under, checked when a run resumes from it.
+
+Two kinds of settings are recorded in the trainer state (`settings`):
+- what the train stream's order depends on (the resolved DataLoader worker count, the world size, the
+  per-device batch size, gradient accumulation, the train shards): under other values the resumed run
+  would see other samples than the uninterrupted one, some twice and some never;
+- the settings whose change makes the continued run another experiment (learning rate and schedule,
+  label policy, model, loss, evaluation targets: a best score under the old `eval.targets` is not
+  comparable with new ones). `train.epochs` is not one of them: training a finished run for longer is
+  the usual way to extend it (the cosine schedule is then stretched from the resumed step on).
+
+A difference stops the resume with one line naming each setting with its old and new value, unless
+`train.resume_changes=allow`. One exception: `data.workers=-1` (the CPUs this job happens to get) takes the
+recorded worker count, so a requeue on a node with another CPU count reproduces the same order.
+"""
+
+from __future__ import annotations
+
+from cxrdist.errors import UserError
+
+WORKERS = "data.workers"
+EVAL_TARGETS = "eval.targets"
+# Dotted prefixes of the config (training/config.py) whose values define the run.
+RUN_DEFINING = (
+    "seed", "data.img_size", "data.batch_size", "data.augment", "data.shuffle_buffer", "data.label_policy", "model", "loss",
+    "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.grad_accum",
+    "train.ema_decay", "train.ema_warmup", "train.ema_warmup_power", EVAL_TARGETS,
+)
+STARTING_POINT_ONLY = ("model.pretrained", "model.pretrained_path")  # the checkpoint's weights replace them
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not name.startswith("data.label_policy"):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def current_settings(config: dict, workers: int, world_size: int, shards: list[str]) -> dict:
+    """The settings to record: `config` is the plain config dict (training/config.py to_dict)."""
+    flat = flatten(config)
+    settings = {k: v for k, v in flat.items()
+                if any(k == p or k.startswith(p + ".") for p in RUN_DEFINING) and k not in STARTING_POINT_ONLY}
+    settings.update({WORKERS: workers, "world_size": world_size, "train_shards": list(shards)})
+    return settings
+
+
+def changed(recorded: dict, current: dict) -> dict:
+    """name -> (old, new) for every setting the checkpoint recorded differently (a setting it did not record is not compared)."""
+    return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v}
+
+
+def describe(changes: dict) -> str:
+    def one(name: str, old, new) -> str:
+        if isinstance(old, list) and isinstance(new, list) and max(len(old), len(new)) > 3:
+            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            return f"{name}: {len(old)} shards, now {len(new)} ({len(gone)} gone, e.g. {gone[:1]}; {len(added)} new, e.g. {added[:1]})"
+        return f"{name}={old!r}, now {new!r}"
+
+    return "; ".join(one(k, old, new) for k, (old, new) in changes.items())
+
+
+def check_resume(path, recorded: dict, current: dict, allow: bool, say) -> list[str]:
+    """Stop a resume under changed settings (one line), or with `allow` say what changed; returns the changed names."""
+    changes = changed(recorded, current)
+    if not changes:
+        return []
+    if not allow:
+        raise UserError(f"checkpoint {path} was trained under other settings ({describe(changes)}): resuming would silently "
+                        "continue another run; restore them, use another experiment name or train.resume=never, "
+                        "or set train.resume_changes=allow to continue anyway")
+    say(f"resuming {path} under changed settings (train.resume_changes=allow): {describe(changes)}")
+    return list(changes)

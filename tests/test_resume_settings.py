@@ -1,0 +1,97 @@
+"""A resume under other settings stops with one line (or, with data.workers=-1, takes the recorded worker count)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cxrdist.errors import UserError
+from cxrdist.training.config import load_config, to_dict
+from cxrdist.training.resume_settings import check_resume, current_settings
+from trainer_utils import DEMO_CONFIG, TRAIN, cpu_env, explain, fast_overrides, records, run_single
+
+
+def settings(*overrides: str, workers: int = 2, world: int = 2, shards=("a.tar", "b.tar")) -> dict:
+    cfg = load_config(DEMO_CONFIG, ["data.shards=/x", *overrides])
+    return current_settings(to_dict(cfg), workers, world, list(shards))
+
+
+def test_the_settings_issue_19_names_are_recorded_and_a_change_is_one_line_with_old_and_new_values():
+    old = settings()
+    assert {"data.batch_size", "data.label_policy", "train.lr", "eval.targets", "train.grad_accum", "data.workers", "world_size",
+            "train_shards", "model.drop_rate", "loss.name"} <= set(old)
+    assert "train.epochs" not in old and "model.pretrained_path" not in old and "data.shards" not in old
+    assert check_resume("ck", old, settings("train.epochs=7", "model.pretrained_path=/w.pth"), False, print) == []
+    new = settings("data.batch_size=8", "train.lr=0.001", "data.label_policy=zeros")
+    with pytest.raises(UserError) as err:
+        check_resume("ck", old, new, False, print)
+    text = str(err.value)
+    assert "\n" not in text and "train.resume_changes=allow" in text
+    assert f"data.batch_size={old['data.batch_size']!r}, now 8" in text and "train.lr=" in text and "now 0.001" in text
+    assert f"data.label_policy={old['data.label_policy']!r}, now 'zeros'" in text
+    said = []
+    assert sorted(check_resume("ck", old, new, True, said.append)) == ["data.batch_size", "data.label_policy", "train.lr"]
+    assert len(said) == 1 and "data.batch_size" in said[0]
+
+
+@pytest.mark.parametrize("change", [{"workers": 3}, {"world": 4}, {"shards": ("a.tar", "c.tar")}, {"overrides": ["train.grad_accum=2"]},
+                                    {"overrides": ["eval.targets=zeros"]}])
+def test_what_the_stream_order_and_the_best_score_depend_on_is_checked(change):
+    with pytest.raises(UserError, match="other settings"):
+        check_resume("ck", settings(), settings(*change.pop("overrides", []), **change), False, print)
+
+
+def test_a_checkpoint_without_recorded_settings_resumes():
+    assert check_resume("ck", {}, settings("train.lr=1"), False, print) == []
+
+
+def final_ema(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "ema.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_changed_resume_is_refused_and_workers_auto_takes_the_recorded_count_and_resumes_bitwise(synth_shards, tmp_path):
+    common = {"data.workers": 2, "model.backbone": "test_resnet", "train.epochs": 1, "model.drop_rate": 0.2, "data.batch_size": 8}
+    reference = tmp_path / "ref"
+    result = run_single(fast_overrides(synth_shards, reference, **common))
+    assert result.returncode == 0, explain(result)
+
+    resumed = tmp_path / "resumed"
+    run_dir = resumed / "demo" / "fold-0"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(DEMO_CONFIG), *fast_overrides(synth_shards, resumed, **common)],
+                            env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from test_train import wait_for_step
+
+    wait_for_step(run_dir, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, f"{out}\n{err}"
+    config_before = (run_dir / "config.yaml").read_text()
+    for change, named in (({"data.batch_size": 16, "train.lr": 0.01}, ["data.batch_size=8, now 16", "train.lr=", "now 0.01"]),
+                          ({"data.workers": 3}, ["data.workers=2, now 3"]),
+                          ({"eval.targets": "zeros"}, ["eval.targets='ignore_uncertain', now 'zeros'"])):
+        result = run_single(fast_overrides(synth_shards, resumed, **{**common, **change}))
+        assert result.returncode == 2, explain(result)
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and all(n in line[0] for n in named) and "train.resume_changes=allow" in line[0], result.stderr
+        assert (run_dir / "config.yaml").read_text() == config_before
+
+    # data.workers=-1 resolves to another count (1) here, so the recorded 2 must be taken for the order to stay that of the
+    # uninterrupted run
+    # (pinned to one CPU: -1 is then 1 on any machine)
+    cmd = ["taskset", "-c", "0", sys.executable, str(TRAIN), "--config", str(DEMO_CONFIG),
+           *map(str, fast_overrides(synth_shards, resumed, **{**common, "data.workers": -1}))]
+    result = subprocess.run(cmd, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, explain(result)
+    assert "the 2 DataLoader workers" in result.stdout + result.stderr
+    a, b = final_ema(reference / "demo" / "fold-0"), final_ema(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads(sorted((run_dir / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())
+    assert state["settings"]["data.workers"] == 2 and records(run_dir, "train")
