@@ -18,12 +18,11 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from sklearn.metrics import roc_auc_score
 
 from cxrdist.data.manifest import load_manifest
 from cxrdist.model.card import ModelCard
-from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single,
-                           single_process_auc)
+from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, label_aucs, launch_cpu, records,
+                           run_single, single_process_auc)
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +32,7 @@ COMPILED = {"train.compile": "true", "train.compile_devices": "all", "train.comp
 
 
 def csv_auc(path: Path, labels: list[str]) -> float:
-    table = pd.read_csv(path)
-    aucs = []
-    for label in labels:
-        known = table[f"target_{label}"].notna()
-        y = table.loc[known, f"target_{label}"]
-        if y.nunique() == 2:
-            aucs.append(roc_auc_score(y, table.loc[known, f"prob_{label}"]))
-    return float(np.mean(aucs))
+    return float(np.mean(label_aucs(pd.read_csv(path), labels)))
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,19 @@ def run_single(args: list[str], timeout: int = 600, env: dict | None = None, **p
     return subprocess.run(cmd, env=env or cpu_env(1), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def label_aucs(table, labels: list[str]) -> list[float]:
+    """scikit-learn's AUC of every label of a prediction table (prob_/target_ columns, blank target = left out) with both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for label in labels:
+        known = table[f"target_{label}"].notna()
+        y = table.loc[known, f"target_{label}"]
+        if y.nunique() == 2:
+            aucs.append(roc_auc_score(y, table.loc[known, f"prob_{label}"]))
+    return aucs
+
+
 def records(run_dir: Path, kind: str) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]

@@ -72,6 +72,10 @@ class Manifest:
     def shards(self, names: list[str]) -> list[ShardInfo]:
         return [shard for name in names for shard in self.split(name).shards]
 
+    def weighted_shards(self, names: list[str]) -> list[ShardInfo]:
+        """The training shards of `names`, each as often per pass as its dataset's mixing weight says (data/datasets.py)."""
+        return self.shards(names)
+
     def num_samples(self, names: list[str]) -> int:
         return sum(self.split(name).num_samples for name in names)
 
@@ -138,7 +142,14 @@ def has_manifest(root: Location) -> bool:
 
 
 def load_manifest(root: Location) -> Manifest:
-    """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused."""
+    """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused.
+    A list of datasets (`data.shards` as a list) is their combined manifest (data/datasets.py)."""
+    from cxrdist.data.datasets import is_dataset_list
+
+    if is_dataset_list(root):
+        from cxrdist.data.datasets import open_datasets
+
+        return open_datasets(root)[1]
     if is_url(root):
         return load_remote_manifest(root)
     root = Path(root)

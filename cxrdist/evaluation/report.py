@@ -21,7 +21,8 @@ from safetensors import safe_open
 from scipy.stats import rankdata
 
 from cxrdist.data.images import decode_image
-from cxrdist.data.location import Location, join, shard_root
+from cxrdist.data.location import Location, join
+from cxrdist.data.datasets import recorded_root
 from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError, one_line
@@ -107,8 +108,8 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
 
 def find_manifest(folds: list[FoldRun], shards: Location | None) -> tuple[Location | None, Manifest | None]:
     candidates = [shards] if shards is not None else [f.card.shards for f in folds if f.card]
-    for root in map(shard_root, candidates):
-        if has_manifest(root):
+    for root in map(recorded_root, candidates):
+        if isinstance(root, tuple) or has_manifest(root):  # a tuple: several datasets (data/datasets.py)
             return root, load_manifest(root)
     return None, None
 
