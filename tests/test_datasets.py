@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from trainer_utils import REPO, explain, fast_overrides, label_aucs, launch_cpu, records
+import torch
+from trainer_utils import (DEMO_CONFIG, REPO, TRAIN, cpu_env, explain, fast_overrides, final_ema, label_aucs, launch_cpu, records,
+                           run_single, wait_for_step)
 
 from cxrdist.data.datasets import open_datasets
 from cxrdist.data.stream import StreamConfig, eval_loader, train_loader
@@ -212,6 +215,26 @@ def test_two_process_run_on_two_datasets_then_external_validation(datasets, tmp_
         refused = evaluate("--external", str(location), "--split", "all", "--out", str(tmp_path / "refused"))
         assert refused.returncode == 2 and words in refused.stderr, explain(refused)
         assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused").exists()
+
+
+def test_sigterm_then_resume_across_datasets_is_bitwise_equal(datasets, tmp_path):
+    """One process trains 2 epochs on a + b (weighted); stopped mid-epoch and resumed, it ends with the same EMA weights."""
+    shards = json.dumps([{"location": str(datasets["a"]), "name": "a"}, {"location": str(datasets["b"]), "name": "b", "weight": 2}])
+    common = {"train.epochs": 2, "experiment": "multi"}
+    reference = tmp_path / "ref"
+    result = run_single(fast_overrides(shards, reference, **common))
+    assert result.returncode == 0, explain(result)
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(DEMO_CONFIG), *fast_overrides(shards, resumed, **common)],
+                            env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(resumed / "multi" / "fold-0", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, f"{out}\n{err}"
+    result = run_single(fast_overrides(shards, resumed, **common))
+    assert result.returncode == 0 and "resumed from" in result.stdout + result.stderr, explain(result)
+    a, b = final_ema(reference / "multi" / "fold-0"), final_ema(resumed / "multi" / "fold-0")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_open_datasets_refuses_a_missing_location(tmp_path):

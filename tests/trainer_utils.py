@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +80,24 @@ def label_aucs(table, labels: list[str]) -> list[float]:
         if y.nunique() == 2:
             aucs.append(roc_auc_score(y, table.loc[known, f"prob_{label}"]))
     return aucs
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def final_ema(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(newest / "ema.safetensors"))
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
