@@ -16,11 +16,12 @@ from cxrdist.data.prepare import PrepareOptions, prepare
 from cxrdist.data.synth import make_synthetic_dataset
 from cxrdist.demo import DEMO_CONFIG, DEMO_PROCESSES, step
 from cxrdist.errors import UserError
+from cxrdist.layout import EXTERNAL_DIR
 
-HOSPITAL_IMAGES = 800
-EXTERNAL_IMAGES = 400
+HOSPITAL_IMAGES = 500
+EXTERNAL_IMAGES = 250
 IMAGE_SIZE = 96
-FOLDS = 3
+FOLDS = 2
 NIH_SPELLING = {"Pleural Effusion": "Effusion"}
 NOT_ANNOTATED_AT_B = ["Fracture", "Support Devices"]
 
@@ -53,7 +54,7 @@ def run_two_dataset_demo(out: Path) -> int:
     b = prepare_hospital(out / "hospital-b", seed=1, n=HOSPITAL_IMAGES, rename=NIH_SPELLING, drop=NOT_ANNOTATED_AT_B)
     external = prepare_hospital(out / "hospital-c", seed=2, n=EXTERNAL_IMAGES, rename=NIH_SPELLING)
     shards = [{"location": str(a), "name": "a"}, {"location": str(b), "name": "b"}]
-    overrides = [f"data.shards={json.dumps(shards)}", f"output_dir={out / 'runs'}", "experiment=two-datasets", "train.epochs=5"]
+    overrides = [f"data.shards={json.dumps(shards)}", f"output_dir={out / 'runs'}", "experiment=two-datasets", "train.epochs=4"]
     for fold in range(FOLDS):
         step(f"[2/5] training fold {fold} of {FOLDS} on hospitals a + b with {DEMO_PROCESSES} CPU processes")
         code = launch_fold(DEMO_CONFIG, fold, overrides, DEMO_PROCESSES, None)
@@ -63,7 +64,7 @@ def run_two_dataset_demo(out: Path) -> int:
     step("[3/5] fold ensemble x TTA on both test splits")
     internal = run_evaluate(experiment, "test", True, None, 64, 2)
     step("[4/5] external validation on hospital c (never trained on), all of it")
-    outside = run_evaluate(experiment, "all", True, experiment / "external", 64, 2, external=external)
+    outside = run_evaluate(experiment, "all", True, experiment / EXTERNAL_DIR / "hospital-c", 64, 2, external=external)
     step("[5/5] report")
     page = run_report(experiment)
     print(f"\ninternal test, per dataset: {summary_line(internal['per_dataset'])}")

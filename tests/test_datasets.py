@@ -196,19 +196,25 @@ def test_two_process_run_on_two_datasets_then_external_validation(datasets, tmp_
         return subprocess.run([sys.executable, "-m", "cxrdist", "evaluate", "--runs", str(out / "multi"), "--resamples", "20",
                                "--workers", "0", *extra], capture_output=True, text=True, cwd=REPO, timeout=600)
 
-    internal = evaluate("--out", str(tmp_path / "internal"))
+    internal = evaluate()
     assert internal.returncode == 0, explain(internal)
-    metrics = json.loads((tmp_path / "internal" / "metrics.json").read_text())
+    metrics = json.loads((out / "multi" / "ensemble" / "metrics.json").read_text())
     assert set(metrics["per_dataset"]) == {"a", "b", "pooled"}
-    predictions = pd.read_csv(tmp_path / "internal" / "predictions.csv", dtype=str)
+    predictions = pd.read_csv(out / "multi" / "ensemble" / "predictions.csv", dtype=str)
     assert set(predictions["dataset"]) == {"a", "b"} and predictions["key"].is_unique
 
-    external = evaluate("--external", str(datasets["e"]), "--split", "all", "--out", str(tmp_path / "external"))
+    external = evaluate("--external", str(datasets["e"]), "--split", "all")
     assert external.returncode == 0, explain(external)
-    metrics = json.loads((tmp_path / "external" / "metrics.json").read_text())
+    written = out / "multi" / "external" / "shards"  # runs/EXP/external/<dataset name>: the internal evaluation stays
+    metrics = json.loads((written / "metrics.json").read_text())
     assert metrics["external"] and metrics["num_samples"] == 120 and list(metrics["per_dataset"]) == ["shards", "pooled"]
-    predictions = pd.read_csv(tmp_path / "external" / "predictions.csv", dtype=str)
-    assert set(predictions["dataset"]) == {"shards"}
+    assert set(pd.read_csv(written / "predictions.csv", dtype=str)["dataset"]) == {"shards"}
+    assert json.loads((out / "multi" / "ensemble" / "metrics.json").read_text())["external"] is False
+
+    from cxrdist.evaluation.report import run_report
+
+    page = run_report(out / "multi").read_text()
+    assert "Datasets and external validation" in page and "external shards (all)" in page and "internal (test)" in page
 
     for location, words in ((a, "these very shards"), (datasets["a_again"], "of its images are in the data"),
                             (datasets["disjoint"], "shares no label")):

@@ -46,7 +46,7 @@ from cxrdist.evaluation.models import (  # noqa: F401 - FoldModel and stream_con
     stream_config,
     view_modules,
 )
-from cxrdist.layout import FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
+from cxrdist.layout import EXTERNAL_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
 from cxrdist.policy import apply_policy
 
 # ---------------------------------------------------------------- running the split
@@ -218,7 +218,9 @@ def run_evaluate(
         root, manifest = open_external(external, labels)
         check_not_trained_on(manifest, train_root, train_manifest)
     manifest.split(split)
-    out = Path(out) if out is not None else default_out(runs)
+    if out is None:  # an external evaluation must not replace the internal one in runs/EXP/ensemble
+        out = default_out(runs).parent / EXTERNAL_DIR / manifest.entries[0].name if external is not None else default_out(runs)
+    out = Path(out)
     check_writable_dir(out)
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:

@@ -21,14 +21,15 @@ from safetensors import safe_open
 from scipy.stats import rankdata
 
 from cxrdist.data.images import decode_image
-from cxrdist.data.location import Location, join
+from cxrdist.data.location import Location
 from cxrdist.data.datasets import recorded_root
 from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
-from cxrdist.data.shards import read_shard_samples
+from cxrdist.data.stream import read_shards
 from cxrdist.errors import UserError, one_line
 from cxrdist.evaluation import report_figures as figs
 from cxrdist.evaluation.outputs import load_fold_probabilities
 from cxrdist.evaluation.report_clinical import clinical_section, saliency_section
+from cxrdist.evaluation.report_datasets import datasets_section
 from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
 from cxrdist.atomic import atomic_write_text
 from cxrdist.layout import (
@@ -271,7 +272,8 @@ def sample_images(root: Location, manifest: Manifest, path: Path) -> str:
     split = TEST_SPLIT if TEST_SPLIT in manifest.splits else manifest.fold_names[0]
     images, captions, titles = [], [], []
     for shard in manifest.split(split).shards:
-        for _key, data, meta in read_shard_samples(join(root, shard.file)):
+        for sample in read_shards(root, [shard]):  # a shard of one of several datasets reads itself (data/datasets.py)
+            data, meta = sample.image, json.loads(sample.meta)
             images.append(decode_image(data))
             raw = meta.get("labels", [])
             found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]
@@ -486,6 +488,9 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),
     ]
+    by_dataset = datasets_section(runs, ensemble.metrics if ensemble else None)
+    if by_dataset is not None:
+        sections.insert(2, ("datasets", "Datasets", by_dataset))
     comparison = comparison_section(runs)
     if comparison is not None:
         sections.insert(2, ("compare", "Refinement ablation", comparison))
