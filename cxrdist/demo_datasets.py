@@ -16,7 +16,6 @@ from cxrdist.data.prepare import PrepareOptions, prepare
 from cxrdist.data.synth import make_synthetic_dataset
 from cxrdist.demo import DEMO_CONFIG, DEMO_PROCESSES, step
 from cxrdist.errors import UserError
-from cxrdist.layout import EXTERNAL_DIR
 
 HOSPITAL_IMAGES = 500
 EXTERNAL_IMAGES = 250
@@ -27,7 +26,7 @@ NOT_ANNOTATED_AT_B = ["Fracture", "Support Devices"]
 
 
 def prepare_hospital(out: Path, seed: int, n: int, rename: dict | None = None, drop: list[str] | None = None) -> Path:
-    shards = out / "shards"
+    shards = out.parent / "shards" / out.name  # the directory name is the dataset's name in CSVs and metrics
     if (shards / "manifest.json").is_file():
         print(f"  (reusing {shards})")
         return shards
@@ -64,7 +63,7 @@ def run_two_dataset_demo(out: Path) -> int:
     step("[3/5] fold ensemble x TTA on both test splits")
     internal = run_evaluate(experiment, "test", True, None, 64, 2)
     step("[4/5] external validation on hospital c (never trained on), all of it")
-    outside = run_evaluate(experiment, "all", True, experiment / EXTERNAL_DIR / "hospital-c", 64, 2, external=external)
+    outside = run_evaluate(experiment, "all", True, None, 64, 2, external=external)  # into runs/EXP/external/hospital-c
     step("[5/5] report")
     page = run_report(experiment)
     print(f"\ninternal test, per dataset: {summary_line(internal['per_dataset'])}")

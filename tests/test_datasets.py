@@ -246,3 +246,15 @@ def test_sigterm_then_resume_across_datasets_is_bitwise_equal(datasets, tmp_path
 def test_open_datasets_refuses_a_missing_location(tmp_path):
     with pytest.raises(UserError, match="no such shard directory"):
         open_datasets([str(tmp_path / "nothing"), str(tmp_path / "other")])
+
+
+def test_two_dataset_demo_runs_end_to_end(tmp_path):
+    """`cxrdist demo --two-datasets`: prepare three hospitals, train every fold on two, evaluate, validate externally, report."""
+    result = subprocess.run([sys.executable, "-m", "cxrdist", "demo", "--two-datasets", "--out", str(tmp_path)], capture_output=True,
+                            text=True, cwd=REPO, timeout=1500, env=cpu_env(2))
+    assert result.returncode == 0, explain(result)
+    experiment = tmp_path / "runs" / "two-datasets"
+    internal = json.loads((experiment / "ensemble" / "metrics.json").read_text())
+    external = json.loads((experiment / "external" / "hospital-c" / "metrics.json").read_text())
+    assert list(internal["per_dataset"]) == ["a", "b", "pooled"] and list(external["per_dataset"]) == ["hospital-c", "pooled"]
+    assert "Datasets and external validation" in (experiment / "report" / "report.html").read_text()
