@@ -124,7 +124,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_overrides(shards: Path, out: Path, p: dict, experiment: str, steps: int, extra: dict | None = None) -> list[str]:
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
 
     manifest = load_manifest(shards)
     world = gpu_count()
@@ -220,7 +220,7 @@ def deepspeed_zero2(shards: Path, work: Path, p: dict) -> dict:
 
 def stream_alone(shards: Path, p: dict, device: torch.device) -> dict:
     from cxrdist.data.device_augment import augment_batch
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
     from cxrdist.data.spec import ImageSpec
     from cxrdist.data.stream import StreamConfig, resolve_workers, train_loader
     from cxrdist.data.transforms import normalisation
@@ -253,7 +253,7 @@ def evaluation(run_dir: Path, shards: Path, p: dict, device: torch.device) -> di
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
     from cxrdist.data.stream import eval_loader, resolve_workers
     from cxrdist.evaluation.scoring.gathered import predict
     from cxrdist.evaluation.prediction.models import stream_config

@@ -32,6 +32,19 @@ def run_synth(args) -> int:
     return 0
 
 
+def add_labels(sub) -> None:
+    p = sub.add_parser("labels", help="print the built-in label synonyms: each source's names and the harmonised name they train as")
+    p.set_defaults(run=run_labels)
+
+
+def run_labels(args) -> int:
+    from cxrdist.labels_harmonise import synonym_table
+
+    for source, name, harmonised in synonym_table():
+        print(f"{source}\t{name}\t{harmonised}")
+    return 0
+
+
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
     p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
@@ -93,7 +106,8 @@ def add_verify(sub) -> None:
 
 def run_verify(args) -> int:
     from cxrdist.data.location import display
-    from cxrdist.data.manifest import load_manifest, manifest_location
+    from cxrdist.data.manifest import manifest_location
+    from cxrdist.data.datasets import load_manifest
     from cxrdist.data.shards import verify_shards
 
     totals = verify_shards(args.dir, load_manifest(args.dir))
@@ -152,6 +166,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
+    p.add_argument("--external", help="score on this prepared dataset the models were not trained on (a directory or URL), over the labels "
+                                      "both share; --split all reads all of it")
     p.add_argument("--eval-targets", choices=["ignore_uncertain", "zeros", "ones"], default=None,
                    help="what the AUCs score against, whatever the training policy: uncertain (-1) entries left out (ignore_uncertain), "
                         "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
@@ -162,12 +178,16 @@ def run_evaluate(args) -> int:
     from cxrdist.evaluation.prediction.ensemble import run_evaluate as evaluate
 
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
-                       eval_targets=args.eval_targets)
+                       eval_targets=args.eval_targets, external=args.external)
     if metrics:
         from cxrdist.evaluation.report.dashboard import log_ensemble_run
 
         log_ensemble_run(args.runs, metrics, Path(metrics["out"]))
         print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
+        if len(metrics.get("per_dataset", {})) > 2:
+            from cxrdist.evaluation.scoring.by_dataset import summary_line
+
+            print(f"per dataset: {summary_line(metrics['per_dataset'])}")
     return 0
 
 
@@ -254,10 +274,16 @@ def run_compare(args) -> int:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, on this CPU")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--two-datasets", action="store_true",
+                   help="two synthetic hospitals prepared separately, trained on together, plus external validation on a third")
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args) -> int:
+    if args.two_datasets:
+        from cxrdist.demo_datasets import run_two_dataset_demo
+
+        return run_two_dataset_demo(args.out)
     from cxrdist.demo import run_demo as demo
 
     return demo(args.out)
@@ -266,7 +292,7 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_export, add_report, add_compare,
+    for add in (add_synth, add_labels, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_export, add_report, add_compare,
                 add_demo):
         add(sub)
     return parser

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.data.prepare import PrepareOptions, prepare
 from cxrdist.data.synth.dataset import make_synthetic_dataset
 from cxrdist.errors import UserError

@@ -34,6 +34,7 @@ PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
 FOLD_PROBABILITIES_FILE = "fold_probabilities.npz"
 COMPARE_DIR = "compare"
+EXTERNAL_DIR = "external"  # runs/EXP/external/<dataset name>/: `cxrdist evaluate --external` (predictions.csv, metrics.json)
 COMPARE_FILE = "compare.json"
 
 

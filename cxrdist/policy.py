@@ -5,6 +5,8 @@ Shards keep the raw labels; the policy is chosen at training time, per label:
 - "zeros"  (U-Zeros):  uncertain counts as negative,
 - "ones"   (U-Ones):   uncertain counts as positive.
 A blank (NaN: the finding is not mentioned) is a negative with mask 1 under every policy.
+NOT_ANNOTATED (-2: the image's dataset does not annotate that finding at all, cxrdist/data/datasets.py)
+is masked out (mask 0) under every policy: it is neither a negative nor a target.
 
 The "default" policy is the CheXpert paper's best per-label choice (Irvin et al. 2019, Table 3):
 U-Ones for Atelectasis and Edema, U-Zeros for the rest; labels outside the CheXpert set get zeros.
@@ -22,7 +24,8 @@ from cxrdist.errors import UserError
 POLICIES = ("ignore", "zeros", "ones")
 DEFAULT = "default"
 CHEXPERT_U_ONES = frozenset({"Atelectasis", "Edema"})
-RAW_VALUES = (1.0, 0.0, -1.0)
+NOT_ANNOTATED = -2.0
+RAW_VALUES = (1.0, 0.0, -1.0, NOT_ANNOTATED)
 
 
 def default_policy(label: str) -> str:
@@ -72,11 +75,12 @@ def apply_policy(
         known |= raw == value
     if not bool((known | blank).all()):
         bad = raw[~(known | blank)].unique()[:5].tolist()
-        raise UserError(f"raw labels must be 1, 0, -1 or blank; found {bad}")
+        raise UserError(f"raw labels must be 1, 0, -1 or blank (or -2: not annotated); found {bad}")
     uncertain = raw == -1
     uncertain_target = torch.tensor([float(p == "ones") for p in policy], device=raw.device)
     ignored = torch.tensor([p == "ignore" for p in policy], device=raw.device)
-    targets = torch.where(blank, torch.zeros_like(raw), raw)
+    not_annotated = raw == NOT_ANNOTATED
+    targets = torch.where(blank | not_annotated, torch.zeros_like(raw), raw)
     targets = torch.where(uncertain, uncertain_target.expand_as(raw), targets)
-    mask = ~(uncertain & ignored)
+    mask = ~(uncertain & ignored) & ~not_annotated
     return targets, mask.float()

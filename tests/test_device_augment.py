@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cxrdist.data.device_augment import augment_batch
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import RawSample, StreamConfig, augment_rng, collate_for_device, decode_sample, decode_train_batch, read_shards
 from cxrdist.data.transforms import apply_train_params, as_tensor, draw_train_params, normalisation, train_draft_side

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import eval_loader
 from cxrdist.errors import UserError

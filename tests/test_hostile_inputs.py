@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from cxrdist.cli import main
-from cxrdist.data.manifest import MANIFEST_NAME, load_manifest
+from cxrdist.data.manifest import MANIFEST_NAME
+from cxrdist.data.datasets import load_manifest
 
 LABELS = ["A", "B"]
 

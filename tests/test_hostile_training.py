@@ -146,7 +146,7 @@ CHANGES = {"seed": lambda m: m.update(seed=m["seed"] + 1), "label-order": lambda
 
 @pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
 def test_the_dataset_identity_tells_a_re_prepared_dataset(synth_shards, tmp_path, change):
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
 
     assert load_manifest(other_shards(synth_shards, tmp_path, change)).identity() != load_manifest(synth_shards).identity()
 

@@ -36,7 +36,7 @@ def test_installed_wheel_finds_its_demo_config_outside_the_checkout(tmp_path):
 
 
 def test_info_prints_experiment_and_fold_count(synth_shards):
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
 
     config = REPO / "cxrdist" / "configs" / "demo.yaml"
     out = subprocess.run([sys.executable, "-m", "cxrdist", "info", "--config", str(config), f"data.shards={synth_shards}", "output_dir=x"],

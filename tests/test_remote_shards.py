@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cxrdist.data.location import join
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.data.shards import read_shard
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import StreamConfig, eval_loader, train_loader

@@ -17,7 +17,8 @@ from PIL import Image
 
 from cxrdist.data import stream
 from cxrdist.data.spec import ImageSpec
-from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_manifest, write_manifest
+from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.data.stream import (
     StreamConfig,
     Unit,

@@ -10,7 +10,6 @@ import signal
 import tarfile
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,11 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from sklearn.metrics import roc_auc_score
 
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.model.card import ModelCard
-from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, free_port, launch_cpu, records, run_single,
-                           single_process_auc)
+from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, final_ema, free_port, label_aucs, launch_cpu,
+                           records, run_single, single_process_auc, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +31,7 @@ COMPILED = {"train.compile": "true", "train.compile_devices": "all", "train.comp
 
 
 def csv_auc(path: Path, labels: list[str]) -> float:
-    table = pd.read_csv(path)
-    aucs = []
-    for label in labels:
-        known = table[f"target_{label}"].notna()
-        y = table.loc[known, f"target_{label}"]
-        if y.nunique() == 2:
-            aucs.append(roc_auc_score(y, table.loc[known, f"prob_{label}"]))
-    return float(np.mean(aucs))
+    return float(np.mean(label_aucs(pd.read_csv(path), labels)))
 
 
 @pytest.fixture(scope="module")
@@ -86,22 +77,6 @@ def test_run_files(two_process_run):
     assert set(load_file(str(run_dir / "best" / "model.safetensors"))) >= {"refine.weight"}
     for checkpoint in checkpoints:  # every rank's part, although rank 1 was slow at each checkpoint
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines() if l.strip()):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached")
-
-
-def final_ema(run_dir: Path) -> dict:
-    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    return load_file(str(newest / "ema.safetensors"))
 
 
 def test_sigterm_then_resume_is_bitwise_equal_to_an_uninterrupted_run(synth_shards, tmp_path):

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,37 @@ def run_single(args: list[str], timeout: int = 600, env: dict | None = None, **p
     return subprocess.run(cmd, env=env or cpu_env(1), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def label_aucs(table, labels: list[str]) -> list[float]:
+    """scikit-learn's AUC of every label of a prediction table (prob_/target_ columns, blank target = left out) with both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for label in labels:
+        known = table[f"target_{label}"].notna()
+        y = table.loc[known, f"target_{label}"]
+        if y.nunique() == 2:
+            aucs.append(roc_auc_score(y, table.loc[known, f"prob_{label}"]))
+    return aucs
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def final_ema(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(newest / "ema.safetensors"))
+
+
 def records(run_dir: Path, kind: str) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -79,7 +111,7 @@ def explain(result: subprocess.CompletedProcess) -> str:
 
 def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
     """The same checkpoint evaluated in this one process, no accelerate, no gather."""
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
     from cxrdist.data.stream import StreamConfig, eval_loader
     from cxrdist.evaluation.scoring.gathered import predict, score
     from cxrdist.eval_targets import evaluation_policy

@@ -44,7 +44,10 @@ def is_url(location: Location) -> bool:
 
 
 def shard_root(location: Location) -> Location:
-    """A shard directory as given by the user: URL -> str without a trailing slash, else Path."""
+    """A shard directory as given by the user: URL -> str without a trailing slash, else Path (several datasets,
+    data/datasets.py, stay the tuple of their entries: each shard knows its own location)."""
+    if isinstance(location, tuple):
+        return location
     return location.rstrip("/") if is_url(location) else Path(location)
 
 
@@ -55,6 +58,8 @@ def join(root: Location, relative: str) -> Location:
 
 def display(location: Location) -> str:
     """The location as it may be printed or recorded: no user:password@, no query string."""
+    if isinstance(location, tuple):  # several datasets (data/datasets.py)
+        return ", ".join(display(entry.location) for entry in location)
     if not is_url(location):
         return str(location)
     parts = urlsplit(location)
@@ -63,7 +68,10 @@ def display(location: Location) -> str:
 
 
 def resolved(root: Location) -> str:
-    """What a model card records as the shard directory: an absolute path, or the displayable URL."""
+    """What a model card records as the shard directory: an absolute path, or the displayable URL (for several datasets,
+    data/datasets.py, their entries as dicts)."""
+    if isinstance(root, tuple):
+        return [entry.to_dict() for entry in root]
     root = shard_root(root)
     return display(root) if isinstance(root, str) else str(root.resolve())
 

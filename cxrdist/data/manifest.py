@@ -72,6 +72,10 @@ class Manifest:
     def shards(self, names: list[str]) -> list[ShardInfo]:
         return [shard for name in names for shard in self.split(name).shards]
 
+    def weighted_shards(self, names: list[str]) -> list[ShardInfo]:
+        """The training shards of `names`, each as often per pass as its dataset's mixing weight says (data/datasets.py)."""
+        return self.shards(names)
+
     def num_samples(self, names: list[str]) -> int:
         return sum(self.split(name).num_samples for name in names)
 
@@ -137,8 +141,9 @@ def has_manifest(root: Location) -> bool:
     return exists(manifest_location(root))
 
 
-def load_manifest(root: Location) -> Manifest:
-    """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused."""
+def load_one_manifest(root: Location) -> Manifest:
+    """Load and sanity-check `root/manifest.json`; a directory (or URL) without one is incomplete and refused.
+    (`data.shards` as a list of datasets: data/datasets.py's load_manifest combines several.)"""
     if is_url(root):
         return load_remote_manifest(root)
     root = Path(root)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cxrdist.data.datasets import DatasetShard, root_dataset_name
 from cxrdist.data.location import Location, join, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.data.shards import RawSample, read_shard
@@ -48,7 +49,7 @@ from cxrdist.errors import UserError
 SHARD_ORDER_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3
 PREFETCH_BATCHES = 2
 AUGMENT_PLACES = ("cpu", "device")
-EVAL_META = ("patient", "path")  # sample json fields an eval batch carries to the predictions
+EVAL_META = ("patient", "path", "dataset")  # sample json fields an eval batch carries to the predictions
 
 
 @dataclass
@@ -75,7 +76,14 @@ class Unit:
 
 
 def read_shards(root: Location, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
-    return chain.from_iterable(read_shard(join(root, shard.file), shard.num_samples) for shard in shards)
+    return chain.from_iterable(shard_samples(root, shard) for shard in shards)
+
+
+def shard_samples(root: Location, shard: ShardInfo) -> Iterator[RawSample]:
+    """A shard's raw samples; one of several datasets (data/datasets.py) reads itself, namespaced and relabelled."""
+    if isinstance(shard, DatasetShard):
+        return shard.samples()
+    return read_shard(join(root, shard.file), shard.num_samples)
 
 
 # ---------------------------------------------------------------- train: which unit reads what, per pass
@@ -327,9 +335,11 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()
         samples = read_shards(self.root, self.shards[worker::workers])
+        default_dataset = root_dataset_name(self.root)
         for raw_batch in batched(samples, self.cfg.batch_size):
             with decoding_context():
                 batch = decode_eval_batch(raw_batch, self.cfg, self.num_labels, self.hflip)
+            batch["meta"]["dataset"] = [name or default_dataset for name in batch["meta"]["dataset"]]
             yield batch
 
 
@@ -384,7 +394,7 @@ def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamC
     check_config(cfg, rank, world_size)
     if start_batch < 0:
         raise UserError(f"start_batch must be >= 0, got {start_batch}")
-    shards = [shard for shard in manifest.shards(splits) if shard.num_samples > 0]
+    shards = [shard for shard in manifest.weighted_shards(splits) if shard.num_samples > 0]
     check_train_shards(shards, world_size, max(1, cfg.workers))
     dataset = TrainStream(root, shards, len(manifest.labels), cfg, rank, world_size, start_batch)
     return make_loader(dataset, cfg.workers, cfg.seed)

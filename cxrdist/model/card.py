@@ -60,7 +60,7 @@ class ModelCard:
     image: ImageSpec  # the input tensor: size, channels, normalisation, interpolation
     stored_image: dict  # how `prepare` stored the pixels: {"format", "max_size", "quality"} (the manifest's)
     dataset: dict  # Manifest.identity() of the shards it was trained on
-    shards: str  # where those shards were: absolute path at training time, or the URL without credentials
+    shards: Any  # where those shards were: absolute path at training time, or the URL without credentials (several datasets: their entries)
     experiment: str
     fold: int
     step: int

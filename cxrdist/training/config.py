@@ -25,7 +25,10 @@ RESUME_CHANGES = ("refuse", "allow")
 
 @dataclass
 class DataConfig:
-    shards: str = MISSING  # directory written by `cxrdist prepare` (with manifest.json)
+    # directory or URL written by `cxrdist prepare` (with manifest.json), or a list of them (several datasets:
+    # each entry a location or {location, name, weight, label_map}, cxrdist/data/datasets.py)
+    shards: Any = MISSING
+    vocabulary: Any = None  # several datasets: the model's label names (default: the union of the harmonised labels)
     img_size: int = 380
     batch_size: int = 32  # per device (per process)
     eval_batch_size: int = 0  # 0 = 2 x batch_size
@@ -214,7 +217,12 @@ def recorded(cfg: ExperimentConfig) -> DictConfig:
     from cxrdist.data.location import display
 
     record = OmegaConf.structured(cfg)
-    record.data.shards = display(cfg.data.shards)
+    shards = cfg.data.shards
+    if isinstance(shards, (list, tuple)):
+        record.data.shards = [{**entry, "location": display(str(entry["location"]))} if isinstance(entry, dict) else display(str(entry))
+                              for entry in shards]
+    else:
+        record.data.shards = display(shards)
     return record
 
 

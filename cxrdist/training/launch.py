@@ -23,7 +23,7 @@ def experiment_info(config: Path, overrides: list[str], read_manifest: bool = Tr
     """(experiment, output_dir, number of folds in the shards' manifest; 0 without `read_manifest`).
 
     `cxrdist train --fold all` and slurm/train_folds.sh (through `cxrdist info`) size their fold loops from it."""
-    from cxrdist.data.manifest import load_manifest
+    from cxrdist.data.datasets import load_manifest
     from cxrdist.training.config import load_config
 
     cfg = load_config(config, overrides)

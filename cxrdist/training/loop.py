@@ -18,10 +18,11 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from cxrdist import distributed
-from cxrdist.data.location import display, shard_root
+from cxrdist.data.location import display
 from cxrdist.atomic import atomic_write_text
 from cxrdist.data.device_augment import augment_batch
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import open_datasets
+from cxrdist.evaluation.scoring.by_dataset import summary_line
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, resolve_workers, train_loader
 from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
@@ -79,8 +80,7 @@ def graph_break_count() -> int:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self.root = shard_root(cfg.data.shards)
-        self.manifest = load_manifest(self.root)
+        self.root, self.manifest = open_datasets(cfg.data.shards, cfg.data.vocabulary)
         self.manifest.check_fold(cfg.fold)
         self.labels = self.manifest.labels
         self.policy = resolve_policy(cfg.data.label_policy, self.labels)
@@ -195,7 +195,7 @@ class Trainer:
             what = ("records no dataset identity" if not state.dataset
                     else f"was trained on other shards (labels {state.dataset.get('labels')}, seed {state.dataset.get('seed')})")
             raise UserError(
-                f"checkpoint {path} {what}, not {self.root} (labels {self.labels}, seed {self.manifest.seed}): "
+                f"checkpoint {path} {what}, not {display(self.root)} (labels {self.labels}, seed {self.manifest.seed}): "
                 "resuming would mix label meanings or folds; use another experiment name or train.resume=never"
             )
         return found
@@ -538,11 +538,13 @@ class Trainer:
         flat = {"val/ema_macro_auc": results["ema"]["macro_auc"], "val/live_macro_auc": results["live"]["macro_auc"],
                 "val/ema_loss": results["ema"].get("loss")}
         flat.update({f"val/auc/{k}": v for k, v in results["ema"]["per_label"].items() if v is not None})
+        flat.update({f"val/dataset_auc/{k}": v["macro_auc"] for k, v in results["ema"].get("per_dataset", {}).items()})
         if record["sparsity"] is not None:
             flat["val/coupling_sparsity"] = record["sparsity"]
         log_wandb(acc, flat, self.state.step, couplings)
         self.say(f"step {self.state.step}: val macro AUC EMA {results['ema']['macro_auc']:.4f}, live {results['live']['macro_auc']:.4f}"
-                 + (" (best)" if improved else ""))
+                 + (" (best)" if improved else "")
+                 + (f"; per dataset {summary_line(results['ema']['per_dataset'])}" if len(results["ema"].get("per_dataset", {})) > 2 else ""))
         acc.wait_for_everyone()
         return record
 

@@ -22,6 +22,7 @@ from cxrdist.data.location import display, join
 from cxrdist.data.manifest import Manifest
 from cxrdist.data.shards import iter_tar_members
 from cxrdist.data.stream import parse_labels
+from cxrdist.data.datasets import DatasetShard
 from cxrdist.errors import UserError
 from cxrdist.evaluation.clinical.calibration import apply_platt, apply_temperature, calibration_summary, fit_platts, fit_temperatures, platt_notes
 from cxrdist.evaluation.clinical.operating_points import operating_points
@@ -44,9 +45,10 @@ def split_raw_labels(root, manifest: Manifest, split: str) -> dict[str, np.ndarr
     """{key: raw labels} of a split, from the shards' json members (the image data is skipped, not read)."""
     found: dict[str, np.ndarray] = {}
     for shard in manifest.split(split).shards:
-        path = join(root, shard.file)
+        path = shard.location if isinstance(shard, DatasetShard) else join(root, shard.file)
+        members = ((s.key, None, s.meta) for s in shard.samples()) if isinstance(shard, DatasetShard) else iter_tar_members(path, only="json")
         try:
-            for key, _, data in iter_tar_members(path, only="json"):
+            for key, _, data in members:
                 found[key] = parse_labels(json.loads(data), len(manifest.labels))
         except (tarfile.TarError, OSError, ValueError, KeyError) as err:
             raise UserError(f"{display(path)}: unreadable shard ({err}); re-run `cxrdist prepare`") from None

@@ -24,7 +24,10 @@ from tqdm import tqdm
 from cxrdist import distributed
 from cxrdist.atomic import check_writable_dir, json_ready
 from cxrdist.data.location import Location, display, resolved
-from cxrdist.data.manifest import Manifest, check_same_dataset, load_manifest
+from cxrdist.data.manifest import Manifest, check_same_dataset
+from cxrdist.data.datasets import load_manifest
+from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
+from cxrdist.evaluation.prediction.external import check_not_trained_on, open_external
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
@@ -44,7 +47,7 @@ from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and
     stream_config,
     view_modules,
 )
-from cxrdist.layout import FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
+from cxrdist.layout import EXTERNAL_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
 from cxrdist.policy import apply_policy
 
 # ---------------------------------------------------------------- running the split
@@ -193,6 +196,7 @@ def run_evaluate(
     seed: int = 0,
     eval_targets: str | None = None,
     check_dataset: bool = True,
+    external: Location | None = None,
 ) -> dict:
     """Evaluate the fold ensemble on `split` against `eval_targets` (default: what the cards record,
     else ignore_uncertain; never the training policy); on the main process write predictions.csv,
@@ -205,14 +209,19 @@ def run_evaluate(
     labels = models[0].card.labels
     rule = rule_from_cards([m.card for m in models], eval_targets)
     policy = evaluation_policy(rule, len(labels))
-    root = shards_root(models, shards)
-    manifest = load_manifest(root)
-    manifest.split(split)
+    train_root = root = shards_root(models, shards)
+    train_manifest = manifest = load_manifest(root)
     if manifest.labels != labels:
         raise UserError(f"{display(root)}: the manifest's labels differ from the models' labels")
     for m in models if check_dataset else ():  # off only in code that scores the same images under other labels (a benchmark)
         check_same_dataset(m.card.dataset, manifest, root, str(m.directory))
-    out = Path(out) if out is not None else default_out(runs)
+    if external is not None:
+        root, manifest = open_external(external, labels)
+        check_not_trained_on(manifest, train_root, train_manifest)
+    manifest.split(split)
+    if out is None:  # an external evaluation must not replace the internal one in runs/EXP/ensemble
+        out = default_out(runs).parent / EXTERNAL_DIR / manifest.entries[0].name if external is not None else default_out(runs)
+    out = Path(out)
     check_writable_dir(out)
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
@@ -222,7 +231,8 @@ def run_evaluate(
     groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
     metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
     targets, mask = scored_targets(preds.raw, policy)
-    oof = load_out_of_fold(models, root, manifest, policy)
+    metrics["per_dataset"] = per_dataset_auc(targets, ensemble_probabilities(per_model), labels, mask, preds.meta["dataset"])
+    oof = load_out_of_fold(models, train_root, train_manifest, policy)
     metrics.update(clinical_metrics(oof, targets, ensemble_probabilities(per_model), mask, labels, groups, resamples, seed))
     metrics = {
         "split": split,
@@ -236,14 +246,15 @@ def run_evaluate(
         "model_names": [m.name for m in models],
         "model_dirs": {m.name: str(m.directory) for m in models},
         "shards": resolved(root),
+        "external": external is not None,
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
-        "notes": split_notes(split, models),
+        "notes": [] if external is not None else split_notes(split, models),
         "out": str(out),
         **metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
-    ids = {"key": preds.keys, "path": preds.meta["path"], "patient": preds.meta["patient"]}
+    ids = {"key": preds.keys, "dataset": preds.meta["dataset"], "path": preds.meta["path"], "patient": preds.meta["patient"]}
     write_predictions_csv(out / PREDICTIONS_FILE, ids, ensemble_probabilities(per_model), labels, targets, mask)
     write_fold_probabilities(out / FOLD_PROBABILITIES_FILE, preds.keys, labels, per_model, per_model_plain)
     write_json(out / METRICS_FILE, metrics)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrdist.data.location import Location, display, resolved, shard_root
+from cxrdist.data.location import Location, display, shard_root
 from cxrdist.data.manifest import has_manifest
 from cxrdist.data.stream import StreamConfig
+from cxrdist.data.datasets import recorded_root
 from cxrdist.errors import UserError
 from cxrdist.evaluation.scoring.gathered import probabilities
 from cxrdist.layout import BEST_DIR, CARD_FILE, FOLD_PREFIX, fold_best_dirs, fold_name
@@ -84,12 +85,12 @@ def shards_root(models: list[FoldModel], override: Location | None = None) -> Lo
     if override is not None:
         root = shard_root(override)
     else:
-        roots = {shard_root(resolved(m.card.shards)) for m in models}
+        roots = {display(recorded_root(m.card.shards)): recorded_root(m.card.shards) for m in models}
         if len(roots) > 1:
-            raise UserError(f"the fold models were trained on different shard directories ({', '.join(sorted(map(str, roots)))}); "
+            raise UserError(f"the fold models were trained on different shard directories ({'; '.join(sorted(roots))}); "
                             "pass the one to use")
-        root = roots.pop()
-    if not has_manifest(root):
+        root = roots.popitem()[1]
+    if not isinstance(root, tuple) and not has_manifest(root):
         raise UserError(f"{display(root)}: the models' shard directory has no manifest.json (moved? pass the shard directory explicitly)")
     return root
 

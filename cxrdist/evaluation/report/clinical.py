@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cxrdist.data.manifest import Manifest
-from cxrdist.data.shards import read_shard_samples
+from cxrdist.data.stream import read_shards
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import UserError
 from cxrdist.evaluation import figures as figs
@@ -140,7 +140,7 @@ def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest
         for j in np.argsort([-predictions[f"prob_{label}"].max() for label in labels])[:SALIENCY_IMAGES]:
             chosen.append((predictions["key"].iloc[int(predictions[f"prob_{labels[j]}"].idxmax())], int(j)))
         wanted = {key for key, _ in chosen}
-        pixels = {key: image for shard in manifest.split(split).shards for key, image, _ in read_shard_samples(root / shard.file) if key in wanted}
+        pixels = {s.key: s.image for s in read_shards(root, manifest.split(split).shards) if s.key in wanted}
         spec = models[0].card.image
         batch = torch.stack([eval_transform(decode_grayscale(pixels[key], spec.size), spec) for key, _ in chosen])
         maps = ensemble_cams([m.model for m in models], batch, [j for _, j in chosen], tta=True)

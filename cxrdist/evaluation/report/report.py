@@ -21,14 +21,17 @@ from safetensors import safe_open
 from scipy.stats import rankdata
 
 from cxrdist.data.images import decode_image
-from cxrdist.data.location import Location, join, shard_root
-from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
-from cxrdist.data.shards import read_shard_samples
+from cxrdist.data.location import Location
+from cxrdist.data.datasets import recorded_root
+from cxrdist.data.manifest import Manifest, has_manifest
+from cxrdist.data.datasets import load_manifest
+from cxrdist.data.stream import read_shards
 from cxrdist.errors import UserError, one_line
 from cxrdist.evaluation import figures as figs
-from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
 from cxrdist.evaluation.report.clinical import clinical_section, saliency_section
+from cxrdist.evaluation.report.datasets import datasets_section
 from cxrdist.evaluation.report.html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
+from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
 from cxrdist.atomic import atomic_write_text
 from cxrdist.layout import (
     BEST_DIR, CARD_FILE, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, METRICS_LOG, PREDICTIONS_FILE, REPORT_DIR,
@@ -107,8 +110,8 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
 
 def find_manifest(folds: list[FoldRun], shards: Location | None) -> tuple[Location | None, Manifest | None]:
     candidates = [shards] if shards is not None else [f.card.shards for f in folds if f.card]
-    for root in map(shard_root, candidates):
-        if has_manifest(root):
+    for root in map(recorded_root, candidates):
+        if isinstance(root, tuple) or has_manifest(root):  # a tuple: several datasets (data/datasets.py)
             return root, load_manifest(root)
     return None, None
 
@@ -270,7 +273,8 @@ def sample_images(root: Location, manifest: Manifest, path: Path) -> str:
     split = TEST_SPLIT if TEST_SPLIT in manifest.splits else manifest.fold_names[0]
     images, captions, titles = [], [], []
     for shard in manifest.split(split).shards:
-        for _key, data, meta in read_shard_samples(join(root, shard.file)):
+        for sample in read_shards(root, [shard]):  # a shard of one of several datasets reads itself (data/datasets.py)
+            data, meta = sample.image, json.loads(sample.meta)
             images.append(decode_image(data))
             raw = meta.get("labels", [])
             found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]
@@ -485,6 +489,9 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),
     ]
+    by_dataset = datasets_section(runs, ensemble.metrics if ensemble else None)
+    if by_dataset is not None:
+        sections.insert(2, ("datasets", "Datasets", by_dataset))
     comparison = comparison_section(runs)
     if comparison is not None:
         sections.insert(2, ("compare", "Refinement ablation", comparison))

@@ -172,7 +172,8 @@ def fold_tables(runs: Path) -> dict[str, Path]:
 
 def fold_patients(best: Path, split: str) -> dict[str, str] | None:
     """key -> patient of a fold, from the shards the model was trained on (for tables written without a patient column)."""
-    from cxrdist.data.manifest import has_manifest, load_manifest
+    from cxrdist.data.manifest import has_manifest
+    from cxrdist.data.datasets import load_manifest
     from cxrdist.data.shards import read_shard_samples
 
     root = Path(ModelCard.read(best).shards)

@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import gather_object
 
 from cxrdist.evaluation.scoring import outputs
+from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
 from cxrdist.evaluation.scoring.metrics import auc_summary
 from cxrdist.policy import apply_policy
 
@@ -119,6 +120,8 @@ def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None
     results = {}
     for name, logits in preds.logits.items():
         summary = auc_summary(targets.numpy(), probabilities(logits), labels, mask.numpy())
+        if "dataset" in preds.meta:
+            summary["per_dataset"] = per_dataset_auc(targets.numpy(), probabilities(logits), labels, mask.numpy(), preds.meta["dataset"])
         if loss_fn is not None and len(logits):
             summary["loss"] = float(loss_fn(torch.from_numpy(logits), loss_targets, loss_mask))
         results[name] = summary
@@ -126,8 +129,8 @@ def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None
 
 
 def write_predictions_csv(path: Path, preds: Predictions, model: str, labels: list[str], policy: list[str]) -> None:
-    """key[, patient], prob_<label>, target_<label> of one model; written atomically. Targets are blank where
+    """key[, dataset][, patient], prob_<label>, target_<label> of one model; written atomically. Targets are blank where
     `policy` (the evaluation targets) leaves them out; the patient column lets `cxrdist compare` resample patients."""
     targets, mask = apply_policy(preds.raw, policy)
-    ids = {"key": preds.keys, **({"patient": preds.meta["patient"]} if "patient" in preds.meta else {})}
+    ids = {"key": preds.keys, **{name: preds.meta[name] for name in ("dataset", "patient") if name in preds.meta}}
     outputs.write_predictions_csv(path, ids, probabilities(preds.logits[model]), labels, targets.numpy(), mask.numpy())

@@ -1,0 +1,220 @@
+"""Several prepared datasets read as one: harmonised labels, namespaced samples, shared folds.
+
+`data.shards` is one location (a directory or URL written by `cxrdist prepare`) or a list of them; a list entry is
+a location or {location, name, weight, label_map}. With a list, fold K of the run is fold K of every dataset
+(their fold counts must agree) and each sample is rewritten as it is read:
+- its key, patient and path get the prefix "<dataset name>/", so two datasets with the same file names or
+  patient numbers never collide in the stream, the gather, the bootstrap or a CSV;
+- its labels are put in the model's order (cxrdist/labels_harmonise.py); a model label the dataset does not
+  annotate gets NOT_ANNOTATED (cxrdist/policy.py): masked in the loss and left out of every metric;
+- its json gains "dataset": the dataset name (the `dataset` column of the prediction CSVs).
+`weight` (default 1) is a dataset's relative sampling rate in training: its training shards are read
+round(weight / smallest weight) times per pass. Evaluation reads every sample once, whatever the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import posixpath
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrdist.data.location import Location, display, is_url, join, resolved, shard_root
+from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_one_manifest
+from cxrdist.data.shards import RawSample, read_shard
+from cxrdist.errors import UserError
+from cxrdist.labels_harmonise import harmonise
+from cxrdist.policy import NOT_ANNOTATED
+
+NAMESPACE_SEPARATOR = "/"
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One prepared dataset of a run: where it is, what it is called, how often it is sampled, how its labels map."""
+
+    name: str
+    location: Location
+    weight: float = 1.0
+    label_map: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "location": resolved(self.location), "weight": self.weight, "label_map": dict(self.label_map)}
+
+
+@dataclass
+class DatasetShard(ShardInfo):
+    """A shard of one dataset in a combined manifest: read from its own location, its samples rewritten."""
+
+    location: Location = ""
+    dataset: str = ""
+    columns: tuple = ()  # for each of the dataset's labels, its index in the model's labels (None: dropped)
+    num_model_labels: int = 0
+
+    def samples(self) -> Iterator[RawSample]:
+        for raw in read_shard(self.location, self.num_samples):
+            yield RawSample(self.dataset + NAMESPACE_SEPARATOR + raw.key, raw.image, self.rewrite_meta(raw.meta))
+
+    def rewrite_meta(self, meta: bytes | None) -> bytes | None:
+        """Labels in the model's order, namespaced patient and path; unreadable json is left for the decoder to count."""
+        try:
+            data = json.loads(meta)
+            labels = data["labels"]
+            if len(labels) != len(self.columns):
+                return meta
+        except Exception:  # noqa: BLE001 - a corrupt sample stays corrupt; decode_sample counts it
+            return meta
+        model_labels = [NOT_ANNOTATED] * self.num_model_labels
+        for value, index in zip(labels, self.columns):
+            if index is not None:
+                model_labels[index] = value
+        for name in ("patient", "path"):
+            if data.get(name):
+                data[name] = self.dataset + NAMESPACE_SEPARATOR + str(data[name])
+        return json.dumps({**data, "labels": model_labels, "dataset": self.dataset}).encode()
+
+
+class CombinedManifest(Manifest):
+    """Several datasets' manifests as one (built here, never written): split K = split K of every dataset."""
+
+    members: dict[str, Manifest]
+    entries: tuple[DatasetEntry, ...]
+
+    def identity(self) -> dict:
+        """The members' identities under their names, and the label mapping: what checkpoints and model cards record."""
+        members = {entry.name: {**self.members[entry.name].identity(), "label_map": dict(entry.label_map)} for entry in self.entries}
+        digest = hashlib.sha256(json.dumps(members, sort_keys=True).encode()).hexdigest()
+        return {"labels": list(self.labels), "num_folds": self.num_folds, "seed": self.seed, "content_sha256": digest,
+                "datasets": sorted(members)}
+
+    def weighted_shards(self, names: list[str]) -> list[ShardInfo]:
+        """The training shards with each dataset's repeated by its mixing weight."""
+        smallest = min(entry.weight for entry in self.entries)
+        copies = {entry.name: max(1, round(entry.weight / smallest)) for entry in self.entries}
+        return [shard for shard in self.shards(names) for _ in range(copies[shard.dataset])]
+
+
+def dataset_name(location: Location) -> str:
+    """The default name of a dataset: the last part of its location (directory name, or URL path)."""
+    text = display(location).rstrip("/") if is_url(location) else str(Path(location).resolve())
+    return posixpath.basename(text.rstrip("/")) or text
+
+
+def parse_entries(spec) -> tuple[DatasetEntry, ...]:
+    """`data.shards` as a list: every entry a location or {location, name, weight, label_map}; see the module docstring."""
+    entries = []
+    for item in spec:
+        if isinstance(item, DatasetEntry):
+            entries.append(item)
+            continue
+        if isinstance(item, Mapping):
+            unknown = sorted(set(item) - {"location", "name", "weight", "label_map"})
+            if unknown or "location" not in item:
+                raise UserError(f"data.shards: an entry is a location or {{location, name, weight, label_map}}, got {dict(item)!r}")
+            location, name = str(item["location"]), item.get("name")
+            weight, label_map = item.get("weight", 1.0), dict(item.get("label_map") or {})
+        else:
+            location, name, weight, label_map = str(item), None, 1.0, {}
+        entries.append(DatasetEntry(str(name) if name else dataset_name(shard_root(location)), shard_root(location),
+                                    check_weight(weight, location), label_map))
+    check_entries(entries)
+    return tuple(entries)
+
+
+def check_weight(weight, location: str) -> float:
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"data.shards: the mixing weight of {location} must be a positive number, not {weight!r}")
+    return value
+
+
+def check_entries(entries: Sequence[DatasetEntry]) -> None:
+    if not entries:
+        raise UserError("data.shards: the list names no dataset")
+    locations = [resolved(entry.location) for entry in entries]
+    for location in locations:
+        if locations.count(location) > 1:
+            raise UserError(f"data.shards: {location} is listed twice")
+    names = [entry.name for entry in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"data.shards: two datasets are named {name!r}; give them distinct names ({{location: ..., name: ...}})")
+        if NAMESPACE_SEPARATOR in name or not name:
+            raise UserError(f"data.shards: dataset name {name!r} must be non-empty and without {NAMESPACE_SEPARATOR!r}")
+
+
+def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = None) -> CombinedManifest:
+    """One manifest over every entry's: the fold counts must agree and the labels harmonise (UserError otherwise)."""
+    members = {entry.name: load_one_manifest(entry.location) for entry in entries}
+    check_distinct_contents(members)
+    folds = {name: manifest.num_folds for name, manifest in members.items()}
+    if len(set(folds.values())) > 1:
+        raise UserError(f"data.shards: the datasets have different fold counts ({', '.join(f'{n}: {k}' for n, k in folds.items())}); "
+                        "prepare them with the same --folds")
+    vocab = harmonise({name: manifest.labels for name, manifest in members.items()},
+                      {entry.name: entry.label_map for entry in entries}, vocabulary)
+    splits: dict[str, SplitInfo] = {}
+    for entry in entries:
+        manifest = members[entry.name]
+        columns = tuple(vocab.columns[entry.name])
+        for split_name, split in manifest.splits.items():
+            combined = splits.setdefault(split_name, SplitInfo(0, 0, []))
+            combined.num_samples += split.num_samples
+            combined.num_patients += split.num_patients
+            combined.shards.extend(DatasetShard(**vars(shard), location=join(entry.location, shard.file), dataset=entry.name,
+                                                columns=columns, num_model_labels=len(vocab.labels)) for shard in split.shards)
+    first = members[entries[0].name]
+    result = CombinedManifest(labels=vocab.labels, splits=splits, num_folds=first.num_folds, seed=first.seed,
+                              source={"datasets": [entry.to_dict() for entry in entries]}, image=dict(first.image))
+    result.members, result.entries = members, tuple(entries)
+    return result
+
+
+def check_distinct_contents(members: Mapping[str, Manifest]) -> None:
+    seen: dict[str, str] = {}
+    for name, manifest in members.items():
+        content = manifest.identity()["content_sha256"]
+        if content in seen:
+            raise UserError(f"data.shards: datasets {seen[content]} and {name} hold the same shards (a dataset listed twice)")
+        seen[content] = name
+
+
+def is_dataset_list(spec) -> bool:
+    return not isinstance(spec, (str, Path)) and isinstance(spec, Sequence | _list_config())
+
+
+def _list_config() -> type:
+    from omegaconf import ListConfig
+
+    return ListConfig
+
+
+def load_manifest(spec) -> Manifest:
+    """The manifest of `data.shards`: one dataset's, or several datasets' combined."""
+    return open_datasets(spec)[1]
+
+
+def open_datasets(spec, vocabulary: Sequence[str] | None = None) -> tuple[Location | tuple[DatasetEntry, ...], Manifest]:
+    """(root, manifest) for `data.shards`: a single location as it always was, a list as one CombinedManifest whose
+    root is the tuple of its entries."""
+    if not is_dataset_list(spec):
+        root = shard_root(spec)
+        return root, load_one_manifest(root)
+    entries = parse_entries(spec)
+    return entries, combine(entries, vocabulary)
+
+
+def root_dataset_name(root) -> str:
+    """The dataset name of a single location (the `dataset` column when samples do not carry one)."""
+    return "" if isinstance(root, tuple) else dataset_name(root)
+
+
+def recorded_root(shards) -> Location | tuple[DatasetEntry, ...]:
+    """The root a model card's `shards` names: one location, or (several datasets) the tuple of their entries."""
+    return parse_entries(shards) if is_dataset_list(shards) else shard_root(resolved(shards))
