@@ -75,7 +75,7 @@ class Unit:
 
 
 def read_shards(root: Location, shards: Iterable[ShardInfo]) -> Iterator[RawSample]:
-    return chain.from_iterable(read_shard(join(root, shard.file), shard.num_samples) for shard in shards)
+    return chain.from_iterable(read_shard(join(root, shard.file), shard) for shard in shards)
 
 
 # ---------------------------------------------------------------- train: which unit reads what, per pass
