@@ -134,6 +134,21 @@ def test_a_shard_that_answers_404_is_named_without_its_credentials(synth_shards)
     assert "s3cret-pw" not in str(err.value) and "tok-9876" not in str(err.value)
 
 
+def test_training_writes_credentials_nowhere_w_and_b_included(synth_shards, tmp_path):
+    """A shard URL with a user:password, W&B offline: not in any output or any file (W&B's run files, whose metadata
+    records the command line, included). (A query token names one object, not a shard directory: redact's test.)"""
+    env = cpu_env(1, WANDB_MODE="offline", WANDB_DIR=tmp_path / "wandb-home", WANDB_SILENT="true")
+    with http_server(synth_shards) as (url, _handler):
+        secret = url.replace("http://", "http://alice:s3cret-pw@")
+        args = fast_overrides(secret, tmp_path / "runs", **{"train.epochs": 1, "logging.wandb": "offline"})
+        result = run_single(["--fold", "0", *args], env=env, timeout=600)
+    assert result.returncode == 0, explain(result)
+    assert list((tmp_path / "runs").rglob("offline-run-*/run-*.wandb")), "W&B wrote no run log"
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    written = [path for path in tmp_path.rglob("*") if path.is_file() and b"s3cret-pw" in path.read_bytes()]
+    assert not written, written
+
+
 def test_slurm_fold_task_log_shows_no_credentials(stand_ins):  # noqa: F811 - the imported fixture
     env = fold_task_env(stand_ins, GPUS_PER_NODE=8)
     done = subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG), f"data.shards={SECRET_URL}"], env=env, capture_output=True,
@@ -172,10 +187,10 @@ def test_a_shard_stalling_mid_stream_during_evaluate_ends_with_one_line(evaluate
     manifest_bytes = (synth_shards / "manifest.json").stat().st_size
     with http_server(synth_shards, cuts=-1, cut_after=manifest_bytes + 1, stall=True) as (url, _handler):
         result = cli("evaluate", "--runs", str(runs), "--shards", url, "--out", str(tmp_path / "ens"), "--workers", "0",
-                     "--resamples", "10", env={**os.environ, TIMEOUT_VARIABLE: "1"}, timeout=240)
-    assert result.returncode == 2, explain(result)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "unreadable after 5 attempts" in lines[0] and ".tar" in lines[0], result.stderr
+                     "--resamples", "10", env={**os.environ, TIMEOUT_VARIABLE: "3"}, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, explain(result)
+    errors = [line for line in result.stderr.strip().splitlines() if "error:" in line]  # the others: the progress bar
+    assert len(errors) == 1 and "unreadable after 5 attempts" in errors[0] and ".tar" in errors[0], result.stderr
     assert not (tmp_path / "ens").exists()
 
 
@@ -280,7 +295,7 @@ def test_bad_settings_are_one_line_where_the_config_is_read(tmp_path, override):
 
 
 def test_a_pos_weight_of_the_wrong_length_stops_training_before_the_first_step(synth_shards, tmp_path):
-    result = run_single(["--config", str(DEMO_CONFIG), "--fold", "0", *fast_overrides(synth_shards, tmp_path, **{"loss.pos_weight": "[1.0,2.0]"})],
+    result = run_single(["--fold", "0", *fast_overrides(synth_shards, tmp_path, **{"loss.pos_weight": "[1.0,2.0]"})],
                         timeout=300, env=cpu_env(1))
     assert result.returncode == 2, explain(result)
     assert "loss.pos_weight has 2 values" in result.stderr and "Traceback" not in result.stderr, explain(result)
