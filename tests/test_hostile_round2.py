@@ -70,6 +70,14 @@ def test_export_into_a_finished_model_directory_is_refused(experiment_copy, caps
     assert {p.name: p.read_bytes() for p in best.iterdir()} == before
 
 
+def test_evaluate_into_a_finished_model_directory_is_refused(experiment_copy, capsys):
+    best = experiment_copy / "fold-0" / "best"
+    before = {p.name: p.read_bytes() for p in best.iterdir()}
+    assert main(["evaluate", "--runs", str(experiment_copy), "--out", str(best), "--workers", "0", "--resamples", "10"]) == 2
+    one_error(capsys, "--out")
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == before
+
+
 @pytest.mark.parametrize("kind", ["png", "dicom"])
 def test_predict_onto_its_own_image_is_refused(trained_experiment, tmp_path, capsys, kind):
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
