@@ -153,3 +153,20 @@ def check_writable_file(path: Path, flag: str = "--out") -> None:
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path}: the file is not writable")
     check_writable_dir(path.parent, flag)
+
+
+def check_not_an_input(path: Path, inputs, flag: str = "--out") -> None:
+    """No command writes over what it reads: `path` may not be one of the files in `inputs` (also when reached
+    through another name: a hard or symbolic link) nor lie inside one of its directories (a finished model's best/)."""
+    path = Path(path)
+    for source in map(Path, inputs):
+        if source.is_dir() and (source.resolve() == path.resolve() or source.resolve() in path.resolve().parents):
+            raise UserError(f"{flag} {path}: inside {source}, which this command reads; write somewhere else")
+        if same_file(path, source):
+            raise UserError(f"{flag} {path}: is the input {source}; write to a new file")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()

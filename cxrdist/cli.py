@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def run_train(args) -> int:
 
 
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' for a config (the fold count from the shards' manifest)")
+    p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' (tab-separated) for a config (the fold count from the shards' manifest)")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--no-manifest", dest="manifest", action="store_false", help="do not read the manifest (NUM_FOLDS is printed as 0)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -152,7 +153,7 @@ def run_info(args) -> int:
     from cxrdist.training.launch import experiment_info
 
     experiment, output_dir, folds = experiment_info(args.config, args.overrides, read_manifest=args.manifest)
-    print(experiment, output_dir, folds)
+    print(experiment, output_dir, folds, sep="\t")  # tabs: slurm/train_folds.sh reads an output_dir with spaces whole
     return 0
 
 
@@ -298,12 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FILESYSTEM_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+def filesystem_error(err: OSError) -> str | None:
+    """The one line for a file system refusal (read-only, full, no permission, a file where a folder should be),
+    naming the path; None for other errors (a bug shows its traceback)."""
+    if err.errno not in FILESYSTEM_ERRNOS:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err} (check that path: its permissions, free space, or a file standing where a folder should)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except UserError as err:
         print(f"cxrdist {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        line = filesystem_error(err)
+        if line is None:
+            raise
+        print(f"cxrdist {args.command}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"cxrdist {args.command}: interrupted", file=sys.stderr)

@@ -25,6 +25,11 @@ EXIT_PREEMPTED=75  # the trainer's "checkpointed, requeue me" (EX_TEMPFAIL)
 
 die() { echo "train_folds.sh: error: $*" >&2; exit 2; }
 log() { echo "[train_folds $(date +%H:%M:%S)] $*"; }
+# The text with every URL in its display form (no user:password@, no query string): cxrdist's own rule.
+redacted() {
+    PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" -c 'import sys; from cxrdist.data.location import redact; print(redact(sys.argv[1]))' "$1" \
+        || echo "(not shown: cannot import cxrdist to hide credentials)"
+}
 
 repo_root() {
     # Under sbatch, $0 is slurmd's copy of the script in its spool directory: then the checkout is
@@ -73,7 +78,7 @@ submit() {
     local query=(info --config "$config")
     [[ -n ${FOLDS:-} ]] && query+=(--no-manifest)
     info=$("$PYTHON" -m cxrdist "${query[@]}" "${overrides[@]}") || exit 2
-    read -r experiment output_dir num_folds <<<"$info"
+    IFS=$'\t' read -r experiment output_dir num_folds <<<"$info"  # tab-separated: an output_dir may hold spaces
     local folds=${FOLDS:-0-$((num_folds - 1))}
     [[ $folds =~ ^[0-9]+([-,][0-9]+)*(%[0-9]+)?$ ]] || die "FOLDS=$folds: expected an array spec of fold numbers like 0-4, 0,2 or 0-4%2"
     [[ $output_dir = /* ]] || output_dir=$PWD/$output_dir
@@ -196,7 +201,7 @@ train_fold() {
     local args
     mapfile -t args < <(launcher_args)
     log "fold $fold of job ${SLURM_ARRAY_JOB_ID}_${fold} (job id $SLURM_JOB_ID, start $((restarts + 1))) on $SLURM_JOB_NODELIST"
-    log "accelerate launch ${args[*]} $TRAIN_SCRIPT --config $config --fold $fold $*"
+    log "$(redacted "accelerate launch ${args[*]} $TRAIN_SCRIPT --config $config --fold $fold $*")"
 
     local srun_args=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
     [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")

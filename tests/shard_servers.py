@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for the remote-shard tests: a static HTTP server (optionally one that cuts
-connections part-way through a body) and an S3-API server (moto's standalone server)."""
+connections part-way through a body, or stalls there), one with endless bodies, one that never answers, and an
+S3-API server (moto's standalone server)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     cuts = 0
     cut_after = 0
     gets = 0
+    stall = False  # a cut body stalls (the connection stays open, silent) instead of being shut
+    released: threading.Event
     lock = threading.Lock()
 
     def copyfile(self, source, destination) -> None:
@@ -29,6 +32,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             return super().copyfile(source, destination)
         destination.write(source.read(self.cut_after))
         destination.flush()
+        if self.stall:
+            self.released.wait()
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
@@ -37,18 +42,73 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def http_server(directory: Path, cuts: int = 0, cut_after: int = 4096):
-    """(base URL, handler class) of a threaded HTTP server on 127.0.0.1 serving `directory`."""
-    handler = type("TestHandler", (Handler,), {"cuts": cuts, "cut_after": cut_after, "gets": 0})
+def http_server(directory: Path, cuts: int = 0, cut_after: int = 4096, stall: bool = False):
+    """(base URL, handler class) of a threaded HTTP server on 127.0.0.1 serving `directory`; with `stall`, the cut
+    bodies hang silently after `cut_after` bytes until the server stops."""
+    released = threading.Event()
+    handler = type("TestHandler", (Handler,), {"cuts": cuts, "cut_after": cut_after, "gets": 0, "stall": stall, "released": released})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    with serving(server):
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", handler
+        finally:
+            released.set()
+
+
+@contextmanager
+def serving(server):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+        yield
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+class EndlessBody(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with 200 and a body of spaces without a length, until `limit` bytes (counted in `sent`)."""
+
+    limit = 0
+    sent = 0
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        chunk = b" " * (1 << 16)
+        try:
+            while type(self).sent < self.limit:
+                self.wfile.write(chunk)
+                type(self).sent += len(chunk)
+        except OSError:  # the client hung up
+            pass
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def endless_server(limit: int):
+    """(base URL, handler class) of a server whose every answer is an endless body (cut at `limit` bytes)."""
+    handler = type("Endless", (EndlessBody,), {"limit": limit, "sent": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with serving(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+
+
+@contextmanager
+def silent_server():
+    """The URL of a server that accepts connections and never answers (read nor write)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes the handshakes; nobody ever reads
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
 
 @contextmanager

@@ -54,9 +54,9 @@ def test_http_streams_equal_local_ones_also_resumed(synth_shards):
 
 def test_dropped_connections_are_retried_and_resume_where_they_broke(synth_shards):
     shard = load_manifest(synth_shards).split("fold-0").shards[0]
-    want = list(read_shard(synth_shards / shard.file, shard.num_samples))
+    want = list(read_shard(synth_shards / shard.file, shard))
     with http_server(synth_shards, cuts=2, cut_after=50_000) as (url, handler):
-        got = list(read_shard(join(url, shard.file), shard.num_samples))
+        got = list(read_shard(join(url, shard.file), shard))
         assert handler.gets == 3  # two bodies cut part-way, the third request finished the shard
     assert got == want
 

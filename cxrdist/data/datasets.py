@@ -55,7 +55,7 @@ class DatasetShard(ShardInfo):
     num_model_labels: int = 0
 
     def samples(self) -> Iterator[RawSample]:
-        for raw in read_shard(self.location, self.num_samples):
+        for raw in read_shard(self.location, self):
             yield RawSample(self.dataset + NAMESPACE_SEPARATOR + raw.key, raw.image, self.rewrite_meta(raw.meta))
 
     def rewrite_meta(self, meta: bytes | None) -> bytes | None:

@@ -15,6 +15,8 @@ or recorded in a card.
 from __future__ import annotations
 
 import io
+import math
+import os
 import re
 import time
 from pathlib import Path
@@ -28,7 +30,13 @@ Location = str | Path
 ATTEMPTS = 5  # reads of one block before giving up: waits of 0.5, 1, 2, 4 s in between
 BACKOFF_S = 0.5
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+TIMEOUT_VARIABLE = "CXRDIST_NET_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 60.0  # to connect, and between two pieces of a response: a silent server is a failed attempt
+
+
+NOT_TRANSIENT_TEXT = {FileNotFoundError: "not found", PermissionError: "access denied"}
 
 
 class ShardReadFailed(OSError):
@@ -63,8 +71,17 @@ def display(location: Location) -> str:
     if not is_url(location):
         return str(location)
     parts = urlsplit(location)
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    try:
+        port = parts.port
+    except ValueError:  # not a number: left out, like the rest of what cannot be trusted
+        port = None
+    host = (parts.hostname or "") + (f":{port}" if port else "")
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def redact(text: str) -> str:
+    """`text` (a command line, a log line, an error message) with every URL in it in its display form."""
+    return URL_IN_TEXT.sub(lambda match: display(match.group(0)), text)
 
 
 def resolved(root: Location) -> str:
@@ -87,9 +104,16 @@ def exists(location: Location) -> bool:
         raise UserError(f"{display(location)}: cannot reach ({reason(err)})") from None
 
 
-def read_text(location: Location) -> str:
+def read_text(location: Location, limit: int) -> str:
+    """A small file (a manifest) whole, refused when it is larger than `limit` bytes (an endless body, a wrong URL)."""
     with open_shard(location) as handle:
-        return handle.read().decode()
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{display(location)}: larger than {limit // 2**20} MiB, not a file cxrdist wrote")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UserError(f"{display(location)}: not text (UTF-8); not a file cxrdist wrote") from None
 
 
 def open_shard(location: Location) -> BinaryIO:
@@ -107,11 +131,35 @@ def filesystem(url: str):
 
     ignore_unclosed_connection_warnings()
     try:
-        return fsspec.core.url_to_fs(url)[0]
+        return fsspec.core.url_to_fs(url, **timeout_options(url))[0]
     except ImportError as err:  # e.g. "Install s3fs to access S3"
         raise UserError(f"{display(url)}: {reason(err)} (for s3://: pip install 'cxrdist[s3]')") from None
     except ValueError as err:  # an unknown protocol
         raise UserError(f"{display(url)}: {reason(err)}") from None
+
+
+def timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{TIMEOUT_VARIABLE}={text}: expected a number of seconds > 0")
+    return value
+
+
+def timeout_options(url: str) -> dict:
+    """fsspec options that bound the wait to connect and for the next piece of a response (never the whole
+    transfer: a large shard on a slow link is fine while bytes keep coming)."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout_s(), sock_read=timeout_s())}}
+    if scheme in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout_s(), "read_timeout": timeout_s()}}
+    return {}
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -131,8 +179,28 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def transient_cause(err: BaseException) -> BaseException | None:
+    """The failure worth another attempt behind `err`, or None when `err` is final (not found, access denied). fsspec's
+    HTTP says FileNotFoundError also for a server it cannot reach, raised from the connection error: that one is retried."""
+    if isinstance(err, NOT_TRANSIENT):
+        cause = err.__cause__
+        return transient_cause(cause) if isinstance(err, FileNotFoundError) and cause is not None else None
+    return err if isinstance(err, transient_errors()) else None
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """No connection at all (refused, unknown host), as opposed to one that broke or went silent."""
+    import socket
+
+    try:
+        from aiohttp import ClientConnectorError
+    except ImportError:
+        ClientConnectorError = ConnectionRefusedError  # noqa: N806 - the same role without aiohttp
+    return isinstance(err, (ConnectionRefusedError, socket.gaierror, ClientConnectorError)) and not isinstance(err, TimeoutError)
+
+
 def reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = redact(str(err).strip().splitlines()[0]) if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -162,12 +230,16 @@ class RetryingStream(io.RawIOBase):
                 if self.handle is None:
                     self.handle = self.open_at(self.position)
                 return read()
-            except NOT_TRANSIENT:
-                raise
-            except transient_errors() as err:
+            except Exception as err:  # noqa: BLE001 - sorted into final and transient just below
+                failure = transient_cause(err)
+                if failure is None and isinstance(err, NOT_TRANSIENT):  # said again without the URL's user:password or token
+                    raise type(err)(f"{display(self.url)}: {NOT_TRANSIENT_TEXT.get(type(err), 'cannot be read')}") from None
+                if failure is None:
+                    raise
                 self.drop_handle()
                 if attempt + 1 == ATTEMPTS:
-                    raise ShardReadFailed(f"{display(self.url)}: unreadable after {ATTEMPTS} attempts ({reason(err)})") from None
+                    what = "server unreachable" if is_unreachable(failure) else "unreadable"
+                    raise ShardReadFailed(f"{display(self.url)}: {what} after {ATTEMPTS} attempts ({reason(failure)})") from None
                 time.sleep(BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
 

@@ -15,6 +15,7 @@ from cxrdist.layout import fold_name
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 256 * 2**20  # far above any real manifest; an endless or wrong body stops here
 EXISTENCE_CHECKS_IN_FLIGHT = 16  # parallel HEAD/stat requests when a manifest is read from a URL
 
 
@@ -152,7 +153,7 @@ def load_one_manifest(root: Location) -> Manifest:
         raise UserError(f"{root}: no such shard directory (run `cxrdist prepare` first)")
     if not path.is_file():
         raise UserError(f"{root}: no {MANIFEST_NAME}, so the shards are incomplete (re-run `cxrdist prepare`)")
-    manifest = parse_manifest(path.read_text(), str(path))
+    manifest = parse_manifest(read_text(path, MAX_MANIFEST_BYTES), str(path))
     for shard in manifest.shards(list(manifest.splits)):
         if not (root / shard.file).is_file():
             raise UserError(f"{root / shard.file}: shard listed in the manifest is missing")
@@ -164,7 +165,7 @@ def load_remote_manifest(url: str) -> Manifest:
     root = shard_root(url)
     location = manifest_location(root)
     try:
-        text = read_text(location)
+        text = read_text(location, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise UserError(f"{display(location)}: not found, so the shards there are incomplete (upload the whole `cxrdist prepare` output)") from None
     except ShardReadFailed as err:
@@ -185,6 +186,8 @@ def parse_manifest(text: str, path: str) -> Manifest:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a manifest (a JSON {type(data).__name__}, expected an object)")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: format version {version!r}, this cxrdist reads version {FORMAT_VERSION}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrdist import __version__
-from cxrdist.atomic import remove_stale_staging, replace_directory, staging_directory
+from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale_staging, replace_directory, staging_directory
 from cxrdist.data import folds as folds_lib
 from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
@@ -56,6 +57,9 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     """Run the whole preparation; returns the manifest (None with --folds-only)."""
     if opts.folds_only is None and opts.out is not None:
         check_out(opts)
+    if opts.folds_only is not None:
+        check_writable_file(opts.folds_only, "--folds-only")
+        check_not_an_input(opts.folds_only, input_files(opts).values(), "--folds-only")
     records, labels = load_records(
         opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping
     )
@@ -109,6 +113,10 @@ def splits_from_file(records: pd.DataFrame, path: Path) -> np.ndarray:
         first = ", ".join(records.loc[missing, "path"].head(MAX_LISTED))
         raise UserError(f"{path}: {int(missing.sum())} images of the CSV have no split (first: {first})")
     splits = table.loc[records["path"], "split"].to_numpy()
+    empty = sorted(set(filter(is_fold, table["split"])) - set(splits), key=lambda name: int(name.split("-")[1]))
+    if empty:
+        raise UserError(f"{path}: {', '.join(empty)} hold(s) none of the CSV's images (were they left out by --views or another CSV?); "
+                        "every fold needs images: recompute the folds with --folds-only")
     per_patient = pd.Series(splits).groupby(records["patient"].to_numpy()).nunique()
     leaking = per_patient[per_patient > 1]
     if len(leaking):
@@ -126,11 +134,17 @@ def check_out(opts: PrepareOptions) -> None:
         images = Path(opts.images).resolve()
         if out == images or images in out.parents or out in images.parents:
             raise UserError(f"--out {opts.out} overlaps --images {opts.images}: write the shards to a directory outside the image tree")
-    for what, path in (("--csv", opts.csv), ("--test-list", opts.test_list), ("--folds-from", opts.folds_from), ("--metadata", opts.metadata)):
-        if path is not None and out in Path(path).resolve().parents:
+    for what, path in input_files(opts).items():
+        if out in Path(path).resolve().parents:
             raise UserError(f"{what} {path} is inside --out {opts.out}, which prepare replaces: move it out first")
     if out.is_dir() and any(out.iterdir()) and not is_prepared_dir(out):
         raise UserError(f"--out {opts.out}: not empty and not a directory written by `cxrdist prepare`; choose a new or empty directory")
+
+
+def input_files(opts: PrepareOptions) -> dict[str, Path]:
+    """The files prepare reads besides the images, by flag."""
+    given = {"--csv": opts.csv, "--test-list": opts.test_list, "--folds-from": opts.folds_from, "--metadata": opts.metadata}
+    return {flag: Path(path) for flag, path in given.items() if path is not None}
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -146,22 +160,33 @@ def check_image_paths(paths: pd.Series, images: Path, allow_outside: bool, missi
     if not root.is_dir():
         raise UserError(f"--images {images}: no such directory")
     root = root.resolve()
-    seen: dict[Path, str] = {}
+    seen: dict[object, str] = {}
     missing = []
     for path in paths:
         target = (root / path).resolve()
         if not allow_outside and not target.is_relative_to(root):
             raise UserError(f"image path {path!r} leads outside --images {images} (pass --allow-outside-images to read it anyway)")
-        if target in seen:
-            raise UserError(f"image paths {seen[target]!r} and {path!r} name the same file {target}: one image cannot be two samples")
-        seen[target] = path
-        if not target.is_file():
+        identity, present = file_identity(target)
+        if identity in seen:
+            raise UserError(f"image paths {seen[identity]!r} and {path!r} name the same file {target}: one image cannot be two samples")
+        seen[identity] = path
+        if not present:
             missing.append(path)
     if missing and not missing_ok:
         raise UserError(
             f"{len(missing)} image files listed in the CSV are missing under {images} (first: {', '.join(missing[:MAX_LISTED])}); "
             "--on-bad-image skip leaves them out"
         )
+
+
+def file_identity(path: Path) -> tuple[object, bool]:
+    """(what tells files apart, whether it is a regular file): device and inode, so that hard links of one image
+    are one file; the path itself for a missing one."""
+    try:
+        info = path.stat()
+    except OSError:
+        return path, False
+    return (info.st_dev, info.st_ino), stat.S_ISREG(info.st_mode)
 
 
 def sample_specs(records: pd.DataFrame, raw: np.ndarray) -> list[SampleSpec]:

@@ -207,23 +207,48 @@ def check_shard_members(path: Location, manifest: Manifest, split_name: str) -> 
     return list(members)
 
 
-def read_shard(path: Location, expected: int | None = None) -> Iterator[RawSample]:
-    """The raw samples of one tar shard (a file or a URL), in order (WebDataset's grouping); with `expected`, the count must
-    match the manifest's."""
+def read_shard(path: Location, expected: ShardInfo | None = None) -> Iterator[RawSample]:
+    """The raw samples of one tar shard (a file or a URL), in order (WebDataset's grouping); with `expected` (the manifest's
+    entry), the sample count, size and sha256 must match it once the shard has been read: a shard replaced by another one
+    (on a server, in a bucket) stops the reader instead of being trained or evaluated on."""
     count = 0
     try:
         with open_shard(path) as handle:
-            for sample in group_by_keys(tar_file_expander([{"url": display(path), "stream": handle}])):
+            stream = DigestingReader(handle)
+            for sample in group_by_keys(tar_file_expander([{"url": display(path), "stream": stream}])):
                 count += 1
                 image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
                 yield RawSample(sample["__key__"], image, sample.get("json"))
+            stream.drain()  # tar's end-of-archive padding, so the digest covers the whole file
     except ShardReadFailed as err:
         raise UserError(err.line) from None
     except (tarfile.TarError, OSError, ValueError) as err:
         why = err.args[0] if err.args else type(err).__name__
         raise UserError(f"{display(path)}: unreadable shard ({why}); re-run `cxrdist prepare`") from None
-    if expected is not None and count != expected:
-        raise UserError(f"{display(path)}: {count} samples, manifest says {expected} (shard changed; re-run `cxrdist prepare`)")
+    if expected is None:
+        return
+    if count != expected.num_samples:
+        raise UserError(f"{display(path)}: {count} samples, manifest says {expected.num_samples} (shard changed; re-run `cxrdist prepare`)")
+    if stream.size != expected.bytes or stream.digest.hexdigest() != expected.sha256:
+        raise UserError(f"{display(path)}: sha256/size differ from the manifest (another or a changed shard; "
+                        "`cxrdist verify` the shard directory, re-upload or re-run `cxrdist prepare`)")
+
+
+class DigestingReader:
+    """A read-only stream that hashes the bytes passing through it."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
 
 
 def read_shard_samples(path: Location) -> Iterator[tuple[str, bytes, dict]]:

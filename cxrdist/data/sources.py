@@ -212,10 +212,14 @@ def _stripped(table: pd.DataFrame, column: str) -> pd.Series:
     return table[column].astype(str).str.strip()
 
 
+MISSING_MARKERS = {"", "nan", "na", "n/a", "none", "null", "<na>"}  # what spreadsheets and pandas write for an empty cell
+
+
 def _require_nonblank(values: pd.Series, table: pd.DataFrame, column: str, path: Path) -> None:
-    blank = np.flatnonzero((values == "").to_numpy())
+    """No empty cell, nor a written-out missing value ("NaN", "None", ...): those rows would all share one id."""
+    blank = np.flatnonzero(values.str.lower().isin(MISSING_MARKERS).to_numpy())
     if blank.size:
-        raise UserError(f"{path}, line {_line(table, int(blank[0]))}: blank {column!r} ({blank.size} such rows)")
+        raise UserError(f"{path}, line {_line(table, int(blank[0]))}: blank {column!r} ({values.iloc[blank[0]]!r}; {blank.size} such rows)")
 
 
 def _label_value(text: str) -> float | None:

@@ -80,10 +80,11 @@ def read_shards(root: Location, shards: Iterable[ShardInfo]) -> Iterator[RawSamp
 
 
 def shard_samples(root: Location, shard: ShardInfo) -> Iterator[RawSample]:
-    """A shard's raw samples; one of several datasets (data/datasets.py) reads itself, namespaced and relabelled."""
+    """A shard's raw samples, checked against the manifest's entry; one of several datasets (data/datasets.py) reads
+    itself, namespaced and relabelled."""
     if isinstance(shard, DatasetShard):
         return shard.samples()
-    return read_shard(join(root, shard.file), shard.num_samples)
+    return read_shard(join(root, shard.file), shard)
 
 
 # ---------------------------------------------------------------- train: which unit reads what, per pass

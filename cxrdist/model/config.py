@@ -6,6 +6,7 @@ has a default; the defaults are the paper's recipe.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,8 +28,8 @@ class RefineConfig:
 
     def __post_init__(self) -> None:
         one_of("model.refine.sparsity", self.sparsity, SPARSITY_MODES)
-        if self.l1 < 0:
-            raise UserError(f"model.refine.l1 must be >= 0, got {self.l1}")
+        within("model.refine.alpha", self.alpha, 0.0, math.inf)
+        within("model.refine.l1", self.l1, 0.0, math.inf)
 
 
 @dataclass
@@ -43,6 +44,11 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     refine: RefineConfig = field(default_factory=RefineConfig)
 
+    def __post_init__(self) -> None:
+        one_of("model.in_chans", self.in_chans, (1, 3))
+        within("model.drop_rate", self.drop_rate, 0.0, 1.0, below=True)
+        within("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, below=True)
+
 
 @dataclass
 class LossConfig:
@@ -55,6 +61,24 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         one_of("loss.name", self.name, LOSS_NAMES)
+        within("loss.gamma_neg", self.gamma_neg, 0.0, math.inf)
+        within("loss.gamma_pos", self.gamma_pos, 0.0, math.inf)
+        within("loss.clip", self.clip, 0.0, 1.0, below=True)
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise UserError(f"loss.eps must be a number > 0, got {self.eps}")
+        if self.pos_weight is not None:  # its length is checked against the labels when the loss is built
+            if not self.pos_weight or not all(math.isfinite(w) and w > 0 for w in self.pos_weight):
+                raise UserError(f"loss.pos_weight must be numbers > 0 (one per label, or one for all), got {list(self.pos_weight)}")
+
+
+def within(field_name: str, value: float, low: float, high: float, below: bool = False) -> None:
+    """A number in [low, high] (or [low, high) with `below`); NaN never is."""
+    inside = value >= low and (value < high if below else value <= high)
+    if not (inside and not math.isnan(value)):
+        bound = f"[{low:g}, {high:g}{')' if below else ']'}" if math.isfinite(high) else f">= {low:g} (and finite)"
+        raise UserError(f"{field_name} must be {'in ' if math.isfinite(high) else ''}{bound}, got {value}")
+    if math.isinf(value):
+        raise UserError(f"{field_name} must be finite, got {value}")
 
 
 def one_of(field_name: str, value, allowed: tuple) -> None:

@@ -67,8 +67,6 @@ def build_model(cfg: ModelConfig, num_labels: int) -> CXRNet:
     """
     if num_labels < 1:
         raise UserError(f"the model needs at least one label, got {num_labels}")
-    if cfg.in_chans not in (1, 3):
-        raise UserError(f"model.in_chans must be 1 or 3, got {cfg.in_chans}")
     if not timm.is_model(cfg.backbone):
         raise UserError(f"model.backbone: {cfg.backbone!r} is not a timm model name")
     kwargs: dict[str, Any] = dict(

@@ -14,7 +14,7 @@ from cxrdist.distributed import DEFAULT_DIST_TIMEOUT
 from cxrdist.errors import UserError
 from cxrdist.eval_targets import EVAL_TARGETS
 from cxrdist.layout import run_dir
-from cxrdist.model.config import LossConfig, ModelConfig, one_of
+from cxrdist.model.config import LossConfig, ModelConfig, one_of, within
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -42,6 +42,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.img_size", self.img_size, 16)
+        at_least("data.eval_batch_size", self.eval_batch_size, 0)
+        at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+        within("data.max_corrupt_fraction", self.max_corrupt_fraction, 0.0, 1.0)
         if self.workers < -1:
             raise UserError(f"data.workers must be >= 0, or -1 for one per CPU of this process, got {self.workers}")
         one_of("data.augment", self.augment, AUGMENT_MODES)
@@ -89,6 +93,10 @@ class TrainConfig:
         at_least("train.dist_timeout", self.dist_timeout, 1)
         at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         at_least("train.warmup_steps", self.warmup_steps, 0)
+        at_least("train.log_every", self.log_every, 1)
+        at_least("train.eval_every", self.eval_every, 0)
+        at_least("train.checkpoint_every", self.checkpoint_every, 0)
+        at_least("train.max_bad_steps", self.max_bad_steps, 1)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"train.lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -140,6 +148,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if "/" in self.experiment or self.experiment in ("", ".", ".."):
             raise UserError(f"experiment must be a plain name, got {self.experiment!r}")
+        at_least("seed", self.seed, 0)
+        at_least("fold", self.fold, 0)
 
     @property
     def run_dir(self) -> Path:
@@ -160,7 +170,7 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         if path is not None:
             if not Path(path).is_file():
                 raise UserError(f"--config {path}: no such file")
-            layers.append(OmegaConf.load(path))
+            layers.append(load_yaml(Path(path)))
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
@@ -176,6 +186,23 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
     return cfg
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """A YAML config file that must be a mapping of settings."""
+    import yaml
+
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"--config {path}: not valid YAML{at} ({getattr(err, 'problem', None) or type(err).__name__})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--config {path}: cannot be read ({err})") from None
+    if not isinstance(layer, DictConfig):
+        raise UserError(f"--config {path}: expected a mapping of settings (key: value), got a {type(layer).__name__}")
+    return layer
 
 
 def overrides_layer(schema: DictConfig, overrides) -> DictConfig:

@@ -118,7 +118,7 @@ class Trainer:
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
         self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup, warmup_power=cfg.train.ema_warmup_power)
-        self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn = build_loss(cfg.loss, len(self.labels))
         self.preempt = PreemptionFlag().install()
         self.log = MetricsLog(self.run_dir / METRICS_LOG, acc.is_main_process)
         self.state = TrainerState(dataset=self.manifest.identity())

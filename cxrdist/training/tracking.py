@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import netrc
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from cxrdist.atomic import json_line, json_ready
+from cxrdist.data.location import redact
 from cxrdist.layout import fold_name
 
 
@@ -45,6 +47,7 @@ def start_wandb(accelerator, cfg, config_dict: dict, run_id: str) -> str:
     """Initialise the W&B tracker (group = experiment, run = fold); returns the run id to resume with."""
     if "wandb" not in [t.name for t in accelerator.trackers] and not accelerator.log_with:
         return run_id
+    hide_credentials_from_wandb()
     init = {"group": cfg.experiment, "name": fold_name(cfg.fold), "dir": str(cfg.run_dir), "resume": "allow", "mode": wandb_mode(cfg.logging.wandb)}
     if run_id:
         init["id"] = run_id
@@ -53,6 +56,13 @@ def start_wandb(accelerator, cfg, config_dict: dict, run_id: str) -> str:
         tracker = accelerator.get_tracker("wandb", unwrap=True)
         return getattr(tracker, "id", run_id) or run_id
     return run_id
+
+
+def hide_credentials_from_wandb() -> None:
+    """W&B records this process's sys.argv as the run's command line (wandb-metadata.json "args"); a shard URL given
+    as an override would bring its user:password or token to the dashboard. The arguments are parsed by now, so
+    they are replaced by their display form (the process's own /proc command line is unchanged)."""
+    sys.argv[:] = [redact(arg) for arg in sys.argv]
 
 
 def coupling_figure_png(matrix: np.ndarray, labels: list[str]) -> bytes:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cxrdist import distributed
-from cxrdist.atomic import check_writable_dir, json_ready
+from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready
 from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, check_same_dataset
 from cxrdist.data.datasets import load_manifest
@@ -223,6 +223,7 @@ def run_evaluate(
         out = default_out(runs).parent / EXTERNAL_DIR / manifest.entries[0].name if external is not None else default_out(runs)
     out = Path(out)
     check_writable_dir(out)
+    check_not_an_input(out, [m.directory for m in models])
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}

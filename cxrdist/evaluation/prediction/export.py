@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cxrdist.atomic import atomic_path, atomic_write_json
+from cxrdist.atomic import atomic_path, atomic_write_json, check_not_an_input, check_writable_file
 from cxrdist.data.transforms import channel_stats
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.models import groups_by_preprocessing, load_fold_models
@@ -34,11 +34,18 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def operating_thresholds(metrics_path: Path) -> tuple[dict | None, dict]:
-    """({label: {point: threshold}}, the calibration section) from an evaluation's metrics.json, or (None, {})."""
+def operating_thresholds(metrics_path: Path, labels: list[str]) -> tuple[dict | None, dict]:
+    """({label: {point: threshold}}, the calibration section) from an evaluation's metrics.json of models with
+    these `labels`, or (None, {})."""
     if not metrics_path.is_file():
         return None, {}
-    metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{metrics_path}: not a readable metrics.json ({err})") from None
+    if not isinstance(metrics, dict) or metrics.get("labels") != labels:
+        raise UserError(f"{metrics_path}: its labels are not the models' labels ({', '.join(labels)}); "
+                        "give the metrics.json `cxrdist evaluate` wrote for this experiment")
     points = (metrics.get("operating_points") or {}).get("per_label")
     thresholds = {label: {name: p["threshold"] for name, p in per.items()} for label, per in points.items()} if points else None
     return thresholds, metrics.get("calibration") or {}
@@ -48,7 +55,7 @@ def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> 
     card = models[0].card
     img_size, in_chans = card.image.size, card.image.channels
     mean, std = channel_stats(card.image)
-    thresholds, calibration = operating_thresholds(metrics_path)
+    thresholds, calibration = operating_thresholds(metrics_path, card.labels)
     return {
         "format": fmt,
         "input": {"name": INPUT_NAME, "shape": ["batch", in_chans, img_size, img_size], "dtype": "float32"},
@@ -96,12 +103,16 @@ def run_export(runs: Path, fmt: str, out: Path, tta: bool = False, metrics: Path
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     models = load_fold_models(runs, "cpu")
+    metrics_path = Path(metrics) if metrics else default_out(runs) / METRICS_FILE
+    for path in (Path(out), sidecar_path(Path(out))):
+        check_writable_file(path)
+        check_not_an_input(path, [metrics_path, *(m.directory for m in models)])
     if len(groups_by_preprocessing(models)) > 1:
         raise UserError(f"{runs}: the fold models take differently preprocessed inputs; export them separately")
     image = models[0].card.image
     module = EnsembleProbabilities([m.model for m in models], tta).eval()
     example = torch.zeros(2, image.channels, image.size, image.size)
-    card = sidecar(models, image_settings(models), fmt, tta, Path(metrics) if metrics else default_out(runs) / METRICS_FILE)
+    card = sidecar(models, image_settings(models), fmt, tta, metrics_path)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # the model first: the sidecar names a model that exists

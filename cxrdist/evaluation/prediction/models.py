@@ -62,6 +62,10 @@ def load_fold_models(runs: Path, device: torch.device | str = "cpu") -> list[Fol
     for other in models[1:]:
         if other.card.labels != labels:
             raise UserError(f"{other.directory}: its labels differ from those of {models[0].directory}; an ensemble needs one label list")
+    for other in models[1:]:  # fold models of different datasets are not one ensemble (nor one export)
+        if other.card.dataset != models[0].card.dataset:
+            raise UserError(f"{other.directory}: trained on another dataset than {models[0].directory} (the model cards' "
+                            "dataset identities differ); ensemble one experiment's folds")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"{runs}: several models claim the same fold ({', '.join(names)})")

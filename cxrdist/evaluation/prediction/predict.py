@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxrdist.atomic import check_writable_file
+from cxrdist.atomic import check_not_an_input, check_writable_file
 from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.image_files import ImageFiles
@@ -59,13 +59,6 @@ def images_under(folder: Path) -> list[Path]:
             if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and is_dicom(p))):
                 found.append(p)
     return sorted(found)
-
-
-def check_models_agree(models: list[FoldModel]) -> None:
-    """Fold models trained on different datasets are not one ensemble."""
-    if any(m.card.dataset != models[0].card.dataset for m in models[1:]):
-        raise UserError(f"the models under {models[0].directory.parent.parent} were trained on different datasets; "
-                        "predict with one experiment's folds")
 
 
 def image_settings(models: list[FoldModel]) -> dict:
@@ -129,10 +122,12 @@ def run_predict(
     check_writable_file(Path(out))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)  # a wrong --runs is said before a long search of --images
-    check_models_agree(models)
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
+    check_not_an_input(out, [*files, *(m.directory for m in models)])
+    if cam is not None:
+        check_not_an_input(cam, [*files, *(m.directory for m in models)], "--cam")
     settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:

@@ -27,12 +27,12 @@ from cxrdist.data.manifest import Manifest, has_manifest
 from cxrdist.data.datasets import load_manifest
 from cxrdist.data.stream import read_shards
 from cxrdist.errors import UserError, one_line
+from cxrdist.atomic import atomic_write_text, check_writable_dir
 from cxrdist.evaluation import figures as figs
 from cxrdist.evaluation.report.clinical import clinical_section, saliency_section
 from cxrdist.evaluation.report.datasets import datasets_section
 from cxrdist.evaluation.report.html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
 from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
-from cxrdist.atomic import atomic_write_text
 from cxrdist.layout import (
     BEST_DIR, CARD_FILE, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, METRICS_LOG, PREDICTIONS_FILE, REPORT_DIR,
     TEST_SPLIT, WEIGHTS_FILE,
@@ -472,10 +472,11 @@ def comparison_section(runs: Path) -> str | None:
 def run_report(runs: Path, out: Path | None = None, shards: Location | None = None) -> Path:
     """Write OUT/report.html (default runs/report) and its figures in OUT/figures; returns the page's path."""
     runs = Path(runs)
+    out = Path(out) if out is not None else runs / REPORT_DIR
+    check_writable_dir(out)
     folds = find_fold_runs(runs)
     root, manifest = find_manifest(folds, shards)
     ensemble = load_ensemble(runs / ENSEMBLE_DIR)
-    out = Path(out) if out is not None else runs / REPORT_DIR
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     experiment = next((f.card.experiment for f in folds if f.card and f.card.experiment), runs.name)

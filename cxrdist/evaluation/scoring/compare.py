@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrdist.atomic import atomic_write_json, json_ready
+from cxrdist.atomic import atomic_write_json, check_writable_dir, json_ready
 from cxrdist.errors import UserError
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, patient_weights, percentile_interval, weighted_auc
 from cxrdist.evaluation.scoring.metrics import auc_summary
@@ -220,6 +220,8 @@ def run_compare(runs_a: Path, runs_b: Path, split: str = TEST_SPLIT, out: Path |
             raise UserError(f"{runs}: no such runs directory")
     if resamples < 2 or not 0 < level < 1:
         raise UserError(f"--resamples must be >= 2 and the level in (0, 1) (got {resamples}, {level})")
+    if out is not None:
+        check_writable_dir(Path(out))
     folds_a, folds_b = fold_tables(runs_a), fold_tables(runs_b)
     if set(folds_a) != set(folds_b):
         raise UserError(f"the arms have best models for different folds ({', '.join(folds_a) or 'none'} in {runs_a}, "
