@@ -18,7 +18,7 @@ import pytest
 
 from cxrdist.training import outcome
 from cxrdist.training.outcome import Outcome
-from trainer_utils import DEMO_CONFIG, REPO, cpu_env, fast_overrides
+from trainer_utils import DEMO_CONFIG, REPO, TRAIN, cpu_env, fast_overrides
 
 OLDEST = Path(sys.prefix) / "accelerate-oldest"
 
@@ -104,7 +104,8 @@ def test_a_trainer_killed_by_a_signal_shows_the_launchers_page(synth_shards, tmp
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
-        trainer = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline()))
+        trainer = next(p for p in psutil.Process(proc.pid).children(recursive=True) if p.cmdline()[1:2] == [str(TRAIN)]
+                       and psutil.Process(p.ppid()).cmdline()[1:2] != [str(TRAIN)])  # not its DataLoader worker
         trainer.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=300)
     finally:

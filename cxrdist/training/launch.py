@@ -118,7 +118,7 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
             proc.stderr.close()
         code, explained = outcome.decide(outcome.read(Path(channel)), launcher_code)
     if not explained:
-        sys.stderr.write(page)
+        sys.stderr.write(page or f"cxrdist train: the launcher ended with exit code {code} and no trainer said why\n")
         sys.stderr.flush()
     return code
 
