@@ -25,7 +25,7 @@ from trainer_utils import REPO, cpu_env, explain, fast_overrides, free_port, run
 from cxrdist.cli import main
 from cxrdist.data import manifest as manifest_module
 from cxrdist.data.location import TIMEOUT_VARIABLE, redact
-from cxrdist.data.manifest import load_manifest
+from cxrdist.data.datasets import load_manifest
 from cxrdist.data.shards import read_shard
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import StreamConfig, eval_loader

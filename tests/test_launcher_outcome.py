@@ -114,3 +114,14 @@ def test_a_trainer_killed_by_a_signal_shows_the_launchers_page(synth_shards, tmp
             proc.wait()
     assert proc.returncode not in (0, 2, 75), err[-3000:]
     assert "train.py" in err, err[-3000:]  # the launcher's report names the command that died
+
+
+def test_the_logged_launcher_command_carries_no_credentials(monkeypatch, capsys, tmp_path):
+    from cxrdist.training import launch
+
+    monkeypatch.setattr(launch, "run_forwarding_signals", lambda cmd, env: 0)
+    secret = "data.shards=https://alice:s3cret@shards.example.org/cxr?token=t0ken"
+    assert launch.launch_fold(DEMO_CONFIG, 0, [secret, f"output_dir={tmp_path}"], 1, None) == 0
+    out = capsys.readouterr()
+    assert "+ accelerate launch" in out.out
+    assert "s3cret" not in out.out + out.err and "t0ken" not in out.out + out.err

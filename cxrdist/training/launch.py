@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import cxrdist
+from cxrdist.data.location import redact
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
 from cxrdist.training import outcome
@@ -89,7 +90,7 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
 def launch_fold(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> int:
     """Run one fold; returns the trainer's exit code (75 when it checkpointed after a preemption signal)."""
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
-    get_logger("launch").info("+ accelerate launch " + shlex.join(cmd[3:]))
+    get_logger("launch").info("+ accelerate launch " + redact(shlex.join(cmd[3:])))
     return run_forwarding_signals(cmd, env)
 
 
