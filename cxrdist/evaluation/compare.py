@@ -28,6 +28,7 @@ from cxrdist.layout import (
     fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
+from cxrdist.model.inert import best_model_inert
 
 
 @dataclass
@@ -186,11 +187,24 @@ def fold_patients(best: Path, split: str) -> dict[str, str] | None:
 
 
 def arm_info(runs: Path) -> dict:
-    """The experiment's name and whether its models use the refinement (from the first card found)."""
+    """The experiment's name, whether its models use the refinement (from the first card found) and, per fold
+    with the refinement on, why its best model's refinement is inert (None when it is not)."""
     cards = sorted(Path(runs).glob(f"fold-*/{BEST_DIR}/{CARD_FILE}"))
     card = ModelCard.read(cards[0].parent) if cards else None
-    return {"runs": str(runs), "experiment": card.experiment if card else Path(runs).name,
-            "refine": card.model.refine.enabled if card else None}
+    refine = card.model.refine.enabled if card else None
+    inert = {c.parent.parent.name: best_model_inert(c.parent) for c in cards} if refine else {}
+    return {"runs": str(runs), "experiment": card.experiment if card else Path(runs).name, "refine": refine, "inert": inert}
+
+
+def inert_note(result: dict) -> str | None:
+    """When the refinement ended inert in every fold of the arm that has it on, the arms' difference is not a coupling's."""
+    for key in "ba":
+        arm = result[key]
+        if arm["refine"] and arm.get("inert") and all(arm["inert"].values()):
+            return (f"the refinement ended inert (A zero) in every fold of {key.upper()} ({arm['experiment']}): at the end both arms "
+                    "are the plain backbone, so a difference between them is the training trajectory (A was non-zero while training), "
+                    "not a label coupling")
+    return None
 
 
 def test_tables(runs_a: Path, runs_b: Path, split: str) -> tuple[Path, Path] | None:
@@ -242,6 +256,7 @@ def run_compare(runs_a: Path, runs_b: Path, split: str = TEST_SPLIT, out: Path |
         "level": level, "seed": seed, "folds": folds, "fold_summary": fold_tally(folds), "split": split, "test": test,
         "out": str(out / COMPARE_FILE),
     })
+    result["inert_note"] = inert_note(result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / COMPARE_FILE, result)
     return result
@@ -279,6 +294,8 @@ def format_table(result: dict) -> str:
     if tally["folds"]:
         mean = _num(tally["mean_difference"], True)
         lines.append(f"B improved the macro AUC on {tally['improved']} of {tally['folds']} folds (mean difference {mean})")
+    if result.get("inert_note"):
+        lines.append(f"note: {result['inert_note']}")
     if result["test"] is None:
         lines.append(f"no {result['split']} predictions: run `cxrdist evaluate` on both arms to compare their ensembles")
     labels = list(next(iter(splits.values()))["per_label"]) if splits else []

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cxrdist import distributed
 from cxrdist.atomic import check_writable_dir, json_ready
@@ -29,6 +28,7 @@ from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
 from cxrdist.evaluation.bootstrap import DEFAULT_RESAMPLES, auc_intervals
+from cxrdist.evaluation.coverage import say_coverage
 from cxrdist.evaluation.clinical import clinical_metrics, load_out_of_fold, scored_targets
 from cxrdist.evaluation.gathered import Predictions, check_complete, gather_predictions, predict
 from cxrdist.evaluation.metrics import auc_summary
@@ -45,7 +45,10 @@ from cxrdist.evaluation.models import (  # noqa: F401 - FoldModel and stream_con
     view_modules,
 )
 from cxrdist.layout import FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
+from cxrdist.log import get_logger, progress
 from cxrdist.policy import apply_policy
+
+LOG = get_logger("evaluate")
 
 # ---------------------------------------------------------------- running the split
 
@@ -68,7 +71,7 @@ def make_accelerator():
 
 
 def progress_batches(loader, total: int, enabled: bool, desc: str):
-    with tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True) as bar:
+    with progress(total, desc, "img", enabled) as bar:
         for batch in loader:
             bar.update(len(batch["key"]) + int(batch.get("corrupt", 0)))
             yield batch
@@ -217,6 +220,10 @@ def run_evaluate(
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}
+    notes = [note for note in [say_coverage("evaluate", runs, [m.card for m in models])] if note]
+    for note in split_notes(split, models):
+        LOG.warning(f"cxrdist evaluate: warning: {note}")
+        notes.append(note)
     per_model = {m.name: model_probabilities(preds.logits, m.name, tta) for m in models}
     per_model_plain = {m.name: model_probabilities(preds.logits, m.name, False) for m in models} if tta else None
     groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
@@ -238,7 +245,7 @@ def run_evaluate(
         "shards": resolved(root),
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
-        "notes": split_notes(split, models),
+        "notes": notes,
         "out": str(out),
         **metrics,
     }

@@ -26,6 +26,7 @@ from cxrdist.data.manifest import Manifest, has_manifest, load_manifest
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.errors import UserError, one_line
 from cxrdist.evaluation import report_figures as figs
+from cxrdist.evaluation.coverage import say_coverage, say_stale_ensemble
 from cxrdist.evaluation.outputs import load_fold_probabilities
 from cxrdist.evaluation.report_clinical import clinical_section, saliency_section
 from cxrdist.evaluation.report_html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
@@ -36,14 +37,13 @@ from cxrdist.layout import (
     fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
-from cxrdist.model.inert import inert_message
+from cxrdist.model.inert import COUPLING_KEY, inert_message
 from cxrdist.model.refine import LabelGraphRefinement
 
 PAGE_FILE = "report.html"
 FIGURES = "figures"
 SAMPLE_IMAGES = 12
 TOP_COUPLINGS = 10
-COUPLING_KEY = "refine.weight"
 
 
 # ---------------------------------------------------------------- what the runs left behind
@@ -459,6 +459,9 @@ def comparison_section(runs: Path) -> str | None:
                f"({result['resamples']} resamples; each resample scores both arms on the same patients). Folds: each fold's best model on "
                f"the fold it held out; {esc(result['split'])}: each arm's fold ensemble. B improved {tally['improved']} of {tally['folds']} folds.")
     body = table(["split", "A macro AUC", "B macro AUC", "B − A", f"{level}% interval"], rows)
+    if result.get("inert_note"):
+        inert = result["inert_note"]
+        body = note(esc(inert[0].upper() + inert[1:]) + ".") + body
     return section("compare", "Does the refinement help?", explain, body)
 
 
@@ -471,6 +474,9 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
     folds = find_fold_runs(runs)
     root, manifest = find_manifest(folds, shards)
     ensemble = load_ensemble(runs / ENSEMBLE_DIR)
+    say_coverage("report", runs, [f.card for f in folds if f.card])
+    if ensemble is not None:
+        say_stale_ensemble("report", ensemble.metrics.get("model_names") or [], [f.name for f in folds if f.card])
     out = Path(out) if out is not None else runs / REPORT_DIR
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)

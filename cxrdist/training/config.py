@@ -157,10 +157,11 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
-        layers.append(overrides_layer(schema, overrides))
-        if fold is not None:
-            layers.append(OmegaConf.create({"fold": fold}))
         merged = OmegaConf.merge(*layers)
+        for item in overrides:
+            merged = merge_override(merged, schema, item)
+        if fold is not None:
+            merged = OmegaConf.merge(merged, {"fold": fold})
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"config: required key(s) not set: {', '.join(missing)}")
@@ -169,6 +170,14 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
     return cfg
+
+
+def merge_override(merged: DictConfig, schema: DictConfig, item: str) -> DictConfig:
+    """One command-line override on top of the config; its error names the override, not the config file."""
+    try:
+        return OmegaConf.merge(merged, overrides_layer(schema, [item]))
+    except OmegaConfBaseException as err:
+        raise UserError(f"override {item!r} (command line): {one_line(err)}") from None
 
 
 def overrides_layer(schema: DictConfig, overrides) -> DictConfig:
