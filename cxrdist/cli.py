@@ -255,6 +255,9 @@ def add_report(sub) -> None:
     p.add_argument("--runs", type=Path, required=True, help="the experiment directory, runs/EXP")
     p.add_argument("--out", type=Path, help="default: runs/EXP/report")
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
+    p.add_argument("--patient-ids", choices=["show", "hide"], default=None,
+                   help="patient ids on the sample images (default: hide for data prepared with --source csv, which may be a hospital's; "
+                        "show for the public datasets)")
     p.set_defaults(run=run_report)
 
 
@@ -262,7 +265,7 @@ def run_report(args) -> int:
     from cxrdist.evaluation.dashboard import log_report_artifact
     from cxrdist.evaluation.report import run_report as report
 
-    page = report(args.runs, args.out, shards=args.shards)
+    page = report(args.runs, args.out, shards=args.shards, patient_ids=None if args.patient_ids is None else args.patient_ids == "show")
     log_report_artifact(args.runs, page)
     print(f"report: {page}")
     return 0

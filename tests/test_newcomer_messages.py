@@ -91,6 +91,10 @@ def test_compare_and_report_say_when_the_refinement_ended_inert_in_every_fold(ev
     page = run_report(runs_b, out=tmp_path / "report").read_text()
     help_section = page[page.index("Does the refinement help?"):]
     assert "ended inert (A zero) in every fold of B" in help_section
+    couplings = page[page.index('id="couplings"'):]
+    couplings = couplings[:couplings.index("</section>")]
+    assert couplings.count("refinement is inert") == 1 and "fold-0, fold-1: the label-graph refinement is inert" in couplings
+    assert couplings.count("<h3>fold-0</h3>") <= 1  # no fold heading twice
 
     def one_strong_coupling(a):
         a = torch.zeros_like(a)
@@ -156,3 +160,40 @@ def test_the_caption_is_the_finding_and_its_probability(monkeypatch, tmp_path):
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, **kw: written.append(text) or original(self, xy, text, **kw))
     out = saliency.captioned(np.zeros((40, 50, 3), np.uint8), "Pleural Effusion 0.87")
     assert written == ["Pleural Effusion 0.87"] and out.shape[1] == 50 and out.shape[0] > 40
+
+
+def test_a_temperature_at_the_fitting_bound_is_said():
+    import math
+
+    from cxrdist.evaluation.calibration import LOG_TEMPERATURE_BOUNDS, fit_temperature
+    from cxrdist.evaluation.report_clinical import temperature_cell
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, 400).astype(float)
+    noise = rng.uniform(0.01, 0.99, 400)  # probabilities that know nothing about the targets
+    t = fit_temperature(targets, noise)
+    assert t == pytest.approx(math.exp(LOG_TEMPERATURE_BOUNDS[1]), rel=0.1)  # the fit runs (nearly) into its bound
+    assert temperature_cell(t).startswith(f"{t:.2f}") and "at the bound" in temperature_cell(t)
+    assert "at the bound" not in temperature_cell(1.3) and "at the bound" not in temperature_cell(None)
+    assert "at the bound" in temperature_cell(math.exp(LOG_TEMPERATURE_BOUNDS[0]))
+
+
+def test_patient_ids_stay_out_of_the_report_for_csv_data_unless_asked(synth_shards, tmp_path, monkeypatch):
+    from cxrdist.data.manifest import load_manifest
+    from cxrdist.evaluation import report
+
+    manifest = load_manifest(synth_shards)
+    assert manifest.source["name"] == "csv"
+    assert report.show_patient_ids(manifest, None) is False and report.show_patient_ids(manifest, True) is True
+    public = type(manifest)(**{**manifest.__dict__, "source": {**manifest.source, "name": "chexpert"}})
+    assert report.show_patient_ids(public, None) is True and report.show_patient_ids(public, False) is False
+
+    drawn = []
+    monkeypatch.setattr(report.figs, "sample_grid", lambda path, images, captions, titles: drawn.append(titles) or path)
+    patients = {meta.get("patient") for shard in manifest.split("test").shards
+                for _, _, meta in report.read_shard_samples(synth_shards / shard.file)}
+    report.sample_images(synth_shards, manifest, tmp_path / "hidden.png", patient_ids=False)
+    report.sample_images(synth_shards, manifest, tmp_path / "shown.png", patient_ids=True)
+    hidden, shown = drawn
+    assert not any(p and p in title for title in hidden for p in patients)
+    assert all(any(p and p in title for p in patients) for title in shown)
