@@ -12,9 +12,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import psutil
-
 from cxrdist.errors import UserError
 
 _UMASK = os.umask(0)
@@ -58,6 +55,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def json_ready(value):
     """Strict JSON: NaN/inf -> null, tuples -> lists, numpy scalars and arrays -> Python."""
+    import numpy as np  # here: commands that write no numbers (`cxrdist info`) start without numpy
+
     if isinstance(value, dict):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -96,6 +95,8 @@ def remove_stale_staging(directory: Path) -> list[Path]:
     and of other hosts sharing the file system, are left alone. Returns what was removed."""
     directory = Path(directory)
     prefix = f".{directory.name}.partial-{_host()}-"
+    import psutil
+
     removed = []
     for path in directory.parent.glob(f"{glob_escape(prefix)}*"):
         pid = path.name[len(prefix):]

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from cxrdist.errors import UserError, one_line
+from cxrdist.text import count
 
 EXIT_USER_ERROR = 2
 
 
 def add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic chest radiographs and a generic label CSV")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=3000)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="folder to write: images/ and labels.csv (the input of `cxrdist prepare`)")
+    p.add_argument("--n", type=int, default=3000, help="how many radiographs (default: %(default)s)")
+    p.add_argument("--size", type=int, default=256, help="side of the square images in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same images and labels (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="processes that draw the images (default: %(default)s)")
     p.add_argument("--planted-coupling", type=float, default=None, metavar="F",
                    help="add a 'Planted Target' (a noisy copy of Pleural Effusion with no mark of its own, labelled for a fraction F "
                         "of the patients, -1 elsewhere) and two independent controls; the full truth goes to labels_full.csv")
@@ -48,28 +51,29 @@ def run_labels(args) -> int:
 
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="label CSV + images -> patient-grouped MIS folds -> WebDataset shards")
-    p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv")
+    p.add_argument("--source", choices=["csv", "chexpert", "nih", "mimic"], default="csv",
+                   help="the label table's layout: a generic CSV (path, patient, label columns) or a public dataset's (default: %(default)s)")
     p.add_argument("--csv", type=Path, required=True,
                    help="label table (generic CSV, CheXpert train.csv, NIH Data_Entry_2017.csv, MIMIC chexpert CSV)")
     p.add_argument("--images", type=Path, help="root the CSV's image paths are relative to")
     p.add_argument("--out", type=Path, help="shard directory to write")
     p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")
     p.add_argument("--labels", help="'chexpert', 'nih' or comma-separated label columns (default: the source's set)")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by patient (default: %(default)s)")
     test = p.add_mutually_exclusive_group()
-    test.add_argument("--test-fraction", type=float, default=0.0)
+    test.add_argument("--test-fraction", type=float, default=0.0, help="fraction of the patients held out as the test split (default: %(default)s)")
     test.add_argument("--test-list", type=Path, help="file listing the test images, one per line (NIH test_list.txt)")
     p.add_argument("--max-size", type=int, default=512, help="long side of the stored images")
-    p.add_argument("--format", dest="fmt", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--format", dest="fmt", choices=["jpg", "png"], default="jpg", help="image format in the shards (default: %(default)s)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--views", choices=["all", "frontal"], default="all")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard (default: %(default)s)")
+    p.add_argument("--views", choices=["all", "frontal"], default="all", help="frontal: keep only PA/AP images (default: %(default)s)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="skip: leave out missing and unreadable images, listed in the manifest")
     p.add_argument("--no-patient-grouping", action="store_true", help="accept a CSV without a 'patient' column (every image its own patient)")
     p.add_argument("--allow-outside-images", action="store_true", help="read CSV paths that lead outside --images (../, absolute, symlinks)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes that write shards (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold and test assignment and of the shard order (default: %(default)s)")
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--folds-only", type=Path, metavar="FILE", help="only compute the folds and write (path, patient, split) to FILE")
     folds.add_argument("--folds-from", type=Path, metavar="FILE", help="use the fold assignment in FILE")
@@ -91,11 +95,11 @@ def run_prepare(args) -> int:
     manifest = prepare(opts)
     if manifest is not None:
         total = sum(s.num_samples for s in manifest.splits.values())
-        print(f"wrote {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards to {args.out}")
+        print(f"wrote {count(total, 'sample')} in {count(sum(len(s.shards) for s in manifest.splits.values()), 'shard')} to {args.out}")
         skipped = manifest.skipped_images
         if skipped["count"]:
             unreadable = skipped["count"] - skipped["missing"]
-            print(f"skipped {skipped['count']} images ({skipped['missing']} missing, {unreadable} unreadable; listed in manifest.json)")
+            print(f"skipped {count(skipped['count'], 'image')} ({skipped['missing']} missing, {unreadable} unreadable; listed in manifest.json)")
     return 0
 
 
@@ -112,13 +116,13 @@ def run_verify(args) -> int:
     from cxrdist.data.shards import verify_shards
 
     totals = verify_shards(args.dir, load_manifest(args.dir))
-    print(f"ok: {totals['shards']} shards, {totals['samples']} samples match {display(manifest_location(args.dir))}")
+    print(f"ok: {count(totals['shards'], 'shard')}, {count(totals['samples'], 'sample')} match {display(manifest_location(args.dir))}")
     return 0
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train one fold (or all) by running `accelerate launch cxrdist/train.py` for you")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML, e.g. configs/paper.yaml")
     p.add_argument("--fold", default=None, help="fold number, or 'all' for every fold in turn (default: the config's)")
     p.add_argument("--processes", type=int, default=None, help="processes on this machine (default: GPUs, or 1 on CPU)")
     p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml)")
@@ -129,21 +133,55 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from cxrdist.training.launch import ablation_arms, folds_to_train, launch_fold
+    from cxrdist.log import TERMINAL_ENV, on_terminal
+    from cxrdist.training.launch import ablation_arms, folds_to_train
+    from cxrdist.training.preempt import RESUME_COMMAND_ENV, ReceivedSignals
 
     arms = ablation_arms(args.config, args.overrides, args.ablate)
     folds = folds_to_train(args.config, args.fold, args.overrides)
-    for overrides in arms:
-        for fold in folds:
-            code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config)
-            if code != 0:
-                return code
+    # The trainers leave saying how to resume to this command, and draw progress bars only if our stderr is a terminal.
+    trainer_env = {RESUME_COMMAND_ENV: args.command_line, TERMINAL_ENV: os.environ.get(TERMINAL_ENV) or str(int(on_terminal()))}
+    with environment(trainer_env), ReceivedSignals() as received:
+        for overrides in arms:
+            for fold in folds:
+                code = train_fold(args, fold, overrides, received)
+                if code != 0:
+                    return code
     return 0
+
+
+def train_fold(args, fold: int | None, overrides: list[str], received) -> int:
+    from cxrdist.training.launch import launch_fold
+    from cxrdist.training.preempt import EXIT_PREEMPTED, signal_meaning
+
+    code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config)
+    if code == EXIT_PREEMPTED:
+        stopped_by = received.collect()
+        why = signal_meaning(stopped_by[0]) if stopped_by else "a stop request the trainers received"
+        which = "the fold" if fold is None else f"fold {fold}"
+        print(f"cxrdist train: stopped by {why}; {which} saved a checkpoint; to resume, run the same command again: {args.command_line}",
+              file=sys.stderr)
+    return code
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set (the processes started inside inherit them), restored afterwards."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' (tab-separated) for a config (the fold count from the shards' manifest)")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML, e.g. configs/paper.yaml")
     p.add_argument("--no-manifest", dest="manifest", action="store_false", help="do not read the manifest (NUM_FOLDS is printed as 0)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(run=run_info)
@@ -163,8 +201,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--split", default="test", help="'test' or a fold, e.g. fold-0")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
     p.add_argument("--out", type=Path, help="default: runs/EXP/ensemble")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
     p.add_argument("--external", help="score on this prepared dataset the models were not trained on (a directory or URL), over the labels "
@@ -194,12 +232,12 @@ def run_evaluate(args) -> int:
 
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="fold ensemble on PNG/JPEG/DICOM files or folders")
-    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
     p.add_argument("--images", type=Path, nargs="+", required=True, help="files or folders")
-    p.add_argument("--out", type=Path, default=Path("preds.csv"))
-    p.add_argument("--no-tta", dest="tta", action="store_false")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("preds.csv"), help="CSV to write: path and one probability per label (default: %(default)s)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="image-reading worker processes (default: %(default)s)")
     p.add_argument("--cam", type=Path, metavar="DIR", help="also write Grad-CAM overlays (one PNG per image and finding) to DIR")
     p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability")
     p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image")
@@ -217,8 +255,8 @@ def run_predict(args) -> int:
 
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="the fold ensemble as one ONNX or TorchScript file + a JSON sidecar")
-    p.add_argument("--runs", type=Path, required=True)
-    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], required=True, help="onnx (needs the export extra) or torchscript")
     p.add_argument("--out", type=Path, required=True, help="the model file; the sidecar is written to OUT.json")
     p.add_argument("--tta", action="store_true", help="average with the mirrored image (flip TTA) inside the model")
     p.add_argument("--metrics", type=Path, help="metrics.json with the thresholds (default: runs/EXP/ensemble/metrics.json)")
@@ -235,9 +273,12 @@ def run_export(args) -> int:
 
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="one HTML page with figures about an experiment")
-    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--runs", type=Path, required=True, help="the experiment directory, runs/EXP")
     p.add_argument("--out", type=Path, help="default: runs/EXP/report")
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
+    p.add_argument("--patient-ids", choices=["show", "hide"], default=None,
+                   help="patient ids on the sample images (default: hide for data prepared with --source csv, which may be a hospital's; "
+                        "show for the public datasets)")
     p.set_defaults(run=run_report)
 
 
@@ -245,7 +286,7 @@ def run_report(args) -> int:
     from cxrdist.evaluation.report.dashboard import log_report_artifact
     from cxrdist.evaluation.report.report import run_report as report
 
-    page = report(args.runs, args.out, shards=args.shards)
+    page = report(args.runs, args.out, shards=args.shards, patient_ids=None if args.patient_ids is None else args.patient_ids == "show")
     log_report_artifact(args.runs, page)
     print(f"report: {page}")
     return 0
@@ -259,7 +300,7 @@ def add_compare(sub) -> None:
     p.add_argument("--split", default="test", help="the split of both arms' ensemble/predictions.csv (from `cxrdist evaluate`)")
     p.add_argument("--out", type=Path, help="where compare.json goes (default: RUNS_B/compare, which `cxrdist report` shows)")
     p.add_argument("--resamples", type=int, default=1000, help="paired patient bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     p.set_defaults(run=run_compare)
 
 
@@ -274,7 +315,7 @@ def run_compare(args) -> int:
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, on this CPU")
-    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the data, runs and report (default: %(default)s)")
     p.add_argument("--two-datasets", action="store_true",
                    help="two synthetic hospitals prepared separately, trained on together, plus external validation on a third")
     p.set_defaults(run=run_demo)
@@ -309,10 +350,18 @@ def filesystem_error(err: OSError) -> str | None:
         return None
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{err.strerror or err} (check that path: its permissions, free space, or a file standing where a folder should)"
+def command_line(argv: list[str] | None) -> str:
+    """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages."""
+    import shlex
+
+    if argv is not None or Path(sys.argv[0]).name == "cxrdist":
+        return shlex.join(["cxrdist", *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join(sys.orig_argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = command_line(argv)
     try:
         return args.run(args)
     except UserError as err:

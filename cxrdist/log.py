@@ -1,22 +1,29 @@
 """Logging for progress messages and warnings: the "cxrdist" logger, printed as the bare message (tqdm-safe,
 so progress bars are not torn), INFO to stdout and WARNING and above to stderr. CXRDIST_LOG_LEVEL=DEBUG|WARNING|...
-changes the level. Command results (what a command prints as its answer) stay plain prints."""
+changes the level. Command results (what a command prints as its answer) stay plain prints.
+
+Progress: a tqdm bar on a terminal; when stderr is not a terminal (a log file, a pipe, a batch job) one whole
+line every CXRDIST_PROGRESS_EVERY seconds (default 30) and one at the end, never a carriage-return redraw."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-
-from tqdm import tqdm
+import time
 
 ROOT = "cxrdist"
+PROGRESS_EVERY_ENV = "CXRDIST_PROGRESS_EVERY"  # seconds between progress lines when stderr is not a terminal
+TERMINAL_ENV = "CXRDIST_TERMINAL"  # "1"/"0": set by `cxrdist train` for its trainers, whose stderr is its pipe
+DEFAULT_PROGRESS_EVERY_S = 30.0
 
 
 class TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            from tqdm import tqdm  # here: `cxrdist --help`/`info` start faster without it
+
             tqdm.write(self.format(record), file=stream)
             stream.flush()
         except Exception:  # noqa: BLE001 - logging must never raise
@@ -33,3 +40,61 @@ def get_logger(name: str) -> logging.Logger:
         root.setLevel(os.environ.get("CXRDIST_LOG_LEVEL", "INFO").upper())
         root.propagate = False
     return logging.getLogger(f"{ROOT}.{name}")
+
+
+def on_terminal() -> bool:
+    forced = os.environ.get(TERMINAL_ENV)
+    return forced == "1" if forced in ("0", "1") else sys.stderr.isatty()
+
+
+def progress(total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar on a terminal, else ProgressLines; both take update(n), set_postfix(**kw), close() and `with`."""
+    if not enabled or on_terminal():
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+    return ProgressLines(total, desc, unit, initial)
+
+
+class ProgressLines:
+    """Progress for a log file: tqdm's numbers on one line of stderr (no bar, no carriage return), at most every
+    CXRDIST_PROGRESS_EVERY seconds, and once at the end unless that count was just printed."""
+
+    FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0) -> None:
+        self.total, self.desc, self.unit, self.initial = total, desc, unit, initial
+        self.n, self.postfix, self.printed = initial, "", initial
+        self.every = float(os.environ.get(PROGRESS_EVERY_ENV, DEFAULT_PROGRESS_EVERY_S))
+        self.start = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self.emit()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def emit(self) -> None:
+        self.last = time.monotonic()
+        if self.n == self.printed:
+            return
+        self.printed = self.n
+        from tqdm import tqdm
+
+        line = tqdm.format_meter(self.n, self.total, self.last - self.start, prefix=self.desc, unit=self.unit, postfix=self.postfix or None,
+                                 bar_format=self.FORMAT, initial=self.initial)
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.emit()
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

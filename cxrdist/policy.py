@@ -15,11 +15,14 @@ U-Ones for Atelectasis and Edema, U-Zeros for the rest; labels outside the CheXp
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cxrdist.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 POLICIES = ("ignore", "zeros", "ones")
 DEFAULT = "default"
@@ -66,6 +69,8 @@ def apply_policy(
     raw: torch.Tensor | np.ndarray, policy: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, mask), both float32 torch tensors shaped like `raw` (N, C)."""
+    import torch  # here: the config (and so `cxrdist info`) reads this module's names without loading torch
+
     raw = torch.as_tensor(raw).float()
     if raw.ndim != 2 or raw.shape[1] != len(policy):
         raise ValueError(f"raw labels of shape {tuple(raw.shape)} for {len(policy)} policies")

@@ -33,7 +33,12 @@ window.addEventListener('load', () => {
   const broken = images.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src'));
   const out = document.createElement('pre');
   out.id = 'probe';
-  out.textContent = JSON.stringify({images: images.length, broken: broken, problems: window.__problems});
+  const page = document.documentElement.clientWidth;
+  const wider = Array.from(document.body.querySelectorAll('*')).filter(e => {
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && (r.right > page + 1 || r.left < -1);
+  }).map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '') + ' ' + Math.round(e.getBoundingClientRect().right) + 'px');
+  out.textContent = JSON.stringify({images: images.length, broken: broken, problems: window.__problems, page: page, wider: wider});
   document.body.appendChild(out);
 });
 </script>"""
@@ -92,11 +97,12 @@ def test_page_lists_every_section_and_its_figures_exist(report, evaluated_experi
 def test_page_renders_in_headless_chromium(report, chromium):
     probe = report.with_name("probe.html")
     probe.write_text(report.read_text().replace("<head>", "<head>" + PROBE, 1))
-    result = run_chromium(chromium, "--virtual-time-budget=15000", "--dump-dom", probe.as_uri())
+    result = run_chromium(chromium, "--window-size=1400,1000", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri())
     match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
     assert match, f"no probe result in the DOM (exit {result.returncode}):\n{result.stderr[-3000:]}"
     found = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert found["images"] >= 6 and found["broken"] == [] and found["problems"] == []
+    assert found["page"] > 1300 and found["wider"] == [], f"elements wider than the {found['page']} px page: {found['wider'][:10]}"
     probe.unlink()
 
     shot = report.with_name("screenshot.png")

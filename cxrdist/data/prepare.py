@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from cxrdist import __version__
 from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale_staging, replace_directory, staging_directory
@@ -23,6 +22,8 @@ from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, ru
 from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
 from cxrdist.errors import UserError
 from cxrdist.layout import TEST_SPLIT, fold_name, is_fold
+from cxrdist.log import progress
+from cxrdist.text import count
 
 MAX_LISTED = 5
 
@@ -174,7 +175,8 @@ def check_image_paths(paths: pd.Series, images: Path, allow_outside: bool, missi
             missing.append(path)
     if missing and not missing_ok:
         raise UserError(
-            f"{len(missing)} image files listed in the CSV are missing under {images} (first: {', '.join(missing[:MAX_LISTED])}); "
+            f"{count(len(missing), 'image file')} listed in the CSV {'is' if len(missing) == 1 else 'are'} missing under {images} "
+            f"(first: {', '.join(missing[:MAX_LISTED])}); "
             "--on-bad-image skip leaves them out"
         )
 
@@ -250,7 +252,7 @@ def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list
             for target, samples in plan_shards([specs[i] for i in members], split_dir, opts.samples_per_shard)
         ]
     all_jobs = [job for jobs in jobs_by_split.values() for job in jobs]
-    with tqdm(total=len(specs), desc="writing shards", unit="img", disable=None if opts.progress else True) as bar:  # None: only on a terminal
+    with progress(len(specs), "writing shards", "img", enabled=opts.progress) as bar:
         results = run_jobs(all_jobs, opts.workers, lambda r: bar.update(len(r.keys) + len(r.bad)))
     return build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results)
 

@@ -98,12 +98,14 @@ def roc_grid(path: Path, labels: Sequence[str], targets: np.ndarray, scores: np.
         ax.set_title(short(label, 24), fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
+        ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])  # short labels: neighbouring panels' "1.00" and "0.00" ran together
+        ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
         ax.set_aspect("equal")
     for ax in axes[-1]:
         ax.set_xlabel("false positive rate", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("true positive rate", fontsize=8)
-    fig.subplots_adjust(hspace=0.45, wspace=0.12)
+    fig.subplots_adjust(hspace=0.45, wspace=0.2)
     return save(fig, path)
 
 

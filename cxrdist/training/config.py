@@ -174,10 +174,11 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
-        layers.append(overrides_layer(schema, overrides))
-        if fold is not None:
-            layers.append(OmegaConf.create({"fold": fold}))
         merged = OmegaConf.merge(*layers)
+        for item in overrides:
+            merged = merge_override(merged, schema, item)
+        if fold is not None:
+            merged = OmegaConf.merge(merged, {"fold": fold})
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"config: required key(s) not set: {', '.join(missing)}")
@@ -203,6 +204,12 @@ def load_yaml(path: Path) -> DictConfig:
     if not isinstance(layer, DictConfig):
         raise UserError(f"--config {path}: expected a mapping of settings (key: value), got a {type(layer).__name__}")
     return layer
+def merge_override(merged: DictConfig, schema: DictConfig, item: str) -> DictConfig:
+    """One command-line override on top of the config; its error names the override, not the config file."""
+    try:
+        return OmegaConf.merge(merged, overrides_layer(schema, [item]))
+    except OmegaConfBaseException as err:
+        raise UserError(f"override {item!r} (command line): {one_line(err)}") from None
 
 
 def overrides_layer(schema: DictConfig, overrides) -> DictConfig:

@@ -15,7 +15,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 from timm.scheduler import CosineLRScheduler
-from tqdm import tqdm
 
 from cxrdist import distributed
 from cxrdist.data.location import display
@@ -26,7 +25,7 @@ from cxrdist.evaluation.scoring.by_dataset import summary_line
 from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, resolve_workers, train_loader
 from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
-from cxrdist.log import get_logger
+from cxrdist.log import get_logger, progress
 from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, WEIGHTS_FILE, fold_name
 from cxrdist.evaluation.scoring.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
 from cxrdist.eval_targets import evaluation_policy
@@ -43,9 +42,9 @@ from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
+from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag, stop_explanation
 from cxrdist.training.randomness import model_randomness
 from cxrdist.training.resume_settings import EVAL_TARGETS, WORKERS, check_resume, current_settings
-from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
@@ -276,8 +275,7 @@ class Trainer:
     def train_until_done(self, batches) -> int:
         acc, cfg = self.accelerator, self.cfg
         total_batches = cfg.train.epochs * self.batches_per_epoch
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fold {cfg.fold}", unit="step",
-                   disable=not (acc.is_main_process and cfg.logging.progress), dynamic_ncols=True)
+        bar = progress(self.total_steps, f"fold {cfg.fold}", "step", enabled=acc.is_main_process and cfg.logging.progress, initial=self.state.step)
         if self.state.batches >= total_batches:
             self.say(f"already complete at step {self.state.step} (best EMA macro AUC {self.state.best_auc:.4f})")
             return 0
@@ -313,7 +311,7 @@ class Trainer:
                 if acc.is_main_process:
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.state.step}\n")
                 self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, "
-                         f"exiting with {EXIT_PREEMPTED}")
+                         f"exiting with {EXIT_PREEMPTED}; {stop_explanation(self.preempt.signal_name)}")
                 bar.close()
                 return EXIT_PREEMPTED
         bar.close()

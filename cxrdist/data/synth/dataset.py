@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from cxrdist.atomic import atomic_open
 from cxrdist.data.synth.label_table import sample_cohort
 from cxrdist.data.synth.render import render_radiograph
 from cxrdist.errors import UserError
+from cxrdist.log import progress as progress_bar
 
 MIN_SIZE = 32
 
@@ -66,7 +66,7 @@ def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int 
         raise UserError(f"synth --out {out}: cannot create image folders ({e.strerror})") from None
     jobs = [(images / cohort.table["path"].iat[i], cohort.signs[i], cohort.table["view"].iat[i], size, seed,
              int(cohort.patient_index[i]), i) for i in range(n)]
-    bar = tqdm(total=n, desc="synth", unit="img", disable=not progress)
+    bar = progress_bar(n, "synth", "img", enabled=progress)
     if workers == 1:
         for job in jobs:
             _write_image(job)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cxrdist import distributed
 from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready
@@ -31,11 +30,12 @@ from cxrdist.evaluation.prediction.external import check_not_trained_on, open_ex
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
-from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
+from cxrdist.eval_targets import evaluation_policy, rule_from_cards, training_policies
 from cxrdist.evaluation.clinical.clinical_metrics import clinical_metrics, load_out_of_fold, scored_targets
+from cxrdist.evaluation.prediction.coverage import say_coverage
+from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.scoring.gathered import Predictions, check_complete, gather_predictions, predict
 from cxrdist.evaluation.scoring.metrics import auc_summary
-from cxrdist.eval_targets import evaluation_policy, rule_from_cards, training_policies
 from cxrdist.evaluation.scoring.outputs import default_out, write_fold_probabilities, write_json, write_predictions_csv
 from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and stream_config are part of this command's interface
     FoldModel,
@@ -48,7 +48,10 @@ from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and
     view_modules,
 )
 from cxrdist.layout import EXTERNAL_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
+from cxrdist.log import get_logger, progress
 from cxrdist.policy import apply_policy
+
+LOG = get_logger("evaluate")
 
 # ---------------------------------------------------------------- running the split
 
@@ -71,7 +74,7 @@ def make_accelerator():
 
 
 def progress_batches(loader, total: int, enabled: bool, desc: str):
-    with tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True) as bar:
+    with progress(total, desc, "img", enabled) as bar:
         for batch in loader:
             bar.update(len(batch["key"]) + int(batch.get("corrupt", 0)))
             yield batch
@@ -227,6 +230,10 @@ def run_evaluate(
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}
+    notes = [note for note in [say_coverage("evaluate", runs, [m.card for m in models])] if note]
+    for note in [] if external is not None else split_notes(split, models):
+        LOG.warning(f"cxrdist evaluate: warning: {note}")
+        notes.append(note)
     per_model = {m.name: model_probabilities(preds.logits, m.name, tta) for m in models}
     per_model_plain = {m.name: model_probabilities(preds.logits, m.name, False) for m in models} if tta else None
     groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
@@ -250,7 +257,7 @@ def run_evaluate(
         "external": external is not None,
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
-        "notes": [] if external is not None else split_notes(split, models),
+        "notes": notes,
         "out": str(out),
         **metrics,
     }

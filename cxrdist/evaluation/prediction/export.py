@@ -19,15 +19,18 @@ import torch
 from cxrdist.atomic import atomic_path, atomic_write_json, check_not_an_input, check_writable_file
 from cxrdist.data.transforms import channel_stats
 from cxrdist.errors import UserError
+from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.prediction.models import groups_by_preprocessing, load_fold_models
-from cxrdist.evaluation.scoring.outputs import default_out
 from cxrdist.evaluation.prediction.predict import image_settings
+from cxrdist.evaluation.scoring.outputs import default_out
 from cxrdist.layout import METRICS_FILE
+from cxrdist.log import get_logger
 from cxrdist.model.ensemble_module import EnsembleProbabilities
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+LOG = get_logger("export")
 
 
 def sidecar_path(out: Path) -> Path:
@@ -113,6 +116,10 @@ def run_export(runs: Path, fmt: str, out: Path, tta: bool = False, metrics: Path
     module = EnsembleProbabilities([m.model for m in models], tta).eval()
     example = torch.zeros(2, image.channels, image.size, image.size)
     card = sidecar(models, image_settings(models), fmt, tta, metrics_path)
+    coverage = say_coverage("export", runs, [m.card for m in models])
+    card["notes"] += [coverage] if coverage else []
+    if card["thresholds"] is None:
+        LOG.warning(f"cxrdist export: warning: {card['notes'][0]}; the sidecar's thresholds are null")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # the model first: the sidecar names a model that exists

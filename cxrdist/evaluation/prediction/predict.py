@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cxrdist.atomic import check_not_an_input, check_writable_file
 from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
 from cxrdist.errors import UserError
+from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.prediction.image_files import ImageFiles
 from cxrdist.evaluation.scoring.outputs import write_predictions_csv
-from cxrdist.log import get_logger
+from cxrdist.log import get_logger, progress
+from cxrdist.text import count
 from cxrdist.evaluation.prediction.models import (
     FoldModel,
     ensemble_probabilities,
@@ -83,7 +84,7 @@ def predict_files(models: list[FoldModel], paths: list[Path], image: dict, tta: 
     loader = DataLoader(ImageFiles(paths, image, specs), batch_size=batch_size, num_workers=workers, collate_fn=collate)
     indices, bad = [], []
     logits: dict[str, list[np.ndarray]] = {name: [] for group in modules for name in group}
-    with tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True) as bar:
+    with progress(len(paths), "predict", "img") as bar:
         for batch in loader:
             bad.extend(batch["bad"])
             for why in (w for _, w in batch["bad"]):
@@ -122,6 +123,7 @@ def run_predict(
     check_writable_file(Path(out))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)  # a wrong --runs is said before a long search of --images
+    say_coverage("predict", runs, [m.card for m in models])
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
@@ -131,7 +133,7 @@ def run_predict(
     settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:
-        raise UserError(f"none of the {len(files)} image files could be read (first: {bad[0][1]})")
+        raise UserError(f"none of the {count(len(files), 'image file')} could be read (first: {bad[0][1]})")
     out = Path(out)
     write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
     if cam is not None:

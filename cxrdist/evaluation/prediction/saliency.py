@@ -24,10 +24,10 @@ from torch import nn
 
 from cxrdist.atomic import atomic_open, atomic_path
 from cxrdist.data.spec import ImageSpec
-from cxrdist.data.transforms import channel_stats
+from cxrdist.data.transforms import channel_stats, decode_grayscale
 from cxrdist.errors import UserError
+from cxrdist.evaluation.prediction.image_files import ImageFiles, stored_pixels
 from cxrdist.evaluation.prediction.models import Flipped, groups_by_preprocessing
-from cxrdist.evaluation.prediction.image_files import ImageFiles
 from cxrdist.model.network import CXRNet
 
 MIN_CELLS = 7
@@ -92,9 +92,32 @@ def display_image(image: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 
 def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the map (stretched to the image's size) over the image."""
+    from PIL import Image
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    return show_cam_on_image(image.astype(np.float32), cam.astype(np.float32), use_rgb=True, image_weight=0.6)
+    if cam.shape != image.shape[:2]:
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(image.shape[1::-1], Image.BILINEAR))
+    return show_cam_on_image(image.astype(np.float32), np.clip(cam, 0, 1).astype(np.float32), use_rgb=True, image_weight=0.6)
+
+
+def stored_rgb(gray: np.ndarray) -> np.ndarray:
+    """An 8-bit grayscale image as it was stored (prepare's long side, not the model's input size), (H, W, 3) in [0, 1]."""
+    return np.repeat((gray.astype(np.float32) / 255.0)[:, :, None], 3, axis=2)
+
+
+def captioned(rgb: np.ndarray, caption: str) -> np.ndarray:
+    """The image under a black band with `caption` written in it (the image itself left uncovered)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = rgb.shape[:2]
+    size = max(10, min(width, 1024) // 20)
+    font = ImageFont.load_default(size=size)
+    band = size + size // 2
+    canvas = Image.new("RGB", (width, height + band))
+    canvas.paste(Image.fromarray(rgb), (0, band))
+    ImageDraw.Draw(canvas).text((size // 3, size // 4), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
 
 
 def slug(text: str) -> str:
@@ -110,9 +133,11 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 def write_overlays(
     out: Path, names: Sequence[str], images: torch.Tensor, probs: np.ndarray, models: Sequence[CXRNet], labels: Sequence[str], spec: ImageSpec,
-    tta: bool, threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP,
+    tta: bool, threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP, stored: Sequence[np.ndarray] | None = None,
 ) -> list[dict]:
-    """One overlay PNG per (image, finding to explain) in `out`; returns rows (name, label, probability, peak, file)."""
+    """One overlay PNG per (image, finding to explain) in `out`, captioned with the finding and its probability, drawn
+    on `stored` (the 8-bit images at their stored size) when given, else on the model input; returns rows
+    (name, label, probability, peak, file)."""
     out.mkdir(parents=True, exist_ok=True)
     chosen = findings_to_explain(probs, threshold, top)
     pairs = [(b, j) for b, js in enumerate(chosen) for j in js]
@@ -122,7 +147,8 @@ def write_overlays(
     rows = []
     for (b, j), cam in zip(pairs, cams):
         file = out / f"{slug(names[b])}__{slug(labels[j])}.png"
-        write_png(file, overlay(display_image(images[b], *channel_stats(spec)), cam))
+        background = stored_rgb(stored[b]) if stored is not None else display_image(images[b], *channel_stats(spec))
+        write_png(file, captioned(overlay(background, cam), f"{labels[j]} {probs[b, j]:.2f}"))
         u, v = peak(cam)
         rows.append({"name": names[b], "label": labels[j], "probability": float(probs[b, j]), "peak_u": u, "peak_v": v, "file": file.name})
     return rows
@@ -141,8 +167,9 @@ def write_file_cams(
     rows = []
     for start in range(0, len(files), batch_size):
         batch = torch.stack([dataset[i][1][0] for i in range(start, min(start + batch_size, len(files)))])
+        stored = [decode_grayscale(stored_pixels(files[i], image)) for i in range(start, start + len(batch))]
         found = write_overlays(out, names[start:], batch, probs[start : start + len(batch)], [m.model for m in fold_models],
-                               card.labels, card.image, tta, threshold, top)
+                               card.labels, card.image, tta, threshold, top, stored)
         rows.extend({"path": str(files[names.index(r["name"])]), **r} for r in found)
     index = out / "cams.csv"
     out.mkdir(parents=True, exist_ok=True)

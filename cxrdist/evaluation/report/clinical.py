@@ -17,6 +17,7 @@ from cxrdist.data.stream import read_shards
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import UserError
 from cxrdist.evaluation import figures as figs
+from cxrdist.evaluation.clinical.calibration import LOG_TEMPERATURE_BOUNDS
 from cxrdist.evaluation.report.html import esc, figure, fmt, note, section, table
 
 SALIENCY_IMAGES = 8
@@ -98,7 +99,7 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
     temps = cal.get("temperature") or {}
     scaled = (cal.get("temperature_scaled") or {}).get("per_label") or {}
     platt = (cal.get("platt_scaled") or {}).get("per_label") or {}
-    rows = [[esc(label), fmt(v["ece"]), fmt(v["brier"]), fmt((scaled.get(label) or {}).get("ece")), fmt(temps.get(label), 2),
+    rows = [[esc(label), fmt(v["ece"]), fmt(v["brier"]), fmt((scaled.get(label) or {}).get("ece")), temperature_cell(temps.get(label)),
              fmt((platt.get(label) or {}).get("ece"))]
             for label, v in cal["ensemble"]["per_label"].items() if v is not None]
     rows.insert(0, ["Macro", fmt(cal["ensemble"]["macro_ece"]), fmt(cal["ensemble"]["macro_brier"]),
@@ -106,11 +107,25 @@ def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
     body += "<h3>Calibration</h3>" + table(["Label", "ECE", "Brier", "ECE, temperature-scaled", "temperature", "ECE, Platt-scaled"], rows,
                                            ["macro"] + [""] * (len(rows) - 1))
     body += "".join(note(f"Platt scaling, {esc(label)}: {esc(text)}") for label, text in (cal.get("platt_notes") or {}).items())
+    if any(at_temperature_bound(t) for t in temps.values()):
+        low, high = (math.exp(b) for b in LOG_TEMPERATURE_BOUNDS)
+        body += note(f"“at the bound”: the temperature fit stopped at (or within 10% of) the limit of its range [{low:.3f}, {high:.1f}], "
+                     "so that value is the bound, not an estimate: the label's out-of-fold probabilities barely rank its cases "
+                     "(at the upper bound the scaled probabilities are nearly constant).")
     reliability_grid(fig_dir / "reliability.png", cal["ensemble"]["per_label"], scaled, platt)
     body += figure("figures/reliability.png", "reliability diagrams",
                    "Reliability of the ensemble's probabilities (10 equal-width bins); "
                    "dashed: after per-label temperature scaling, dotted: after Platt scaling, both fitted out of fold.")
     return section("clinical", "Operating points and calibration", "What a threshold achieves and whether a probability means what it says.", body)
+
+
+def at_temperature_bound(t: float | None) -> bool:
+    """Within 10% of a bound of the fit's range (where the log loss is flat, the search stops short of the bound)."""
+    return t is not None and t > 0 and min(abs(math.log(t) - b) for b in LOG_TEMPERATURE_BOUNDS) < 0.1
+
+
+def temperature_cell(t: float | None) -> str:
+    return fmt(t, 2) + (' <span class="ci">at the bound</span>' if at_temperature_bound(t) else "")
 
 
 def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4) -> Path:

@@ -49,7 +49,18 @@ td .ci { color: var(--muted); font-size: 12px; }
 code { background: var(--soft); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
 header code { background: rgba(255,255,255,.12); color: #fff; }
 footer { color: var(--muted); font-size: 12.5px; border-top: 1px solid var(--line); margin-top: 40px; padding-top: 12px; }
+table.wide { table-layout: fixed; width: 100%; font-size: 12px; }
+table.wide th, table.wide td { white-space: normal; overflow-wrap: anywhere; padding: 4px 5px; }
+@media print {
+  nav { display: none; }
+  main { max-width: none; padding: 0; }
+  .table-wrap { overflow: visible; }
+  th { position: static; }
+  table { width: 100%; table-layout: fixed; font-size: 10px; }
+  th, td { white-space: normal; overflow-wrap: anywhere; padding: 3px 4px; }
+}
 """
+WIDE_TABLE_COLUMNS = 8  # more columns than this: a fixed layout that wraps its cells to the page width
 
 
 def esc(value: object) -> str:
@@ -101,7 +112,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], row_classes: Seq
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
         cells = "".join(td(j, cell) for j, cell in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    wide = ' class="wide"' if len(header) > WIDE_TABLE_COLUMNS else ""
+    return f'<div class="table-wrap"><table{wide}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def figure(src: str, alt: str, caption: str = "") -> str:

@@ -29,6 +29,7 @@ from cxrdist.data.stream import read_shards
 from cxrdist.errors import UserError, one_line
 from cxrdist.atomic import atomic_write_text, check_writable_dir
 from cxrdist.evaluation import figures as figs
+from cxrdist.evaluation.prediction.coverage import say_coverage, say_stale_ensemble
 from cxrdist.evaluation.report.clinical import clinical_section, saliency_section
 from cxrdist.evaluation.report.datasets import datasets_section
 from cxrdist.evaluation.report.html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
@@ -39,14 +40,13 @@ from cxrdist.layout import (
     fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
-from cxrdist.model.inert import inert_message
+from cxrdist.model.inert import COUPLING_KEY, inert_message
 from cxrdist.model.refine import LabelGraphRefinement
 
 PAGE_FILE = "report.html"
 FIGURES = "figures"
 SAMPLE_IMAGES = 12
 TOP_COUPLINGS = 10
-COUPLING_KEY = "refine.weight"
 
 
 # ---------------------------------------------------------------- what the runs left behind
@@ -225,7 +225,7 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
     return lines, "".join(cards)
 
 
-def data_section(root: Location | None, manifest: Manifest | None, fig_dir: Path) -> str:
+def data_section(root: Location | None, manifest: Manifest | None, fig_dir: Path, patient_ids: bool = True) -> str:
     if manifest is None:
         return section("data", "Data", "",
                        note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance "
@@ -241,7 +241,7 @@ def data_section(root: Location | None, manifest: Manifest | None, fig_dir: Path
     body = "<h3>Label frequency</h3>" + figure(f"{FIGURES}/label_frequency.png", "label frequency",
         f"Share of the {n:,} training-fold images with each finding positive (dark) or uncertain (light); dots: the test split.")
     body += "<h3>Fold balance</h3>" + balance_table(manifest)
-    grid = sample_images(root, manifest, fig_dir / "samples.png")
+    grid = sample_images(root, manifest, fig_dir / "samples.png", patient_ids)
     if grid:
         body += "<h3>Sample images</h3>" + grid
     return section("data", "Data", "The prepared shards: how often each finding occurs, how evenly the patient-grouped "
@@ -269,7 +269,7 @@ def balance_table(manifest: Manifest) -> str:
     return f'<p class="explain">{explain}</p>' + table(header, rows)
 
 
-def sample_images(root: Location, manifest: Manifest, path: Path) -> str:
+def sample_images(root: Location, manifest: Manifest, path: Path, patient_ids: bool = True) -> str:
     split = TEST_SPLIT if TEST_SPLIT in manifest.splits else manifest.fold_names[0]
     images, captions, titles = [], [], []
     for shard in manifest.split(split).shards:
@@ -279,7 +279,7 @@ def sample_images(root: Location, manifest: Manifest, path: Path) -> str:
             raw = meta.get("labels", [])
             found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]
             captions.append(figs.short(", ".join(found) or "no finding marked", 30))
-            titles.append(f"{meta.get('patient', '')} · {meta.get('view', '')}".strip(" ·"))
+            titles.append(f"{meta.get('patient', '') if patient_ids else ''} · {meta.get('view', '')}".strip(" ·"))
             if len(images) == SAMPLE_IMAGES:
                 break
         if len(images) == SAMPLE_IMAGES:
@@ -401,7 +401,7 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
     with_a = [f for f in folds if f.coupling is not None and f.card]
     if not with_a:
         return section("couplings", "Label couplings", "", note("No fold has a best model with the label-graph refinement enabled."))
-    blocks = []
+    blocks, inert_folds = [], {}
     for f in with_a:
         labels = f.card.labels
         sparsity, top = coupling_summary(f.coupling, labels)
@@ -410,7 +410,7 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
                  + (f", α = {alpha}" if alpha is not None else "") + ".")
         inert = inert_message(f.coupling, float(alpha), float(f.card.model.refine.l1))
         if inert:
-            blocks.append(f"<div><h3>{esc(f.name)}</h3>" + note(esc(inert[0].upper() + inert[1:]) + f". {facts}") + "</div>")
+            inert_folds.setdefault(inert, []).append(f.name)  # one note per distinct message, naming its folds
         if not top:
             continue
         figs.coupling_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, f"{f.name}: coupling matrix A")
@@ -419,6 +419,7 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
                       + figure(f"{FIGURES}/coupling_{f.name}.png", f"coupling matrix {f.name}", facts)
                       + f'</div><div><p class="explain">Strongest couplings (up to {TOP_COUPLINGS}):</p>'
                       + table(["source", "target", "A"], rows, text_columns=2) + "</div></div></div>")
+    blocks[:0] = [note(f"{esc(', '.join(names))}: " + esc(inert) + ".") for inert, names in inert_folds.items()]
     explain = ("The refinement adds α · sigmoid(z) @ A to the backbone's logits z: entry A[i, j] &gt; 0 means evidence for finding i "
                "(row) raises the logit of finding j (column); negative entries suppress. An L1 penalty drives unsupported couplings to exactly zero.")
     return section("couplings", "Label couplings", explain, "".join(blocks))
@@ -463,26 +464,40 @@ def comparison_section(runs: Path) -> str | None:
                f"({result['resamples']} resamples; each resample scores both arms on the same patients). Folds: each fold's best model on "
                f"the fold it held out; {esc(result['split'])}: each arm's fold ensemble. B improved {tally['improved']} of {tally['folds']} folds.")
     body = table(["split", "A macro AUC", "B macro AUC", "B − A", f"{level}% interval"], rows)
+    if result.get("inert_note"):
+        inert = result["inert_note"]
+        body = note(esc(inert[0].upper() + inert[1:]) + ".") + body
     return section("compare", "Does the refinement help?", explain, body)
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def run_report(runs: Path, out: Path | None = None, shards: Location | None = None) -> Path:
-    """Write OUT/report.html (default runs/report) and its figures in OUT/figures; returns the page's path."""
+def show_patient_ids(manifest: Manifest | None, choice: bool | None) -> bool:
+    """The user's choice, else no patient ids for a generic CSV (possibly a hospital's data), ids for the public datasets."""
+    if choice is not None:
+        return choice
+    return manifest is not None and (manifest.source or {}).get("name") not in (None, "csv")
+
+
+def run_report(runs: Path, out: Path | None = None, shards: Location | None = None, patient_ids: bool | None = None) -> Path:
+    """Write OUT/report.html (default runs/report) and its figures in OUT/figures; returns the page's path.
+    `patient_ids` (default: not for data prepared with --source csv, which may be a hospital's) shows them on sample images."""
     runs = Path(runs)
     out = Path(out) if out is not None else runs / REPORT_DIR
     check_writable_dir(out)
     folds = find_fold_runs(runs)
     root, manifest = find_manifest(folds, shards)
     ensemble = load_ensemble(runs / ENSEMBLE_DIR)
+    say_coverage("report", runs, [f.card for f in folds if f.card])
+    if ensemble is not None:
+        say_stale_ensemble("report", ensemble.metrics.get("model_names") or [], [f.name for f in folds if f.card])
     fig_dir = out / FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     experiment = next((f.card.experiment for f in folds if f.card and f.card.experiment), runs.name)
     subtitle, cards = overview(runs, folds, manifest, ensemble)
     sections = [
-        ("data", "Data", data_section(root, manifest, fig_dir)),
+        ("data", "Data", data_section(root, manifest, fig_dir, show_patient_ids(manifest, patient_ids))),
         ("auc", "Discrimination", auc_section(folds, ensemble, fig_dir)),
         ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
         ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir)),

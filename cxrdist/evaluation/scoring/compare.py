@@ -28,6 +28,7 @@ from cxrdist.layout import (
     fold_best_dirs, fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
+from cxrdist.model.inert import best_model_inert
 
 
 @dataclass
@@ -187,11 +188,24 @@ def fold_patients(best: Path, split: str) -> dict[str, str] | None:
 
 
 def arm_info(runs: Path) -> dict:
-    """The experiment's name and whether its models use the refinement (from the first card found)."""
+    """The experiment's name, whether its models use the refinement (from the first card found) and, per fold
+    with the refinement on, why its best model's refinement is inert (None when it is not)."""
     best = fold_best_dirs(runs)
     card = ModelCard.read(best[0]) if best else None
-    return {"runs": str(runs), "experiment": card.experiment if card else Path(runs).name,
-            "refine": card.model.refine.enabled if card else None}
+    refine = card.model.refine.enabled if card else None
+    inert = {d.parent.name: best_model_inert(d) for d in best} if refine else {}
+    return {"runs": str(runs), "experiment": card.experiment if card else Path(runs).name, "refine": refine, "inert": inert}
+
+
+def inert_note(result: dict) -> str | None:
+    """When the refinement ended inert in every fold of the arm that has it on, the arms' difference is not a coupling's."""
+    for key in "ba":
+        arm = result[key]
+        if arm["refine"] and arm.get("inert") and all(arm["inert"].values()):
+            return (f"the refinement ended inert (A zero) in every fold of {key.upper()} ({arm['experiment']}): at the end both arms "
+                    "are the plain backbone, so a difference between them is the training trajectory (A was non-zero while training), "
+                    "not a label coupling")
+    return None
 
 
 def test_tables(runs_a: Path, runs_b: Path, split: str) -> tuple[Path, Path] | None:
@@ -245,6 +259,7 @@ def run_compare(runs_a: Path, runs_b: Path, split: str = TEST_SPLIT, out: Path |
         "level": level, "seed": seed, "folds": folds, "fold_summary": fold_tally(folds), "split": split, "test": test,
         "out": str(out / COMPARE_FILE),
     })
+    result["inert_note"] = inert_note(result)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / COMPARE_FILE, result)
     return result
@@ -282,6 +297,8 @@ def format_table(result: dict) -> str:
     if tally["folds"]:
         mean = _num(tally["mean_difference"], True)
         lines.append(f"B improved the macro AUC on {tally['improved']} of {tally['folds']} folds (mean difference {mean})")
+    if result.get("inert_note"):
+        lines.append(f"note: {result['inert_note']}")
     if result["test"] is None:
         lines.append(f"no {result['split']} predictions: run `cxrdist evaluate` on both arms to compare their ensembles")
     labels = list(next(iter(splits.values()))["per_label"]) if splits else []
