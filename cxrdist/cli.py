@@ -91,7 +91,7 @@ def run_prepare(args) -> int:
         raise UserError(f"--quality {args.quality}: JPEG quality must be in 1..100")
     if args.seed < 0 or args.folds < 2 or not 0.0 <= args.test_fraction < 1.0:
         raise UserError("--seed must be >= 0, --folds >= 2 and --test-fraction in [0, 1)")
-    opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run", "command_line")})
     manifest = prepare(opts)
     if manifest is not None:
         total = sum(s.num_samples for s in manifest.splits.values())
@@ -350,6 +350,8 @@ def filesystem_error(err: OSError) -> str | None:
         return None
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{err.strerror or err} (check that path: its permissions, free space, or a file standing where a folder should)"
+
+
 def command_line(argv: list[str] | None) -> str:
     """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages."""
     import shlex

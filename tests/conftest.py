@@ -32,10 +32,14 @@ LEFTOVER_GRACE_S = 30  # processes a test ended may take a moment to exit (a slu
 
 
 def live_descendants() -> dict[int, psutil.Process]:
+    """Running processes below this one, less the ones forked from it without a new program (DataLoader workers and
+    pools of an iterator the test process still holds: they go with their Python objects, and killing one would
+    make torch fail the whole session)."""
+    me = psutil.Process()
     alive = {}
-    for p in psutil.Process().children(recursive=True):
+    for p in me.children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
+            if p.status() != psutil.STATUS_ZOMBIE and not (p.ppid() == me.pid and p.cmdline() == me.cmdline()):
                 alive[p.pid] = p
         except psutil.Error:
             pass
