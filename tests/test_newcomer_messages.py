@@ -180,6 +180,7 @@ def test_a_temperature_at_the_fitting_bound_is_said():
 
 def test_patient_ids_stay_out_of_the_report_for_csv_data_unless_asked(synth_shards, tmp_path, monkeypatch):
     from cxrdist.data.datasets import load_manifest
+    from cxrdist.data.stream import read_shards
     from cxrdist.evaluation.report import report
 
     manifest = load_manifest(synth_shards)
@@ -190,8 +191,7 @@ def test_patient_ids_stay_out_of_the_report_for_csv_data_unless_asked(synth_shar
 
     drawn = []
     monkeypatch.setattr(report.figs, "sample_grid", lambda path, images, captions, titles: drawn.append(titles) or path)
-    patients = {meta.get("patient") for shard in manifest.split("test").shards
-                for _, _, meta in report.read_shard_samples(synth_shards / shard.file)}
+    patients = {json.loads(sample.meta).get("patient") for sample in read_shards(synth_shards, manifest.split("test").shards)}
     report.sample_images(synth_shards, manifest, tmp_path / "hidden.png", patient_ids=False)
     report.sample_images(synth_shards, manifest, tmp_path / "shown.png", patient_ids=True)
     hidden, shown = drawn

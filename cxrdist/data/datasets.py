@@ -24,7 +24,6 @@ from pathlib import Path
 
 from cxrdist.data.location import Location, display, is_url, join, resolved, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_one_manifest
-from cxrdist.data.shards import RawSample, read_shard
 from cxrdist.errors import UserError
 from cxrdist.labels_harmonise import harmonise
 from cxrdist.policy import NOT_ANNOTATED
@@ -54,7 +53,9 @@ class DatasetShard(ShardInfo):
     columns: tuple = ()  # for each of the dataset's labels, its index in the model's labels (None: dropped)
     num_model_labels: int = 0
 
-    def samples(self) -> Iterator[RawSample]:
+    def samples(self) -> Iterator:
+        from cxrdist.data.shards import RawSample, read_shard  # webdataset and torch: not for `cxrdist info`
+
         for raw in read_shard(self.location, self):
             yield RawSample(self.dataset + NAMESPACE_SEPARATOR + raw.key, raw.image, self.rewrite_meta(raw.meta))
 

@@ -123,13 +123,13 @@ def run_predict(
     check_writable_file(Path(out))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)  # a wrong --runs is said before a long search of --images
-    say_coverage("predict", runs, [m.card for m in models])
     files = collect_images(images)
     if not files:
         raise UserError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, images))}")
     check_not_an_input(out, [*files, *(m.directory for m in models)])
     if cam is not None:
         check_not_an_input(cam, [*files, *(m.directory for m in models)], "--cam")
+    say_coverage("predict", runs, [m.card for m in models])
     settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:
