@@ -42,7 +42,7 @@ def add_labels(sub) -> None:
 
 
 def run_labels(args) -> int:
-    from cxrdist.labels_harmonise import synonym_table
+    from cxrdist.labels.harmonise import synonym_table
 
     for source, name, harmonised in synonym_table():
         print(f"{source}\t{name}\t{harmonised}")
@@ -134,7 +134,7 @@ def add_train(sub) -> None:
 
 def run_train(args) -> int:
     from cxrdist.log import TERMINAL_ENV, on_terminal
-    from cxrdist.training.launch import ablation_arms, folds_to_train
+    from cxrdist.training.launcher.launch import ablation_arms, folds_to_train
     from cxrdist.training.preempt import RESUME_COMMAND_ENV, ReceivedSignals
 
     arms = ablation_arms(args.config, args.overrides, args.ablate)
@@ -151,7 +151,7 @@ def run_train(args) -> int:
 
 
 def train_fold(args, fold: int | None, overrides: list[str], received) -> int:
-    from cxrdist.training.launch import launch_fold
+    from cxrdist.training.launcher.launch import launch_fold
     from cxrdist.training.preempt import EXIT_PREEMPTED, signal_meaning
 
     code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config)
@@ -188,7 +188,7 @@ def add_info(sub) -> None:
 
 
 def run_info(args) -> int:
-    from cxrdist.training.launch import experiment_info
+    from cxrdist.training.launcher.launch import experiment_info
 
     experiment, output_dir, folds = experiment_info(args.config, args.overrides, read_manifest=args.manifest)
     print(experiment, output_dir, folds, sep="\t")  # tabs: slurm/train_folds.sh reads an output_dir with spaces whole

@@ -23,7 +23,7 @@ DEMO_PROCESSES = 2
 def run_demo(out: Path) -> int:
     from cxrdist.evaluation.prediction.ensemble import run_evaluate
     from cxrdist.evaluation.report.report import run_report
-    from cxrdist.training.launch import launch_fold
+    from cxrdist.training.launcher.launch import launch_fold
 
     out = Path(out).resolve()
     shards, runs = out / "shards", out / "runs"

@@ -44,7 +44,7 @@ def run_two_dataset_demo(out: Path) -> int:
     from cxrdist.evaluation.scoring.by_dataset import summary_line
     from cxrdist.evaluation.prediction.ensemble import run_evaluate
     from cxrdist.evaluation.report.report import run_report
-    from cxrdist.training.launch import launch_fold
+    from cxrdist.training.launcher.launch import launch_fold
 
     out = Path(out).resolve()
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from cxrdist.training import outcome, trainer_stderr  # noqa: E402
+from cxrdist.training.launcher import outcome, trainer_stderr  # noqa: E402
 
 trainer_stderr.attach()  # before anything can write to stderr (no-op outside `cxrdist train`)
 

@@ -182,7 +182,7 @@ def test_train_ablate_refine_launches_both_arms_on_the_same_folds_and_seed(synth
     from trainer_utils import DEMO_CONFIG, fast_overrides
 
     launched = []
-    from cxrdist.training import launch
+    from cxrdist.training.launcher import launch
 
     monkeypatch.setattr(launch, "run_forwarding_signals", lambda cmd, env: launched.append(cmd) or 0)  # the one place a launcher starts
     overrides = fast_overrides(synth_shards, tmp_path, experiment="abl")

@@ -22,7 +22,7 @@ from cxrdist.data.datasets import open_datasets
 from cxrdist.data.stream import StreamConfig, eval_loader, train_loader
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
-from cxrdist.policy import NOT_ANNOTATED
+from cxrdist.labels.policy import NOT_ANNOTATED
 
 NIH_STYLE = {"Pleural Effusion": "Effusion"}  # a built-in synonym: B spells it the NIH way
 B_LACKS = ["Fracture", "Support Devices"]  # findings B does not annotate

@@ -1,4 +1,4 @@
-"""Harmonised labels across datasets (cxrdist/labels_harmonise.py) and the "not annotated" state (cxrdist/policy.py)."""
+"""Harmonised labels across datasets (cxrdist/labels/harmonise.py) and the "not annotated" state (cxrdist/labels/policy.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 
 from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT_LABELS, NIH_LABELS
-from cxrdist.labels_harmonise import harmonise, synonym_table
+from cxrdist.labels.harmonise import harmonise, synonym_table
 from cxrdist.model.loss import build_loss
 from cxrdist.model.config import LossConfig
-from cxrdist.policy import NOT_ANNOTATED, apply_policy
-from cxrdist.eval_targets import evaluation_targets
+from cxrdist.labels.policy import NOT_ANNOTATED, apply_policy
+from cxrdist.labels.eval_targets import evaluation_targets
 
 
 def test_nih_and_chexpert_share_effusion_and_keep_the_rest():

@@ -1,5 +1,5 @@
-"""`cxrdist train` learns the trainers' outcome from files it owns (training/outcome.py), and shows their stderr
-apart from the launcher's (training/trainer_stderr.py): on the accelerate this venv has and on the oldest release
+"""`cxrdist train` learns the trainers' outcome from files it owns (training/launcher/outcome.py), and shows their stderr
+apart from the launcher's (training/launcher/trainer_stderr.py): on the accelerate this venv has and on the oldest release
 pyproject.toml allows (the Makefile installs it into .venv/accelerate-oldest)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cxrdist.training import outcome
-from cxrdist.training.outcome import Outcome
+from cxrdist.training.launcher import outcome
+from cxrdist.training.launcher.outcome import Outcome
 from trainer_utils import DEMO_CONFIG, REPO, TRAIN, cpu_env, fast_overrides
 
 OLDEST = Path(sys.prefix) / "accelerate-oldest"
@@ -117,7 +117,7 @@ def test_a_trainer_killed_by_a_signal_shows_the_launchers_page(synth_shards, tmp
 
 
 def test_the_logged_launcher_command_carries_no_credentials(monkeypatch, capsys, tmp_path):
-    from cxrdist.training import launch
+    from cxrdist.training.launcher import launch
 
     monkeypatch.setattr(launch, "run_forwarding_signals", lambda cmd, env: 0)
     secret = "data.shards=https://alice:s3cret@shards.example.org/cxr?token=t0ken"

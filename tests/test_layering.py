@@ -3,7 +3,8 @@
 Floors, lowest first; a module may import its own floor and the floors below it, never one above. Read
 from the code: training scores its epochs with scoring and draws its coupling heatmap with figures, and
 the commands run on trained models (clinical, prediction, report) sit above training.
-- foundation: cxrdist/*.py (errors, atomic, layout, log, labels, policy, eval_targets, distributed)
+- foundation: cxrdist/*.py (errors, atomic, layout, log, distributed, text) and cxrdist/labels/ (label names, policies,
+  the evaluation-target rule, harmonised vocabularies)
 - data: cxrdist/data/ (synth/ included)
 - model: cxrdist/model/
 - scoring: cxrdist/evaluation/scoring/, cxrdist/evaluation/figures.py
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cxrdist"
 
 FLOORS = [
-    ("foundation", ("cxrdist",)),
+    ("foundation", ("cxrdist", "cxrdist.labels")),
     ("data", ("cxrdist.data",)),
     ("model", ("cxrdist.model",)),
     ("scoring", ("cxrdist.evaluation", "cxrdist.evaluation.scoring", "cxrdist.evaluation.figures")),

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT_LABELS, NIH_LABELS
-from cxrdist.policy import apply_policy, resolve_policy
+from cxrdist.labels.policy import apply_policy, resolve_policy
 
 NAN = float("nan")
 LABELS = ["Atelectasis", "Cardiomegaly", "Edema", "Custom Finding"]

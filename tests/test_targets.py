@@ -1,4 +1,4 @@
-"""Evaluation targets do not depend on the training policy (cxrdist/eval_targets.py)."""
+"""Evaluation targets do not depend on the training policy (cxrdist/labels/eval_targets.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.ensemble import run_evaluate
-from cxrdist.eval_targets import check_eval_targets, evaluation_targets, rule_from_cards
+from cxrdist.labels.eval_targets import check_eval_targets, evaluation_targets, rule_from_cards
 from cxrdist.model.card import CardEvaluation
 from cxrdist.training.config import load_config
 

@@ -114,7 +114,7 @@ def single_process_auc(model_dir: Path, shards: Path, fold: int) -> dict:
     from cxrdist.data.datasets import load_manifest
     from cxrdist.data.stream import StreamConfig, eval_loader
     from cxrdist.evaluation.scoring.gathered import predict, score
-    from cxrdist.eval_targets import evaluation_policy
+    from cxrdist.labels.eval_targets import evaluation_policy
     from cxrdist.model.export import load_model
 
     model, card = load_model(model_dir)

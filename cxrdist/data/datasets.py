@@ -5,8 +5,8 @@ a location or {location, name, weight, label_map}. With a list, fold K of the ru
 (their fold counts must agree) and each sample is rewritten as it is read:
 - its key, patient and path get the prefix "<dataset name>/", so two datasets with the same file names or
   patient numbers never collide in the stream, the gather, the bootstrap or a CSV;
-- its labels are put in the model's order (cxrdist/labels_harmonise.py); a model label the dataset does not
-  annotate gets NOT_ANNOTATED (cxrdist/policy.py): masked in the loss and left out of every metric;
+- its labels are put in the model's order (cxrdist/labels/harmonise.py); a model label the dataset does not
+  annotate gets NOT_ANNOTATED (cxrdist/labels/policy.py): masked in the loss and left out of every metric;
 - its json gains "dataset": the dataset name (the `dataset` column of the prediction CSVs).
 `weight` (default 1) is a dataset's relative sampling rate in training: its training shards are read
 round(weight / smallest weight) times per pass. Evaluation reads every sample once, whatever the weights.
@@ -25,8 +25,8 @@ from pathlib import Path
 from cxrdist.data.location import Location, display, is_url, join, resolved, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_one_manifest
 from cxrdist.errors import UserError
-from cxrdist.labels_harmonise import harmonise
-from cxrdist.policy import NOT_ANNOTATED
+from cxrdist.labels.harmonise import harmonise
+from cxrdist.labels.policy import NOT_ANNOTATED
 
 NAMESPACE_SEPARATOR = "/"
 

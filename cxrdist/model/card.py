@@ -11,7 +11,7 @@ from typing import Any
 from cxrdist.data.location import Location, resolved
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
-from cxrdist.eval_targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
+from cxrdist.labels.eval_targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
 from cxrdist.layout import CARD_FILE
 from cxrdist.model.config import ModelConfig, RefineConfig
 
@@ -22,7 +22,7 @@ STORED_IMAGE_KEYS = ("format", "max_size")
 
 @dataclass
 class CardEvaluation:
-    """What the AUCs of a card's `metrics` were scored against (cxrdist/eval_targets.py), next to the
+    """What the AUCs of a card's `metrics` were scored against (cxrdist/labels/eval_targets.py), next to the
     training policy they do not depend on (the same as the card's label_policy)."""
 
     targets: str  # the evaluation rule: ignore_uncertain | zeros | ones

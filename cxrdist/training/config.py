@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cxrdist.distributed import DEFAULT_DIST_TIMEOUT
 from cxrdist.errors import UserError
-from cxrdist.eval_targets import EVAL_TARGETS
+from cxrdist.labels.eval_targets import EVAL_TARGETS
 from cxrdist.layout import run_dir
 from cxrdist.model.config import LossConfig, ModelConfig, one_of, within
 
@@ -113,7 +113,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # What every AUC is scored against, independent of data.label_policy (cxrdist/eval_targets.py):
+    # What every AUC is scored against, independent of data.label_policy (cxrdist/labels/eval_targets.py):
     # ignore_uncertain (uncertain entries left out of that label's AUC) | zeros | ones.
     targets: str = "ignore_uncertain"
 

@@ -28,7 +28,7 @@ from cxrdist.errors import UserError
 from cxrdist.log import get_logger, progress
 from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, WEIGHTS_FILE, fold_name
 from cxrdist.evaluation.scoring.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
-from cxrdist.eval_targets import evaluation_policy
+from cxrdist.labels.eval_targets import evaluation_policy
 from cxrdist.model.ema import ModelEma
 from cxrdist.model.card import CardEvaluation, ModelCard
 from cxrdist.model.export import save_model
@@ -37,7 +37,7 @@ from cxrdist.model.loss import build_loss
 from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
 from cxrdist.model.refine import clip_coefficient
-from cxrdist.policy import apply_policy, resolve_policy
+from cxrdist.labels.policy import apply_policy, resolve_policy
 from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml

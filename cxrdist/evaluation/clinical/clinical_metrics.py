@@ -28,7 +28,7 @@ from cxrdist.evaluation.clinical.calibration import apply_platt, apply_temperatu
 from cxrdist.evaluation.clinical.operating_points import operating_points
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES
 from cxrdist.layout import VAL_PREDICTIONS_FILE
-from cxrdist.policy import apply_policy
+from cxrdist.labels.policy import apply_policy
 
 OutOfFold = tuple[np.ndarray, np.ndarray, np.ndarray]  # targets, probabilities, mask (N, C) each
 
@@ -36,7 +36,7 @@ OutOfFold = tuple[np.ndarray, np.ndarray, np.ndarray]  # targets, probabilities,
 def scored_targets(raw: np.ndarray, policy: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(targets, mask), float32 (N, C), that the evaluated split and the out-of-fold set are both scored against:
     the raw labels (1 / 0 / -1 / NaN) under `policy`, the per-label form of the fixed evaluation rule
-    (cxrdist/eval_targets.py) that `cxrdist evaluate` scores its AUCs with, whatever the models trained with."""
+    (cxrdist/labels/eval_targets.py) that `cxrdist evaluate` scores its AUCs with, whatever the models trained with."""
     targets, mask = apply_policy(raw, policy)
     return targets.numpy(), mask.numpy()
 

@@ -30,7 +30,7 @@ from cxrdist.evaluation.prediction.external import check_not_trained_on, open_ex
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
-from cxrdist.eval_targets import evaluation_policy, rule_from_cards, training_policies
+from cxrdist.labels.eval_targets import evaluation_policy, rule_from_cards, training_policies
 from cxrdist.evaluation.clinical.clinical_metrics import clinical_metrics, load_out_of_fold, scored_targets
 from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
@@ -49,7 +49,7 @@ from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and
 )
 from cxrdist.layout import EXTERNAL_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
 from cxrdist.log import get_logger, progress
-from cxrdist.policy import apply_policy
+from cxrdist.labels.policy import apply_policy
 
 LOG = get_logger("evaluate")
 

@@ -18,7 +18,7 @@ from cxrdist.data.manifest import Manifest, SplitInfo
 from cxrdist.data.datasets import load_manifest
 from cxrdist.data.stream import read_shards
 from cxrdist.errors import UserError
-from cxrdist.labels_harmonise import harmonised_name
+from cxrdist.labels.harmonise import harmonised_name
 
 ALL_SPLIT = "all"
 

@@ -339,7 +339,7 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
 
 
 def targets_phrase(rule: str | None) -> str:
-    """How the report describes the evaluation targets (cxrdist/eval_targets.py)."""
+    """How the report describes the evaluation targets (cxrdist/labels/eval_targets.py)."""
     return {
         "zeros": "uncertain entries scored as negatives (eval targets 'zeros')",
         "ones": "uncertain entries scored as positives (eval targets 'ones')",

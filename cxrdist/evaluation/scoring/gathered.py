@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from cxrdist.evaluation.scoring import outputs
 from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
 from cxrdist.evaluation.scoring.metrics import auc_summary
-from cxrdist.policy import apply_policy
+from cxrdist.labels.policy import apply_policy
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The trainers' stderr, kept apart from the launcher's own.
 
 `cxrdist train` shows the user everything its trainers write, as it comes (progress bars included), and
-nothing of the launcher's failure page when the trainers' outcome files (training/outcome.py) already explain
+nothing of the launcher's failure page when the trainers' outcome files (training/launcher/outcome.py) already explain
 the end. The two are told apart by where they are written, never by reading them: each trainer points its
 stderr (fd 2, inherited by its DataLoader workers) at a FIFO that `cxrdist train` made and copies to its own.
 """

@@ -1,7 +1,7 @@
 """Evaluation targets: raw labels (1 / 0 / -1 / blank) -> (targets, mask) for every AUC, whatever
 the training policy.
 
-The training policy (`data.label_policy`, cxrdist/policy.py) decides what the loss sees; it never
+The training policy (`data.label_policy`, cxrdist/labels/policy.py) decides what the loss sees; it never
 decides what a prediction is scored against, so runs trained with different policies are scored
 against one ground truth and their AUCs are comparable. The rule, the same for every label:
 - "ignore_uncertain" (default): an uncertain (-1) entry is left out of that label's AUC,
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from cxrdist.errors import UserError
-from cxrdist.policy import apply_policy
+from cxrdist.labels.policy import apply_policy
 
 EVAL_TARGETS = ("ignore_uncertain", "zeros", "ones")
 DEFAULT_EVAL_TARGETS = "ignore_uncertain"

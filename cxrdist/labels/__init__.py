@@ -1,4 +1,5 @@
-"""Built-in label vocabularies and resolution of a `--labels` spec."""
+"""Labels: the built-in vocabularies and `--labels` specs (here), policies (policy.py), the evaluation-target rule
+(eval_targets.py) and harmonised names across datasets (harmonise.py). The foundation: imports nothing else of cxrdist but errors and log."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import cxrdist
 from cxrdist.data.location import redact
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
-from cxrdist.training import outcome
-from cxrdist.training.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
+from cxrdist.training.launcher import outcome
+from cxrdist.training.launcher.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
 
 TRAIN_SCRIPT = Path(cxrdist.__file__).resolve().parent / "train.py"
 
@@ -102,8 +102,8 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     request (SIGTERM or SIGUSR1) to the trainer processes, which checkpoint and exit; a second SIGINT
     kills the group. Whatever is left of the group when the launcher ends is killed: no orphans.
 
-    The exit code comes from the trainers' outcome files (training/outcome.py), not from the launcher,
-    which says 1 for every failure. The trainers' stderr reaches ours through training/trainer_stderr.py;
+    The exit code comes from the trainers' outcome files (training/launcher/outcome.py), not from the launcher,
+    which says 1 for every failure. The trainers' stderr reaches ours through training/launcher/trainer_stderr.py;
     the launcher's own stderr is shown only when no trainer explained a failure."""
     with tempfile.TemporaryDirectory(prefix="cxrdist-launch-") as channel:
         trainer_stderr = TrainerStderr(Path(channel), sys.stderr)
