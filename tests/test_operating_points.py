@@ -174,7 +174,7 @@ def test_an_unreachable_operating_point_says_so_in_words():
 
 
 def test_metrics_and_report_say_when_a_point_is_not_reachable_and_a_platt_fit_was_capped(tmp_path):
-    from cxrdist.evaluation.clinical import clinical_metrics
+    from cxrdist.evaluation.clinical.clinical_metrics import clinical_metrics
     from cxrdist.evaluation.report.clinical import clinical_section
 
     y = np.array([[0, 0], [1, 1], [1, 1], [0, 0], [0, 1]], dtype=np.float64)
