@@ -3,6 +3,7 @@ exact resume, eval exactly-once, corrupt samples."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import replace
@@ -70,7 +71,7 @@ def write_split(root: Path, name: str, sizes: list[int], first: int, corrupt: di
                 writer.write({"__key__": f"img{index:05d}", "jpg": image, "json": meta})
                 index += 1
         path = root / rel
-        shards.append(ShardInfo(file=rel, num_samples=size, bytes=path.stat().st_size, sha256=""))
+        shards.append(ShardInfo(file=rel, num_samples=size, bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
     return SplitInfo(num_samples=sum(sizes), num_patients=sum(sizes), shards=shards)
 
 
