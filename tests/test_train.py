@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from cxrdist.data.datasets import load_manifest
+from cxrdist.data.manifest import write_manifest
 from cxrdist.model.card import ModelCard
 from trainer_utils import (DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, explain, fast_overrides, final_ema, free_port, label_aucs, launch_cpu,
                            records, run_single, single_process_auc, wait_for_step)
@@ -126,8 +128,12 @@ def test_bad_config_key_is_one_line(synth_shards, tmp_path):
 
 
 def corrupt_one_training_sample(shards: Path, target: Path) -> None:
+    """A shard whose first image does not decode, recorded as it is in the manifest (size, sha256): the shard is whole,
+    one image in it is bad (readers refuse a shard that differs from its manifest entry before decoding anything)."""
     shutil.copytree(shards, target)
-    shard = target / load_manifest(target).splits["fold-1"].shards[0].file
+    manifest = load_manifest(target)
+    entry = manifest.splits["fold-1"].shards[0]
+    shard = target / entry.file
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(shard, "w") as tar:
@@ -136,6 +142,8 @@ def corrupt_one_training_sample(shards: Path, target: Path) -> None:
                 data = b"\x89PNG garbage" * 3
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    entry.bytes, entry.sha256 = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    write_manifest(target, manifest)
 
 
 def test_corrupt_sample_is_skipped_and_counted(synth_shards, tmp_path):
