@@ -42,7 +42,7 @@ from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.global_mean import GlobalMaskedMean
-from cxrdist.training.preempt import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag, stop_explanation
+from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag, stop_explanation
 from cxrdist.training.randomness import model_randomness
 from cxrdist.training.resume_settings import EVAL_TARGETS, WORKERS, check_resume, current_settings
 from cxrdist.training.run_lock import hold_run_lock, release_run_lock
@@ -182,7 +182,6 @@ class Trainer:
     def write_run_files(self) -> None:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             atomic_write_text(self.run_dir / CONFIG_FILE, to_yaml(self.cfg))
 
     def resume(self) -> tuple[Path, TrainerState] | None:
@@ -308,8 +307,6 @@ class Trainer:
             if (logged or acc.num_processes == 1) and self.preempt.agreed(acc):
                 if checkpointed_at != self.state.step:
                     self.checkpoint()
-                if acc.is_main_process:
-                    (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.state.step}\n")
                 self.say(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step {self.state.step} written, "
                          f"exiting with {EXIT_PREEMPTED}; {stop_explanation(self.preempt.signal_name)}")
                 bar.close()

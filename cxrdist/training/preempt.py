@@ -11,8 +11,6 @@ import torch
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, retry later". slurm/train_folds.sh requeues on it.
 EXIT_PREEMPTED = 75
-# `accelerate launch` reports a worker's 75 as 1; this file in the run dir says "preempted" anyway.
-PREEMPTED_MARKER = "PREEMPTED"
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Set by `cxrdist train` for its trainers: the command the user typed, which resumes the run.
 RESUME_COMMAND_ENV = "CXRDIST_RESUME_COMMAND"
