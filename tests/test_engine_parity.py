@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 # 3 epochs of ~12 steps at 32 px; l1 large enough that a third or more of the 182 couplings end exactly at zero.
 SETTINGS = {"data.img_size": 32, "train.epochs": 3, "model.refine.l1": 3e-4, "train.log_every": 12}
 # DDP and ZeRO compute the same steps in different fp32 orders (DDP all-reduces bucketed gradients and runs fused AdamW;
-# ZeRO reduce-scatters flat partitions and runs torch's foreach AdamW on them): each step differs by a few ulps, which
-# ~36 steps of training amplify to ~1e-7 on A (measured). 1e-5 is far below the smallest coupling that survives the
-# threshold (the test checks that too), so a wrong regulariser (the subgradient: no zero at all) cannot pass it.
-TOLERANCE = 1e-5
+# ZeRO reduce-scatters flat partitions and runs torch's foreach AdamW on them). A few ulps per step grow over 33 steps of
+# training as in every other weight: measured with ZeRO-2, the backbone's weights differ by up to ~0.3% of their largest
+# value and A by 2.4e-5 (its largest coupling: 0.021), live and EMA alike. 1e-4 (0.5% of that coupling) leaves room for
+# that drift; the zero pattern, which a different regulariser (the subgradient: no zero at all) breaks, must be identical.
+TOLERANCE = 1e-4
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
@@ -66,10 +67,10 @@ def test_deepspeed_ends_with_the_zeros_and_coupling_of_ddp(ddp_coupling, launch_
     run_dir = train(lambda args: launch_deepspeed(args, launch_config), tmp_path, synth_shards)
     step = newest_checkpoint(run_dir)
     module = torch.load(step / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    live = module["refine.weight"].numpy()  # rank 0's module weights
+    live = module["refine.weight"].detach().numpy()  # rank 0's module weights
     # The fp32 master copy the optimizer steps, put together from both ranks' partitions: the proximal step changed it
     # (not only the module's copy, which the next step would overwrite), and each rank wrote its part of the same A.
-    master = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="pytorch_model")["refine.weight"].numpy()
+    master = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="pytorch_model")["refine.weight"].detach().numpy()
     np.testing.assert_array_equal(master, live)
 
     print(f"{launch_config}: {int(zeros.sum())} of {int(off_diagonal.sum())} couplings zero under DDP, "
