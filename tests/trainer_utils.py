@@ -64,6 +64,20 @@ def launch_cpu(args: list[str], processes: int = 2, timeout: int = 600, env: dic
     return subprocess.run(cmd, env=env or cpu_env(processes), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def deepspeed_env(world_size: int = 2) -> dict:
+    env = cpu_env(world_size)
+    env.pop("ACCELERATE_USE_CPU")  # that variable silently drops DeepSpeed
+    return env
+
+
+def launch_deepspeed(args: list[str], launch_config: str = "deepspeed_zero2.yaml", precision: str = "no",
+                     timeout: int = 900) -> subprocess.CompletedProcess:
+    """2 CPU processes through one of launch/'s DeepSpeed configs (its JSON's "auto" fields filled by the trainer)."""
+    cmd = LAUNCH + ["--config_file", str(REPO / "launch" / launch_config), "--num_processes", "2", "--mixed_precision", precision,
+                    "--main_process_port", str(free_port()), str(TRAIN), "--config", str(DEMO_CONFIG), *args]
+    return subprocess.run(cmd, env=deepspeed_env(2), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def run_single(args: list[str], timeout: int = 600, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(TRAIN), "--config", str(DEMO_CONFIG), *args]
     return subprocess.run(cmd, env=env or cpu_env(1), capture_output=True, text=True, timeout=timeout, cwd=REPO)

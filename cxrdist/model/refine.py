@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cxrdist.errors import UserError
+from cxrdist.model import zero_state
 from cxrdist.model.config import SPARSITY_MODES
 
 ZERO_TOLERANCE = 1e-6  # |a| at or below this counts as "no coupling" in reports
@@ -105,24 +106,44 @@ class LabelGraphRefinement(nn.Module):
         gradients. Scaled, the L1 term is clipped together with the loss, exactly as the subgradient
         mode's `l1 * |A|` is, and the optimum is the same at every gradient norm. No-op in
         subgradient mode. Call it only after a step that was taken (not one skipped by the fp16
-        GradScaler, not an accumulation micro-step). Under DeepSpeed the optimizer owns an fp32
-        master copy of A and overwrites the module's A at the next step, so this edit does not
-        stick there; use DDP (the default engine) for the proximal mode.
+        GradScaler, not an accumulation micro-step).
+
+        Under DeepSpeed ZeRO-1/2 the optimizer steps an fp32 master copy of A, partitioned over the
+        ranks, and would overwrite an edit of the module's A at its next step: there the step reads
+        the whole master and Adam state (model/zero_state.py; a collective, so every rank calls it),
+        thresholds the master, and writes it back together with the module's copy. Every rank
+        computes the same result from the same gathered values, so A stays bitwise equal across ranks.
         """
         if self.sparsity_mode != "proximal":
             return
         threshold: torch.Tensor | float = lr * self.l1 * scale
-        denominator = self._adam_denominator(optimizer) if optimizer is not None else None
+        master = zero_state.full_master(self.weight)  # None unless DeepSpeed ZeRO keeps A's master copy
+        denominator = self._adam_denominator(optimizer, partitioned=master is not None) if optimizer is not None else None
         if denominator is not None:
             threshold = threshold / denominator
         elif optimizer is not None and not isinstance(optimizer, torch.optim.SGD):
             self._warn_no_adam_state(optimizer)
-        w = self.weight
-        w.copy_(w.sign() * (w.abs() - threshold).clamp(min=0))
-        self.enforce_zero_diagonal()
+        w = self.weight if master is None else master
+        shrunk = w.sign() * (w.abs() - threshold).clamp(min=0)
+        shrunk.diagonal().zero_()
+        if master is None:
+            w.copy_(shrunk)
+        else:  # the master is a gathered copy: write it back where DeepSpeed keeps it
+            zero_state.write_master(self.weight, shrunk)
 
-    def _adam_denominator(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-        """sqrt(v_hat) + eps for A from a torch Adam-type optimizer's state, else None."""
+    def _adam_denominator(self, optimizer: torch.optim.Optimizer, partitioned: bool = False) -> torch.Tensor | None:
+        """sqrt(v_hat) + eps for A from a torch Adam-type optimizer's state (DeepSpeed ZeRO's when
+        `partitioned`), else None."""
+        found = zero_state.adam_second_moment(self.weight, optimizer) if partitioned else self._adam_state(optimizer)
+        if found is None:
+            return None
+        second_moment, step, group = found
+        # The step count stays a tensor (on the device for fused Adam): reading it would sync the host.
+        bias_correction = 1.0 - group["betas"][1] ** torch.as_tensor(step, dtype=torch.float32)
+        return (second_moment.float() / bias_correction).sqrt() + group["eps"]
+
+    def _adam_state(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, object, dict] | None:
+        """(exp_avg_sq (max_exp_avg_sq with amsgrad), step, param group) of A in a torch Adam-type optimizer."""
         states = getattr(optimizer, "state", None)
         state = states.get(self.weight) if hasattr(states, "get") else None
         groups = getattr(optimizer, "param_groups", ())
@@ -132,18 +153,15 @@ class LabelGraphRefinement(nn.Module):
         if "exp_avg_sq" not in state or "step" not in state:
             return None
         key = "max_exp_avg_sq" if group.get("amsgrad") and "max_exp_avg_sq" in state else "exp_avg_sq"
-        # The step count stays a tensor (on the device for fused Adam): reading it would sync the host.
-        bias_correction = 1.0 - group["betas"][1] ** torch.as_tensor(state["step"], dtype=torch.float32)
-        return (state[key].float() / bias_correction).sqrt() + group["eps"]
+        return state[key], state["step"], group
 
     def _warn_no_adam_state(self, optimizer: object) -> None:
         if self._warned_no_adam_state:
             return
         self._warned_no_adam_state = True
         warnings.warn(
-            f"LabelGraphRefinement.proximal_step: no Adam state for A in {type(optimizer).__name__} "
-            "(DeepSpeed keeps it partitioned); using the plain threshold lr * l1, a far weaker "
-            "penalty under an adaptive optimizer",
+            f"LabelGraphRefinement.proximal_step: no Adam state for A in {type(optimizer).__name__}; "
+            "using the plain threshold lr * l1, a far weaker penalty under an adaptive optimizer",
             stacklevel=3,
         )
 

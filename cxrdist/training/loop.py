@@ -36,6 +36,7 @@ from cxrdist.model.inert import KNOB, inert_message, max_logit_shift
 from cxrdist.model.loss import build_loss
 from cxrdist.model.network import build_model, image_spec
 from cxrdist.model.params import param_groups
+from cxrdist.model import zero_state
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.labels.policy import apply_policy, resolve_policy
 from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
@@ -116,6 +117,7 @@ class Trainer:
         self.net = acc.unwrap_model(self.model)
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
+        self.check_proximal_engine()
         self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup, warmup_power=cfg.train.ema_warmup_power)
         self.loss_fn = build_loss(cfg.loss, len(self.labels))
         self.preempt = PreemptionFlag().install()
@@ -157,12 +159,18 @@ class Trainer:
             ds["train_batch_size"] = self.cfg.data.batch_size * acc.num_processes * self.cfg.train.grad_accum
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = self.cfg.train.grad_clip
-        if self.cfg.model.refine.enabled and self.cfg.model.refine.sparsity == "proximal":
-            # DeepSpeed keeps its own fp32 master copy of the weights, so an in-place proximal step
-            # on the module would be overwritten at the next step: use the L1 subgradient instead.
-            self.cfg.model.refine.sparsity = "subgradient"
-            if acc.is_main_process:
-                LOG.warning("cxrdist: under DeepSpeed the refinement uses sparsity=subgradient (the proximal step needs the master weights)")
+
+    def check_proximal_engine(self) -> None:
+        """The proximal step edits the weights the optimizer steps: the module's A, or under DeepSpeed ZeRO-1/2 (and its
+        bf16 optimizer) A's fp32 master copy. An engine that keeps a master copy out of reach (DeepSpeed fp16 without
+        ZeRO) would undo every step, silently: refused. A collective (every rank calls it)."""
+        refine = self.net.refine
+        if not self.deepspeed or refine is None or refine.sparsity_mode != "proximal":
+            return
+        in_optimizer = any(p is refine.weight for group in self.optimizer.param_groups for p in group["params"])
+        if not in_optimizer and zero_state.full_master(refine.weight) is None:
+            raise UserError("model.refine.sparsity=proximal: this DeepSpeed configuration keeps A's master weights out of reach "
+                            "(use ZeRO-1 or ZeRO-2, e.g. launch/deepspeed_zero2.yaml, or model.refine.sparsity=subgradient)")
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that
