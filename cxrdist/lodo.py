@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrdist.atomic import atomic_write_json
+from cxrdist.data.datasets import DatasetEntry, is_dataset_list, load_manifest, parse_entries
 from cxrdist.errors import UserError
 from cxrdist.layout import (BEST_DIR, CARD_FILE, ENSEMBLE_DIR, EXTERNAL_DIR, METRICS_FILE, TEST_SPLIT, WEIGHTS_FILE, fold_best_dirs,
                             fold_name, held_out_experiment, lodo_summary_file, run_dir)
@@ -30,8 +31,8 @@ EXTERNAL_SPLITS = ("all", TEST_SPLIT)
 class HeldOutRun:
     """One leave-one-dataset-out experiment: trained on `training`, validated externally on `held_out`."""
 
-    held_out: object  # DatasetEntry
-    training: tuple
+    held_out: DatasetEntry
+    training: tuple[DatasetEntry, ...]
     experiment: str
 
     def shards_override(self) -> str:
@@ -42,13 +43,13 @@ class HeldOutRun:
 
 
 def plan(shards, experiment: str) -> list[HeldOutRun]:
-    """One HeldOutRun per dataset of `data.shards`; fewer than two datasets is a UserError."""
-    from cxrdist.data.datasets import is_dataset_list, parse_entries
-
+    """One HeldOutRun per dataset of `data.shards`; fewer than two datasets is a UserError, and so is anything training on
+    all of them would refuse (checked before any training: a fold count or vocabulary that does not agree)."""
     entries = parse_entries(shards) if is_dataset_list(shards) else ()
     if len(entries) < 2:
         named = ", ".join(entry.name for entry in entries) or str(shards)
         raise UserError(f"data.shards names {len(entries) or 1} dataset ({named}); leaving one dataset out needs a list of at least 2")
+    load_manifest(entries)
     return [HeldOutRun(entry, tuple(other for other in entries if other is not entry), held_out_experiment(experiment, entry.name))
             for entry in entries]
 
@@ -139,8 +140,6 @@ class TrainingStopped(Exception):
 
 def evaluate_held_out(settings: Settings, run: HeldOutRun, output_dir: Path, say) -> dict:
     """The internal (test split of the training datasets, when they have one) and external evaluations of one held-out run."""
-    from cxrdist.data.datasets import load_manifest
-
     experiment_dir = output_dir / run.experiment
     external = evaluation(settings, experiment_dir, experiment_dir / EXTERNAL_DIR / run.held_out.name, settings.external_split,
                           run.held_out, say)

@@ -126,11 +126,14 @@ def test_lodo_trains_each_held_out_run_scores_it_externally_and_resumes_without_
     assert json.loads((out / "lodo" / "lodo" / "lodo.json").read_text()) == summary
 
 
-@pytest.mark.parametrize("shards", ["one", "list-of-one"])
-def test_fewer_than_two_datasets_is_one_line_exit_2(three_datasets, tmp_path, shards):
-    spec = str(three_datasets["a"]) if shards == "one" else json.dumps([{"location": str(three_datasets["a"]), "name": "a"}])
+@pytest.mark.parametrize("shards, words", [("one", "leaving one dataset out needs a list of at least 2"),
+                                           ("list-of-one", "leaving one dataset out needs a list of at least 2"),
+                                           ("twice", "is listed twice")])
+def test_fewer_than_two_datasets_or_a_bad_list_is_one_line_exit_2_before_any_training(three_datasets, tmp_path, shards, words):
+    a = {"location": str(three_datasets["a"]), "name": "a"}
+    spec = {"one": str(three_datasets["a"]), "list-of-one": json.dumps([a]), "twice": json.dumps([a, {**a, "name": "a2"}])}[shards]
     done = lodo(spec, tmp_path / "runs")
-    assert done.returncode == 2 and "leaving one dataset out needs a list of at least 2" in done.stderr, explain(done)
+    assert done.returncode == 2 and words in done.stderr, explain(done)
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
