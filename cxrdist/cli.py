@@ -179,6 +179,50 @@ def environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+def add_lodo(sub) -> None:
+    p = sub.add_parser("lodo", help="leave-one-dataset-out: for each dataset of data.shards in turn, train every fold on the others "
+                                    "(experiment EXPERIMENT-without-NAME) and evaluate on the one left out; summary in runs/EXP/lodo/lodo.json")
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML whose data.shards lists at least 2 datasets")
+    p.add_argument("--processes", type=int, default=None, help="training processes on this machine (default: GPUs, or 1 on CPU)")
+    p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml) for training")
+    p.add_argument("--external-split", choices=["all", "test"], default="all",
+                   help="what of the left-out dataset is scored: all of it, or its test split (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass in the evaluations (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes of the evaluations (default: %(default)s)")
+    p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples of the evaluations' 95%% intervals")
+    p.add_argument("--evaluate-only", action="store_true", help="train nothing: every fold must be finished (slurm/lodo.sh's last job)")
+    p.add_argument("--plan", action="store_true", help="only print, per held-out run, NAME, EXPERIMENT and its data.shards override, "
+                                                       "tab-separated (what slurm/lodo.sh submits)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    p.set_defaults(run=run_lodo)
+
+
+def run_lodo(args) -> int:
+    from cxrdist.lodo import Settings, TrainingStopped, plan, run_lodo as lodo
+    from cxrdist.log import TERMINAL_ENV, on_terminal
+    from cxrdist.training.preempt import EXIT_PREEMPTED, RESUME_COMMAND_ENV
+
+    if args.plan:
+        from cxrdist.training.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        for run in plan(cfg.data.shards, cfg.experiment):
+            print(run.held_out.name, run.experiment, run.shards_override(), sep="\t")
+        return 0
+    settings = Settings(args.config, list(args.overrides), args.processes, args.launch_config, args.external_split, args.resamples,
+                        args.batch_size, args.workers, args.evaluate_only)
+    trainer_env = {RESUME_COMMAND_ENV: args.command_line, TERMINAL_ENV: os.environ.get(TERMINAL_ENV) or str(int(on_terminal()))}
+    with environment(trainer_env):
+        try:
+            lodo(settings)
+        except TrainingStopped as stopped:
+            if stopped.code == EXIT_PREEMPTED:
+                print(f"cxrdist lodo: {stopped.where} saved a checkpoint and stopped; to resume, run the same command again: "
+                      f"{args.command_line}", file=sys.stderr)
+            return stopped.code
+    return 0
+
+
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="print 'EXPERIMENT OUTPUT_DIR NUM_FOLDS' (tab-separated) for a config (the fold count from the shards' manifest)")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML, e.g. configs/paper.yaml")
@@ -334,8 +378,8 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_labels, add_prepare, add_verify, add_train, add_info, add_evaluate, add_predict, add_export, add_report, add_compare,
-                add_demo):
+    for add in (add_synth, add_labels, add_prepare, add_verify, add_train, add_lodo, add_info, add_evaluate, add_predict, add_export, add_report,
+                add_compare, add_demo):
         add(sub)
     return parser
 

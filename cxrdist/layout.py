@@ -5,6 +5,8 @@
     OUTPUT_DIR/EXPERIMENT/ensemble/{predictions.csv, metrics.json, fold_probabilities.npz}
     OUTPUT_DIR/EXPERIMENT/report/{report.html, figures/}
     OUTPUT_DIR/EXPERIMENT/compare/compare.json  (`cxrdist compare OTHER EXPERIMENT`)
+    OUTPUT_DIR/EXPERIMENT-without-NAME/...      (`cxrdist lodo`: an experiment on every dataset but NAME)
+    OUTPUT_DIR/EXPERIMENT/lodo/lodo.json        (`cxrdist lodo`: external vs internal AUC per left-out dataset)
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ FOLD_PROBABILITIES_FILE = "fold_probabilities.npz"
 COMPARE_DIR = "compare"
 EXTERNAL_DIR = "external"  # runs/EXP/external/<dataset name>/: `cxrdist evaluate --external` (predictions.csv, metrics.json)
 COMPARE_FILE = "compare.json"
+LODO_DIR = "lodo"
+LODO_FILE = "lodo.json"
+HELD_OUT_INFIX = "-without-"
 
 
 def fold_name(k: int) -> str:
@@ -60,6 +65,15 @@ def fold_sort_key(name: str) -> tuple[int, str]:
 
 def run_dir(output_dir: Path | str, experiment: str, fold: int) -> Path:
     return Path(output_dir) / experiment / fold_name(fold)
+
+
+def held_out_experiment(experiment: str, dataset: str) -> str:
+    """The experiment of a leave-one-dataset-out run: EXPERIMENT trained on every dataset but `dataset`."""
+    return f"{experiment}{HELD_OUT_INFIX}{dataset}"
+
+
+def lodo_summary_file(output_dir: Path | str, experiment: str) -> Path:
+    return Path(output_dir) / experiment / LODO_DIR / LODO_FILE
 
 
 def fold_run_dirs(experiment_dir: Path) -> list[Path]:

@@ -110,6 +110,7 @@ submit() {
         --export=ALL,CXRDIST_SLURM_ROLE=fold,CXRDIST_HOME="$ROOT" \
         "$ROOT/slurm/train_folds.sh" "$config" "${overrides[@]}") || die "sbatch of the fold array failed"
     array_id=${array_id%%;*}
+    [[ -n ${ARRAY_ID_FILE:-} ]] && echo "$array_id" >"$ARRAY_ID_FILE"  # for slurm/lodo.sh, which makes its jobs depend on it
 
     echo "fold array job: $array_id (folds $folds, $NODES node(s) each)"
     if [[ ${ENSEMBLE:-1} == 0 ]]; then

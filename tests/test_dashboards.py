@@ -68,6 +68,10 @@ def test_evaluate_logs_ensemble_run_and_report_uploads_page(trained_experiment, 
     assert logged["gains/tta_ensemble"] == pytest.approx(metrics["gains"]["tta_ensemble"])
     assert logged["gains/ensemble_over_mean_model"] == pytest.approx(metrics["gains"]["ensemble_over_mean_model"])
     assert -1 <= logged["ensemble/fold_agreement_mean"] <= 1
+    assert set(metrics["per_dataset"]) == {"shards", "pooled"}  # one dataset, named after its directory
+    for name, entry in metrics["per_dataset"].items():
+        assert logged[f"ensemble/dataset_auc/{name}"] == pytest.approx(entry["macro_auc"])
+        assert logged[f"ensemble/dataset_labels/{name}"] == entry["labels"]
 
     table = json.loads((log.parent / "files" / logged["ensemble/per_label_auc/path"]).read_text())
     assert table["columns"][:4] == ["label", "auc", "low", "high"] and len(table["data"]) == len(metrics["labels"])

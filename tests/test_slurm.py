@@ -331,3 +331,39 @@ def test_preempted_fold_requeues_resumes_and_ends_like_an_uninterrupted_run(clus
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(ours / name), load_file(theirs / name)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_lodo_submission_trains_every_held_out_run_then_one_job_summarises(cluster, tmp_path):
+    """`bash slurm/lodo.sh`: a fold array per left-out dataset, then `cxrdist lodo --evaluate-only` after all of them."""
+    from test_datasets import NIH_STYLE, prepare_synthetic
+
+    shards = {"a": prepare_synthetic(tmp_path / "a", seed=3, n=80, folds=2),
+              "b": prepare_synthetic(tmp_path / "b", seed=5, n=80, folds=2, rename=NIH_STYLE)}
+    runs = tmp_path / "runs"
+    spec = json.dumps([{"location": str(path), "name": name} for name, path in shards.items()])
+    overrides = fast_overrides(spec, runs, experiment="lodo", **{"train.epochs": 1})
+    done = cluster.run("bash", str(REPO / "slurm" / "lodo.sh"), str(DEMO_CONFIG), *overrides, cwd=tmp_path,
+                       env=job_env(PROCS_PER_NODE=1, LODO_ARGS="--resamples 20 --workers 0"))
+    found = re.search(r"lodo summary job: (\d+) \(after fold arrays ([\d ]+)\)", done.stdout)
+    assert found, done.stdout + done.stderr
+    arrays = found.group(2).split()
+    assert len(arrays) == 2
+    folds = [record for array in arrays for record in cluster.wait_finished(array, timeout=WAIT)]
+    [summary_job] = cluster.wait_finished(found.group(1), timeout=WAIT)
+    log = (runs / "lodo" / "lodo" / f"summary-{found.group(1)}.out").read_text(errors="replace")
+    assert summary_job["JobState"] == "COMPLETED", log[-4000:]
+    assert [r["JobState"] for r in folds] == ["COMPLETED"] * 4
+    assert summary_job["StartTime"] >= max(r["EndTime"] for r in folds)  # afterok on every array
+    assert log.count("not relaunched") == 4 and "training lodo" not in log  # the arrays trained; this job only evaluates
+
+    summary = json.loads((runs / "lodo" / "lodo" / "lodo.json").read_text())
+    assert list(summary["held_out"]) == ["a", "b"]
+    for name, other in (("a", "b"), ("b", "a")):
+        row = summary["held_out"][name]
+        experiment = runs / f"lodo-without-{name}"
+        assert row["trained_on"] == [other] and 0 <= row["external"]["macro_auc"] <= 1
+        assert json.loads((experiment / "external" / name / "metrics.json").read_text())["num_samples"] == 80
+        card = json.loads((experiment / "fold-0" / "best" / "model.json").read_text())
+        assert card["dataset"]["datasets"] == [other]

@@ -24,7 +24,7 @@ from cxrdist import distributed
 from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready
 from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, check_same_dataset
-from cxrdist.data.datasets import load_manifest
+from cxrdist.data.datasets import DatasetEntry, load_manifest
 from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
 from cxrdist.evaluation.prediction.external import check_not_trained_on, open_external
 from cxrdist.data.stream import eval_loader, eval_num_samples
@@ -199,7 +199,7 @@ def run_evaluate(
     seed: int = 0,
     eval_targets: str | None = None,
     check_dataset: bool = True,
-    external: Location | None = None,
+    external: Location | DatasetEntry | None = None,
 ) -> dict:
     """Evaluate the fold ensemble on `split` against `eval_targets` (default: what the cards record,
     else ignore_uncertain; never the training policy); on the main process write predictions.csv,

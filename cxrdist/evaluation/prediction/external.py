@@ -23,16 +23,19 @@ from cxrdist.labels.harmonise import harmonised_name
 ALL_SPLIT = "all"
 
 
-def open_external(location: Location, labels: Sequence[str]) -> tuple[tuple[DatasetEntry, ...], CombinedManifest]:
-    """(root, manifest) of the external dataset in the model's label order, with an "all" split."""
-    root = shard_root(location)
+def open_external(location: Location | DatasetEntry, labels: Sequence[str]) -> tuple[tuple[DatasetEntry, ...], CombinedManifest]:
+    """(root, manifest) of the external dataset in the model's label order, with an "all" split. A DatasetEntry (a
+    `data.shards` entry, as `cxrdist lodo` passes the dataset it left out) keeps its name and label_map."""
+    given = location if isinstance(location, DatasetEntry) else None
+    root = shard_root(given.location if given else location)
+    label_map = dict(given.label_map) if given else {}
     own = load_manifest(root)
-    drop = {name: None for name in own.labels if harmonised_name(name, {}) not in labels}
+    drop = {name: None for name in own.labels if harmonised_name(name, label_map) not in labels}
     if len(drop) == len(own.labels):
         raise UserError(f"--external {display(root)}: shares no label with the model (its labels: {', '.join(own.labels)}; "
                         f"the model's: {', '.join(labels)})")
-    name = dataset_name(root)
-    entries = (DatasetEntry(name, root, label_map=drop),)
+    name = given.name if given else dataset_name(root)
+    entries = (DatasetEntry(name, root, label_map={**label_map, **drop}),)
     manifest = combine(entries, vocabulary=list(labels))
     shards = manifest.shards(list(manifest.splits))
     manifest.splits[ALL_SPLIT] = SplitInfo(sum(s.num_samples for s in shards), sum(sp.num_patients for sp in manifest.splits.values()), shards)

@@ -1,6 +1,6 @@
 """W&B runs for what happens after training, in the experiment's group next to the fold runs:
-`cxrdist evaluate` -> an `ensemble` run (AUC table with intervals, ROC curves per label, fold
-agreement, TTA and ensemble gains); `cxrdist report` -> a `report` run holding the HTML page as an
+`cxrdist evaluate` -> an `ensemble` run (AUC table with intervals, per-dataset macro AUCs, ROC curves per
+label, fold agreement, TTA and ensemble gains; `external-<dataset>` for `--external`); `cxrdist report` -> a `report` run holding the HTML page as an
 artifact. Mode and project come from the folds' config.yaml (logging.wandb / logging.project, with
 WANDB_MODE winning), so evaluation lands where training did; nothing is logged when it is disabled.
 """
@@ -107,13 +107,33 @@ def flat_summary(metrics: dict) -> dict:
     summary.update({f"gains/tta/{name}": number(v) for name, v in (gains.get("tta_per_model") or {}).items()})
     if "ensemble_no_tta" in metrics:
         summary["ensemble/macro_auc_no_tta"] = number(metrics["ensemble_no_tta"]["macro_auc"])
+    for name, entry in metrics.get("per_dataset", {}).items():  # as training logs val/dataset_auc/<dataset>
+        summary[f"ensemble/dataset_auc/{name}"] = number(entry["macro_auc"])
+        summary[f"ensemble/dataset_labels/{name}"] = entry["labels"]
     return {k: v for k, v in summary.items() if v is not None}
 
 
+def per_dataset_table(metrics: dict):
+    """One row per dataset and one "pooled": macro AUC over the labels it annotates, labels scored, images."""
+    import wandb
+
+    table = wandb.Table(columns=["dataset", "macro_auc", "labels", "annotated", "evaluated"])
+    for name, entry in metrics.get("per_dataset", {}).items():
+        table.add_data(name, number(entry["macro_auc"]), entry["labels"], entry["annotated"], entry["evaluated"])
+    return table
+
+
+def evaluation_run_name(metrics: dict) -> str:
+    """`ensemble`, or `external-<dataset>` for `cxrdist evaluate --external` (its own run, next to the internal one)."""
+    if not metrics.get("external"):
+        return "ensemble"
+    return "external-" + next((name for name in metrics.get("per_dataset", {}) if name != "pooled"), "dataset")
+
+
 def log_ensemble_run(runs: Path, metrics: dict, out: Path) -> None:
-    """The `ensemble` run of `cxrdist evaluate`: reads what evaluate wrote to `out`."""
-    config = {k: metrics.get(k) for k in ("split", "tta", "num_samples", "num_patients", "model_names", "shards", "world_size")}
-    run = start_run(runs, "ensemble", "evaluate", Path(out), config)
+    """The `ensemble` (or `external-<dataset>`) run of `cxrdist evaluate`: reads what evaluate wrote to `out`."""
+    config = {k: metrics.get(k) for k in ("split", "tta", "num_samples", "num_patients", "model_names", "shards", "world_size", "external")}
+    run = start_run(runs, evaluation_run_name(metrics), "evaluate", Path(out), config)
     if run is None:
         return
     import wandb
@@ -121,6 +141,8 @@ def log_ensemble_run(runs: Path, metrics: dict, out: Path) -> None:
     try:
         values = flat_summary(metrics)
         values["ensemble/per_label_auc"] = auc_table(metrics)
+        if metrics.get("per_dataset"):
+            values["ensemble/per_dataset_auc"] = per_dataset_table(metrics)
         roc = roc_table(Path(out) / PREDICTIONS_FILE, metrics["labels"])
         values["ensemble/roc"] = wandb.plot.line(roc, "fpr", "tpr", stroke="label", title=f"ROC per label ({metrics['split']})")
         probabilities = Path(out) / FOLD_PROBABILITIES_FILE

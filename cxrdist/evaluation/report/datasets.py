@@ -1,5 +1,6 @@
-"""The report's "Datasets and external validation" section: per-dataset macro AUC of the ensemble, and per label the
-internal AUC next to each external dataset's (runs/EXP/external/NAME/metrics.json, from `cxrdist evaluate --external`)."""
+"""The report's "Datasets and external validation" section: per-dataset macro AUC of the ensemble, per label the
+internal AUC next to each external dataset's (runs/EXP/external/NAME/metrics.json, from `cxrdist evaluate --external`),
+and the leave-one-dataset-out summary when `cxrdist lodo` wrote one (runs/EXP/lodo/lodo.json)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 from cxrdist.evaluation.report.html import auc_cell, esc, note, section, table
-from cxrdist.layout import EXTERNAL_DIR, METRICS_FILE
+from cxrdist.layout import EXTERNAL_DIR, LODO_DIR, LODO_FILE, METRICS_FILE
 
 
 def external_metrics(runs: Path) -> dict[str, dict]:
@@ -20,16 +21,36 @@ def per_dataset_rows(metrics: dict, where: str) -> list[list[str]]:
             for name, entry in metrics.get("per_dataset", {}).items()]
 
 
+def lodo_summary(runs: Path) -> dict | None:
+    path = Path(runs) / LODO_DIR / LODO_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def lodo_table(summary: dict) -> str:
+    """One row per left-out dataset: the experiment trained without it, scored on it and on its own test split."""
+    rows = []
+    for name, row in summary["held_out"].items():
+        internal = row["internal"] or {}
+        rows.append([esc(name), esc(", ".join(row["trained_on"])), auc_cell(row["external"]["macro_auc"]), f"{len(row['external']['labels'])}",
+                     auc_cell(internal.get("macro_auc")), auc_cell(internal.get("macro_auc_shared_labels"))])
+    header = ["left out", "trained on", f"external macro AUC ({summary['external_split']})", "labels scored",
+              f"internal macro AUC ({summary['internal_split']})", "internal, same labels"]
+    return "<h3>Leave one dataset out (<code>cxrdist lodo</code>)</h3>" + table(header, rows, text_columns=2)
+
+
 def datasets_section(runs: Path, internal: dict | None) -> str | None:
-    """None when there is neither more than one dataset nor an external evaluation."""
+    """None when there is neither more than one dataset, nor an external evaluation, nor a leave-one-dataset-out summary."""
     external = external_metrics(runs)
     several = internal is not None and len(internal.get("per_dataset", {})) > 2
-    if not external and not several:
+    lodo = lodo_summary(runs)
+    if not external and not several and lodo is None:
         return None
     rows = (per_dataset_rows(internal, f"internal ({internal['split']})") if internal else [])
     for name, metrics in external.items():
         rows += per_dataset_rows(metrics, f"external {name} ({metrics['split']})")
-    body = table(["evaluation", "dataset", "macro AUC", "labels scored", "images"], rows, text_columns=2)
+    body = table(["evaluation", "dataset", "macro AUC", "labels scored", "images"], rows, text_columns=2) if rows else ""
+    if lodo is not None:
+        body += lodo_table(lodo)
     if external:
         labels = internal["labels"] if internal else next(iter(external.values()))["labels"]
         header = ["label", "internal AUC (95% CI)"] + [f"external {name} (95% CI)" for name in external]
