@@ -43,6 +43,15 @@ def test_a_rank_never_heard_from_counts_from_the_start_and_an_ended_rank_never()
     assert seen.verdict(1030.0) is None  # rank 0 ended: its silence is expected
 
 
+def test_every_silent_rank_and_its_host_is_named():
+    seen = Liveness(world_size=12, rank=0, bound=30, started=0.0)
+    seen.hosts.update({r: "node0 (10.0.0.1)" if r < 2 else "node1 (10.0.0.2)" for r in range(12)})
+    seen.observe({r: 1 for r in range(12)}, now=1.0)
+    seen.observe({r: 2 if r < 2 else 1 for r in range(12)}, now=40.0)  # ranks 2-11 (node1) stopped at t=1
+    assert seen.verdict(40.0) == ("no heartbeat from rank 2 on node1 (10.0.0.2) for 39 s, "
+                                  "nor from 9 more (rank 3, 4, 5, 6, 7, 8, 9, 10, ... on node1 (10.0.0.2))")
+
+
 def test_the_store_unanswered_past_the_bound_is_the_verdict():
     seen = Liveness(world_size=2, rank=1, bound=30, started=0.0)
     seen.observe({0: 1, 1: 1}, now=5.0)

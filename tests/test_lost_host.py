@@ -48,9 +48,10 @@ def lose_host(hosts: TwoHosts, shards: Path, tmp_path: Path, lost: int, port: in
         run.kill(lost)
         guard = DEFAULT_GUARD if "train.heartbeat_timeout" not in settings else SHORT_GUARD
         try:
-            code, _ = run.wait(survivor, timeout=guard)
+            code, seconds = run.wait(survivor, timeout=guard)
         except subprocess.TimeoutExpired:
             pytest.fail(f"host {survivor} still running {guard} s after host {lost} went dark:\n{run.output(survivor)[-4000:]}")
+        print(f"\nhost {lost} dark: host {survivor}'s trainer exited {seconds:.1f} s later ({settings or 'default settings'})")
         return code, run.output(survivor)
     finally:
         run.stop()
@@ -96,3 +97,4 @@ def test_a_rank_busy_longer_than_the_bound_in_its_main_thread_does_not_trip_it(h
     for host in (0, 1):
         assert done[host] == 0 and "lost contact" not in run.output(host), run.output(host)[-4000:]
     assert "cxrdist: done:" in run.output(0)
+    assert f"CXRDIST_TEST_SLOW_RANK: rank 1 slept {PAUSE} s in save_state" in run.output(1), run.output(1)[-4000:]

@@ -22,6 +22,7 @@ PREFIX = "cxrdist/heartbeat"
 # Added to a rank's counter when it ends normally: from then on its silence is expected, not a loss.
 ENDED = 1 << 40
 MAX_INTERVAL = 10.0  # seconds between beats, at most
+MAX_NAMED = 8  # silent ranks named in the verdict beyond the first
 BEATS_PER_BOUND = 12  # the interval is the bound over this, so a rank misses many beats before it counts as lost
 
 
@@ -63,14 +64,21 @@ class Liveness:
         """Why this rank must stop, in words, or None while everyone is heard from within the bound."""
         if now - self.store_seen > self.bound:
             return f"no answer from the rendezvous store on machine 0 for {now - self.store_seen:.0f} s"
-        for rank in range(self.world_size):
-            if rank == self.rank or self.ended(rank):
-                continue
-            silent = now - self.last_change.get(rank, self.started)
-            if silent > self.bound:
-                host = f" on {self.hosts[rank]}" if rank in self.hosts else ""
-                return f"no heartbeat from rank {rank}{host} for {silent:.0f} s"
-        return None
+        silent = {rank: now - self.last_change.get(rank, self.started) for rank in range(self.world_size)
+                  if rank != self.rank and not self.ended(rank)}
+        lost = [rank for rank, seconds in silent.items() if seconds > self.bound]
+        if not lost:
+            return None
+        first, more = lost[0], lost[1:]
+        words = f"no heartbeat from rank {first}{self.where(first)} for {silent[first]:.0f} s"
+        if more:
+            hosts = sorted({self.hosts[r] for r in more if r in self.hosts})
+            shown = ", ".join(map(str, more[:MAX_NAMED])) + (", ..." if len(more) > MAX_NAMED else "")
+            words += f", nor from {len(more)} more (rank {shown}{' on ' + ', '.join(hosts) if hosts else ''})"
+        return words
+
+    def where(self, rank: int) -> str:
+        return f" on {self.hosts[rank]}" if rank in self.hosts else ""
 
 
 class Heartbeat:
