@@ -29,13 +29,17 @@ def test_a_rank_whose_counter_stops_is_named_after_the_bound_only():
     for t in range(0, 90, 10):
         seen.observe({0: t, 1: t, 2: min(t, 20)}, now=float(t))  # rank 2 last moved at t=20
         assert seen.verdict(float(t)) is None  # at t=80: 60 s silent, not yet past the bound
+    assert seen.verdict(81.0) is None  # the store has not been read since t=80: nothing new is known of rank 2
+    seen.observe({0: 81, 1: 81, 2: 20}, now=81.0)
     assert seen.verdict(81.0) == "no heartbeat from rank 2 on node7 (10.0.0.7) for 61 s"
 
 
 def test_a_rank_never_heard_from_counts_from_the_start_and_an_ended_rank_never():
     seen = Liveness(world_size=3, rank=1, bound=30, started=100.0)
     seen.observe({1: 5, 2: 3}, now=110.0)
+    seen.observe({1: 6, 2: 4}, now=130.0)
     assert seen.verdict(130.0) is None
+    seen.observe({1: 6, 2: 5}, now=131.0)
     assert seen.verdict(131.0) == "no heartbeat from rank 0 for 31 s"
     seen.observe({0: ENDED + 4, 1: 6, 2: 4}, now=131.0)
     assert seen.verdict(1000.0) == "no answer from the rendezvous store on machine 0 for 869 s"
@@ -52,11 +56,13 @@ def test_every_silent_rank_and_its_host_is_named():
                                   "nor from 9 more (rank 3, 4, 5, 6, 7, 8, 9, 10, ... on node1 (10.0.0.2))")
 
 
-def test_the_store_unanswered_past_the_bound_is_the_verdict():
+def test_the_store_unanswered_past_the_bound_is_the_verdict_even_when_a_rank_went_quiet_first():
+    """Machine 0 going dark: its rank's counter stops a beat before its store stops answering; the store is the verdict."""
     seen = Liveness(world_size=2, rank=1, bound=30, started=0.0)
-    seen.observe({0: 1, 1: 1}, now=5.0)
+    seen.observe({0: 1, 1: 1}, now=4.0)
+    seen.observe({0: 1, 1: 2}, now=5.0)  # rank 0 already quiet, the store still answered
     assert seen.verdict(35.0) is None
-    assert seen.verdict(36.0).startswith("no answer from the rendezvous store on machine 0 for 31 s")
+    assert seen.verdict(36.0) == "no answer from the rendezvous store on machine 0 for 31 s"
 
 
 @pytest.mark.parametrize("bound, interval", [(120, 10.0), (12, 1.0), (1, 0.2), (600, 10.0)])

@@ -64,9 +64,11 @@ class Liveness:
         """Why this rank must stop, in words, or None while everyone is heard from within the bound."""
         if now - self.store_seen > self.bound:
             return f"no answer from the rendezvous store on machine 0 for {now - self.store_seen:.0f} s"
+        # A rank counts as silent only for as long as the store answered without its counter moving: while the store
+        # is unreachable (machine 0 or this machine's link dark) nothing is known about the ranks, and that is the verdict.
         silent = {rank: now - self.last_change.get(rank, self.started) for rank in range(self.world_size)
                   if rank != self.rank and not self.ended(rank)}
-        lost = [rank for rank, seconds in silent.items() if seconds > self.bound]
+        lost = [rank for rank in silent if self.store_seen - self.last_change.get(rank, self.started) > self.bound]
         if not lost:
             return None
         first, more = lost[0], lost[1:]
