@@ -46,19 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         outcome.record(2, line)
         return 2
     except Exception as err:
-        from cxrdist.training.failure import EXIT_LOST_PEER, lost_peer, lost_peer_message
+        from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer
 
         if not lost_peer(err):
             outcome.record(1, f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}")
             raise
-        # Every surviving rank says it: on another machine this may be the only line there is.
-        line = f"cxrdist train: error: {lost_peer_message(err)}"
-        print(line, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        outcome.record(EXIT_LOST_PEER, line)
-        # A normal interpreter exit waits on gloo's pending work and the loader workers (seconds);
-        # the process group is broken, the checkpoints are whole: leave now.
-        os._exit(EXIT_LOST_PEER)
+        stop_lost_peer(lost_peer_message(err))
 
 
 def choose_network_interface() -> None:

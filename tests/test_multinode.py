@@ -102,10 +102,12 @@ class Start:
                 proc.wait()
 
 
-def start(hosts: TwoHosts, run: Path, shards: Path, name: str, port: int) -> Start:
-    args = [str(a) for a in fast_overrides(shards, run, **{
-        "train.epochs": 2, "train.checkpoint_every": 3, "train.dist_timeout": DIST_TIMEOUT, "data.workers": 1,
-    })]
+SETTINGS = {"train.epochs": 2, "train.checkpoint_every": 3, "train.dist_timeout": DIST_TIMEOUT, "data.workers": 1}
+
+
+def start(hosts: TwoHosts, run: Path, shards: Path, name: str, port: int, settings: dict = SETTINGS, env: dict | None = None) -> Start:
+    """`settings`: the overrides besides fast_overrides'; `env`: the hosts' environment (host_env() by default)."""
+    args = [str(a) for a in fast_overrides(shards, run, **settings)]
     procs, logs = [], []
     metrics = run / "demo" / f"fold-{FOLD}" / "metrics.jsonl"
     lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
@@ -118,7 +120,7 @@ def start(hosts: TwoHosts, run: Path, shards: Path, name: str, port: int) -> Sta
         log = run / f"{name}-host{host}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as out:
-            procs.append(subprocess.Popen(cmd, env=host_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, env=env or host_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
         logs.append(log)
     return Start(procs, logs, lines)
 

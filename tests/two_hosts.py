@@ -73,3 +73,15 @@ def make_two_hosts(tag: str) -> TwoHosts:
     except BaseException:
         hosts.delete()
         raise
+
+
+def two_hosts_or_skip(tag: str):
+    """A pytest fixture's body: the two hosts while the tests use them, or the test skipped where they cannot be made."""
+    import pytest
+
+    try:
+        made = make_two_hosts(tag)
+    except HostsUnavailable as err:
+        pytest.skip(f"no network namespaces: {err}")
+    yield made
+    made.delete()

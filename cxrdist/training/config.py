@@ -80,6 +80,10 @@ class TrainConfig:
     # a node dies, the others exit non-zero after at most this long. Long enough for the slowest
     # rank-0-only work between two collectives (writing a checkpoint to the shared filesystem).
     dist_timeout: int = DEFAULT_DIST_TIMEOUT
+    # Seconds a rank may go unheard (training/heartbeat.py) before every other rank stops with one line: a node
+    # that vanished is noticed this long after, not at TCP's ~15 minutes. Beats come from a thread, so a long
+    # evaluation or checkpoint does not count; only a dead process, a frozen one or a dark link does. 0 = off.
+    heartbeat_timeout: int = 120
 
     def __post_init__(self) -> None:
         # YAML reads a bare `no` as false: accept it (and fp32) for "no mixed precision".
@@ -91,6 +95,7 @@ class TrainConfig:
         at_least("train.grad_accum", self.grad_accum, 1)
         at_least("train.epochs", self.epochs, 1)
         at_least("train.dist_timeout", self.dist_timeout, 1)
+        at_least("train.heartbeat_timeout", self.heartbeat_timeout, 0)
         at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         at_least("train.warmup_steps", self.warmup_steps, 0)
         at_least("train.log_every", self.log_every, 1)

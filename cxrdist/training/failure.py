@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 # What a surviving rank exits with. `accelerate launch` reports any non-zero code as 1; SLURM's
 # srun --kill-on-bad-exit then ends the step on every node, and the fold task fails.
@@ -34,7 +36,34 @@ def cause(err: BaseException) -> str:
 
 
 def lost_peer_message(err: BaseException) -> str:
-    rank = os.environ.get("RANK", "?")
     detail = " ".join(str(err).split())[:300]
-    return (f"rank {rank}: lost contact with the other ranks: {cause(err)}; stopping. "
-            f"Restart every node to resume from the newest complete checkpoint. ({type(err).__name__}: {detail})")
+    return lost_contact_message(cause(err), f" ({type(err).__name__}: {detail})")
+
+
+def lost_contact_message(why: str, detail: str = "") -> str:
+    rank = os.environ.get("RANK", "?")
+    return (f"rank {rank}: lost contact with the other ranks: {why}; stopping. "
+            f"Restart every node to resume from the newest complete checkpoint.{detail}")
+
+
+_STOPPING = threading.Lock()
+
+
+def stop_lost_peer(message: str) -> None:
+    """Say it in one line, record the outcome and leave now, from any thread; the first caller speaks, a second
+    (the heartbeat's watcher and the main thread's collective can notice at once) waits for the exit.
+    A normal interpreter exit would wait on gloo's pending work and the loader workers (seconds); the process
+    group is broken, the checkpoints are whole."""
+    from cxrdist.training.launcher import outcome
+
+    _STOPPING.acquire()
+    line = f"cxrdist train: error: {message}"
+    print(line, file=sys.stderr, flush=True)  # every surviving rank says it: on another machine it may be the only line
+    sys.stdout.flush()
+    outcome.record(EXIT_LOST_PEER, line)
+    os._exit(EXIT_LOST_PEER)
+
+
+def heartbeat_lost(words: str) -> None:
+    """The heartbeat's verdict (training/heartbeat.py): some rank, or machine 0's store, silent past the bound."""
+    stop_lost_peer(lost_contact_message(words))

@@ -42,7 +42,9 @@ from cxrdist.labels.policy import apply_policy, resolve_policy
 from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
+from cxrdist.training.failure import heartbeat_lost
 from cxrdist.training.global_mean import GlobalMaskedMean
+from cxrdist.training.heartbeat import start_heartbeat
 from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag, stop_explanation
 from cxrdist.training.randomness import model_randomness
 from cxrdist.training.resume_settings import EVAL_TARGETS, WORKERS, check_resume, current_settings
@@ -88,6 +90,7 @@ class Trainer:
         self.train_splits = self.manifest.train_splits(cfg.fold)
         self.val_split = fold_name(cfg.fold)
         self.accelerator = make_accelerator(cfg)
+        self.heartbeat = start_heartbeat(cfg.train.heartbeat_timeout, on_lost=heartbeat_lost)  # once the process group exists
         self.check_world_size()
         self.check_engine()
         acc = self.accelerator
@@ -265,6 +268,8 @@ class Trainer:
                  f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
         self.say(self.ema_schedule_line())
         code = self.train_until_done(batches)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()  # past the last collective: this rank's silence is no longer a loss
         acc.end_training()
         release_run_lock(self.run_lock)
         return code

@@ -19,6 +19,7 @@ if _spec and os.environ.get("RANK") is not None:
     def _slow_save(*args, **kwargs):
         if os.environ.get("RANK") == _rank:
             time.sleep(float(_seconds))
+            print(f"CXRDIST_TEST_SLOW_RANK: rank {_rank} slept {_seconds} s in save_state", flush=True)  # the tests' evidence
         return _save(*args, **kwargs)
 
     accelerate.accelerator.save_accelerator_state = _slow_save
