@@ -96,7 +96,7 @@ def bin_counts(ax, rel: dict) -> None:
     ax.bar(lower, rel["count"], width=1 / bins, align="edge", color="#c6dbef", edgecolor="#1f77b4", lw=0.5)
     top = max(rel["count"], default=1)
     for left, n in zip(lower, rel["count"]):
-        ax.text(left + 0.5 / bins, n + 0.04 * top, compact_count(n), ha="center", va="bottom", fontsize=5.5, color="#1f4e79")
+        ax.text(left + 0.5 / bins, n + 0.04 * top, compact_count(n), ha="center", va="bottom", fontsize=6.5, color="#1f4e79")
     ax.set_xlim(0, 1), ax.set_ylim(0, 1.6 * top)
     ax.set_yticks([])
     ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
