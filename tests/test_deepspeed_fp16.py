@@ -47,11 +47,11 @@ def test_deepspeed_fp16_scaler_calibration_is_not_a_bad_step_but_a_nan_loss_is(s
     train = records(tmp_path / "demo" / "fold-0", "train")
     assert train and {r["world_size"] for r in train} == {2}, explain(result)
     calibrating = [r for r in train if r["step"] <= NAN_AFTER]
+    assert [r["bad_steps_total"] for r in calibrating] == [0] * len(calibrating), explain(result)
     scales = [r["loss_scale"] for r in calibrating]
     # DeepSpeed's scaler really overflowed: from 2^30 it halved at each of more than max_bad_steps steps in a row
     # (it lowers the scale only on its overflow flag), and none of those skips counted.
     assert scales[0] == 2.0**INITIAL_SCALE_POWER and scales[MAX_BAD_STEPS + 1] <= 2.0 ** (INITIAL_SCALE_POWER - MAX_BAD_STEPS), scales
-    assert [r["bad_steps_total"] for r in calibrating] == [0] * len(calibrating), explain(result)
     assert len(calibrating) == NAN_AFTER and scales[-1] == scales[-2], scales  # calibrated before the loss turned NaN
     # The NaN losses count, one per step, and max_bad_steps of them in a row stop the run with one line.
     assert [r["bad_steps_total"] for r in train if r["step"] > NAN_AFTER] == list(range(1, MAX_BAD_STEPS))
