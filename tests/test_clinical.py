@@ -74,3 +74,42 @@ def test_report_shows_operating_points_calibration_and_saliency(evaluated_experi
         assert f'src="figures/{name}"' in page
         with Image.open(tmp_path / "report" / "figures" / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_reliability_diagrams_show_each_bins_image_count():
+    from cxrdist.evaluation.clinical.calibration import label_calibration
+    from cxrdist.evaluation.report.clinical import reliability_figure
+
+    rng = np.random.default_rng(4)
+    scores = {"Consolidation": rng.beta(0.6, 3.0, 700), "Pneumonia": rng.random(90), "Edema": rng.beta(4.0, 1.0, 300)}
+    per_label = {label: label_calibration(rng.random(len(s)) < s, s) for label, s in scores.items()}
+    fig = reliability_figure(per_label, None, None, columns=2)
+    count_axes = [ax for ax in fig.axes if ax.patches]  # reading order: one under each diagram
+    assert len(count_axes) == len(scores)
+    for ax, s in zip(count_axes, scores.values()):
+        counts, edges = np.histogram(s, bins=10, range=(0.0, 1.0))
+        drawn = sorted((round(bar.get_x(), 9), bar.get_height()) for bar in ax.patches)
+        assert drawn == [(round(edges[b], 9), counts[b]) for b in np.flatnonzero(counts)]
+        assert [t.get_text() for t in ax.texts] == [str(n) for n in counts[counts > 0]]
+
+
+def test_each_saliency_panel_gets_its_own_image_when_the_positives_allow():
+    from cxrdist.evaluation.report.clinical import saliency_examples
+
+    # Consolidation and Pneumonia co-occur: image 0 is the most probable for both, image 1 is positive for both too.
+    probs = np.array([[0.95, 0.90, 0.1], [0.70, 0.60, 0.2], [0.10, 0.20, 0.8], [0.05, 0.10, 0.3]])
+    targets = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, np.nan]])
+    examples = saliency_examples(probs, targets, 3)
+    assert [j for _, j, _ in examples] == [0, 1, 2]  # most confident label first
+    assert sorted(row for row, _, _ in examples[:2]) == [0, 1] and examples[2][0] == 2
+    assert all(shared is None for _, _, shared in examples)
+    # Taking each label's most probable positive in turn would give label 0 image 0, label 1's only positive.
+    targets = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]])
+    assert saliency_examples(probs, targets, 2) == [(1, 0, None), (0, 1, None)]
+    # One positive image for both: allowed, and said (the less probable label shows the image of the other).
+    targets = np.array([[1, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]])
+    assert saliency_examples(probs, targets, 2) == [(0, 0, None), (0, 1, 0)]
+    # No targets, or a label without a positive: its most probable images, still one per label.
+    for t in (None, np.zeros_like(targets)):
+        examples = saliency_examples(probs, t, 3)
+        assert len({row for row, _, _ in examples}) == 3 and all(shared is None for _, _, shared in examples)

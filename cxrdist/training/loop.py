@@ -436,7 +436,7 @@ class Trainer:
         whose scaler has synced already."""
         scaler = getattr(self.accelerator, "scaler", None)
         if self.deepspeed and self.accelerator.mixed_precision == "fp16":
-            loss_scaler = self.optimizer.optimizer.loss_scaler  # DeepSpeed's own (ZeRO-1/2); `skipped` is its overflow flag
+            loss_scaler = self.deepspeed_loss_scaler()  # `skipped` is the engine's overflow flag
             return is_bad_deepspeed_fp16_step(bool(self.loss_finite), bool(skipped), float(loss_scaler.cur_scale),
                                               float(getattr(loss_scaler, "min_scale", loss_scaler.cur_scale)),
                                               bool(getattr(loss_scaler, "dynamic", False)))
@@ -444,6 +444,19 @@ class Trainer:
             return skipped | ~self.loss_finite if isinstance(skipped, torch.Tensor) else skipped or not bool(self.loss_finite)
         grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
         return is_bad_step(bool(self.loss_finite), grads_finite, bool(skipped), float(scaler.get_scale()))
+
+    def deepspeed_loss_scaler(self):
+        """DeepSpeed's own dynamic (or static) loss scaler of its ZeRO-1/2 optimizer, under fp16."""
+        return self.optimizer.optimizer.loss_scaler
+
+    def loss_scale(self) -> float | None:
+        """The fp16 loss scale now (DeepSpeed's scaler or torch's GradScaler), None without one. A host read: log time only."""
+        if self.accelerator.mixed_precision != "fp16":
+            return None
+        if self.deepspeed:
+            return float(self.deepspeed_loss_scaler().cur_scale)
+        scaler = getattr(self.accelerator, "scaler", None)
+        return None if scaler is None else float(scaler.get_scale())
 
     def after_step(self, lr: float, skipped: torch.Tensor | bool, bad: torch.Tensor | bool, grad_norm: torch.Tensor | None,
                    window: Window) -> None:
@@ -487,7 +500,7 @@ class Trainer:
             "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
             "img_per_s": samples / window.total if window.total > 0 else None,
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
-            "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen,
+            "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen, "loss_scale": self.loss_scale(),
             "max_memory_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if self.is_cuda else None,  # allocator stat: no sync
             "ema_decay": self.ema.decay_at(self.state.step),  # the effective decay of the last update (warm-up included)
         }

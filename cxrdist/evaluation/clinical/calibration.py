@@ -23,7 +23,8 @@ MAX_PLATT_SLOPE = 10.0  # a Platt slope is a factor on the logits; beyond 10 a f
 
 
 def reliability_bins(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list]:
-    """Per equal-width bin: mean predicted probability, observed positive rate, image count (empty bins left out)."""
+    """Per equal-width bin: mean predicted probability, observed positive rate, image count and the bin's lower edge
+    (empty bins left out)."""
     y, p = np.asarray(targets, dtype=np.float64), np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
     index = np.minimum((p * bins).astype(int), bins - 1)
     counts = np.bincount(index, minlength=bins)
@@ -34,6 +35,7 @@ def reliability_bins(targets: np.ndarray, probs: np.ndarray, bins: int = DEFAULT
         "predicted": (predicted[full] / counts[full]).tolist(),
         "observed": (observed[full] / counts[full]).tolist(),
         "count": counts[full].astype(int).tolist(),
+        "lower": (np.flatnonzero(full) / bins).tolist(),
     }
 
 

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
 
 from cxrdist.data.manifest import Manifest
 from cxrdist.data.stream import read_shards
 from cxrdist.data.transforms import decode_grayscale, eval_transform
 from cxrdist.errors import UserError
 from cxrdist.evaluation import figures as figs
+from cxrdist.evaluation.clinical import calibration
 from cxrdist.evaluation.clinical.calibration import LOG_TEMPERATURE_BOUNDS
 from cxrdist.evaluation.report.html import esc, figure, fmt, note, section, table
 
@@ -52,33 +54,59 @@ def operating_point_table(metrics: dict) -> str:
 
 
 def reliability_grid(path: Path, per_label: dict, scaled: dict | None, platt: dict | None = None, columns: int = 5) -> Path:
-    """One reliability diagram per label: observed positive rate against mean predicted probability per bin."""
+    return figs.save(reliability_figure(per_label, scaled, platt, columns), path)
+
+
+def reliability_figure(per_label: dict, scaled: dict | None, platt: dict | None = None, columns: int = 5) -> Figure:
+    """One reliability diagram per label: observed positive rate against mean predicted probability per bin, and under
+    it the number of images in each of the ensemble's bins (a point on a few images zigzags by chance)."""
     labels = [label for label, v in per_label.items() if v is not None]
     rows = max(1, math.ceil(len(labels) / columns))
-    fig = Figure(figsize=(2.6 * columns, 2.5 * rows))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, label in zip(axes.flat, labels):
-        ax.axis("on")
+    fig = Figure(figsize=(2.6 * columns, 3.1 * rows), layout="constrained")
+    cells = fig.add_gridspec(rows, columns)
+    first = None
+    for i, label in enumerate(labels):  # each cell: the diagram, and right under it (sharing x) its bin counts
+        ax, counts_ax = cells[i // columns, i % columns].subgridspec(2, 1, height_ratios=[4, 1], hspace=0.02).subplots(sharex=True)
+        first = first or ax
         ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
         rel = per_label[label]["reliability"]
         ax.plot(rel["predicted"], rel["observed"], "o-", ms=3, color="#1f77b4", label="ensemble")
         if scaled and scaled.get(label):
-            rel = scaled[label]["reliability"]
-            ax.plot(rel["predicted"], rel["observed"], "s--", ms=2.5, color="#ff7f0e", label="temperature-scaled")
+            srel = scaled[label]["reliability"]
+            ax.plot(srel["predicted"], srel["observed"], "s--", ms=2.5, color="#ff7f0e", label="temperature-scaled")
         if platt and platt.get(label):
-            rel = platt[label]["reliability"]
-            ax.plot(rel["predicted"], rel["observed"], "^:", ms=2.5, color="#2ca02c", label="Platt-scaled")
+            prel = platt[label]["reliability"]
+            ax.plot(prel["predicted"], prel["observed"], "^:", ms=2.5, color="#2ca02c", label="Platt-scaled")
         ax.set_title(f"{figs.short(label, 22)}\nECE {per_label[label]['ece']:.3f}", fontsize=8)
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        ax.tick_params(labelsize=7)
-    if labels:
-        axes.flat[0].legend(fontsize=6.5, frameon=False, loc="upper left")
-    fig.supxlabel("mean predicted probability", fontsize=9)
+        ax.tick_params(labelsize=7, labelbottom=False)
+        bin_counts(counts_ax, rel)
+    if first is not None:
+        first.legend(fontsize=6.5, frameon=False, loc="upper left")
+    fig.supxlabel("mean predicted probability (strip under each diagram: images per bin)", fontsize=9)
     fig.supylabel("observed positive rate", fontsize=9)
-    fig.tight_layout()
-    return figs.save(fig, path)
+    return fig
+
+
+def bin_counts(ax, rel: dict) -> None:
+    """The ensemble's images per reliability bin as bars under its diagram, each with its count written on it."""
+    bins = calibration.DEFAULT_BINS
+    # metrics.json from before the edges were stored: a bin's mean lies inside it
+    lower = rel.get("lower") or (np.minimum(np.floor(np.asarray(rel["predicted"]) * bins), bins - 1) / bins).tolist()
+    ax.bar(lower, rel["count"], width=1 / bins, align="edge", color="#c6dbef", edgecolor="#1f77b4", lw=0.5)
+    top = max(rel["count"], default=1)
+    for left, n in zip(lower, rel["count"]):
+        ax.text(left + 0.5 / bins, n + 0.04 * top, compact_count(n), ha="center", va="bottom", fontsize=6.5, color="#1f4e79")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1.6 * top)
+    ax.set_yticks([])
+    ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+    ax.tick_params(labelsize=7)
+    ax.spines[["top", "right", "left"]].set_visible(False)
+
+
+def compact_count(n: int) -> str:
+    """A bin's count in at most ~4 characters, so neighbouring bins' counts do not run together."""
+    return str(n) if n < 1000 else f"{n / 1000:.1f}k" if n < 10_000 else f"{n // 1000}k"
 
 
 def clinical_section(metrics: dict | None, fig_dir: Path) -> str:
@@ -138,8 +166,37 @@ def saliency_grid(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.nd
     return figs.save(fig, path)
 
 
+def saliency_examples(probs: np.ndarray, targets: np.ndarray | None, count: int) -> list[tuple[int, int, int | None]]:
+    """For the `count` labels with the most confident prediction, one example image each: [(row, label index, index of
+    the label whose image it shares, or None)]. A label's candidates are its known positives (targets: 1, 0, NaN
+    = left out), else every image. Distinct images with the largest total probability (an assignment: co-occurring
+    findings such as Consolidation and Pneumonia would otherwise both take the one image where both are most probable);
+    a label shares an image only when every candidate of it is taken, and then takes its most probable one."""
+    order = [int(j) for j in np.argsort(-probs.max(axis=0), kind="stable")[:count]]
+    candidates = []
+    for j in order:
+        positive = np.zeros(len(probs), dtype=bool) if targets is None else targets[:, j] == 1
+        candidates.append(positive if positive.any() else np.ones(len(probs), dtype=bool))
+    cost = np.stack([np.where(ok, -probs[:, j], len(order) + 1.0) for j, ok in zip(order, candidates)])  # a non-candidate costs more than any gain
+    rows_of = dict(zip(*linear_sum_assignment(cost)))
+    chosen: list[tuple[int, int, int | None]] = []
+    for i, (j, ok) in enumerate(zip(order, candidates)):
+        row = rows_of.get(i)
+        if row is not None and ok[row]:
+            chosen.append((int(row), j, None))
+    taken = {row: j for row, j, _ in chosen}
+    for i, (j, ok) in enumerate(zip(order, candidates)):
+        if rows_of.get(i) is None or not ok[rows_of[i]]:
+            row = int(np.flatnonzero(ok)[np.argmax(probs[ok, j])])
+            chosen.append((row, j, taken.get(row)))
+            taken.setdefault(row, j)
+    position = {j: i for i, j in enumerate(order)}
+    return sorted(chosen, key=lambda c: position[c[1]])
+
+
 def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest | None, fig_dir: Path) -> str:
-    """The evaluated split's images with the most confident positive findings (one per label), with the ensemble's maps."""
+    """The evaluated split's images with the most confident positive findings (one image per label, distinct where the
+    labels' positives allow), with the ensemble's maps."""
     from cxrdist.evaluation.prediction.models import load_fold_models
     from cxrdist.evaluation.prediction.saliency import ensemble_cams
 
@@ -151,9 +208,11 @@ def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest
     try:
         models = load_fold_models(runs)
         labels = models[0].card.labels
-        chosen = []  # (key, label index): per label the test image where it is most probable, most confident labels first
-        for j in np.argsort([-predictions[f"prob_{label}"].max() for label in labels])[:SALIENCY_IMAGES]:
-            chosen.append((predictions["key"].iloc[int(predictions[f"prob_{labels[j]}"].idxmax())], int(j)))
+        probs = predictions[[f"prob_{label}" for label in labels]].to_numpy(dtype=np.float64)
+        target_columns = [f"target_{label}" for label in labels]
+        targets = predictions[target_columns].to_numpy(dtype=np.float64) if set(target_columns) <= set(predictions) else None
+        examples = saliency_examples(probs, targets, SALIENCY_IMAGES)
+        chosen = [(str(predictions["key"].iloc[row]), j) for row, j, _ in examples]
         wanted = {key for key, _ in chosen}
         pixels = {s.key: s.image for s in read_shards(root, manifest.split(split).shards) if s.key in wanted}
         spec = models[0].card.image
@@ -163,8 +222,16 @@ def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest
         return section("saliency", title, "", note(esc(err)))
     shown = [decode_grayscale(pixels[key]) for key, _ in chosen]
     maps = [np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(img.shape[::-1], Image.BILINEAR)) for m, img in zip(maps, shown)]
-    probs = {key: predictions.set_index("key").loc[key] for key, _ in chosen}
-    captions = [f"{labels[j]} {probs[key][f'prob_{labels[j]}']:.2f}" for key, j in chosen]
+    captions = [f"{labels[j]} {probs[row, j]:.2f}" + ("" if shared is None else f"\n(same image as {labels[shared]})")
+                for row, j, shared in examples]
     saliency_grid(fig_dir / "saliency.png", shown, maps, captions)
+    shared_notes = "".join(note(f"{esc(labels[j])} is shown on the same image as {esc(labels[shared])}: "
+                                f"every image where {esc(labels[j])} is {'positive' if positives(targets, j) else 'predicted'} is already shown.")
+                           for _, j, shared in examples if shared is not None)
     return section("saliency", title, "Grad-CAM of each finding's refined logit, averaged over the fold models and the mirrored view, "
-                   "on the test image where that finding is most probable.", figure("figures/saliency.png", "saliency maps"))
+                   "on a test image where that finding is present (one image per finding, the most probable ones that are not "
+                   "already shown).", figure("figures/saliency.png", "saliency maps") + shared_notes)
+
+
+def positives(targets: np.ndarray | None, j: int) -> bool:
+    return targets is not None and bool((targets[:, j] == 1).any())
