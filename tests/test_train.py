@@ -222,12 +222,15 @@ def test_deepspeed_zero2_trains_evaluates_and_resumes_on_two_cpu_processes(synth
     pytest.importorskip("deepspeed")
 
     def launch(epochs: int) -> subprocess.CompletedProcess:
-        return launch_deepspeed(fast_overrides(synth_shards, tmp_path, **{"train.epochs": epochs, **COMPILED}), precision="bf16")
+        # demo.yaml says "no"; "auto" takes the launcher's bf16
+        overrides = fast_overrides(synth_shards, tmp_path, **{"train.epochs": epochs, "train.mixed_precision": "auto", **COMPILED})
+        return launch_deepspeed(overrides, precision="bf16")
 
     result = launch(1)
     assert result.returncode == 0, explain(result)
     run_dir = tmp_path / "demo" / "fold-0"
     assert {r["world_size"] for r in records(run_dir, "train")} == {2}
+    assert {r["precision"] for r in records(run_dir, "train")} == {"bf16"}
     assert ModelCard.read(run_dir / "best").model.refine.sparsity == "proximal"  # the mode it trained with: DeepSpeed keeps it
     assert all(np.isfinite(r["loss"]) for r in records(run_dir, "train"))
     assert load_file(str(run_dir / "best" / "model.safetensors"))["refine.weight"].dtype == torch.float32

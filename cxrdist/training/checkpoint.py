@@ -165,7 +165,7 @@ def deepspeed_state_types(files: list[Path]) -> list:
     """The plain-data DeepSpeed types its ZeRO optimizer states hold (loss scaler settings, the stage enum, parameter
     fragment addresses), admitted by the weights-only load only for a checkpoint DeepSpeed wrote: rebuilding them sets
     attributes and runs no code of the file's choosing."""
-    if not any(f.name.startswith("zero_pp_rank_") for f in files):
+    if not any("zero_pp_rank_" in f.name for f in files):  # bf16_zero_pp_rank_* under bf16
         return []
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

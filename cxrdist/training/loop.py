@@ -121,6 +121,7 @@ class Trainer:
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
         self.check_proximal_engine()
+        self.match_buffers_to_weights()
         self.ema = ModelEma(self.net, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup, warmup_power=cfg.train.ema_warmup_power)
         self.loss_fn = build_loss(cfg.loss, len(self.labels))
         self.preempt = PreemptionFlag().install()
@@ -174,6 +175,17 @@ class Trainer:
         if not in_optimizer and zero_state.full_master(refine.weight) is None:
             raise UserError("model.refine.sparsity=proximal: this DeepSpeed configuration keeps A's master weights out of reach "
                             "(use ZeRO-1 or ZeRO-2, e.g. launch/deepspeed_zero2.yaml, or model.refine.sparsity=subgradient)")
+
+    def match_buffers_to_weights(self) -> None:
+        """DeepSpeed (0.19 on) casts the weights to bf16/fp16 but leaves buffers in fp32 unless its config names a
+        `data_types.buffer_dtype`; BatchNorm then stops at the first forward (weights bf16, running stats fp32).
+        Cast the floating buffers with the weights, as `module.bfloat16()` did in older DeepSpeed."""
+        if not self.deepspeed:
+            return
+        dtype = next(self.net.parameters()).dtype
+        for buffer in self.net.buffers():
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                buffer.data = buffer.data.to(dtype)
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that
@@ -495,7 +507,8 @@ class Trainer:
         self.state.corrupt_seen += int(corrupt)
         self.check_corrupt()
         record = {
-            "kind": "train", "step": self.state.step, "world_size": acc.num_processes, "epoch": self.state.batches / self.batches_per_epoch,
+            "kind": "train", "step": self.state.step, "world_size": acc.num_processes, "precision": acc.mixed_precision,
+            "epoch": self.state.batches / self.batches_per_epoch,
             "loss": loss_sum / max(n_batches, 1), "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
             "img_per_s": samples / window.total if window.total > 0 else None,
