@@ -258,3 +258,36 @@ def test_two_dataset_demo_runs_end_to_end(tmp_path):
     external = json.loads((experiment / "external" / "hospital-c" / "metrics.json").read_text())
     assert list(internal["per_dataset"]) == ["a", "b", "pooled"] and list(external["per_dataset"]) == ["hospital-c", "pooled"]
     assert "Datasets and external validation" in (experiment / "report" / "report.html").read_text()
+
+
+def test_deepspeed_zero2_trains_two_datasets_and_resumes(datasets, tmp_path):
+    """The multi-dataset stream under DeepSpeed ZeRO-2 (2 processes, world size asserted inside): namespaced keys, the
+    gathered per-dataset AUCs equal scikit-learn's on val_predictions.csv, and a second start resumes the same run."""
+    pytest.importorskip("deepspeed")
+    from trainer_utils import launch_deepspeed
+
+    shards = json.dumps([{"location": str(datasets["a"]), "name": "a"}, {"location": str(datasets["b"]), "name": "b"}])
+    out = tmp_path / "runs"
+
+    def launch(epochs: int) -> subprocess.CompletedProcess:
+        return launch_deepspeed(["--fold", "0", *fast_overrides(shards, out, **{"train.epochs": epochs, "experiment": "ds"})])
+
+    first = launch(1)
+    assert first.returncode == 0, explain(first)
+    run = out / "ds" / "fold-0"
+    assert {r["world_size"] for r in records(run, "train")} == {2}
+    table = pd.read_csv(run / "val_predictions.csv", dtype={"key": str, "patient": str, "dataset": str})
+    assert set(table["dataset"]) == {"a", "b"} and table["key"].is_unique
+    assert table.loc[table["dataset"] == "b", [f"target_{name}" for name in B_LACKS]].isna().all().all()
+    per_dataset = records(run, "eval")[-1]["ema"]["per_dataset"]
+    labels = [c.removeprefix("prob_") for c in table.columns if c.startswith("prob_")]
+    for name in ("a", "b"):
+        aucs = label_aucs(table[table["dataset"] == name], labels)
+        assert math.isclose(per_dataset[name]["macro_auc"], float(np.mean(aucs)), rel_tol=0, abs_tol=1e-12)
+    steps = [r["step"] for r in records(run, "train")]
+
+    resumed = launch(2)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resumed from" in resumed.stdout + resumed.stderr, explain(resumed)
+    after = [r["step"] for r in records(run, "train")]
+    assert after[-1] == 2 * steps[-1] and sorted(set(after)) == after
