@@ -11,6 +11,7 @@ checkpoint on a slow filesystem, a collective): only a rank whose process or net
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
@@ -104,16 +105,24 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         for thread in self.threads:
             thread.start()
+        # Any exit (a user error before training, an exception) must stop the beat first: a daemon thread still inside a
+        # store call when the interpreter finalises is ended through C++ frames, and the process aborts (SIGABRT).
+        atexit.register(self.stop)
         return self
 
     def stop(self) -> None:
-        """This rank ends normally: tell the others (best effort) and stop both threads."""
+        """This rank ends: tell the others (best effort) and stop both threads, waiting for a store call in flight."""
+        if self.stopped.is_set():
+            return
         self.stopped.set()
         with self.lock:
             try:
                 self._client().add(self._key(self.rank), ENDED)
             except Exception:  # noqa: BLE001 - the store may be gone already; the others then judge by the bound
                 pass
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=self.op_timeout + self.interval)
 
     # ---- the threads ------------------------------------------------------------------------------------------
     def _beat(self) -> None:
