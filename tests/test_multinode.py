@@ -25,7 +25,7 @@ import pytest
 from cxrdist.model.card import ModelCard
 from cxrdist.training.failure import lost_peer
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, fast_overrides, records, single_process_auc
-from two_hosts import HostsUnavailable, TwoHosts, make_two_hosts
+from two_hosts import TwoHosts, two_hosts_or_skip
 
 DIST_TIMEOUT = 20  # seconds, train.dist_timeout for these runs (the default is 600)
 # A guard, not a speed requirement: a survivor held by anything but train.dist_timeout would wait
@@ -54,12 +54,7 @@ def test_lost_peer_recognises_the_process_group_errors_only(message, expected):
 
 @pytest.fixture(scope="module")
 def hosts() -> TwoHosts:
-    try:
-        made = make_two_hosts(tag=str(os.getpid()))
-    except HostsUnavailable as err:
-        pytest.skip(f"no network namespaces: {err}")
-    yield made
-    made.delete()
+    yield from two_hosts_or_skip(tag=str(os.getpid()))
 
 
 def host_env() -> dict:

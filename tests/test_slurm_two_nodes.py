@@ -15,7 +15,7 @@ import pytest
 from slurm_cluster import ClusterUnavailable
 from slurm_two_nodes import NODE_NAMES, TwoNodeCluster, start_two_node_cluster
 from trainer_utils import fast_overrides, synthetic_shards
-from two_hosts import HostsUnavailable, TwoHosts, make_two_hosts
+from two_hosts import TwoHosts, two_hosts_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FOLDS = REPO / "slurm" / "train_folds.sh"
@@ -32,12 +32,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def hosts() -> TwoHosts:
-    try:
-        made = make_two_hosts(tag=f"{os.getpid()}s")
-    except HostsUnavailable as err:
-        pytest.skip(f"no network namespaces: {err}")
-    yield made
-    made.delete()
+    yield from two_hosts_or_skip(tag=f"{os.getpid()}s")
 
 
 @pytest.fixture(scope="module")
