@@ -251,6 +251,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
     p.add_argument("--external", help="score on this prepared dataset the models were not trained on (a directory or URL), over the labels "
                                       "both share; --split all reads all of it")
+    p.add_argument("--leave-out-overlap", action="store_true",
+                   help="with --external: leave out (and count) its images that are the same radiographs as, or of the same patients "
+                        "as, the data the models were trained and tested on, instead of refusing the dataset")
     p.add_argument("--eval-targets", choices=["ignore_uncertain", "zeros", "ones"], default=None,
                    help="what the AUCs score against, whatever the training policy: uncertain (-1) entries left out (ignore_uncertain), "
                         "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
@@ -260,8 +263,11 @@ def add_evaluate(sub) -> None:
 def run_evaluate(args) -> int:
     from cxrdist.evaluation.prediction.ensemble import run_evaluate as evaluate
 
+    if args.leave_out_overlap and not args.external:
+        raise UserError("--leave-out-overlap only applies to --external DATASET")
+
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
-                       eval_targets=args.eval_targets, external=args.external)
+                       eval_targets=args.eval_targets, external=args.external, leave_out_overlap=args.leave_out_overlap)
     if metrics:
         from cxrdist.evaluation.report.dashboard import log_ensemble_run
 

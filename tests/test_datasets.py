@@ -216,7 +216,7 @@ def test_two_process_run_on_two_datasets_then_external_validation(datasets, tmp_
     page = run_report(out / "multi").read_text()
     assert "Datasets and external validation" in page and "external shards (all)" in page and "internal (test)" in page
 
-    for location, words in ((a, "these very shards"), (datasets["a_again"], "of its images are in the data"),
+    for location, words in ((a, "these very shards"), (datasets["a_again"], "the same radiograph as one of the other"),
                             (datasets["disjoint"], "shares no label")):
         refused = evaluate("--external", str(location), "--split", "all", "--out", str(tmp_path / "refused"))
         assert refused.returncode == 2 and words in refused.stderr, explain(refused)

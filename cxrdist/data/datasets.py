@@ -154,6 +154,8 @@ def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = 
     """One manifest over every entry's: the fold counts must agree and the labels harmonise (UserError otherwise)."""
     members = {entry.name: load_one_manifest(entry.location) for entry in entries}
     check_distinct_contents(members)
+    if len(entries) > 1:
+        check_distinct_images(entries, members)
     folds = {name: manifest.num_folds for name, manifest in members.items()}
     if len(set(folds.values())) > 1:
         raise UserError(f"data.shards: the datasets have different fold counts ({', '.join(f'{n}: {k}' for n, k in folds.items())}); "
@@ -184,6 +186,22 @@ def check_distinct_contents(members: Mapping[str, Manifest]) -> None:
         if content in seen:
             raise UserError(f"data.shards: datasets {seen[content]} and {name} hold the same shards (a dataset listed twice)")
         seen[content] = name
+
+
+def check_distinct_images(entries: Sequence[DatasetEntry], members: Mapping[str, Manifest]) -> None:
+    """No two datasets of one run hold the same radiographs (another prepare of the same images: other folds) or, copies
+    of one public source, the same patients: fold K of one would train on the other's fold-K validation images."""
+    from cxrdist.data.fingerprint_store import read_fingerprints
+    from cxrdist.data.leakage import overlap
+
+    tables = {entry.name: read_fingerprints(entry.location, members[entry.name]) for entry in entries}
+    names = [entry.name for entry in entries]
+    for k, first in enumerate(names):
+        for second in names[k + 1:]:
+            shared = overlap(tables[first], members[first].source.get("name"), tables[second], members[second].source.get("name"))
+            if shared:
+                raise UserError(f"data.shards: datasets {first} and {second} are not distinct: {second} has {shared.describe()}; "
+                                "one would train on the other's validation and test images; list one copy, or prepare one without them")
 
 
 def is_dataset_list(spec) -> bool:

@@ -18,7 +18,9 @@ from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale
 from cxrdist.data import folds as folds_lib
 from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
-from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, run_jobs, shard_info
+from cxrdist.data.fingerprint_store import FINGERPRINTS_NAME, FingerprintTable, write_fingerprints
+from cxrdist.data.leakage import check_split_duplicates, duplicate_groups
+from cxrdist.data.shards import EncodeJob, SampleSpec, ShardJob, encode_images, make_keys, plan_shards, run_jobs, run_parallel, shard_info
 from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
 from cxrdist.errors import UserError
 from cxrdist.layout import TEST_SPLIT, fold_name, is_fold
@@ -26,6 +28,8 @@ from cxrdist.log import progress
 from cxrdist.text import count
 
 MAX_LISTED = 5
+ENCODE_CHUNK = 256  # images per job of the reading pass
+POOL_DIR = ".images"  # in the staging directory: every image as stored, until the shards are packed
 
 
 @dataclass
@@ -68,43 +72,80 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     records = filter_views(records, opts.views)
     if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
         records = resolve_paths(records, opts.images)  # the official download spreads images over 12 folders
-    records.attrs["notes"] = notes
-    raw = records[labels].to_numpy(dtype=float)
-    splits = assign(records, raw, opts)
-    balance = folds_lib.split_balance(splits, records["patient"].to_numpy(), folds_lib.positives_matrix(raw), labels)
-    print(folds_lib.format_balance(balance))
-    for note in notes:
-        print(f"note: {note}")
+    labels, dropped = annotated_labels(records, labels, opts.csv)
+    notes += dropped
     if opts.folds_only is not None:
+        splits, said = assign(records, records[labels].to_numpy(dtype=float), opts)
+        print_plan(records, labels, splits, notes + said)
         folds_lib.write_assignment(opts.folds_only, records["path"].tolist(), records["patient"].tolist(), splits)
         print(f"wrote the fold assignment to {opts.folds_only} (reuse it with --folds-from)")
         return None
     if opts.images is None or opts.out is None:
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
-    check_image_paths(records["path"], opts.images, opts.allow_outside_images, missing_ok=opts.on_bad_image == "skip")
-    return write_dataset(records, raw, labels, splits, opts)
+    missing = check_image_paths(records["path"], opts.images, opts.allow_outside_images, missing_ok=opts.on_bad_image == "skip")
+    records.attrs["notes"] = notes
+    return write_dataset(records, labels, missing, opts)
 
 
-def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions) -> np.ndarray:
+def annotated_labels(records: pd.DataFrame, labels: list[str], csv: Path) -> tuple[list[str], list[str]]:
+    """The labels the table annotates: a column blank in every row is not annotated (left out, said), never a negative
+    for every image; a table that annotates no label at all is refused."""
+    blank = [label for label in labels if records[label].isna().all()]
+    if len(blank) == len(labels):
+        raise UserError(f"{csv}: every label column is blank in every row ({', '.join(labels)}): the table annotates nothing, "
+                        "and blanks would train as negatives for every finding; give a table with labels")
+    if not blank:
+        return labels, []
+    return [label for label in labels if label not in blank], [
+        f"{count(len(blank), 'label')} blank in every row of {csv} left out (not annotated, so never scored or trained as negatives): "
+        + ", ".join(blank)]
+
+
+def print_plan(records: pd.DataFrame, labels: list[str], splits: np.ndarray, notes: list[str]) -> dict:
+    """Print the fold-balance table of exactly these records, and the notes; returns the balance."""
+    raw = records[labels].to_numpy(dtype=float)
+    balance = folds_lib.split_balance(splits, records["patient"].to_numpy(), folds_lib.positives_matrix(raw), labels)
+    print(folds_lib.format_balance(balance))
+    for note in notes:
+        print(f"note: {note}")
+    return balance
+
+
+def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions, groups: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """(split per record, what to say about it). `groups`: the patient groups folds keep together (default: patients)."""
     if opts.folds_from is not None:
         splits = splits_from_file(records, opts.folds_from)
         opts.folds = sum(1 for s in set(splits) if is_fold(s))
-        return splits
-    test_patients = None
+        return splits, []
+    groups = records["patient"].to_numpy() if groups is None else groups
+    test_groups, said = None, []
     if opts.test_list is not None:
         listed = read_test_list(opts.test_list)
-        in_list = in_test_list(records, listed)
+        in_list = in_test_list(records, listed).to_numpy()
         if not in_list.any():
             raise UserError(f"{opts.test_list}: none of its {len(listed)} entries matches an image path of the CSV")
-        test_patients = set(records.loc[in_list, "patient"])
-    return folds_lib.assign_splits(
-        records["patient"].tolist(),
+        test_groups = set(groups[in_list])
+        said = widened_test_list(records, in_list, np.isin(groups, list(test_groups)), opts.test_list)
+    splits = folds_lib.assign_splits(
+        list(groups),
         folds_lib.stratification_matrix(raw),
         opts.folds,
         seed=opts.seed,
         test_fraction=opts.test_fraction,
-        test_patients=test_patients,
+        test_patients=test_groups,
     )
+    return splits, said
+
+
+def widened_test_list(records: pd.DataFrame, listed: np.ndarray, in_test: np.ndarray, test_list: Path) -> list[str]:
+    """A test list that names some of a patient's images takes the others along (a patient is never in two splits): said."""
+    moved = in_test & ~listed
+    if not moved.any():
+        return []
+    patients = records.loc[moved, "patient"].nunique()
+    return [f"--test-list {test_list} names some but not all images of {count(patients, 'patient')}: their other "
+            f"{count(int(moved.sum()), 'image')} moved to the test split too ({int(in_test.sum())} test images in all), "
+            "so that no patient is in two splits"]
 
 
 def splits_from_file(records: pd.DataFrame, path: Path) -> np.ndarray:
@@ -149,14 +190,15 @@ def input_files(opts: PrepareOptions) -> dict[str, Path]:
 
 
 def is_prepared_dir(path: Path) -> bool:
-    """A directory holding only what prepare writes (manifest.json, fold-K/, test/), manifest included."""
+    """A directory holding only what prepare writes (manifest.json, fingerprints.npz, fold-K/, test/), manifest included."""
     names = {p.name for p in path.iterdir()}
-    ours = {n for n in names if n == MANIFEST_NAME or n == TEST_SPLIT or is_fold(n)}
+    ours = {n for n in names if n in (MANIFEST_NAME, FINGERPRINTS_NAME, TEST_SPLIT) or is_fold(n)}
     return MANIFEST_NAME in names and ours == names
 
 
-def check_image_paths(paths: pd.Series, images: Path, allow_outside: bool, missing_ok: bool) -> None:
-    """Every CSV path must name a file under --images (after resolving symlinks), and no file twice."""
+def check_image_paths(paths: pd.Series, images: Path, allow_outside: bool, missing_ok: bool) -> list[str]:
+    """Every CSV path must name a file under --images (after resolving symlinks), and no file twice; returns the missing ones
+    (refused unless `missing_ok`)."""
     root = Path(images)
     if not root.is_dir():
         raise UserError(f"--images {images}: no such directory")
@@ -179,6 +221,7 @@ def check_image_paths(paths: pd.Series, images: Path, allow_outside: bool, missi
             f"(first: {', '.join(missing[:MAX_LISTED])}); "
             "--on-bad-image skip leaves them out"
         )
+    return missing
 
 
 def file_identity(path: Path) -> tuple[object, bool]:
@@ -192,11 +235,10 @@ def file_identity(path: Path) -> tuple[object, bool]:
 
 
 def sample_specs(records: pd.DataFrame, raw: np.ndarray) -> list[SampleSpec]:
-    keys = make_keys(records["path"].tolist())
     specs = []
-    for i, row in enumerate(records[["path", "patient", "study", "view"]].itertuples(index=False)):
+    for i, row in enumerate(records[["key", "path", "patient", "study", "view"]].itertuples(index=False)):
         labels = tuple(None if math.isnan(v) else int(v) for v in raw[i])
-        specs.append(SampleSpec(keys[i], row.path, str(row.patient), str(row.study), str(row.view), labels))
+        specs.append(SampleSpec(row.key, row.path, str(row.patient), str(row.study), str(row.view), labels))
     return specs
 
 
@@ -205,9 +247,10 @@ def split_names(splits: np.ndarray, num_folds: int) -> list[str]:
     return names + ([TEST_SPLIT] if TEST_SPLIT in set(splits) else [])
 
 
-def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
-    """Build the whole dataset in a hidden sibling directory and swap it in only when complete: a failed or
-    interrupted run leaves --out as it was (a previous dataset intact) and no partial shards anywhere."""
+def write_dataset(records: pd.DataFrame, labels: list[str], missing: list[str], opts: PrepareOptions) -> Manifest:
+    """Read every image, then compute the folds of the images that could be read, then pack the shards; all in a hidden
+    sibling directory swapped in only when complete: a failed or interrupted run leaves --out as it was (a previous
+    dataset intact) and no partial shards anywhere."""
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in remove_stale_staging(out):
@@ -215,7 +258,8 @@ def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], spl
     staging = staging_directory(out)
     try:
         with sigterm_as_interrupt():
-            manifest = write_shards(staging, records, raw, labels, splits, opts)
+            staging.mkdir()
+            manifest = write_shards(staging, records, labels, missing, opts)
             write_manifest(staging, manifest)
             replace_directory(staging, out)
     except BaseException:
@@ -237,8 +281,39 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
-    out.mkdir()
+def read_images(pool: Path, records: pd.DataFrame, opts: PrepareOptions) -> tuple[pd.DataFrame, np.ndarray, list[tuple[str, str]]]:
+    """Every image read, resized and encoded into `pool` (before any fold is computed): (the records whose image was
+    written, their fingerprints, (path, why) of the images left out)."""
+    pool.mkdir()
+    pairs = list(zip(records["key"], records["path"]))
+    jobs = [EncodeJob(str(opts.images), str(pool), tuple(pairs[i:i + ENCODE_CHUNK]), opts.fmt, opts.max_size, opts.quality,
+                      opts.on_bad_image == "skip") for i in range(0, len(pairs), ENCODE_CHUNK)]
+    with progress(len(pairs), "reading images", "img", enabled=opts.progress) as bar:
+        results = run_parallel(encode_images, jobs, opts.workers, lambda r: bar.update(len(r.keys) + len(r.bad)))
+    bad = [item for result in results for item in result.bad]
+    written = ~records["path"].isin({path for path, _ in bad}).to_numpy()
+    prints = np.concatenate([result.fingerprints for result in results])
+    return records[written].reset_index(drop=True), prints, bad
+
+
+def write_shards(out: Path, records: pd.DataFrame, labels: list[str], missing: list[str], opts: PrepareOptions) -> Manifest:
+    notes = list(records.attrs.get("notes", []))
+    records = records.assign(key=make_keys(records["path"].tolist()))
+    present = ~records["path"].isin(set(missing)).to_numpy()
+    pool = out / POOL_DIR
+    records, prints, unreadable = read_images(pool, records[present].reset_index(drop=True), opts)
+    bad = [(path, f"{Path(opts.images) / path}: {MISSING_FILE}") for path in missing] + unreadable
+    if not len(records):
+        raise UserError(f"none of the {count(len(bad), 'image')} listed in {opts.csv} could be read (first: {bad[0][1]})")
+    if bad:
+        notes.append(f"{count(len(bad), 'image')} of the table left out ({len(missing)} missing, {len(unreadable)} unreadable; "
+                     f"listed in manifest.json): the folds, balance and shards are of the {count(len(records), 'image')} written")
+    raw = records[labels].to_numpy(dtype=float)
+    groups, said = duplicate_groups(records["patient"].to_numpy(), records["path"].to_numpy(), prints)
+    splits, widened = assign(records, raw, opts, groups)
+    if opts.folds_from is not None:
+        check_split_duplicates(records["path"].to_numpy(), splits, prints, opts.folds_from)
+    balance = print_plan(records, labels, splits, notes + said + widened)
     specs = sample_specs(records, raw)
     rng = np.random.default_rng(opts.seed)
     jobs_by_split: dict[str, list[ShardJob]] = {}
@@ -248,28 +323,28 @@ def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list
         members = np.flatnonzero(splits == name)
         members = members[rng.permutation(len(members))]  # each shard a random sample of its split
         jobs_by_split[name] = [
-            ShardJob(str(opts.images), target, samples, opts.fmt, opts.max_size, opts.quality, opts.on_bad_image == "skip")
+            ShardJob(str(opts.images), target, samples, opts.fmt, opts.max_size, opts.quality, False, pool=str(pool))
             for target, samples in plan_shards([specs[i] for i in members], split_dir, opts.samples_per_shard)
         ]
     all_jobs = [job for jobs in jobs_by_split.values() for job in jobs]
     with progress(len(specs), "writing shards", "img", enabled=opts.progress) as bar:
-        results = run_jobs(all_jobs, opts.workers, lambda r: bar.update(len(r.keys) + len(r.bad)))
-    return build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results)
+        results = run_jobs(all_jobs, opts.workers, lambda r: bar.update(len(r.keys)))
+    shutil.rmtree(pool)
+    table = FingerprintTable(records["key"].to_numpy(str), splits.astype(str), records["patient"].astype(str).to_numpy(str),
+                             records["path"].to_numpy(str), prints)
+    records.attrs["notes"] = notes + said + widened
+    manifest = build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results, balance, bad)
+    manifest.fingerprints = write_fingerprints(out, table)
+    return manifest
 
 
-def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results) -> Manifest:
-    bad = [item for result in results for item in result.bad]
-    written = np.ones(len(records), dtype=bool)
-    if bad:
-        written = ~records["path"].isin({path for path, _ in bad}).to_numpy()
+def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results, balance, bad) -> Manifest:
     patients = records["patient"].to_numpy()
-    positives = folds_lib.positives_matrix(raw)
-    balance = folds_lib.split_balance(splits[written], patients[written], positives[written], labels)
     split_infos, cursor = {}, 0
     for name, jobs in jobs_by_split.items():
         shard_results = results[cursor : cursor + len(jobs)]
         cursor += len(jobs)
-        in_split = (splits == name) & written
+        in_split = splits == name
         split_infos[name] = SplitInfo(
             num_samples=int(in_split.sum()),
             num_patients=int(len(set(patients[in_split]))),

@@ -18,6 +18,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.atomic import atomic_open
+from cxrdist.data.fingerprint import WORDS, fingerprint
 from cxrdist.data.images import encode_image, load_for_shard
 from cxrdist.data.location import Location, ShardReadFailed, display, is_url, join, open_shard, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
@@ -55,6 +56,27 @@ class ShardJob:
     max_size: int
     quality: int
     skip_bad: bool
+    pool: str = ""  # a folder where encode_images stored every sample's image as KEY.fmt: packed as they are
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Read, resize and encode images into `pool` (KEY.fmt each), before any fold is computed."""
+
+    images_root: str
+    pool: str
+    samples: tuple[tuple[str, str], ...]  # (key, path relative to images_root)
+    fmt: str
+    max_size: int
+    quality: int
+    skip_bad: bool
+
+
+@dataclass
+class EncodeResult:
+    keys: list[str]
+    fingerprints: np.ndarray  # (len(keys), fingerprint.WORDS) uint64, data/fingerprint.py
+    bad: list[tuple[str, str]]  # (path, why) of images skipped
 
 
 @dataclass
@@ -87,6 +109,23 @@ def sample_json(spec: SampleSpec) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
+def encode_images(job: EncodeJob) -> EncodeResult:
+    """Every sample's stored image into the pool, and its fingerprint; a bad image raises, or with skip_bad is listed."""
+    keys, prints, bad = [], [], []
+    for key, path in job.samples:
+        try:
+            pixels = load_for_shard(Path(job.images_root) / path, job.max_size)
+        except BadImage as err:
+            if not job.skip_bad:
+                raise
+            bad.append((path, str(err)))
+            continue
+        (Path(job.pool) / f"{key}.{job.fmt}").write_bytes(encode_image(pixels, job.fmt, job.quality))
+        keys.append(key)
+        prints.append(fingerprint(pixels))
+    return EncodeResult(keys, np.array(prints, dtype=np.uint64).reshape(len(keys), WORDS), bad)
+
+
 def write_shard(job: ShardJob) -> ShardResult:
     """Write one shard under a temporary name, then rename it into place."""
     target = Path(job.target)
@@ -95,6 +134,11 @@ def write_shard(job: ShardJob) -> ShardResult:
         writer = wds.TarWriter(handle, encoder=False, mtime=0.0, user="cxrdist", group="cxrdist", format=tarfile.USTAR_FORMAT)
         try:
             for spec in job.samples:
+                if job.pool:
+                    image = (Path(job.pool) / f"{spec.key}.{job.fmt}").read_bytes()
+                    writer.write({"__key__": spec.key, job.fmt: image, "json": sample_json(spec)})
+                    keys.append(spec.key)
+                    continue
                 try:
                     pixels = load_for_shard(Path(job.images_root) / spec.path, job.max_size)
                 except BadImage as err:
@@ -129,14 +173,19 @@ def plan_shards(samples: Sequence[SampleSpec], split_dir: Path, samples_per_shar
 
 def run_jobs(jobs: list[ShardJob], workers: int, on_done: Callable[[ShardResult], None]) -> list[ShardResult]:
     """Write shards, in parallel when workers > 1; results come back in job order."""
-    results: list[ShardResult] = []
+    return run_parallel(write_shard, jobs, workers, on_done)
+
+
+def run_parallel(function: Callable, jobs: list, workers: int, on_done: Callable) -> list:
+    """function(job) for every job, in worker processes when workers > 1; results in job order."""
+    results = []
     if workers <= 1:
         for job in jobs:
-            results.append(write_shard(job))
+            results.append(function(job))
             on_done(results[-1])
         return results
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(write_shard, jobs):
+        for result in pool.map(function, jobs):
             results.append(result)
             on_done(result)
     return results

@@ -26,7 +26,7 @@ from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, check_same_dataset
 from cxrdist.data.datasets import DatasetEntry, load_manifest
 from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
-from cxrdist.evaluation.prediction.external import check_not_trained_on, open_external
+from cxrdist.evaluation.prediction.external import LeftOut, check_not_trained_on, open_external
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
@@ -200,6 +200,7 @@ def run_evaluate(
     eval_targets: str | None = None,
     check_dataset: bool = True,
     external: Location | DatasetEntry | None = None,
+    leave_out_overlap: bool = False,
 ) -> dict:
     """Evaluate the fold ensemble on `split` against `eval_targets` (default: what the cards record,
     else ignore_uncertain; never the training policy); on the main process write predictions.csv,
@@ -218,9 +219,10 @@ def run_evaluate(
         raise UserError(f"{display(root)}: the manifest's labels differ from the models' labels")
     for m in models if check_dataset else ():  # off only in code that scores the same images under other labels (a benchmark)
         check_same_dataset(m.card.dataset, manifest, root, str(m.directory))
+    left_out = LeftOut(set(), 0)
     if external is not None:
         root, manifest = open_external(external, labels)
-        check_not_trained_on(manifest, train_root, train_manifest)
+        left_out = check_not_trained_on(manifest, train_root, train_manifest, leave_out_overlap)
     manifest.split(split)
     if out is None:  # an external evaluation must not replace the internal one in runs/EXP/ensemble
         out = default_out(runs).parent / EXTERNAL_DIR / manifest.entries[0].name if external is not None else default_out(runs)
@@ -230,7 +232,10 @@ def run_evaluate(
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
     if not accelerator.is_main_process:
         return {}
-    notes = [note for note in [say_coverage("evaluate", runs, [m.card for m in models])] if note]
+    preds = left_out.apply(preds)
+    notes = [note for note in [say_coverage("evaluate", runs, [m.card for m in models]), left_out.note()] if note]
+    if left_out.keys:
+        LOG.warning(f"cxrdist evaluate: {notes[-1]}")
     for note in [] if external is not None else split_notes(split, models):
         LOG.warning(f"cxrdist evaluate: warning: {note}")
         notes.append(note)
@@ -255,6 +260,7 @@ def run_evaluate(
         "model_dirs": {m.name: str(m.directory) for m in models},
         "shards": resolved(root),
         "external": external is not None,
+        "left_out": {"images": len(left_out.keys), "patients": left_out.patients},
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
         "notes": notes,
