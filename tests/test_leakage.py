@@ -8,12 +8,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from trainer_utils import cpu_env
 
 from cxrdist.cli import main
 from cxrdist.data.datasets import open_datasets
@@ -182,3 +185,41 @@ def test_two_copies_of_one_public_source_must_not_share_patients(radiographs, tm
         manifest["source"]["name"] = "csv"
         (locations[name] / "manifest.json").write_text(json.dumps(manifest))
     assert open_datasets(spec)[1].num_samples(["fold-0", "fold-1"]) == 48
+
+
+def test_external_validation_refuses_resized_copies_of_training_images_or_leaves_them_out(evaluated_experiment, synth_shards, tmp_path):
+    """An external dataset holding 30 of the training radiographs (resized, as JPEG, under other names and patients) next to
+    30 new ones: refused with one line, or with --leave-out-overlap scored on the 30 new ones, said and recorded."""
+    from cxrdist.data.synth.dataset import make_synthetic_dataset
+
+    runs, _ = evaluated_experiment
+    raw = synth_shards.parent / "raw"
+    trained = pd.read_csv(raw / "labels.csv", dtype=str).head(30)
+    new = pd.read_csv(make_synthetic_dataset(tmp_path / "new", n=30, size=96, seed=99, workers=1, progress=False), dtype=str)
+    images = tmp_path / "external" / "images"
+    images.mkdir(parents=True)
+    for k, path in enumerate(trained["path"]):
+        Image.fromarray(resized(load_for_shard(raw / "images" / path, 96), 0.8)).save(images / f"old{k:02d}.jpg", quality=90)
+    for k, path in enumerate(new["path"]):
+        shutil.copy(tmp_path / "new" / "images" / path, images / f"new{k:02d}.png")
+    table = pd.concat([trained.assign(path=[f"old{k:02d}.jpg" for k in range(30)], patient=[f"X{k}" for k in range(30)]),
+                       new.assign(path=[f"new{k:02d}.png" for k in range(30)], patient=[f"Y{k}" for k in range(30)])])
+    table.to_csv(tmp_path / "external" / "labels.csv", index=False)
+    shards = tmp_path / "external-shards"
+    assert main(["prepare", "--csv", str(tmp_path / "external" / "labels.csv"), "--images", str(images), "--out", str(shards),
+                 "--folds", "2", "--max-size", "64", "--format", "png"]) == 0
+
+    def evaluate(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cxrdist", "evaluate", "--runs", str(runs), "--external", str(shards), "--split", "all",
+                               "--resamples", "20", "--workers", "0", "--out", str(tmp_path / "scored"), *extra],
+                              capture_output=True, text=True, env=cpu_env(1), timeout=600)
+
+    refused = evaluate()
+    assert refused.returncode == 2 and "has 30 images the same radiograph as one of the other's" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "scored").exists()
+    scored = evaluate("--leave-out-overlap")
+    assert scored.returncode == 0, scored.stderr
+    assert "left out 30 external images of 30 patients" in scored.stderr
+    metrics = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 30 and metrics["left_out"] == {"images": 30, "patients": 30}
+    assert set(pd.read_csv(tmp_path / "scored" / "predictions.csv")["path"].str.split("/").str[-1]) == {f"new{k:02d}.png" for k in range(30)}
