@@ -6,12 +6,12 @@ resized to a normalised 64 x 64 thumbnail (LANCZOS), transformed by an orthonorm
 frequencies but the constant term each give one bit: above their median or not. Two images are the same radiograph
 when their fingerprints differ in at most MATCH_BITS bits.
 
-The numbers behind MATCH_BITS (bench/bench_fingerprint.py, bench/RESULTS.md): on 109 real radiographs, no two
-different ones within 14 bits (the closest 68 apart); re-encoding (JPEG q75..q95, PNG), halving, quartering, a gamma
-change move a fingerprint by at most 6-16 bits; a crop of 1 px per side of a 512 px image by at most 10 (99% within
-14), of 2 px 98%, of 3 px 73%, of 4 px 27%. Larger crops, rotations, flips and other windowing are NOT recognised.
-On cxrdist's synthetic radiographs (one template, few individual traits) different images are closer: 2e-5 of their
-pairs fall within 14 bits at 256 px.
+The numbers behind MATCH_BITS (bench/bench_fingerprint.py, bench/RESULTS.md): of the 5,886 pairs of 109 real
+radiographs one is within 14 bits (two films of what looks like one patient in one position, 2 bits apart), the next
+68 apart; re-encoding (JPEG q75..q95, PNG), halving, quartering move a fingerprint by at most 6 bits, a gamma change
+by up to 16 (98% within 14); a crop of 1 px per side of a 512 px image 99% within 14, of 2 px 98%, of 3 px 73%, of
+4 px 27%. Larger crops, rotations, flips and other windowing are NOT recognised. cxrdist's synthetic radiographs (one
+template, few individual traits) are closer to one another: see bench/RESULTS.md.
 
 Why not the `imagehash` package: fingerprints are computed from the pixel arrays prepare already holds, in its worker
 processes, and compared in bulk as packed bit arrays; imagehash wants PIL images and compares one pair at a time.

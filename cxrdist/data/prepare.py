@@ -82,6 +82,8 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
         return None
     if opts.images is None or opts.out is None:
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
+    if opts.folds_from is not None:
+        splits_from_file(records, opts.folds_from)  # a wrong fold file is said before the images are read
     missing = check_image_paths(records["path"], opts.images, opts.allow_outside_images, missing_ok=opts.on_bad_image == "skip")
     records.attrs["notes"] = notes
     return write_dataset(records, labels, missing, opts)
