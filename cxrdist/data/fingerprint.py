@@ -33,7 +33,8 @@ METHOD = f"dct{DCT_BLOCK}x{DCT_BLOCK}-of-{THUMBNAIL_SIDE}px-v1"
 # Bit k of a fingerprint holds frequency (k * 97) mod 255: the nearly constant lowest frequencies are spread over all
 # chunks, so no chunk value is shared by most radiographs (which would make near_pairs compare nearly every pair).
 ORDER = (np.arange(BITS) * 97) % BITS
-CHUNK_BITS = 16  # MATCH_BITS < 256 / CHUNK_BITS: two fingerprints within MATCH_BITS share at least one 16-bit chunk
+CHUNK_BITS = 32
+CHUNKS = WORDS * 64 // CHUNK_BITS  # MATCH_BITS < 2 * CHUNKS: within MATCH_BITS, some chunk differs in at most one bit
 PAIR_BLOCK = 2_000_000  # candidate pairs compared at once
 
 
@@ -55,22 +56,28 @@ def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def near_pairs(a: np.ndarray, b: np.ndarray | None = None, max_bits: int = MATCH_BITS) -> tuple[np.ndarray, np.ndarray]:
     """(i, j): every pair with distance(a[i], b[j]) <= max_bits, sorted; with b None, the pairs i < j within a.
 
-    Multi-index hashing: split into 16 chunks of 16 bits, two fingerprints within 15 bits agree exactly on one chunk
-    at least, so only pairs that share a chunk value are compared (in blocks, vectorised)."""
-    if max_bits >= WORDS * 64 // CHUNK_BITS:
-        raise ValueError(f"max_bits must be below {WORDS * 64 // CHUNK_BITS}")
+    Multi-index hashing: cut into 8 chunks of 32 bits; two fingerprints within 15 bits differ in at most one bit of some
+    chunk, so only pairs whose chunk values are equal or one bit apart (33 probes per chunk, each a sorted search) are
+    compared, in blocks, vectorised."""
+    if max_bits >= 2 * CHUNKS:
+        raise ValueError(f"max_bits must be below {2 * CHUNKS}")
     within = b is None
     b = a if within else b
     found = set()
-    for chunk in range(WORDS * 64 // CHUNK_BITS):
-        i, j = _sharing(_chunk(a, chunk), _chunk(b, chunk))
-        if within:
-            keep = i < j
-            i, j = i[keep], j[keep]
-        for start in range(0, i.size, PAIR_BLOCK):
-            bi, bj = i[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
-            close = distance(a[bi], b[bj]) <= max_bits
-            found.update(zip(bi[close].tolist(), bj[close].tolist()))
+    for chunk in range(CHUNKS):
+        left, right = _chunk(a, chunk), _chunk(b, chunk)
+        order = np.argsort(right, kind="stable")
+        ordered = right[order]
+        for flip in [None, *range(CHUNK_BITS)]:
+            probe = left if flip is None else left ^ np.uint64(1 << flip)
+            i, j = _sharing(probe, ordered, order)
+            if within:
+                keep = i < j
+                i, j = i[keep], j[keep]
+            for start in range(0, i.size, PAIR_BLOCK):
+                bi, bj = i[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
+                close = distance(a[bi], b[bj]) <= max_bits
+                found.update(zip(bi[close].tolist(), bj[close].tolist()))
     if not found:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     pairs = np.array(sorted(found), dtype=np.int64)
@@ -83,10 +90,8 @@ def _chunk(prints: np.ndarray, chunk: int) -> np.ndarray:
     return (prints[:, word] >> np.uint64(CHUNK_BITS * part)) & np.uint64((1 << CHUNK_BITS) - 1)
 
 
-def _sharing(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every (i, j) with left[i] == right[j], built with a sort and no Python loop."""
-    order = np.argsort(right, kind="stable")
-    ordered = right[order]
+def _sharing(left: np.ndarray, ordered: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (i, j) with left[i] == right[j], `ordered` being right sorted by `order`; no Python loop."""
     start = np.searchsorted(ordered, left, side="left")
     stop = np.searchsorted(ordered, left, side="right")
     sizes = stop - start
