@@ -102,6 +102,8 @@ def chest_flag(cam: np.ndarray) -> str:
     or its peak outside it."""
     if chest_fraction(cam) < INSIDE_CHEST:
         return MASS_OUTSIDE
+    if not cam.max() > cam.min():  # a flat map has no peak
+        return ""
     u, v = peak(cam)
     u0, u1, v0, v1 = CHEST_REGION
     return "" if u0 <= u <= u1 and v0 <= v <= v1 else PEAK_OUTSIDE
