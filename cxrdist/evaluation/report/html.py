@@ -152,8 +152,9 @@ def figure(src: str | Path, alt: str, caption: str = "") -> str:
     least) and shrinks only on a narrower page; or a page-relative URL (a str), shown at its pixel size."""
     width = ""
     if isinstance(src, Path):
-        with Image.open(src) as image:
-            width = f' width="{round(image.width / DENSITY)}"'
+        if src.is_file():  # (a figure that was not drawn shows as a missing image, which the report test catches)
+            with Image.open(src) as image:
+                width = f' width="{round(image.width / DENSITY)}"'
         src = f"{src.parent.name}/{src.name}"
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
     return f'<figure><img src="{esc(src)}"{width} alt="{esc(alt)}">{cap}</figure>'
