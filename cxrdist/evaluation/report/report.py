@@ -330,14 +330,15 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
     for label in labels:
         rows.append([esc(label), *row([auc_cell(m["models"][n]["per_label"].get(label)) for n in names],
                                        m.get("ensemble_no_tta", {}).get("per_label", {}).get(label), ens["per_label"].get(label),
-                                       (interval.get("per_label") or {}).get(label), few_flag(counts.get(label, (None,))[0], FEW_CASES))])
+                                       (interval.get("per_label") or {}).get(label),
+                                       few_flag(min(counts[label]) if label in counts else None, FEW_CASES, "positives or negatives"))])
     gains = m.get("gains") or {}
     gain_rows = [["Ensemble over the mean fold model", signed(gains.get("ensemble_over_mean_model"))],
                  ["Ensemble over the best fold model", signed(gains.get("ensemble_over_best_model"))]]
     if tta:
         gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))],
                       ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
-    body = table(header, rows, ["macro"] + [""] * len(labels)) + few_cases_note(counts, labels)
+    body = table(header, rows, ["macro"] + [""] * len(labels)) + few_cases_note(counts, labels, negatives=True)
     body += "<h3>Gains in macro AUC</h3>" + table(["", "Δ macro AUC"], gain_rows)
     notes = list(m.get("notes") or [])
     if m.get("skipped"):
