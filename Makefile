@@ -55,4 +55,4 @@ gpu-wheels: $(STAMP)
 	$(VENV)/bin/python bench/gpu_wheels.py bench/wheels $(if $(GPU_PYTHON),--python-version $(GPU_PYTHON)) $(if $(GPU_PACKAGES),--present-file $(GPU_PACKAGES))
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out demo-out-two-datasets .pytest_cache

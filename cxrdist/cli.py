@@ -63,13 +63,13 @@ def add_prepare(sub) -> None:
     test = p.add_mutually_exclusive_group()
     test.add_argument("--test-fraction", type=float, default=0.0, help="fraction of the patients held out as the test split (default: %(default)s)")
     test.add_argument("--test-list", type=Path, help="file listing the test images, one per line (NIH test_list.txt)")
-    p.add_argument("--max-size", type=int, default=512, help="long side of the stored images")
+    p.add_argument("--max-size", type=int, default=512, help="long side of the stored images, in pixels (default: %(default)s)")
     p.add_argument("--format", dest="fmt", choices=["jpg", "png"], default="jpg", help="image format in the shards (default: %(default)s)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard (default: %(default)s)")
     p.add_argument("--views", choices=["all", "frontal"], default="all", help="frontal: keep only PA/AP images (default: %(default)s)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
-                   help="skip: leave out missing and unreadable images, listed in the manifest")
+                   help="skip: leave out missing and unreadable images, listed in the manifest (default: %(default)s)")
     p.add_argument("--no-patient-grouping", action="store_true", help="accept a CSV without a 'patient' column (every image its own patient)")
     p.add_argument("--allow-outside-images", action="store_true", help="read CSV paths that lead outside --images (../, absolute, symlinks)")
     p.add_argument("--workers", type=int, default=1, help="processes that write shards (default: %(default)s)")
@@ -135,13 +135,14 @@ def add_train(sub) -> None:
 def run_train(args) -> int:
     from cxrdist.log import TERMINAL_ENV, on_terminal
     from cxrdist.training.launcher.launch import ablation_arms, folds_to_train
+    from cxrdist.training.launcher.notes import collected_notes
     from cxrdist.training.preempt import RESUME_COMMAND_ENV, ReceivedSignals
 
     arms = ablation_arms(args.config, args.overrides, args.ablate)
     folds = folds_to_train(args.config, args.fold, args.overrides)
     # The trainers leave saying how to resume to this command, and draw progress bars only if our stderr is a terminal.
     trainer_env = {RESUME_COMMAND_ENV: args.command_line, TERMINAL_ENV: os.environ.get(TERMINAL_ENV) or str(int(on_terminal()))}
-    with environment(trainer_env), ReceivedSignals() as received:
+    with environment(trainer_env), ReceivedSignals() as received, collected_notes():
         for overrides in arms:
             for fold in folds:
                 code = train_fold(args, fold, overrides, received)
@@ -189,7 +190,8 @@ def add_lodo(sub) -> None:
                    help="what of the left-out dataset is scored: all of it, or its test split (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass in the evaluations (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes of the evaluations (default: %(default)s)")
-    p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples of the evaluations' 95%% intervals")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="patient bootstrap resamples of the evaluations' 95%% intervals (default: %(default)s)")
     p.add_argument("--evaluate-only", action="store_true", help="train nothing: every fold must be finished (slurm/lodo.sh's last job)")
     p.add_argument("--plan", action="store_true", help="only print, per held-out run, NAME, EXPERIMENT and its data.shards override, "
                                                        "tab-separated (what slurm/lodo.sh submits)")
@@ -242,13 +244,13 @@ def run_info(args) -> int:
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="fold ensemble x flip TTA on a prepared split -> predictions.csv + metrics.json")
     p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
-    p.add_argument("--split", default="test", help="'test' or a fold, e.g. fold-0")
+    p.add_argument("--split", default="test", help="'test' or a fold, e.g. fold-0 (default: %(default)s)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
     p.add_argument("--out", type=Path, help="default: runs/EXP/ensemble")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
-    p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals")
+    p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals (default: %(default)s)")
     p.add_argument("--external", help="score on this prepared dataset the models were not trained on (a directory or URL), over the labels "
                                       "both share; --split all reads all of it")
     p.add_argument("--leave-out-overlap", action="store_true",
@@ -284,13 +286,19 @@ def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="fold ensemble on PNG/JPEG/DICOM files or folders")
     p.add_argument("--runs", type=Path, required=True, help="runs/EXP (every fold-*/best), one fold-K dir, or a best/ dir")
     p.add_argument("--images", type=Path, nargs="+", required=True, help="files or folders")
-    p.add_argument("--out", type=Path, default=Path("preds.csv"), help="CSV to write: path and one probability per label (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("preds.csv"),
+                   help="CSV to write: path, one probability per label and, when `cxrdist evaluate` chose operating points for these "
+                        "models, each decision beside it (default: %(default)s)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="image-reading worker processes (default: %(default)s)")
     p.add_argument("--cam", type=Path, metavar="DIR", help="also write Grad-CAM overlays (one PNG per image and finding) to DIR")
-    p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability")
-    p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image")
+    p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability (default: %(default)s)")
+    p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image (default: %(default)s)")
+    p.add_argument("--operating-point", default="sens@spec90", choices=["sens@spec90", "sens@spec95", "spec@sens90", "spec@sens95"],
+                   help="the thresholds of call_<label> (positive/negative) beside each probability: the specificity (sens@specNN) or "
+                        "sensitivity (spec@sensNN) they keep on the out-of-fold predictions, from `cxrdist evaluate` of the same "
+                        "models (default: %(default)s)")
     p.set_defaults(run=run_predict)
 
 
@@ -298,7 +306,7 @@ def run_predict(args) -> int:
     from cxrdist.evaluation.prediction.predict import run_predict as predict
 
     out = predict(args.runs, args.images, args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
-                  cam=args.cam, cam_threshold=args.cam_threshold, cam_top=args.cam_top)
+                  cam=args.cam, cam_threshold=args.cam_threshold, cam_top=args.cam_top, operating_point=args.operating_point)
     print(f"wrote {out}")
     return 0
 
@@ -347,9 +355,9 @@ def add_compare(sub) -> None:
                                        "paired difference B - A with a paired patient-bootstrap interval")
     p.add_argument("runs_a", type=Path, metavar="RUNS_A", help="the baseline, e.g. runs/EXP-norefine")
     p.add_argument("runs_b", type=Path, metavar="RUNS_B", help="the candidate, e.g. runs/EXP")
-    p.add_argument("--split", default="test", help="the split of both arms' ensemble/predictions.csv (from `cxrdist evaluate`)")
+    p.add_argument("--split", default="test", help="the split of both arms' ensemble/predictions.csv (from `cxrdist evaluate`; default: %(default)s)")
     p.add_argument("--out", type=Path, help="where compare.json goes (default: RUNS_B/compare, which `cxrdist report` shows)")
-    p.add_argument("--resamples", type=int, default=1000, help="paired patient bootstrap resamples")
+    p.add_argument("--resamples", type=int, default=1000, help="paired patient bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     p.set_defaults(run=run_compare)
 
@@ -365,7 +373,9 @@ def run_compare(args) -> int:
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, on this CPU")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the data, runs and report (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the data, runs and report (default: demo-out, with --two-datasets demo-out-two-datasets); "
+                        "a second run there reuses what the first finished")
     p.add_argument("--two-datasets", action="store_true",
                    help="two synthetic hospitals prepared separately, trained on together, plus external validation on a third")
     p.set_defaults(run=run_demo)
@@ -378,7 +388,7 @@ def run_demo(args) -> int:
         return run_two_dataset_demo(args.out)
     from cxrdist.demo import run_demo as demo
 
-    return demo(args.out)
+    return demo(args.out if args.out is not None else Path("demo-out"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,6 +412,18 @@ def filesystem_error(err: OSError) -> str | None:
     return f"{where}{err.strerror or err} (check that path: its permissions, free space, or a file standing where a folder should)"
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a command killed by SIGPIPE returns (`seq 1000000 | head -1`)
+
+
+def reader_gone() -> int:
+    """The reader of our output went away (`cxrdist labels | head -1`): no traceback, and nothing more written to the closed
+    pipe (Python would try again when it flushes stdout at exit: point stdout at /dev/null)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def command_line(argv: list[str] | None) -> str:
     """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages."""
     import shlex
@@ -412,10 +434,17 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cxrdist.log import quiet_third_party
+
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     args.command_line = command_line(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, so that a reader gone by now is this handler's, not a page at exit
+        return code
+    except BrokenPipeError:
+        return reader_gone()
     except UserError as err:
         print(f"cxrdist {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR

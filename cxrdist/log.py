@@ -42,6 +42,35 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{name}")
 
 
+class DropRecord(logging.Filter):
+    """Drops the records a function of a third-party library logs that begin with `start` (a logging filter on the record:
+    the message never reaches a handler)."""
+
+    def __init__(self, function: str, start: str) -> None:
+        super().__init__()
+        self.function, self.start = function, start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.funcName == self.function and str(record.msg).startswith(self.start))
+
+
+# (logger, function, message start): third-party messages that tell a cxrdist user nothing.
+QUIET = [
+    # DeepSpeed (imported by accelerate even when it is not used) guessing its accelerator on a machine without a GPU, in
+    # every process; on a CPU run that is the intended device, and a GPU run never logs it.
+    ("DeepSpeed", "get_accelerator", "Setting accelerator to CPU"),
+]
+
+
+def quiet_third_party() -> None:
+    """Installs the QUIET filters on their loggers (created here if the library has not made them yet: DeepSpeed's
+    `create_logger` keeps a logger's filters). Call it before the library is imported."""
+    for name, function, start in QUIET:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropRecord) and (f.function, f.start) == (function, start) for f in logger.filters):
+            logger.addFilter(DropRecord(function, start))
+
+
 def on_terminal() -> bool:
     forced = os.environ.get(TERMINAL_ENV)
     return forced == "1" if forced in ("0", "1") else sys.stderr.isatty()

@@ -16,6 +16,10 @@ from cxrdist.training.launcher import outcome, trainer_stderr  # noqa: E402
 
 trainer_stderr.attach()  # before anything can write to stderr (no-op outside `cxrdist train`)
 
+from cxrdist.log import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before accelerate imports DeepSpeed
+
 from cxrdist.errors import UserError, one_line  # noqa: E402
 
 

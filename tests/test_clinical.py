@@ -94,22 +94,23 @@ def test_reliability_diagrams_show_each_bins_image_count():
 
 
 def test_each_saliency_panel_gets_its_own_image_when_the_positives_allow():
-    from cxrdist.evaluation.report.clinical import saliency_examples
+    from cxrdist.evaluation.report.saliency_grid import saliency_examples
 
+    LABELS = ["Consolidation", "Pneumonia", "Edema"]
     # Consolidation and Pneumonia co-occur: image 0 is the most probable for both, image 1 is positive for both too.
     probs = np.array([[0.95, 0.90, 0.1], [0.70, 0.60, 0.2], [0.10, 0.20, 0.8], [0.05, 0.10, 0.3]])
     targets = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, np.nan]])
-    examples = saliency_examples(probs, targets, 3)
+    examples = saliency_examples(probs, targets, LABELS, 3)
     assert [j for _, j, _ in examples] == [0, 1, 2]  # most confident label first
     assert sorted(row for row, _, _ in examples[:2]) == [0, 1] and examples[2][0] == 2
     assert all(shared is None for _, _, shared in examples)
     # Taking each label's most probable positive in turn would give label 0 image 0, label 1's only positive.
     targets = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]])
-    assert saliency_examples(probs, targets, 2) == [(1, 0, None), (0, 1, None)]
+    assert saliency_examples(probs, targets, LABELS, 2) == [(1, 0, None), (0, 1, None)]
     # One positive image for both: allowed, and said (the less probable label shows the image of the other).
     targets = np.array([[1, 1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]])
-    assert saliency_examples(probs, targets, 2) == [(0, 0, None), (0, 1, 0)]
+    assert saliency_examples(probs, targets, LABELS, 2) == [(0, 0, None), (0, 1, 0)]
     # No targets, or a label without a positive: its most probable images, still one per label.
     for t in (None, np.zeros_like(targets)):
-        examples = saliency_examples(probs, t, 3)
+        examples = saliency_examples(probs, t, LABELS, 3)
         assert len({row for row, _, _ in examples}) == 3 and all(shared is None for _, _, shared in examples)

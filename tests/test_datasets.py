@@ -249,15 +249,34 @@ def test_open_datasets_refuses_a_missing_location(tmp_path):
 
 
 def test_two_dataset_demo_runs_end_to_end(tmp_path):
-    """`cxrdist demo --two-datasets`: prepare three hospitals, train every fold on two, evaluate, validate externally, report."""
-    result = subprocess.run([sys.executable, "-m", "cxrdist", "demo", "--two-datasets", "--out", str(tmp_path)], capture_output=True,
-                            text=True, cwd=REPO, timeout=1500, env=cpu_env(2))
+    """`cxrdist demo --two-datasets`: prepare three hospitals, train every fold on two, evaluate, validate externally, report;
+    its hospitals named alike everywhere, each fold table introduced by its hospital, a quiet console (one launch line, the EMA
+    schedule and the inert-refinement note once, no DeepSpeed guess, no advice against its own config), and a second run
+    that redoes nothing."""
+    command = [sys.executable, "-m", "cxrdist", "demo", "--two-datasets", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1500, env=cpu_env(2))
     assert result.returncode == 0, explain(result)
     experiment = tmp_path / "runs" / "two-datasets"
     internal = json.loads((experiment / "ensemble" / "metrics.json").read_text())
     external = json.loads((experiment / "external" / "hospital-c" / "metrics.json").read_text())
-    assert list(internal["per_dataset"]) == ["a", "b", "pooled"] and list(external["per_dataset"]) == ["hospital-c", "pooled"]
+    assert list(internal["per_dataset"]) == ["hospital-a", "hospital-b", "pooled"] and list(external["per_dataset"]) == ["hospital-c", "pooled"]
     assert "Datasets and external validation" in (experiment / "report" / "report.html").read_text()
+    out = result.stdout
+    for name in ("hospital-a", "hospital-b", "hospital-c"):  # each fold table follows the line that names its hospital
+        assert out.index(f"-- {name}:") < out.index(f"its folds and test split ({name})") < out.index("max dev pp", out.index(f"-- {name}:"))
+    console = result.stdout + result.stderr
+    assert console.count("+ accelerate launch") == 1 and console.count("EMA decay") == 1
+    assert "Setting accelerator to CPU" not in console and "ema_warmup" not in console
+    inert = [line for line in console.splitlines() if "refinement is inert" in line]
+    assert len(inert) <= 1 and all(line.startswith("cxrdist: folds 0, 1: ") for line in inert)
+
+    images = sorted((tmp_path / "synth").rglob("*.png"))
+    stamps = {p: p.stat().st_mtime_ns for p in [*images, experiment / "ensemble" / "metrics.json", experiment / "report" / "report.html"]}
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=cpu_env(2))
+    assert again.returncode == 0, explain(again)
+    assert "+ accelerate launch" not in again.stdout + again.stderr
+    assert again.stdout.count("(reusing ") == 8  # 3 datasets, 2 folds, 2 evaluations, the report
+    assert images and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 def test_deepspeed_zero2_trains_two_datasets_and_resumes(datasets, tmp_path):

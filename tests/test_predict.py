@@ -67,7 +67,8 @@ def test_png_and_dicom_give_the_evaluated_probabilities(evaluated_experiment, te
     assert f"{broken}" in capsys.readouterr().err
     table = pd.read_csv(out)
     expected = test_samples[prob_columns(test_samples)].to_numpy()
-    assert list(table.columns) == ["path"] + prob_columns(test_samples)
+    labels = [c.removeprefix("prob_") for c in prob_columns(test_samples)]
+    assert list(table.columns) == ["path", "operating_point"] + [c for label in labels for c in (f"prob_{label}", f"call_{label}")]
     assert list(table["path"]) == [str(p) for p in [*test_samples["source"], *dicoms]]  # broken.png skipped, order kept
     np.testing.assert_allclose(table[prob_columns(table)].to_numpy()[:SAMPLES], expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(table[prob_columns(table)].to_numpy()[SAMPLES:], expected, rtol=0, atol=1e-5)

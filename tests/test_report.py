@@ -1,4 +1,4 @@
-"""`cxrdist report`: the page and its figures, rendered in headless Chromium (every image loads, no error)."""
+"""`cxrdist report`: the page and its figures, rendered in headless Chromium at 1400 and 800 px (tests/page_layout.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,31 +17,7 @@ from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
 from cxrdist.errors import UserError
 from cxrdist.evaluation.report.report import balance_table, coupling_summary, fold_agreement, label_correlation, run_report
 from cxrdist.evaluation.report.html import table
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
-# Injected into a copy of the page: records script errors, failed resource loads and console.error,
-# and after the load event lists the images that did not decode; --dump-dom then shows the result.
-PROBE = """<script>
-window.__problems = [];
-window.addEventListener('error', e => window.__problems.push(e.message || ('failed to load ' + (e.target.src || e.target.href))), true);
-const __consoleError = console.error;
-console.error = (...args) => { window.__problems.push('console.error: ' + args.join(' ')); __consoleError(...args); };
-window.addEventListener('load', () => {
-  const images = Array.from(document.images);
-  const broken = images.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src'));
-  const out = document.createElement('pre');
-  out.id = 'probe';
-  const page = document.documentElement.clientWidth;
-  const wider = Array.from(document.body.querySelectorAll('*')).filter(e => {
-    const r = e.getBoundingClientRect();
-    return r.width > 0 && (r.right > page + 1 || r.left < -1);
-  }).map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '') + ' ' + Math.round(e.getBoundingClientRect().right) + 'px');
-  out.textContent = JSON.stringify({images: images.length, broken: broken, problems: window.__problems, page: page, wider: wider});
-  document.body.appendChild(out);
-});
-</script>"""
-
+from page_layout import figure_text_px, measure, screenshot
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
@@ -63,11 +38,6 @@ def chromium() -> str:
     if not found:
         pytest.skip("chromium could not be installed with apt-get")
     return found
-
-
-def run_chromium(exe: str, *args: str) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -94,23 +64,69 @@ def test_page_lists_every_section_and_its_figures_exist(report, evaluated_experi
     assert "http://" not in page and "https://" not in page
 
 
-def test_page_renders_in_headless_chromium(report, chromium):
-    probe = report.with_name("probe.html")
-    probe.write_text(report.read_text().replace("<head>", "<head>" + PROBE, 1))
-    result = run_chromium(chromium, "--window-size=1400,1000", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri())
-    match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
-    assert match, f"no probe result in the DOM (exit {result.returncode}):\n{result.stderr[-3000:]}"
-    found = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert found["images"] >= 6 and found["broken"] == [] and found["problems"] == []
-    assert found["page"] > 1300 and found["wider"] == [], f"elements wider than the {found['page']} px page: {found['wider'][:10]}"
-    probe.unlink()
+def five_fold_copy(runs: Path, out: Path) -> Path:
+    """The fixture's experiment as the demo's (5 fold models in the AUC table, 14 CheXpert labels): its folds' best models
+    and logs, and its evaluation with three more fold columns (copies of fold-0's AUCs), the widest table a demo page has."""
+    for fold in ("fold-0", "fold-1"):
+        shutil.copytree(runs / fold / "best", out / fold / "best")
+        shutil.copy(runs / fold / "metrics.jsonl", out / fold / "metrics.jsonl")
+    shutil.copytree(runs / "ensemble", out / "ensemble")
+    metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
+    for extra in ("fold-2", "fold-3", "fold-4"):
+        metrics["model_names"].append(extra)
+        metrics["models"][extra] = metrics["models"]["fold-0"]
+    (out / "ensemble" / "metrics.json").write_text(json.dumps(metrics))
+    return out
 
-    shot = report.with_name("screenshot.png")
-    result = run_chromium(chromium, "--window-size=1300,2400", f"--screenshot={shot}", report.as_uri())
+
+@pytest.fixture(scope="module")
+def wide_report(evaluated_experiment, tmp_path_factory) -> Path:
+    runs, _ = evaluated_experiment
+    copy = five_fold_copy(runs, tmp_path_factory.mktemp("five") / "ens")
+    return run_report(copy, copy / "report")
+
+
+# A figure's <img width> is its pixel width / DENSITY rounded to a whole CSS px, so its text may show up to ~0.05 px smaller.
+ROUNDING_PX = 0.1
+
+
+@pytest.mark.parametrize("width", [1400, 800])
+@pytest.mark.parametrize("which", ["report", "wide_report"])
+def test_page_reads_in_chromium_at_1400_and_800_px(which, width, request, chromium):
+    """Every image loads; nothing is wider than the window; no table is cut off behind a horizontal scroll; no CSS may split
+    a word and no word is laid out across two lines; every figure's text shows at least as large as the page's smallest
+    body text. A screenshot of the page at that width is written next to it."""
+    page = request.getfixturevalue(which)
+    found = measure(chromium, page, width)
+    assert found["images"] >= 6 and found["broken"] == [] and found["problems"] == []
+    assert found["page"] == width and found["wider"] == [], f"elements wider than the {width} px page: {found['wider'][:10]}"
+    assert found["cut"] == [], f"tables cut off behind a horizontal scroll at {width} px: {found['cut']}"
+    assert found["splitting"] == [] and found["split"] == [], (found["splitting"][:5], found["split"][:10])
+    assert found["smallest_text_px"] >= 12
+    small = {Path(f["file"]).name: round(figure_text_px(f), 2) for f in found["figures"]
+             if figure_text_px(f) < found["smallest_text_px"] - ROUNDING_PX}
+    assert small == {}, f"figure text smaller than the page's smallest text ({found['smallest_text_px']} px) at {width} px: {small}"
+
+    shot = page.with_name(f"screenshot-{width}.png")
+    result = screenshot(chromium, page, width, 2400, shot)
     assert shot.is_file(), result.stderr[-3000:]
     with Image.open(shot) as image:
-        assert image.size == (1300, 2400)
+        assert image.size == (width, 2400)
         assert len(np.unique(np.asarray(image.convert("L").resize((64, 64))))) > 20  # not a blank page
+
+
+def test_roc_curves_at_auc_one_stay_off_the_frame():
+    from cxrdist.evaluation.figures import UNIT_MARGIN, roc_figure
+
+    targets = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
+    scores = np.array([[0.1, 0.2], [0.2, 0.9], [0.8, 0.3], [0.9, 0.8]])  # the first label separated: AUC 1.000
+    fig = roc_figure(["Edema", "Cardiomegaly"], targets, scores, np.ones_like(targets, dtype=bool), {"Edema": 1.0, "Cardiomegaly": 0.75})
+    ax = fig.axes[0]
+    curve = next(line for line in ax.lines if line.get_linestyle() == "-")
+    x, y = curve.get_data()
+    assert set(np.round(x, 6)) <= {0.0, 0.5, 1.0} and y.max() == 1.0 and x.min() == 0.0  # it runs along x = 0 and y = 1
+    assert ax.get_xlim() == pytest.approx((-UNIT_MARGIN, 1 + UNIT_MARGIN)) and ax.get_ylim() == pytest.approx((-UNIT_MARGIN, 1 + UNIT_MARGIN))
+    assert UNIT_MARGIN >= 0.02  # inside the frame by a few line widths
 
 
 def test_report_before_evaluate_says_so(trained_experiment, tmp_path):

@@ -124,13 +124,15 @@ def test_predict_writes_an_overlay_per_image_and_finding(trained_experiment, syn
     args = ["predict", "--runs", str(trained_experiment), "--images", *map(str, images), "--out", str(tmp_path / "p.csv"),
             "--cam", str(cams), "--cam-threshold", "0", "--cam-top", "2", "--workers", "0"]
     assert main(args) == 0
-    index = pd.read_csv(cams / "cams.csv")
+    index = pd.read_csv(cams / "cams.csv", keep_default_na=False)
     probs = pd.read_csv(tmp_path / "p.csv")
     assert len(index) == 2 * len(images)
     for path, group in index.groupby("path", sort=False):
         row = probs[probs["path"] == path].iloc[0]
-        top2 = row[[c for c in probs.columns if c.startswith("prob_")]].astype(float).nlargest(2)
-        assert list("prob_" + group["label"]) == list(top2.index)  # the two most probable findings, highest first
+        top2 = row[[c for c in probs.columns if c.startswith("prob_") and c != "prob_No Finding"]].astype(float).nlargest(2)
+        assert list("prob_" + group["label"]) == list(top2.index)  # the two most probable findings (No Finding has no map), highest first
+    assert set(index["chest_flag"]) <= {"", "peak outside the chest", "map mostly outside the chest"}
+    assert ((index["chest_fraction"] >= 0) & (index["chest_fraction"] <= 1)).all()
     from PIL import Image
 
     for file in index["file"]:

@@ -39,6 +39,7 @@ from cxrdist.model.params import param_groups
 from cxrdist.model import zero_state
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.labels.policy import apply_policy, resolve_policy
+from cxrdist.training.launcher.notes import say_note
 from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
@@ -278,7 +279,7 @@ class Trainer:
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
                  f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
-        self.say(self.ema_schedule_line())
+        self.note("ema_schedule", self.ema_schedule_line())
         code = self.train_until_done(batches)
         if self.heartbeat is not None:
             self.heartbeat.stop()  # past the last collective: this rank's silence is no longer a loss
@@ -358,7 +359,7 @@ class Trainer:
         self.log.write({"kind": "refinement", "step": self.state.step, "inert": message is not None, "message": message,
                         "max_logit_shift": max_logit_shift(coupling, refine.alpha), "knob": KNOB})
         if message:
-            self.say(message)
+            self.note("inert_refinement", message, at_end=True)
 
     def checkpoint(self) -> None:
         self.settle_bad_steps()
@@ -598,6 +599,11 @@ class Trainer:
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
             LOG.info(f"cxrdist: {text}")
+
+    def note(self, key: str, text: str, at_end: bool = False) -> None:
+        """Said once per command that trains several folds (training/launcher/notes.py), not once per fold."""
+        if self.accelerator.is_main_process:
+            say_note(key, text, self.cfg.fold, lambda line: LOG.info(f"cxrdist: {line}"), at_end)
 
 
 class Window:

@@ -25,6 +25,7 @@ from cxrdist.data.stream import parse_labels
 from cxrdist.data.datasets import DatasetShard
 from cxrdist.errors import UserError
 from cxrdist.evaluation.clinical.calibration import apply_platt, apply_temperature, calibration_summary, fit_platts, fit_temperatures, platt_notes
+from cxrdist.evaluation.clinical.calibration_causes import out_of_fold_stats
 from cxrdist.evaluation.clinical.operating_points import operating_points
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES
 from cxrdist.layout import VAL_PREDICTIONS_FILE
@@ -108,6 +109,7 @@ def clinical_metrics(
         platt_scaled=calibration_summary(targets, apply_platt(probs, [platt[label] for label in labels]), mask, labels),
         out_of_fold=calibration_summary(*oof, labels),
         out_of_fold_images=len(oof[0]),
+        out_of_fold_labels=out_of_fold_stats(*oof, labels),  # what a temperature at its bound is explained by (calibration_causes.py)
     )
     result["operating_points"] = operating_points(oof, (targets, probs, mask), labels, groups, resamples, seed)
     result["operating_points"]["out_of_fold_images"] = len(oof[0])

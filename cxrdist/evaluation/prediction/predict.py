@@ -20,6 +20,7 @@ from cxrdist.atomic import check_not_an_input, check_writable_file
 from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.coverage import say_coverage
+from cxrdist.evaluation.prediction.decisions import DEFAULT_POINT, decisions, find_operating_point
 from cxrdist.evaluation.prediction.image_files import ImageFiles
 from cxrdist.evaluation.scoring.outputs import write_predictions_csv
 from cxrdist.log import get_logger, progress
@@ -113,9 +114,11 @@ def run_predict(
     cam: Path | None = None,
     cam_threshold: float = 0.5,
     cam_top: int = 3,
+    operating_point: str = DEFAULT_POINT,
 ) -> Path:
-    """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>...),
-    and with `cam` a Grad-CAM overlay per image and finding (see evaluation/prediction/saliency.py) into that folder."""
+    """Probabilities of the fold ensemble for every readable image; writes `out` (path, prob_<label>..., and after each
+    its decision call_<label> at `operating_point` when `cxrdist evaluate` chose thresholds for these models), and with
+    `cam` a Grad-CAM overlay per image and finding (see evaluation/prediction/saliency.py) into that folder."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
@@ -130,14 +133,28 @@ def run_predict(
     if cam is not None:
         check_not_an_input(cam, [*files, *(m.directory for m in models)], "--cam")
     say_coverage("predict", runs, [m.card for m in models])
+    labels = models[0].card.labels
+    point, why_not = find_operating_point(runs, [m.name for m in models], labels, operating_point)
     settings = image_settings(models)
     indices, probs, bad = predict_files(models, files, settings, tta, batch_size, workers, device)
     if not indices:
         raise UserError(f"none of the {count(len(files), 'image file')} could be read (first: {bad[0][1]})")
     out = Path(out)
-    write_predictions_csv(out, {"path": [str(files[i]) for i in indices]}, probs, models[0].card.labels)
+    paths = [str(files[i]) for i in indices]
+    if point is None:
+        write_predictions_csv(out, {"path": paths}, probs, labels)
+        LOG.warning(f"cxrdist predict: warning: probabilities only, no operating-point decisions: {why_not}")
+    else:
+        write_predictions_csv(out, {"path": paths, "operating_point": [point.name] * len(paths)}, probs, labels,
+                              calls=decisions(probs, labels, point))
+        LOG.info(f"cxrdist predict: call_<label> = positive where the probability reaches the threshold for {point.describe()}, "
+                 f"chosen on the out-of-fold predictions ({point.source})")
     if cam is not None:
         from cxrdist.evaluation.prediction.saliency import write_file_cams
 
-        write_file_cams(Path(cam), models, [files[i] for i in indices], probs, settings, tta, cam_threshold, cam_top)
+        index, maps = write_file_cams(Path(cam), models, [files[i] for i in indices], probs, settings, tta, cam_threshold, cam_top)
+        flagged = int((maps["chest_flag"] != "").sum())
+        if flagged:
+            LOG.warning(f"cxrdist predict: warning: {count(flagged, 'map')} of {len(maps)} look outside the chest (chest_flag in {index}): "
+                        "there the model's evidence is not where a finding would be")
     return out

@@ -9,6 +9,12 @@ averaging, so a map is in the coordinates of the image as given. Each map is sca
 The explained layer is the deepest feature stage of the timm backbone that still has at least
 MIN_CELLS cells across the input (layer4 of a ResNet at 380 px has 12; at 64 px it has 2, and a
 2x2 map cannot say heart from apex, so there layer2 with 8 is taken).
+
+A map that looks outside the chest is flagged (`chest_flag`): less than half its mass lies inside CHEST_REGION, a central
+box of the image, or its peak lies outside it. The box holds the lungs and heart of every synthetic radiograph
+(data/synth/render.py, 60 patients in PA, AP and lateral views: u 0.11-0.89, v 0.05-0.74 of the width and height) with a
+margin for real films, whose costophrenic angles sit lower; a map spread evenly puts 71% of its mass inside. No Finding (the
+absence of every finding, not a place) gets no map.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from cxrdist.model.network import CXRNet
 MIN_CELLS = 7
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TOP = 3
+CHEST_REGION = (0.08, 0.92, 0.03, 0.88)  # u0, u1, v0, v1: fractions of the image's width and height
+INSIDE_CHEST = 0.5  # a map with less of its mass inside CHEST_REGION is flagged
 
 
 def grad_cam_classes():
@@ -76,11 +84,44 @@ def peak(cam: np.ndarray) -> tuple[float, float]:
     return (col + 0.5) / cam.shape[1], (row + 0.5) / cam.shape[0]
 
 
-def findings_to_explain(probs: np.ndarray, threshold: float, top: int) -> list[list[int]]:
-    """Per image: the labels with probability >= threshold, highest first, at most `top`."""
+def chest_fraction(cam: np.ndarray) -> float:
+    """The share of a map's mass (its values summed) that lies inside CHEST_REGION (pixel centres); 0 for an empty map."""
+    height, width = cam.shape
+    u0, u1, v0, v1 = CHEST_REGION
+    cols, rows = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
+    inside = np.outer((rows >= v0) & (rows <= v1), (cols >= u0) & (cols <= u1))
+    total = float(np.clip(cam, 0, None).sum())
+    return float(np.clip(cam, 0, None)[inside].sum()) / total if total > 0 else 0.0
+
+
+PEAK_OUTSIDE, MASS_OUTSIDE = "peak outside the chest", "map mostly outside the chest"
+
+
+def chest_flag(cam: np.ndarray) -> str:
+    """Why the map looks outside the chest ("" when it does not): less than INSIDE_CHEST of its mass inside CHEST_REGION,
+    or its peak outside it."""
+    if chest_fraction(cam) < INSIDE_CHEST:
+        return MASS_OUTSIDE
+    if not cam.max() > cam.min():  # a flat map has no peak
+        return ""
+    u, v = peak(cam)
+    u0, u1, v0, v1 = CHEST_REGION
+    return "" if u0 <= u <= u1 and v0 <= v <= v1 else PEAK_OUTSIDE
+
+
+def has_location(label: str) -> bool:
+    """False for No Finding (also spelled No_Finding, or with a dataset suffix): the absence of every finding has no place
+    on the image to show."""
+    return not label.replace("_", " ").strip().lower().startswith("no finding")
+
+
+def findings_to_explain(probs: np.ndarray, threshold: float, top: int, labels: Sequence[str] | None = None) -> list[list[int]]:
+    """Per image: the labels with probability >= threshold, highest first, at most `top`; with `labels`, only those that
+    have a location (not No Finding)."""
+    shown = [True] * np.shape(probs)[1] if labels is None else [has_location(label) for label in labels]
     chosen = []
     for row in np.asarray(probs):
-        order = [int(j) for j in np.argsort(-row, kind="stable") if row[j] >= threshold]
+        order = [int(j) for j in np.argsort(-row, kind="stable") if row[j] >= threshold and shown[j]]
         chosen.append(order[:top])
     return chosen
 
@@ -137,9 +178,9 @@ def write_overlays(
 ) -> list[dict]:
     """One overlay PNG per (image, finding to explain) in `out`, captioned with the finding and its probability, drawn
     on `stored` (the 8-bit images at their stored size) when given, else on the model input; returns rows
-    (name, label, probability, peak, file)."""
+    (name, label, probability, peak, share of the map inside the chest region, chest_flag, file)."""
     out.mkdir(parents=True, exist_ok=True)
-    chosen = findings_to_explain(probs, threshold, top)
+    chosen = findings_to_explain(probs, threshold, top, labels)
     pairs = [(b, j) for b, js in enumerate(chosen) for j in js]
     if not pairs:
         return []
@@ -148,17 +189,23 @@ def write_overlays(
     for (b, j), cam in zip(pairs, cams):
         file = out / f"{slug(names[b])}__{slug(labels[j])}.png"
         background = stored_rgb(stored[b]) if stored is not None else display_image(images[b], *channel_stats(spec))
-        write_png(file, captioned(overlay(background, cam), f"{labels[j]} {probs[b, j]:.2f}"))
+        flag = chest_flag(cam)
+        caption = f"{labels[j]} {probs[b, j]:.2f}" + (f" - {flag}" if flag else "")
+        write_png(file, captioned(overlay(background, cam), caption))
         u, v = peak(cam)
-        rows.append({"name": names[b], "label": labels[j], "probability": float(probs[b, j]), "peak_u": u, "peak_v": v, "file": file.name})
+        rows.append({"name": names[b], "label": labels[j], "probability": float(probs[b, j]), "peak_u": u, "peak_v": v,
+                     "chest_fraction": chest_fraction(cam), "chest_flag": flag, "file": file.name})
     return rows
+
+
+CAMS_COLUMNS = ["path", "name", "label", "probability", "peak_u", "peak_v", "chest_fraction", "chest_flag", "file"]
 
 
 def write_file_cams(
     out: Path, fold_models, files: Sequence[Path], probs: np.ndarray, image: dict, tta: bool,
     threshold: float = DEFAULT_THRESHOLD, top: int = DEFAULT_TOP, batch_size: int = 16,
-) -> Path:
-    """`cxrdist predict --cam`: overlays for the files (preprocessed as predict does) + an index, cams.csv."""
+) -> tuple[Path, pd.DataFrame]:
+    """`cxrdist predict --cam`: overlays for the files (preprocessed as predict does) + an index, cams.csv (and its rows)."""
     if len(groups_by_preprocessing(fold_models)) > 1:
         raise UserError("--cam needs fold models that take the same preprocessed input")
     card = fold_models[0].card
@@ -173,6 +220,7 @@ def write_file_cams(
         rows.extend({"path": str(files[names.index(r["name"])]), **r} for r in found)
     index = out / "cams.csv"
     out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows, columns=CAMS_COLUMNS)
     with atomic_open(index, "w", newline="") as handle:
-        pd.DataFrame(rows, columns=["path", "name", "label", "probability", "peak_u", "peak_v", "file"]).to_csv(handle, index=False)
-    return index
+        table.to_csv(handle, index=False)
+    return index, table

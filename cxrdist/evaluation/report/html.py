@@ -9,11 +9,17 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from cxrdist.evaluation.figures import DENSITY
 
 STYLE = """
 :root { --ink: #1d2733; --muted: #5b6775; --line: #dde3ea; --accent: #1f6feb; --soft: #f5f7fa; --good: #1a7f37; --bad: #b42318; }
 * { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.55 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: var(--ink); background: #fff; }
+body { margin: 0; font: 15px/1.55 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: var(--ink); background: #fff;
+       overflow-wrap: normal; word-break: normal; hyphens: manual; }
 header { background: linear-gradient(120deg, #0f2a44, #1f4e79); color: #fff; padding: 28px 40px 22px; }
 header h1 { margin: 0 0 4px; font-size: 26px; font-weight: 650; letter-spacing: .2px; }
 header p { margin: 2px 0; color: #cfe0f1; }
@@ -32,35 +38,49 @@ p.explain { color: var(--muted); margin: 4px 0 12px; max-width: 900px; }
 .card .label { color: var(--muted); font-size: 12.5px; text-transform: uppercase; letter-spacing: .5px; }
 .card .sub { color: var(--muted); font-size: 12.5px; }
 figure { margin: 10px 0 18px; }
-figure img { max-width: min(100%, 980px); height: auto; border: 1px solid var(--line); border-radius: 6px; background: #fff; }
-figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; background: #fff; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; max-width: 900px; }
 .table-wrap { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13.5px; margin: 6px 0 14px; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
 th { background: var(--soft); font-weight: 600; position: sticky; top: 0; }
 th.l, td.l { text-align: left; }
+td .ci, .nowrap { white-space: nowrap; }
 tr.macro td { font-weight: 650; background: #eef4fd; }
 td.na { color: #9aa5b1; }
 td .ci { color: var(--muted); font-size: 12px; }
+.flag { color: var(--bad); font-weight: 650; }
 .pos { color: var(--good); } .neg { color: var(--bad); }
 .note { background: #fff8e6; border: 1px solid #f3d27a; border-radius: 8px; padding: 10px 14px; margin: 10px 0; }
-.split { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 18px; align-items: start; }
+.split { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+.split > div { flex: 1 1 280px; min-width: 0; }
+.split > div:first-child { flex: 0 1 auto; }
 .grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr)); gap: 18px; align-items: start; }
 code { background: var(--soft); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
 header code { background: rgba(255,255,255,.12); color: #fff; }
 footer { color: var(--muted); font-size: 12.5px; border-top: 1px solid var(--line); margin-top: 40px; padding-top: 12px; }
-table.wide { table-layout: fixed; width: 100%; font-size: 12px; }
-table.wide th, table.wide td { white-space: normal; overflow-wrap: anywhere; padding: 4px 5px; }
+table.wide { font-size: 12.5px; }
+table.wide th, table.wide td { padding: 4px 6px; }
+@media (max-width: 900px) {
+  header { padding: 20px 16px 16px; }
+  nav { padding: 8px 16px; }
+  main { padding: 10px 16px 40px; }
+  table { font-size: 12.5px; }
+  th, td { padding: 4px 6px; }
+  .grid2 { grid-template-columns: minmax(0, 1fr); }
+}
 @media print {
   nav { display: none; }
   main { max-width: none; padding: 0; }
   .table-wrap { overflow: visible; }
   th { position: static; }
-  table { width: 100%; table-layout: fixed; font-size: 10px; }
-  th, td { white-space: normal; overflow-wrap: anywhere; padding: 3px 4px; }
+  table { font-size: 10px; }
+  th, td { padding: 3px 4px; }
 }
 """
-WIDE_TABLE_COLUMNS = 8  # more columns than this: a fixed layout that wraps its cells to the page width
+# Tables: cells wrap only between words (a value and its interval may go onto two lines, an interval never splits), so a
+# table shrinks to the page down to its longest word per column; nothing may split a word (no overflow-wrap: anywhere).
+WIDE_TABLE_COLUMNS = 8  # more columns than this: smaller type and padding
 
 
 def esc(value: object) -> str:
@@ -85,12 +105,22 @@ def percent(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def auc_cell(value: float | None, interval: Sequence[float] | None = None) -> str:
-    """An AUC table cell (HTML): the value, and its interval in small print."""
+def auc_cell(value: float | None, interval: Sequence[float] | None = None, flag: str = "") -> str:
+    """An AUC table cell (HTML): the value, and its interval in small print; `flag` (HTML, e.g. `few_flag`) after it."""
     if value is None or not math.isfinite(value):
         return '<td class="na">–</td>'
-    ci = f' <span class="ci">({interval[0]:.3f}–{interval[1]:.3f})</span>' if interval else ""
+    ci = f' <span class="ci">({interval[0]:.3f}–{interval[1]:.3f}){flag}</span>' if interval else ""
     return f"<td>{value:.3f}{ci}</td>"
+
+
+FEW_MARK = "†"
+
+
+def few_flag(count: int | None, minimum: int, what: str = "positives") -> str:
+    """The mark after an interval that rests on fewer than `minimum` positives (or negatives), with the count on hover."""
+    if count is None or count >= minimum:
+        return ""
+    return f'<span class="flag" title="{count} {esc(what)}: fewer than {minimum}">{FEW_MARK}</span>'
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], row_classes: Sequence[str] | None = None, text_columns: int = 1) -> str:
@@ -116,9 +146,18 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], row_classes: Seq
     return f'<div class="table-wrap"><table{wide}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
-def figure(src: str, alt: str, caption: str = "") -> str:
+def figure(src: str | Path, alt: str, caption: str = "") -> str:
+    """`src`: a PNG saved by `figures.save` (a Path in the page's figures/ folder), shown at its size in inches (96 CSS px
+    each; it holds DENSITY pixels per CSS px) so that its text shows at the size it was set in (figures.MIN_FONT_PT at
+    least) and shrinks only on a narrower page; or a page-relative URL (a str), shown at its pixel size."""
+    width = ""
+    if isinstance(src, Path):
+        if src.is_file():  # (a figure that was not drawn shows as a missing image, which the report test catches)
+            with Image.open(src) as image:
+                width = f' width="{round(image.width / DENSITY)}"'
+        src = f"{src.parent.name}/{src.name}"
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-    return f'<figure><img src="{esc(src)}" alt="{esc(alt)}">{cap}</figure>'
+    return f'<figure><img src="{esc(src)}"{width} alt="{esc(alt)}">{cap}</figure>'
 
 
 def note(text_html: str) -> str:

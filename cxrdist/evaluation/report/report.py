@@ -30,9 +30,11 @@ from cxrdist.errors import UserError, one_line
 from cxrdist.atomic import atomic_write_text, check_writable_dir
 from cxrdist.evaluation import figures as figs
 from cxrdist.evaluation.prediction.coverage import say_coverage, say_stale_ensemble
-from cxrdist.evaluation.report.clinical import clinical_section, saliency_section
+from cxrdist.evaluation.report.clinical import clinical_section, evaluated_counts, few_cases_note
 from cxrdist.evaluation.report.datasets import datasets_section
-from cxrdist.evaluation.report.html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
+from cxrdist.evaluation.report.html import auc_cell, card, esc, few_flag, figure, fmt, note, page, percent, section, signed, table
+from cxrdist.evaluation.report.saliency_grid import saliency_section
+from cxrdist.evaluation.scoring.bootstrap import FEW_CASES
 from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
 from cxrdist.layout import (
     BEST_DIR, CARD_FILE, COMPARE_DIR, COMPARE_FILE, ENSEMBLE_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, METRICS_LOG, PREDICTIONS_FILE, REPORT_DIR,
@@ -40,7 +42,7 @@ from cxrdist.layout import (
     fold_run_dirs,
 )
 from cxrdist.model.card import ModelCard
-from cxrdist.model.inert import COUPLING_KEY, inert_message
+from cxrdist.model.inert import COUPLING_KEY, inert_message, max_logit_shift
 from cxrdist.model.refine import LabelGraphRefinement
 
 PAGE_FILE = "report.html"
@@ -183,6 +185,22 @@ def training_series(fold: FoldRun) -> dict[str, list]:
     }
 
 
+def refinement_phrase(folds: list[FoldRun]) -> str:
+    """Whether the label-graph refinement did anything, from the folds' best models' A (model/inert.py's rule)."""
+    trained = [f for f in folds if f.card]
+    if not any(f.card.model.refine.enabled for f in trained):
+        return "label-graph refinement off"
+    with_a = [f for f in trained if f.card.model.refine.enabled and f.coupling is not None]
+    inert = [f for f in with_a if inert_message(f.coupling, float(f.card.model.refine.alpha), float(f.card.model.refine.l1))]
+    if not inert:
+        return "label-graph refinement on" + (" and active in every fold" if with_a else "")
+    exact = all(max_logit_shift(f.coupling, 1.0) == 0 for f in inert)
+    state = "exactly zero" if exact else "(nearly) zero"
+    if len(inert) == len(with_a):
+        return f"label-graph refinement on but inert: A is {state} in every fold, so the models are the plain backbone"
+    return f"label-graph refinement on; inert (A {state}) in {', '.join(f.name for f in inert)}"
+
+
 def _nan(value) -> float:
     return float("nan") if value is None else float(value)
 
@@ -195,10 +213,7 @@ def overview(runs: Path, folds: list[FoldRun], manifest: Manifest | None, ensemb
     first = cards_[0].card if cards_ else None
     lines = []
     if first is not None:
-        lines.append(
-            f"{esc(first.model.backbone)} at {esc(first.image.size)} px · "
-            f"label-graph refinement {'on' if first.model.refine.enabled else 'off'} · {first.num_labels} labels"
-        )
+        lines.append(f"{esc(first.model.backbone)} at {esc(first.image.size)} px · {esc(refinement_phrase(folds))} · {first.num_labels} labels")
     lines.append(f"runs: <code>{esc(runs)}</code>")
     cards = []
     if ensemble is not None:
@@ -238,7 +253,7 @@ def data_section(root: Location | None, manifest: Manifest | None, fig_dir: Path
     test = manifest.splits.get(TEST_SPLIT)
     test_prev = np.array([test.positives.get(l, 0) / max(test.num_samples, 1) for l in labels]) if test else None
     figs.label_frequency(fig_dir / "label_frequency.png", labels, pos, unc, n, test_prev)
-    body = "<h3>Label frequency</h3>" + figure(f"{FIGURES}/label_frequency.png", "label frequency",
+    body = "<h3>Label frequency</h3>" + figure(fig_dir / "label_frequency.png", "label frequency",
         f"Share of the {n:,} training-fold images with each finding positive (dark) or uncertain (light); dots: the test split.")
     body += "<h3>Fold balance</h3>" + balance_table(manifest)
     grid = sample_images(root, manifest, fig_dir / "samples.png", patient_ids)
@@ -278,7 +293,7 @@ def sample_images(root: Location, manifest: Manifest, path: Path, patient_ids: b
             images.append(decode_image(data))
             raw = meta.get("labels", [])
             found = [l for l, v in zip(manifest.labels, raw) if v == 1] + [f"{l}?" for l, v in zip(manifest.labels, raw) if v == -1]
-            captions.append(figs.short(", ".join(found) or "no finding marked", 30))
+            captions.append(", ".join(found) or "no finding marked")
             titles.append(f"{meta.get('patient', '') if patient_ids else ''} · {meta.get('view', '')}".strip(" ·"))
             if len(images) == SAMPLE_IMAGES:
                 break
@@ -287,7 +302,7 @@ def sample_images(root: Location, manifest: Manifest, path: Path, patient_ids: b
     if not images:
         return ""
     figs.sample_grid(path, images, captions, titles)
-    return figure(f"{FIGURES}/{path.name}", "sample images",
+    return figure(path, "sample images",
                   f"The first {len(images)} stored images of the {esc(split)} split as the models see them before resizing "
                   f"({esc(manifest.image.get('format', '?'))}, long side ≤ {esc(manifest.image.get('max_size', '?'))} px), "
                   "with their positive findings; "
@@ -305,22 +320,25 @@ def auc_section(folds: list[FoldRun], ensemble: EnsembleResults | None, fig_dir:
     tta = m.get("tta")
     header = ["Label", *names] + (["ensemble, no TTA"] if tta else []) + [f"ensemble{' + TTA' if tta else ''} (95% CI)"]
 
-    def row(getter_models, value_ens_plain, value_ens, ci):
-        return [*getter_models, *([auc_cell(value_ens_plain)] if tta else []), auc_cell(value_ens, ci)]
+    counts = evaluated_counts(ensemble.predictions, labels)
+
+    def row(getter_models, value_ens_plain, value_ens, ci, flag=""):
+        return [*getter_models, *([auc_cell(value_ens_plain)] if tta else []), auc_cell(value_ens, ci, flag)]
 
     rows = [["Macro AUC", *row([auc_cell(m["models"][n]["macro_auc"]) for n in names],
                                 m.get("ensemble_no_tta", {}).get("macro_auc"), ens["macro_auc"], interval.get("macro_auc"))]]
     for label in labels:
         rows.append([esc(label), *row([auc_cell(m["models"][n]["per_label"].get(label)) for n in names],
                                        m.get("ensemble_no_tta", {}).get("per_label", {}).get(label), ens["per_label"].get(label),
-                                       (interval.get("per_label") or {}).get(label))])
+                                       (interval.get("per_label") or {}).get(label),
+                                       few_flag(min(counts[label]) if label in counts else None, FEW_CASES, "positives or negatives"))])
     gains = m.get("gains") or {}
     gain_rows = [["Ensemble over the mean fold model", signed(gains.get("ensemble_over_mean_model"))],
                  ["Ensemble over the best fold model", signed(gains.get("ensemble_over_best_model"))]]
     if tta:
         gain_rows += [["Flip TTA, ensemble", signed(gains.get("tta_ensemble"))],
                       ["Flip TTA, mean over fold models", signed(gains.get("tta_mean_model"))]]
-    body = table(header, rows, ["macro"] + [""] * len(labels))
+    body = table(header, rows, ["macro"] + [""] * len(labels)) + few_cases_note(counts, labels, negatives=True)
     body += "<h3>Gains in macro AUC</h3>" + table(["", "Δ macro AUC"], gain_rows)
     notes = list(m.get("notes") or [])
     if m.get("skipped"):
@@ -362,7 +380,7 @@ def roc_figure(predictions: pd.DataFrame, labels: list[str], aucs: dict, fig_dir
     scores = np.stack([predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
     known = np.isfinite(targets)
     figs.roc_grid(fig_dir / "roc.png", labels, np.nan_to_num(targets), scores, known, aucs)
-    return figure(f"{FIGURES}/roc.png", "ROC curves",
+    return figure(fig_dir / "roc.png", "ROC curves",
                   "One panel per finding; the dashed diagonal is chance. "
                   "Images whose label the evaluation targets leave out (blank target) are left out.")
 
@@ -376,7 +394,7 @@ def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
     probs = np.stack([ensemble.predictions[f"prob_{l}"].to_numpy(dtype=float) for l in labels], axis=1)
     figs.matrix_heatmap(fig_dir / "label_correlation.png", label_correlation(probs), labels, labels,
                         "Spearman correlation of the ensemble's probabilities", "rank correlation", annotate=True, vlim=1.0)
-    body = figure(f"{FIGURES}/label_correlation.png", "label correlation",
+    body = figure(fig_dir / "label_correlation.png", "label correlation",
                   "Findings whose predicted probabilities rise and fall together across images. Strong correlations can reflect "
                   "anatomy or co-occurrence in the data, or a shared shortcut the models use for both.")
     fold = ensemble.fold_probabilities
@@ -388,7 +406,7 @@ def prediction_section(ensemble: EnsembleResults | None, fig_dir: Path) -> str:
         np.fill_diagonal(shown, np.nan)  # the diagonal (1.0) would otherwise set the colour scale
         figs.matrix_heatmap(fig_dir / "fold_agreement.png", shown, names, names, "Fold models: mean per-label Spearman correlation",
                             "rank correlation", diverging=False, annotate=True)
-        body += "<h3>Fold agreement</h3>" + figure(f"{FIGURES}/fold_agreement.png", "fold agreement",
+        body += "<h3>Fold agreement</h3>" + figure(fig_dir / "fold_agreement.png", "fold agreement",
                        f"How similarly two fold models rank the same images, averaged over findings (1 = identical order). Mean over pairs: "
                        f"{np.nanmean(off):.3f}. Models that agree less make more complementary errors, which is where the ensemble gains.")
     else:
@@ -416,7 +434,7 @@ def coupling_section(folds: list[FoldRun], fig_dir: Path) -> str:
         figs.coupling_heatmap(fig_dir / f"coupling_{f.name}.png", f.coupling, labels, f"{f.name}: coupling matrix A")
         rows = [[esc(s), esc(t), f"{v:+.4f}"] for s, t, v in top]
         blocks.append(f'<div><h3>{esc(f.name)}</h3><div class="split"><div>'
-                      + figure(f"{FIGURES}/coupling_{f.name}.png", f"coupling matrix {f.name}", facts)
+                      + figure(fig_dir / f"coupling_{f.name}.png", f"coupling matrix {f.name}", facts)
                       + f'</div><div><p class="explain">Strongest couplings (up to {TOP_COUPLINGS}):</p>'
                       + table(["source", "target", "A"], rows, text_columns=2) + "</div></div></div>")
     blocks[:0] = [note(f"{esc(', '.join(names))}: " + esc(inert) + ".") for inert, names in inert_folds.items()]
@@ -437,7 +455,7 @@ def training_section(folds: list[FoldRun], fig_dir: Path) -> str:
         rows.append([esc(f.name), f"{last.get('step', '–')}", fmt(last.get("epoch"), 2), fmt(last.get("loss"), 4),
                      auc_cell(best_auc), esc(f.card.step if f.card else "–"),
                      fmt(last.get("img_per_s"), 0)])
-    body = figure(f"{FIGURES}/training.png", "training curves",
+    body = figure(fig_dir / "training.png", "training curves",
                   "Loss and learning rate as logged; validation macro AUC of the EMA weights (solid) and the live weights (dashed) "
                   "on each fold's held-out fold.")
     body += table(["fold", "last step", "epoch", "last loss", "best val AUC (EMA)", "best step", "img/s"], rows)
@@ -500,7 +518,8 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
         ("data", "Data", data_section(root, manifest, fig_dir, show_patient_ids(manifest, patient_ids))),
         ("auc", "Discrimination", auc_section(folds, ensemble, fig_dir)),
         ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
-        ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir)),
+        ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir,
+                                                          evaluated_counts(ensemble.predictions, ensemble.metrics["labels"]) if ensemble else None)),
         ("saliency", "Saliency", saliency_section(runs, ensemble, root, manifest, fig_dir)),
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),

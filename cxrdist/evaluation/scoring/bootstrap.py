@@ -25,6 +25,10 @@ from scipy import sparse
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
+# An interval that rests on fewer positives (or, for a specificity, negatives) than this is flagged wherever it is shown:
+# a resample of 2 positives holds 0-4 of them, so the interval says more about which few were drawn than about the model
+# (e.g. an AUC of 0.932-1.000 from 2 positives), and percentile intervals cover far less than their level there.
+FEW_CASES = 10
 CHUNK = 200  # resamples per vectorised block of per-image weights: bounds memory at CHUNK x N floats
 FLOAT32_EXACT = 2**24  # integers below this add up exactly in float32
 BLOCK = 128  # resamples drawn and scored together: memory ~ BLOCK x (patients + threads x 2 x positives) floats

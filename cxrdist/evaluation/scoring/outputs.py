@@ -12,20 +12,22 @@ from cxrdist.layout import CARD_FILE, ENSEMBLE_DIR
 
 
 def write_predictions_csv(path: Path, ids: dict[str, list], probs: np.ndarray, labels: list[str],
-                          targets: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
-    """One layout for every prediction table: the id columns (key, path, patient: whichever are given), prob_<label>,
-    then, when targets are known, target_<label> (blank where `mask` leaves the label out). Written atomically."""
+                          targets: np.ndarray | None = None, mask: np.ndarray | None = None, calls: np.ndarray | None = None) -> None:
+    """One layout for every prediction table: the id columns (key, path, patient: whichever are given), prob_<label>
+    (each followed by call_<label> when `calls`, the (N, C) decisions at an operating point, are given), then, when
+    targets are known, target_<label> (blank where `mask` leaves the label out). Written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = len(probs)
     with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        header = list(ids) + [f"prob_{label}" for label in labels]
+        header = list(ids) + [name for label in labels for name in [f"prob_{label}"] + ([f"call_{label}"] if calls is not None else [])]
         if targets is not None:
             header += [f"target_{label}" for label in labels]
         writer.writerow(header)
         for i in range(rows):
-            row = [values[i] for values in ids.values()] + [repr(float(p)) for p in probs[i]]
+            values = [repr(float(p)) for p in probs[i]]
+            row = [column[i] for column in ids.values()] + ([v for pair in zip(values, calls[i]) for v in pair] if calls is not None else values)
             if targets is not None:
                 row += [int(targets[i, j]) if mask is None or mask[i, j] > 0 else "" for j in range(len(labels))]
             writer.writerow(row)

@@ -87,10 +87,18 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
     return cmd + list(overrides), env
 
 
+SAID_LAUNCHES: set[str] = set()  # the launch lines this process showed, less their fold
+
+
 def launch_fold(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> int:
-    """Run one fold; returns the trainer's exit code (75 when it checkpointed after a preemption signal)."""
+    """Run one fold; returns the trainer's exit code (75 when it checkpointed after a preemption signal). The launch line is
+    shown once per command: the folds after the first differ from it only in --fold."""
     cmd, env = launch_command(config, fold, overrides, processes, launch_config)
-    get_logger("launch").info("+ accelerate launch " + redact(shlex.join(cmd[3:])))
+    line = "+ accelerate launch " + redact(shlex.join(cmd[3:]))
+    unfolded = redact(shlex.join(launch_command(config, None, overrides, processes, launch_config)[0][3:]))
+    if unfolded not in SAID_LAUNCHES:
+        SAID_LAUNCHES.add(unfolded)
+        get_logger("launch").info(line)
     return run_forwarding_signals(cmd, env)
 
 
