@@ -12,7 +12,7 @@ import torch
 
 from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT_LABELS, NIH_LABELS
-from cxrdist.labels.harmonise import harmonise, legacy_vocabulary, synonym_table
+from cxrdist.labels.harmonise import harmonise, synonym_table
 from cxrdist.model.loss import build_loss
 from cxrdist.model.config import LossConfig
 from cxrdist.labels.policy import NOT_ANNOTATED, apply_policy
@@ -90,6 +90,8 @@ def test_labels_outside_a_given_vocabulary_are_skipped_and_listed_when_asked():
 
 
 def test_a_card_without_a_recorded_vocabulary_matches_nothing_on_a_name_whose_meaning_depends_on_the_source():
+    from cxrdist.labels.harmonise import legacy_vocabulary
+
     single = legacy_vocabulary(["Effusion", "No Finding", "Hernia"], several_datasets=False)
     assert single.harmonised == ["Pleural Effusion", "No Finding (source not recorded)", "Hernia"]
     assert legacy_vocabulary(["Pleural Effusion", "No Finding"], several_datasets=True).harmonised == ["Pleural Effusion", "No Finding"]
