@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrdist.atomic import atomic_write_json
-from cxrdist.data.datasets import DatasetEntry, is_dataset_list, load_manifest, parse_entries
+from cxrdist.data.datasets import DatasetEntry, is_dataset_list, load_manifest, open_datasets, parse_entries
 from cxrdist.data.manifest import load_one_manifest
 from cxrdist.errors import UserError
 from cxrdist.layout import (BEST_DIR, CARD_FILE, ENSEMBLE_DIR, EXTERNAL_DIR, METRICS_FILE, TEST_SPLIT, WEIGHTS_FILE, fold_best_dirs,
@@ -82,8 +82,8 @@ def reuse_problem(directory: Path, cfg, training: tuple[DatasetEntry, ...]) -> s
     differences = changed(recorded, current)
     if differences:
         return f"trained under other settings ({describe(differences)})"
-    if ModelCard.read(directory / BEST_DIR).dataset != load_manifest(list(training)).identity():
-        return "trained on other data (its training datasets were prepared again, or their label_map changed)"
+    if ModelCard.read(directory / BEST_DIR).dataset != open_datasets(list(training), cfg.data.vocabulary)[1].identity():
+        return "trained on other data (its training datasets prepared again, or their label_map or data.vocabulary changed)"
     return None
 
 
@@ -154,7 +154,7 @@ def train_held_out(settings: Settings, run: HeldOutRun, epochs: int, output_dir:
                 say(f"lodo: {where} (without {run.held_out.name}): trained, {epochs} epoch(s), same settings and data; not relaunched")
                 continue
             if cfg.train.resume_changes != "allow":
-                raise UserError(f"lodo: {where} is finished but was {problem}; lodo would reuse it for this run: restore them, or give "
+                raise UserError(f"{where} is finished but was {problem}; lodo would reuse it for this run: restore them, or give "
                                 "another experiment name (experiment=NEW) to train anew (train.resume_changes=allow reuses it anyway)")
             say(f"lodo: {where}: reused although {problem} (train.resume_changes=allow); not relaunched")
             continue

@@ -178,6 +178,11 @@ def test_lodo_as_the_readme_writes_it_trains_scores_compares_and_resumes_without
     errors = [line for line in other.stderr.splitlines() if "error:" in line]
     assert other.returncode == 2 and len(errors) == 1 and "train.lr=0.0002, now 0.001" in errors[0], explain(other)
     assert "multi-without-chexpert/fold-0" in errors[0] and outputs_stamp(out) == before
+    union = sorted({label for name in NAMES for label in json.loads((out / f"multi-without-{name}" / "fold-0" / "best" / "model.json")
+                                                                          .read_text())["labels"]})
+    reordered = readme_lodo(root, f"data.vocabulary={json.dumps(union)}")  # the same data, the model's labels in another order
+    errors = [line for line in reordered.stderr.splitlines() if "error:" in line]
+    assert reordered.returncode == 2 and len(errors) == 1 and "trained on other data" in errors[0], explain(reordered)
     allowed = readme_lodo(root, "train.lr=0.001", "train.resume_changes=allow")
     assert allowed.returncode == 0 and allowed.stdout.count("reused although trained under other settings") == 6, explain(allowed)
 
