@@ -37,15 +37,16 @@ def run_synth(args) -> int:
 
 
 def add_labels(sub) -> None:
-    p = sub.add_parser("labels", help="print the built-in label synonyms: each source's names and the harmonised name they train as")
+    p = sub.add_parser("labels", help="print the built-in label synonyms: each source's names, the harmonised name they train as, and "
+                                      "why a name is kept apart (a source that defines it its own way), tab-separated")
     p.set_defaults(run=run_labels)
 
 
 def run_labels(args) -> int:
     from cxrdist.labels.harmonise import synonym_table
 
-    for source, name, harmonised in synonym_table():
-        print(f"{source}\t{name}\t{harmonised}")
+    for row in synonym_table():
+        print(*row, sep="\t")
     return 0
 
 
@@ -263,7 +264,7 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from cxrdist.evaluation.prediction.ensemble import run_evaluate as evaluate
+    from cxrdist.evaluation.prediction.ensemble import result_line, run_evaluate as evaluate
 
     if args.leave_out_overlap and not args.external:
         raise UserError("--leave-out-overlap only applies to --external DATASET")
@@ -274,7 +275,7 @@ def run_evaluate(args) -> int:
         from cxrdist.evaluation.report.dashboard import log_ensemble_run
 
         log_ensemble_run(args.runs, metrics, Path(metrics["out"]))
-        print(f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} on {metrics['split']}; wrote {metrics['out']}")
+        print(result_line(metrics))
         if len(metrics.get("per_dataset", {})) > 2:
             from cxrdist.evaluation.scoring.by_dataset import summary_line
 

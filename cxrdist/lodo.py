@@ -2,13 +2,17 @@
 
 For each dataset NAME in turn: every fold is trained on all the other datasets (its own experiment,
 EXPERIMENT-without-NAME, cxrdist/layout.py), that ensemble is evaluated on its training datasets' test split
-(internal) and on NAME, which it never saw (external, as `cxrdist evaluate --external`: over the labels both share).
-Then one summary, OUTPUT_DIR/EXPERIMENT/lodo/lodo.json, printed as a table: per left-out dataset the external macro
-AUC, the internal one, and the internal one over the same labels the external one scored.
+(internal) and on NAME, which it never saw (external, as `cxrdist evaluate --external`: over the labels both share,
+into external/NAME-ID-SPLIT, ID from NAME's manifest identity). Then one summary, OUTPUT_DIR/EXPERIMENT/lodo/lodo.json,
+printed as a table: per left-out dataset the external and the internal macro AUC, and both over exactly the labels
+scored in both (a label with one class in either evaluation is left out of both; the count shown is the count used).
 
 Running it again resumes: a fold whose newest checkpoint finished `train.epochs` is not relaunched (an unfinished
-one resumes from its checkpoint), and an evaluation whose metrics.json is newer than every fold model it scored and
-names the same folds is read back, not redone. `--evaluate-only` (slurm/lodo.sh's last job) trains nothing.
+one resumes from its checkpoint) when it was trained under the same run-defining settings (training/resume_settings.py)
+on the same data; otherwise lodo stops with one line naming the fold and what changed (`train.resume_changes=allow`:
+reused anyway, said). An evaluation whose metrics.json is newer than every fold model it scored and names the same
+folds is read back, not redone; a left-out dataset prepared again has another identity, so another folder, and is
+scored anew. `--evaluate-only` (slurm/lodo.sh's last job) trains nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrdist.atomic import atomic_write_json
-from cxrdist.data.datasets import DatasetEntry, is_dataset_list, load_manifest, parse_entries
+from cxrdist.data.datasets import DatasetEntry, is_dataset_list, load_manifest, open_datasets, parse_entries
+from cxrdist.data.manifest import load_one_manifest
 from cxrdist.errors import UserError
 from cxrdist.layout import (BEST_DIR, CARD_FILE, ENSEMBLE_DIR, EXTERNAL_DIR, METRICS_FILE, TEST_SPLIT, WEIGHTS_FILE, fold_best_dirs,
                             fold_name, held_out_experiment, lodo_summary_file, run_dir)
+from cxrdist.text import count
 
 EXTERNAL_SPLITS = ("all", TEST_SPLIT)
 
@@ -64,6 +70,26 @@ def fold_finished(directory: Path, epochs: int) -> bool:
     return json.loads((checkpoints[-1] / STATE_FILE).read_text()).get("epoch", 0) >= epochs
 
 
+def reuse_problem(directory: Path, cfg, training: tuple[DatasetEntry, ...]) -> str | None:
+    """Why a finished fold cannot stand for a run under `cfg` (its run-defining settings or its training data differ), or None."""
+    from cxrdist.model.card import ModelCard
+    from cxrdist.training.checkpoint import STATE_FILE, list_checkpoints
+    from cxrdist.training.config import to_dict
+    from cxrdist.training.resume_settings import changed, current_settings, describe
+
+    recorded = json.loads((list_checkpoints(directory)[-1] / STATE_FILE).read_text()).get("settings") or {}
+    current = {k: v for k, v in current_settings(to_dict(cfg), 0, 0, []).items() if k not in STREAM_ONLY}
+    differences = changed(recorded, current)
+    if differences:
+        return f"trained under other settings ({describe(differences)})"
+    if ModelCard.read(directory / BEST_DIR).dataset != open_datasets(list(training), cfg.data.vocabulary)[1].identity():
+        return "trained on other data (its training datasets prepared again, or their label_map or data.vocabulary changed)"
+    return None
+
+
+STREAM_ONLY = ("data.workers", "world_size", "train_shards")  # settings of the stream order, not of the model a finished fold is
+
+
 def previous_evaluation(experiment_dir: Path, out: Path, split: str) -> dict | None:
     """The metrics.json in `out` when it scored `split` with exactly the fold models there are now, written after all of them."""
     path = out / METRICS_FILE
@@ -98,7 +124,7 @@ def run_lodo(settings: Settings, say=print) -> dict:
         raise UserError(f"--external-split {settings.external_split!r}: expected one of {', '.join(EXTERNAL_SPLITS)}")
     cfg = load_config(settings.config, settings.overrides)
     runs = plan(cfg.data.shards, cfg.experiment)
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.output_dir).absolute()  # the summary names its files wherever it is read from
     for run in runs:
         train_held_out(settings, run, cfg.train.epochs, output_dir, say)
     rows = {run.held_out.name: evaluate_held_out(settings, run, output_dir, say) for run in runs}
@@ -113,14 +139,24 @@ def run_lodo(settings: Settings, say=print) -> dict:
 
 
 def train_held_out(settings: Settings, run: HeldOutRun, epochs: int, output_dir: Path, say) -> None:
+    from cxrdist.training.config import load_config
     from cxrdist.training.launcher.launch import experiment_info, launch_fold
 
     overrides = [*settings.overrides, *run.overrides()]
     folds = experiment_info(settings.config, overrides)[2]
     for fold in range(folds):
         where = f"{run.experiment}/{fold_name(fold)}"
-        if fold_finished(run_dir(output_dir, run.experiment, fold), epochs):
-            say(f"lodo: {where} (without {run.held_out.name}): trained, {epochs} epoch(s); not relaunched")
+        directory = run_dir(output_dir, run.experiment, fold)
+        if fold_finished(directory, epochs):
+            cfg = load_config(settings.config, overrides, fold)
+            problem = reuse_problem(directory, cfg, run.training)
+            if problem is None:
+                say(f"lodo: {where} (without {run.held_out.name}): trained, {epochs} epoch(s), same settings and data; not relaunched")
+                continue
+            if cfg.train.resume_changes != "allow":
+                raise UserError(f"{where} is finished but was {problem}; lodo would reuse it for this run: restore them, or give "
+                                "another experiment name (experiment=NEW) to train anew (train.resume_changes=allow reuses it anyway)")
+            say(f"lodo: {where}: reused although {problem} (train.resume_changes=allow); not relaunched")
             continue
         if settings.evaluate_only:
             raise UserError(f"{where} is not trained to {epochs} epoch(s) yet; run `cxrdist lodo` without --evaluate-only to train it")
@@ -140,9 +176,12 @@ class TrainingStopped(Exception):
 
 def evaluate_held_out(settings: Settings, run: HeldOutRun, output_dir: Path, say) -> dict:
     """The internal (test split of the training datasets, when they have one) and external evaluations of one held-out run."""
+    from cxrdist.evaluation.prediction.external import dataset_identity, result_folder
+
     experiment_dir = output_dir / run.experiment
-    external = evaluation(settings, experiment_dir, experiment_dir / EXTERNAL_DIR / run.held_out.name, settings.external_split,
-                          run.held_out, say)
+    identity = dataset_identity(load_one_manifest(run.held_out.location), run.held_out.label_map)
+    out = experiment_dir / EXTERNAL_DIR / result_folder(run.held_out.name, identity, settings.external_split)
+    external = evaluation(settings, experiment_dir, out, settings.external_split, run.held_out, say)
     internal = None
     if TEST_SPLIT in load_manifest(list(run.training)).splits:
         internal = evaluation(settings, experiment_dir, experiment_dir / ENSEMBLE_DIR, TEST_SPLIT, None, say)
@@ -150,7 +189,7 @@ def evaluate_held_out(settings: Settings, run: HeldOutRun, output_dir: Path, say
 
 
 def evaluation(settings: Settings, experiment_dir: Path, out: Path, split: str, external, say) -> dict:
-    from cxrdist.evaluation.prediction.ensemble import run_evaluate
+    from cxrdist.evaluation.prediction.ensemble import result_line, run_evaluate
     from cxrdist.evaluation.report.dashboard import log_ensemble_run
 
     what = f"{experiment_dir.name}: {'external ' + external.name if external is not None else 'internal'} ({split})"
@@ -162,6 +201,7 @@ def evaluation(settings: Settings, experiment_dir: Path, out: Path, split: str, 
     metrics = run_evaluate(experiment_dir, split, True, out, settings.batch_size, settings.workers, resamples=settings.resamples,
                            external=external)
     log_ensemble_run(experiment_dir, metrics, out)
+    say(f"lodo: {result_line(metrics)}")
     return metrics
 
 
@@ -175,30 +215,33 @@ def mean_auc(per_label: dict, labels: list[str]) -> float | None:
 
 
 def summary_row(run: HeldOutRun, experiment_dir: Path, external: dict, internal: dict | None) -> dict:
-    """External macro AUC over the labels both share, internal macro AUC (all labels, and those the external one scored)."""
-    shared = scored_labels(external)
+    """External and internal macro AUC (each over the labels it scored), and both over exactly the labels scored in both."""
+    scored = scored_labels(external)
     row = {"experiment": str(experiment_dir), "trained_on": [entry.name for entry in run.training],
-           "external": {"split": external["split"], "macro_auc": external["ensemble"]["macro_auc"], "labels": shared,
-                        "num_samples": external["num_samples"], "metrics": str(Path(external["out"]) / METRICS_FILE)},
-           "internal": None}
+           "external": {"split": external["split"], "macro_auc": external["ensemble"]["macro_auc"], "labels": scored,
+                        "num_samples": external["num_samples"], "metrics": str(Path(external["out"]) / METRICS_FILE),
+                        "identity": (external.get("external_dataset") or {}).get("identity")},
+           "internal": None, "compared": None}
     if internal is not None:
-        row["internal"] = {"split": internal["split"], "macro_auc": internal["ensemble"]["macro_auc"],
-                           "macro_auc_shared_labels": mean_auc(internal["ensemble"]["per_label"], shared),
+        row["internal"] = {"split": internal["split"], "macro_auc": internal["ensemble"]["macro_auc"], "labels": scored_labels(internal),
                            "num_samples": internal["num_samples"], "metrics": str(Path(internal["out"]) / METRICS_FILE)}
+        both = [label for label in scored if label in row["internal"]["labels"]]
+        row["compared"] = {"labels": both, "external_macro_auc": mean_auc(external["ensemble"]["per_label"], both),
+                           "internal_macro_auc": mean_auc(internal["ensemble"]["per_label"], both)}
     return row
 
 
 def summary_table(summary: dict) -> str:
-    def auc(value) -> str:
-        return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+    from cxrdist.evaluation.report.datasets import SUMMARY_HEADER, summary_cells
 
-    header = ["left out", "trained on", "external AUC", "labels", "internal AUC", "internal, same labels"]
-    rows = [header]
-    for name, row in summary["held_out"].items():
-        internal = row["internal"] or {}
-        rows.append([name, ", ".join(row["trained_on"]), auc(row["external"]["macro_auc"]), str(len(row["external"]["labels"])),
-                     auc(internal.get("macro_auc")), auc(internal.get("macro_auc_shared_labels"))])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    rows = [SUMMARY_HEADER] + [[name, *map(cell, summary_cells(row))] for name, row in summary["held_out"].items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(SUMMARY_HEADER))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
-    return (f"leave-one-dataset-out, {summary['experiment']} (external: {summary['external_split']}, "
-            f"internal: the training datasets' {summary['internal_split']} split)\n" + "\n".join(lines))
+    return (f"leave-one-dataset-out, {summary['experiment']} (external: {summary['external_split']}, internal: the training datasets' "
+            f"{summary['internal_split']} split; compared: both averaged over the labels scored in both, "
+            f"{count(len(summary['held_out']), 'left-out dataset')})\n" + "\n".join(lines))

@@ -27,7 +27,7 @@ PROCS_PER_NODE=${PROCS_PER_NODE:-2}
 submit() {
     [[ -f $1 ]] || die "config $1: no such file"
     local config overrides=("${@:2}")
-    config=$(realpath "$1")
+    config=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")  # as train_folds.sh: relative paths in it resolve against its folder
     [[ -z ${RUNS_DIR:-} ]] || overrides+=("output_dir=$RUNS_DIR")
 
     local plan info experiment output_dir

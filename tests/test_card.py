@@ -80,6 +80,10 @@ def test_evaluation_section_records_the_rule_next_to_the_training_policy(tmp_pat
     (lambda d: d["evaluation"].update(targets="U-Ones"), "evaluation.targets"),
     (lambda d: d["evaluation"]["training_policy"].update(Edema="zeros"), "training_policy differs"),
     (lambda d: d.update(evaluation={"uncertain": "exclude"}), "evaluation must hold"),
+    (lambda d: d.pop("vocabulary"), "lacks vocabulary"),
+    (lambda d: d["vocabulary"].update(harmonised=["Edema"]), "each of the 3 labels"),
+    (lambda d: d["vocabulary"].update(harmonised=["Edema", "Edema", "X"]), "names a label twice"),
+    (lambda d: d.update(vocabulary=["Edema"]), "vocabulary must hold"),
 ])
 def test_bad_cards_are_one_line_user_errors(tmp_path, change, message):
     data = json.loads(card(tmp_path).to_json())
@@ -87,6 +91,29 @@ def test_bad_cards_are_one_line_user_errors(tmp_path, change, message):
     with pytest.raises(UserError, match=message) as err:
         ModelCard.from_dict(data, "x/model.json")
     assert "\n" not in str(err.value) and str(err.value).startswith("x/model.json")
+
+
+def test_the_card_records_the_harmonised_names_and_where_the_vocabulary_came_from(tmp_path):
+    """One NIH-prepared dataset: the model keeps the table's names, the card records what they are called harmonised
+    (so --external, lodo and export match through the same names); NIH's 'No Finding' keeps a name of its own."""
+    nih = manifest()
+    nih.labels, nih.source = ["Effusion", "No Finding", "Cardiomegaly"], {"name": "nih"}
+    built = ModelCard.build(**{**card_arguments(tmp_path), "labels": nih.labels, "manifest": nih, "shards": tmp_path / "nih-shards"})
+    again = ModelCard.from_json(built.to_json())
+    assert again.vocabulary.origin == "dataset"
+    assert again.vocabulary.harmonised == ["Pleural Effusion", "No Finding (NIH)", "Cardiomegaly"]
+    assert again.vocabulary.datasets == {"nih-shards": {"source": "nih", "labels": nih.labels, "label_map": {}}}
+
+
+def test_a_format_2_card_still_loads_with_the_vocabulary_its_labels_imply(tmp_path):
+    data = json.loads(card(tmp_path).to_json())
+    data.pop("vocabulary")
+    data.update(format_version=2, labels=["Effusion", "No Finding", "Cardiomegaly"],
+                label_policy={"Effusion": "ones", "No Finding": "ones", "Cardiomegaly": "zeros"})
+    data["evaluation"]["training_policy"] = data["label_policy"]
+    old = ModelCard.from_dict(data)
+    assert old.vocabulary.origin == "card format 2"
+    assert old.vocabulary.harmonised == ["Pleural Effusion", "No Finding (source not recorded)", "Cardiomegaly"]
 
 
 def test_cli_refuses_an_old_card_in_one_line(tmp_path):

@@ -205,7 +205,8 @@ def test_two_process_run_on_two_datasets_then_external_validation(datasets, tmp_
 
     external = evaluate("--external", str(datasets["e"]), "--split", "all")
     assert external.returncode == 0, explain(external)
-    written = out / "multi" / "external" / "shards"  # runs/EXP/external/<dataset name>: the internal evaluation stays
+    [written] = (out / "multi" / "external").iterdir()  # runs/EXP/external/<name>-<identity>-<split>: the internal evaluation stays
+    assert written.name.startswith("shards-") and written.name.endswith("-all")
     metrics = json.loads((written / "metrics.json").read_text())
     assert metrics["external"] and metrics["num_samples"] == 120 and list(metrics["per_dataset"]) == ["shards", "pooled"]
     assert set(pd.read_csv(written / "predictions.csv", dtype=str)["dataset"]) == {"shards"}
@@ -214,7 +215,11 @@ def test_two_process_run_on_two_datasets_then_external_validation(datasets, tmp_
     from cxrdist.evaluation.report.report import run_report
 
     page = run_report(out / "multi").read_text()
-    assert "Datasets and external validation" in page and "external shards (all)" in page and "internal (test)" in page
+    identity = metrics["external_dataset"]["identity"]
+    assert "Datasets and external validation" in page and f"external shards (all, id {identity})" in page and "internal (test)" in page
+    # each dataset's own label frequencies and folds (not the combined 0.0% and dashes)
+    for name in ("a", "b"):
+        assert f"Fold balance, dataset {name}" in page and f"figures/label_frequency-{name}.png" in page
 
     for location, words in ((a, "these very shards"), (datasets["a_again"], "the same radiograph as one of the other"),
                             (datasets["disjoint"], "shares no label")):
@@ -258,7 +263,7 @@ def test_two_dataset_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, explain(result)
     experiment = tmp_path / "runs" / "two-datasets"
     internal = json.loads((experiment / "ensemble" / "metrics.json").read_text())
-    external = json.loads((experiment / "external" / "hospital-c" / "metrics.json").read_text())
+    [external] = [json.loads(path.read_text()) for path in (experiment / "external").glob("hospital-c-*-all/metrics.json")]
     assert list(internal["per_dataset"]) == ["hospital-a", "hospital-b", "pooled"] and list(external["per_dataset"]) == ["hospital-c", "pooled"]
     assert "Datasets and external validation" in (experiment / "report" / "report.html").read_text()
     out = result.stdout

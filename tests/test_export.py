@@ -14,6 +14,7 @@ from cxrdist.cli import main
 from cxrdist.evaluation.prediction.models import load_fold_models
 from cxrdist.evaluation.prediction.image_files import ImageFiles
 from cxrdist.evaluation.prediction.predict import image_settings, run_predict
+from cxrdist.model.card import ModelCard
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def test_exported_model_matches_predict(evaluated_experiment, images, tmp_path, 
 
     card = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert card["labels"] == metrics["labels"] and card["tta"] is tta and card["models"] == ["fold-0", "fold-1"]
+    assert card["harmonised_labels"] == ModelCard.read(runs / "fold-0" / "best").vocabulary.harmonised  # CheXpert's names: themselves
     assert card["input"]["shape"][1:] == list(batch.shape[1:])
     label = metrics["labels"][2]
     assert card["thresholds"][label]["sens@spec90"] == metrics["operating_points"]["per_label"][label]["sens@spec90"]["threshold"]

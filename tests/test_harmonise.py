@@ -54,14 +54,47 @@ def test_bad_mappings_are_one_line_errors(datasets, user_map, vocabulary, words)
     assert "\n" not in str(err.value)
 
 
-def test_labels_command_prints_the_synonyms():
+def test_labels_command_prints_the_synonyms_and_why_no_finding_is_kept_apart():
     out = subprocess.run([sys.executable, "-m", "cxrdist", "labels"], capture_output=True, text=True, check=True).stdout
     rows = [line.split("\t") for line in out.splitlines()]
-    assert ["nih", "Effusion", "Pleural Effusion"] in rows
-    assert ["nih", "Pleural_Thickening", "Pleural Thickening"] in rows
-    assert ["chexpert", "Pleural Effusion", "Pleural Effusion"] in rows
-    assert {r[0] for r in rows} == {"chexpert", "nih", "mimic"}
+    assert ["nih", "Effusion", "Pleural Effusion", ""] in rows
+    assert ["nih", "Pleural_Thickening", "Pleural Thickening", ""] in rows
+    assert ["chexpert", "Pleural Effusion", "Pleural Effusion", ""] in rows
+    [nih] = [r for r in rows if r[:2] == ["nih", "No Finding"]]
+    [chexpert] = [r for r in rows if r[:2] == ["chexpert", "No Finding"]]
+    assert nih[2] == "No Finding (NIH)" and "none of its 14 findings" in nih[3]  # the why, in words
+    assert chexpert[2] == "No Finding" and "NIH" in chexpert[3]
+    assert {r[0] for r in rows} == {"chexpert", "nih", "mimic"} and {len(r) for r in rows} == {4}
     assert len(rows) == len(synonym_table())
+
+
+def test_nih_no_finding_is_not_merged_with_chexperts_unless_a_label_map_says_so():
+    """NIH's 'No Finding' (none of its 14 findings) and CheXpert's (none of its 13, devices allowed) are two labels; by
+    source: a dataset prepared with --source nih gets its own name, a generic CSV's 'No Finding' is CheXpert's."""
+    tables = {"chexpert": ["No Finding", "Pleural Effusion"], "nih": ["No Finding", "Effusion"]}
+    sources = {"chexpert": "chexpert", "nih": "nih"}
+    apart = harmonise(tables, sources=sources)
+    assert apart.labels == ["No Finding", "Pleural Effusion", "No Finding (NIH)"]
+    assert apart.columns == {"chexpert": [0, 1], "nih": [2, 1]}
+    merged = harmonise(tables, {"nih": {"No Finding": "No Finding"}}, sources=sources)
+    assert merged.labels == ["No Finding", "Pleural Effusion"] and merged.columns["nih"] == [0, 1]
+    as_csv = harmonise(tables, sources={"chexpert": "chexpert", "nih": "csv"})  # not known to be NIH's: the common name
+    assert as_csv.labels == ["No Finding", "Pleural Effusion"]
+
+
+def test_labels_outside_a_given_vocabulary_are_skipped_and_listed_when_asked():
+    vocab = harmonise({"ext": ["Effusion", "Hernia", "Cardiomegaly"]}, vocabulary=["Cardiomegaly", "Pleural Effusion"], skip_outside=True)
+    assert vocab.columns == {"ext": [1, None, 0]} and vocab.outside == {"ext": ["Hernia"]}
+    with pytest.raises(UserError, match="not in data.vocabulary"):
+        harmonise({"ext": ["Effusion", "Hernia"]}, vocabulary=["Pleural Effusion"])
+
+
+def test_a_card_without_a_recorded_vocabulary_matches_nothing_on_a_name_whose_meaning_depends_on_the_source():
+    from cxrdist.labels.harmonise import legacy_vocabulary
+
+    single = legacy_vocabulary(["Effusion", "No Finding", "Hernia"], several_datasets=False)
+    assert single.harmonised == ["Pleural Effusion", "No Finding (source not recorded)", "Hernia"]
+    assert legacy_vocabulary(["Pleural Effusion", "No Finding"], several_datasets=True).harmonised == ["Pleural Effusion", "No Finding"]
 
 
 @pytest.mark.parametrize("policy", ["ignore", "zeros", "ones"])

@@ -364,6 +364,7 @@ def test_lodo_submission_trains_every_held_out_run_then_one_job_summarises(clust
         row = summary["held_out"][name]
         experiment = runs / f"lodo-without-{name}"
         assert row["trained_on"] == [other] and 0 <= row["external"]["macro_auc"] <= 1
-        assert json.loads((experiment / "external" / name / "metrics.json").read_text())["num_samples"] == 80
+        assert json.loads(Path(row["external"]["metrics"]).read_text())["num_samples"] == 80
+        assert Path(row["external"]["metrics"]).parent.parent == experiment / "external"
         card = json.loads((experiment / "fold-0" / "best" / "model.json").read_text())
         assert card["dataset"]["datasets"] == [other]

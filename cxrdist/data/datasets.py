@@ -25,7 +25,7 @@ from pathlib import Path
 from cxrdist.data.location import Location, display, is_url, join, resolved, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_one_manifest
 from cxrdist.errors import UserError
-from cxrdist.labels.harmonise import harmonise
+from cxrdist.labels.harmonise import LabelVocabulary, harmonise, harmonised_name
 from cxrdist.labels.policy import NOT_ANNOTATED
 
 NAMESPACE_SEPARATOR = "/"
@@ -83,6 +83,8 @@ class CombinedManifest(Manifest):
 
     members: dict[str, Manifest]
     entries: tuple[DatasetEntry, ...]
+    vocabulary_given: bool  # the labels are a given vocabulary (data.vocabulary, a model's), not the members' union
+    outside: dict[str, list[str]]  # dataset -> its labels the given vocabulary lacks (combine's skip_outside)
 
     def identity(self) -> dict:
         """The members' identities under their names, and the label mapping: what checkpoints and model cards record."""
@@ -150,8 +152,9 @@ def check_entries(entries: Sequence[DatasetEntry]) -> None:
             raise UserError(f"data.shards: dataset name {name!r} must be non-empty and without {NAMESPACE_SEPARATOR!r}")
 
 
-def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = None) -> CombinedManifest:
-    """One manifest over every entry's: the fold counts must agree and the labels harmonise (UserError otherwise)."""
+def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = None, skip_outside: bool = False) -> CombinedManifest:
+    """One manifest over every entry's: the fold counts must agree and the labels harmonise (UserError otherwise);
+    with `skip_outside`, labels `vocabulary` lacks are left out (an external dataset scored by a model)."""
     members = {entry.name: load_one_manifest(entry.location) for entry in entries}
     check_distinct_contents(members)
     if len(entries) > 1:
@@ -161,7 +164,8 @@ def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = 
         raise UserError(f"data.shards: the datasets have different fold counts ({', '.join(f'{n}: {k}' for n, k in folds.items())}); "
                         "prepare them with the same --folds")
     vocab = harmonise({name: manifest.labels for name, manifest in members.items()},
-                      {entry.name: entry.label_map for entry in entries}, vocabulary)
+                      {entry.name: entry.label_map for entry in entries}, vocabulary,
+                      {name: source_name(manifest) for name, manifest in members.items()}, skip_outside)
     splits: dict[str, SplitInfo] = {}
     for entry in entries:
         manifest = members[entry.name]
@@ -172,11 +176,37 @@ def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = 
             combined.num_patients += split.num_patients
             combined.shards.extend(DatasetShard(**vars(shard), location=join(entry.location, shard.file), dataset=entry.name,
                                                 columns=columns, num_model_labels=len(vocab.labels)) for shard in split.shards)
+    for split_name, split in splits.items():
+        pooled_counts(split, vocab.labels, [(members[e.name], vocab.columns[e.name]) for e in entries if split_name in members[e.name].splits],
+                      split_name)
     first = members[entries[0].name]
     result = CombinedManifest(labels=vocab.labels, splits=splits, num_folds=first.num_folds, seed=first.seed,
                               source={"datasets": [entry.to_dict() for entry in entries]}, image=dict(first.image))
     result.members, result.entries = members, tuple(entries)
+    result.vocabulary_given, result.outside = vocabulary is not None, vocab.outside
     return result
+
+
+def pooled_counts(split: SplitInfo, labels: list[str], members: list[tuple[Manifest, list]], name: str) -> None:
+    """Positives, uncertain and prevalence of each model label over the datasets that annotate it (a dataset that does not
+    annotate a label adds nothing to its counts nor to its images)."""
+    annotated = dict.fromkeys(labels, 0)
+    for manifest, columns in members:
+        own = manifest.splits[name]
+        for label, index in zip(manifest.labels, columns):
+            if index is None:
+                continue
+            target = labels[index]
+            split.positives[target] = split.positives.get(target, 0) + int(own.positives.get(label, 0))
+            split.uncertain[target] = split.uncertain.get(target, 0) + int(own.uncertain.get(label, 0))
+            annotated[target] += own.num_samples
+    split.prevalence = {label: split.positives.get(label, 0) / n for label, n in annotated.items() if n}
+
+
+def source_name(manifest: Manifest) -> str | None:
+    """The --source a dataset was prepared with (chexpert, nih, mimic, csv), as its manifest records it."""
+    source = manifest.source if isinstance(manifest.source, dict) else {}
+    return source.get("name") if isinstance(source.get("name"), str) else None
 
 
 def check_distinct_contents(members: Mapping[str, Manifest]) -> None:
@@ -237,3 +267,24 @@ def root_dataset_name(root) -> str:
 def recorded_root(shards) -> Location | tuple[DatasetEntry, ...]:
     """The root a model card's `shards` names: one location, or (several datasets) the tuple of their entries."""
     return parse_entries(shards) if is_dataset_list(shards) else shard_root(resolved(shards))
+
+
+def load_recorded(root, labels: Sequence[str]) -> Manifest:
+    """The manifest of the data a model was trained on (`root` from recorded_root), in the model's label order: several
+    datasets are combined onto the model's labels (its vocabulary, whether the union or data.vocabulary)."""
+    return combine(root, vocabulary=list(labels)) if isinstance(root, tuple) else load_one_manifest(root)
+
+
+def label_vocabulary(root, manifest: Manifest) -> LabelVocabulary:
+    """What a model card records of the labels it trains on (cxrdist/labels/harmonise.py): one dataset's labels with their
+    harmonised names, or several datasets' vocabulary (the union, or data.vocabulary)."""
+    if isinstance(manifest, CombinedManifest):
+        datasets = {entry.name: {"source": source_name(manifest.members[entry.name]), "labels": list(manifest.members[entry.name].labels),
+                                 "label_map": dict(entry.label_map)} for entry in manifest.entries}
+        return LabelVocabulary("data.vocabulary" if manifest.vocabulary_given else "datasets", list(manifest.labels), datasets)
+    source = source_name(manifest)
+    names = [harmonised_name(label, {}, source) for label in manifest.labels]
+    # two columns of one table that name one finding (both spellings) keep their own names: trained apart, matched apart
+    names = [label if names.count(name) > 1 else name for label, name in zip(manifest.labels, names)]
+    return LabelVocabulary("dataset", names,
+                           {dataset_name(root): {"source": source, "labels": list(manifest.labels), "label_map": {}}})

@@ -97,11 +97,36 @@ def exists(location: Location) -> bool:
     if not is_url(location):
         return Path(location).is_file()
     try:
-        return bool(filesystem(location).exists(location))
+        fs = filesystem(location)
+        # strict: an HTTP answer other than 404 (401 without credentials, 500) raises instead of reading as "not there"
+        return bool(fs.exists(location, strict=True) if is_http(fs) else fs.exists(location))
     except NOT_TRANSIENT:
         return False
     except Exception as err:  # noqa: BLE001 - network stacks raise many types; the message says which
+        if refused_credentials(err):
+            raise UserError(credentials_line(location, err)) from None
         raise UserError(f"{display(location)}: cannot reach ({reason(err)})") from None
+
+
+def is_http(fs) -> bool:
+    return getattr(fs, "protocol", None) in ("http", "https", ("http", "https"))
+
+
+def refused_credentials(err: BaseException | None) -> BaseException | None:
+    """The HTTP 401 or 403 behind `err` (fsspec raises one as FileNotFoundError from it), or None: final (asking again without
+    other credentials cannot help), and worth saying how to give them."""
+    while err is not None:
+        if getattr(err, "status", None) in (401, 403) and type(err).__name__ == "ClientResponseError":
+            return err
+        err = err.__cause__
+    return None
+
+
+def credentials_line(location: str, err: BaseException) -> str:
+    host, status = urlsplit(location).hostname or "HOST", refused_credentials(err).status
+    return (f"{display(location)}: the server refuses the request (HTTP {status}: credentials missing or wrong); give them as "
+            f"training took them: a user:password in the URL (data.shards, or --shards of evaluate/report), or, for a location "
+            f"recorded without them (a model card), a netrc file: $NETRC or ~/.netrc holding 'machine {host} login USER password PASSWORD'")
 
 
 def read_text(location: Location, limit: int) -> str:
@@ -156,7 +181,9 @@ def timeout_options(url: str) -> dict:
     if scheme in ("http", "https"):
         import aiohttp
 
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout_s(), sock_read=timeout_s())}}
+        # trust_env: a user:password for the host from $NETRC or ~/.netrc (a model card records its URL without them)
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout_s(), sock_read=timeout_s()),
+                                  "trust_env": True}}
     if scheme in ("s3", "s3a"):
         return {"config_kwargs": {"connect_timeout": timeout_s(), "read_timeout": timeout_s()}}
     return {}
@@ -182,6 +209,8 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 def transient_cause(err: BaseException) -> BaseException | None:
     """The failure worth another attempt behind `err`, or None when `err` is final (not found, access denied). fsspec's
     HTTP says FileNotFoundError also for a server it cannot reach, raised from the connection error: that one is retried."""
+    if refused_credentials(err):
+        return None
     if isinstance(err, NOT_TRANSIENT):
         cause = err.__cause__
         return transient_cause(cause) if isinstance(err, FileNotFoundError) and cause is not None else None
@@ -232,6 +261,8 @@ class RetryingStream(io.RawIOBase):
                 return read()
             except Exception as err:  # noqa: BLE001 - sorted into final and transient just below
                 failure = transient_cause(err)
+                if failure is None and refused_credentials(err):
+                    raise ShardReadFailed(credentials_line(self.url, err)) from None
                 if failure is None and isinstance(err, NOT_TRANSIENT):  # said again without the URL's user:password or token
                     raise type(err)(f"{display(self.url)}: {NOT_TRANSIENT_TEXT.get(type(err), 'cannot be read')}") from None
                 if failure is None:
@@ -246,7 +277,7 @@ class RetryingStream(io.RawIOBase):
     def open_at(self, offset: int):
         fs = filesystem(self.url)
         # http(s) as one streaming GET (works with servers that ignore Range); object stores read ranges of blocks.
-        streaming = getattr(fs, "protocol", None) in ("http", "https", ("http", "https"))
+        streaming = is_http(fs)
         handle = fs.open(self.url, "rb", block_size=0) if streaming else fs.open(self.url, "rb")
         if offset and not streaming:
             handle.seek(offset)

@@ -8,14 +8,17 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cxrdist.data.datasets import label_vocabulary
 from cxrdist.data.location import Location, resolved
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.labels.eval_targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
+from cxrdist.labels.harmonise import LabelVocabulary, legacy_vocabulary
 from cxrdist.layout import CARD_FILE
 from cxrdist.model.config import ModelConfig, RefineConfig
 
-CARD_FORMAT_VERSION = 2
+CARD_FORMAT_VERSION = 3  # 3: the label vocabulary (harmonised names) is recorded
+READABLE_VERSIONS = (2, 3)  # a version-2 card loads with its vocabulary derived from its labels (legacy_vocabulary)
 CARD_KIND = "cxrdist-model"
 STORED_IMAGE_KEYS = ("format", "max_size")
 
@@ -68,6 +71,7 @@ class ModelCard:
     eval_batch_size: int  # the batch size of the validation pass (padded: logits do not depend on batching)
     metrics: dict  # {"split": "fold-K", "ema": auc summary, "live": auc summary}
     evaluation: CardEvaluation  # the rule that turned raw labels into the AUC targets of `metrics`
+    vocabulary: LabelVocabulary  # each label's harmonised name and where the vocabulary came from (labels/harmonise.py)
     extra: dict = field(default_factory=dict)  # further top-level sections, kept as they are
     format_version: int = CARD_FORMAT_VERSION
 
@@ -82,7 +86,8 @@ class ModelCard:
             model=architecture, labels=list(labels), label_policy=dict(zip(labels, policy)), image=image,
             stored_image=dict(manifest.image), dataset=manifest.identity(), shards=resolved(shards),
             experiment=experiment, fold=int(fold), step=int(step), epoch=float(epoch), eval_batch_size=int(eval_batch_size),
-            metrics=metrics, evaluation=evaluation or CardEvaluation.of(DEFAULT_EVAL_TARGETS, labels, policy), extra=dict(extra),
+            metrics=metrics, evaluation=evaluation or CardEvaluation.of(DEFAULT_EVAL_TARGETS, labels, policy),
+            vocabulary=label_vocabulary(shards, manifest), extra=dict(extra),
         )
 
     @property
@@ -102,6 +107,7 @@ class ModelCard:
         data["model"] = asdict(self.model)
         data["image"] = self.image.to_dict()
         data["evaluation"] = asdict(self.evaluation)
+        data["vocabulary"] = self.vocabulary.to_dict()
         data.update(self.extra)
         return data
 
@@ -124,10 +130,14 @@ class ModelCard:
             version = data.get("format_version") if isinstance(data, dict) else None
             hint = "an older cxrdist wrote it; retrain or export it again" if version is not None else "not a cxrdist model card"
             raise UserError(f"{where}: {hint} (expected kind {CARD_KIND!r}, format version {CARD_FORMAT_VERSION})")
-        if data.get("format_version") != CARD_FORMAT_VERSION:
-            raise UserError(f"{where}: model card format version {data.get('format_version')!r}, this cxrdist reads version {CARD_FORMAT_VERSION}")
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise UserError(f"{where}: model card format version {version!r}, this cxrdist reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - {"evaluation"}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - {"evaluation", "vocabulary"}
+        if version >= 3:
+            required.add("vocabulary")
         missing = sorted(required - set(data))
         if missing:
             raise UserError(f"{where}: model card lacks {', '.join(missing)}")
@@ -135,9 +145,10 @@ class ModelCard:
             model = dict(data["model"])
             refine = RefineConfig(**model.pop("refine"))
             card = cls(
-                **{name: data[name] for name in known if name not in ("model", "image", "evaluation")},
+                **{name: data[name] for name in known if name not in ("model", "image", "evaluation", "vocabulary", "format_version")},
                 model=ModelConfig(**model, refine=refine),
                 evaluation=CardEvaluation.from_dict(data.get("evaluation"), data["label_policy"]),
+                vocabulary=card_vocabulary(data, version),
                 image=ImageSpec(**{**data["image"], "mean": tuple(data["image"]["mean"]), "std": tuple(data["image"]["std"])}),
                 extra={k: v for k, v in data.items() if k not in known and k != "kind"},
             )
@@ -180,3 +191,11 @@ class ModelCard:
         if not path.is_file():
             raise UserError(f"{directory}: no {CARD_FILE} (not a trained model)")
         return cls.from_json(path.read_text(), str(path))
+
+
+def card_vocabulary(data: dict, version: int) -> LabelVocabulary:
+    """The card's vocabulary section; a version-2 card (before it was recorded) gets the one its labels imply."""
+    labels = data["labels"]
+    if version < 3:
+        return legacy_vocabulary(labels, isinstance(data.get("shards"), list))
+    return LabelVocabulary.from_dict(data["vocabulary"], len(labels) if isinstance(labels, list) else -1)

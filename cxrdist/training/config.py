@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,7 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         if path is not None:
             if not Path(path).is_file():
                 raise UserError(f"--config {path}: no such file")
-            layers.append(load_yaml(Path(path)))
+            layers.append(anchor_paths(load_yaml(Path(path)), Path(path).absolute().parent))
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
@@ -187,11 +188,67 @@ def load_config(path: Path | None, overrides: list[str] = (), fold: int | None =
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"config: required key(s) not set: {', '.join(missing)}")
+        if path is not None:
+            check_anchored_shards(merged, layers[-1], Path(path))
         cfg: ExperimentConfig = to_object(merged)
     except OmegaConfBaseException as err:
         where = f"{path}: " if path else ""
         raise UserError(f"config: {where}{one_line(err)}") from None
     return cfg
+
+
+# ---------------------------------------------------------------- relative paths in a config file
+# An input named in a config file (a data.shards location, model.pretrained_path) that is a relative path resolves against
+# the folder of the config file, so a config means the same data wherever it is run from; a dotted override on the command
+# line is resolved against the working directory, like any path typed there; output_dir too (outputs go where you run,
+# as every --out, and runs started before this rule keep resuming in place).
+
+
+def anchor_paths(layer: DictConfig, folder: Path) -> DictConfig:
+    """The config file's layer with its relative input paths made absolute against `folder`."""
+    data = OmegaConf.to_container(layer, resolve=False)
+    section = data.get("data")
+    if isinstance(section, dict) and "shards" in section:
+        shards = section["shards"]
+        if isinstance(shards, list):
+            section["shards"] = [{**item, "location": anchored(item["location"], folder)} if isinstance(item, dict) and "location" in item
+                                 else anchored(item, folder) for item in shards]
+        else:
+            section["shards"] = anchored(shards, folder)
+    model = data.get("model")
+    if isinstance(model, dict) and "pretrained_path" in model:
+        model["pretrained_path"] = anchored(model["pretrained_path"], folder)
+    return OmegaConf.create(data)
+
+
+def anchored(value, folder: Path):
+    """`value` against `folder` when it is a relative local path (a URL, an absolute path, an interpolation stay as they are)."""
+    from cxrdist.data.location import is_url
+
+    if not isinstance(value, str) or not value or is_url(value) or "${" in value or Path(value).expanduser().is_absolute():
+        return value
+    return os.path.normpath(folder / value)
+
+
+def check_anchored_shards(merged: DictConfig, layer: DictConfig, path: Path) -> None:
+    """A data.shards location the config file gave relative that is not there against its folder but is against the working
+    directory: one line that says so (a config written when relative paths meant the working directory)."""
+    from cxrdist.data.location import is_url
+
+    def locations(shards) -> set[str]:
+        items = shards if isinstance(shards, (list, tuple)) else [shards]
+        found = {item.get("location") if isinstance(item, dict) else item for item in items}
+        return {item for item in found if isinstance(item, str) and not is_url(item)}
+
+    given = OmegaConf.to_container(layer, resolve=False).get("data")
+    final = OmegaConf.to_container(merged, resolve=False)["data"]["shards"]
+    folder = path.absolute().parent
+    for location in locations(given.get("shards") if isinstance(given, dict) else None) & locations(final):
+        written = os.path.relpath(location, folder)
+        if not Path(location).exists() and Path(written).exists():
+            raise UserError(f"--config {path}: data.shards {written!r} is read relative to the config file's folder, {folder}, "
+                            f"where there is no such directory; the working directory has one: write "
+                            f"{os.path.relpath(Path(written).absolute(), folder)!r} or an absolute path in the config")
 
 
 def load_yaml(path: Path) -> DictConfig:

@@ -24,9 +24,9 @@ from cxrdist import distributed
 from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready
 from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, check_same_dataset
-from cxrdist.data.datasets import DatasetEntry, load_manifest
+from cxrdist.data.datasets import DatasetEntry, load_recorded
 from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
-from cxrdist.evaluation.prediction.external import LeftOut, check_not_trained_on, open_external
+from cxrdist.evaluation.prediction.external import LeftOut, check_not_trained_on, check_scorable, choose_out, open_external
 from cxrdist.data.stream import eval_loader, eval_num_samples
 from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
@@ -36,7 +36,7 @@ from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.scoring.gathered import Predictions, check_complete, gather_predictions, predict
 from cxrdist.evaluation.scoring.metrics import auc_summary
-from cxrdist.evaluation.scoring.outputs import default_out, write_fold_probabilities, write_json, write_predictions_csv
+from cxrdist.evaluation.scoring.outputs import write_fold_probabilities, write_json, write_predictions_csv
 from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and stream_config are part of this command's interface
     FoldModel,
     ensemble_probabilities,
@@ -47,8 +47,9 @@ from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and
     stream_config,
     view_modules,
 )
-from cxrdist.layout import EXTERNAL_DIR, FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
+from cxrdist.layout import FOLD_PROBABILITIES_FILE, METRICS_FILE, PREDICTIONS_FILE, is_fold
 from cxrdist.log import get_logger, progress
+from cxrdist.text import count
 from cxrdist.labels.policy import apply_policy
 
 LOG = get_logger("evaluate")
@@ -184,6 +185,19 @@ def split_notes(split: str, models: list[FoldModel]) -> list[str]:
     return [f"{split} is training data for {', '.join(trained_on)}: their AUCs and the ensemble's on it are optimistic"]
 
 
+def result_line(metrics: dict) -> str:
+    """The console line of an evaluation: what was scored (an external dataset by name, location and identity), the split,
+    the macro AUC and how many labels it averages (those with both classes: the count shown is the count used)."""
+    scored = [label for label, auc in metrics["ensemble"]["per_label"].items() if auc is not None]
+    auc = f"ensemble macro AUC {metrics['ensemble']['macro_auc']:.4f} over {count(len(scored), 'label')}"
+    dataset = metrics.get("external_dataset")
+    if not dataset:
+        return f"{auc} on {metrics['split']}; wrote {metrics['out']}"
+    lacking = f"; the model has no {', '.join(dataset['not_in_model'])}" if dataset["not_in_model"] else ""
+    return (f"external dataset {dataset['name']} ({dataset['location']}, id {dataset['identity']}), split {dataset['split']}: {auc} "
+            f"(of the model's {len(metrics['labels'])}{lacking}); wrote {metrics['out']}")
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -210,23 +224,23 @@ def run_evaluate(
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     accelerator = make_accelerator()
     models = load_fold_models(runs, accelerator.device)
-    labels = models[0].card.labels
+    card = models[0].card
+    labels = card.labels
     rule = rule_from_cards([m.card for m in models], eval_targets)
     policy = evaluation_policy(rule, len(labels))
     train_root = root = shards_root(models, shards)
-    train_manifest = manifest = load_manifest(root)
+    train_manifest = manifest = load_recorded(root, labels)
     if manifest.labels != labels:
         raise UserError(f"{display(root)}: the manifest's labels differ from the models' labels")
     for m in models if check_dataset else ():  # off only in code that scores the same images under other labels (a benchmark)
         check_same_dataset(m.card.dataset, manifest, root, str(m.directory))
-    left_out = LeftOut(set(), 0)
+    dataset, left_out = None, LeftOut(set(), 0)
     if external is not None:
-        root, manifest = open_external(external, labels)
+        dataset = open_external(external, labels, card.vocabulary.harmonised)
+        root, manifest = dataset.root, dataset.manifest
         left_out = check_not_trained_on(manifest, train_root, train_manifest, leave_out_overlap)
     manifest.split(split)
-    if out is None:  # an external evaluation must not replace the internal one in runs/EXP/ensemble
-        out = default_out(runs).parent / EXTERNAL_DIR / manifest.entries[0].name if external is not None else default_out(runs)
-    out = Path(out)
+    out = choose_out(runs, out, dataset, split)
     check_writable_dir(out)
     check_not_an_input(out, [m.directory for m in models])
     preds = predict_split(models, root, manifest, split, tta, batch_size, workers, accelerator)
@@ -242,8 +256,10 @@ def run_evaluate(
     per_model = {m.name: model_probabilities(preds.logits, m.name, tta) for m in models}
     per_model_plain = {m.name: model_probabilities(preds.logits, m.name, False) for m in models} if tta else None
     groups = [str(patient or key) for key, patient in zip(preds.keys, preds.meta["patient"])]
-    metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
     targets, mask = scored_targets(preds.raw, policy)
+    if dataset is not None:
+        check_scorable(dataset, split, targets, mask, labels)
+    metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
     metrics["per_dataset"] = per_dataset_auc(targets, ensemble_probabilities(per_model), labels, mask, preds.meta["dataset"])
     oof = load_out_of_fold(models, train_root, train_manifest, policy)
     metrics.update(clinical_metrics(oof, targets, ensemble_probabilities(per_model), mask, labels, groups, resamples, seed))
@@ -261,6 +277,7 @@ def run_evaluate(
         "shards": resolved(root),
         "external": external is not None,
         "left_out": {"images": len(left_out.keys), "patients": left_out.patients},
+        "external_dataset": dataset.record(split) if dataset is not None else None,
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
         "notes": notes,

@@ -65,6 +65,7 @@ def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> 
         "output": {"name": OUTPUT_NAME, "shape": ["batch", card.num_labels], "dtype": "float32",
                    "meaning": "per-label probability: sigmoid of the refined logits, averaged over views and fold models"},
         "labels": card.labels,
+        "harmonised_labels": card.vocabulary.harmonised,  # each label's name across datasets (labels/harmonise.py, `cxrdist labels`)
         "preprocessing": {
             "steps": [
                 "read as 8-bit grayscale, bone bright (DICOM: windowed, MONOCHROME1 inverted)",

@@ -22,7 +22,7 @@ from scipy.stats import rankdata
 
 from cxrdist.data.images import decode_image
 from cxrdist.data.location import Location
-from cxrdist.data.datasets import recorded_root
+from cxrdist.data.datasets import load_recorded, recorded_root
 from cxrdist.data.manifest import Manifest, has_manifest
 from cxrdist.data.datasets import load_manifest
 from cxrdist.data.stream import read_shards
@@ -112,9 +112,10 @@ def find_fold_runs(runs: Path) -> list[FoldRun]:
 
 def find_manifest(folds: list[FoldRun], shards: Location | None) -> tuple[Location | None, Manifest | None]:
     candidates = [shards] if shards is not None else [f.card.shards for f in folds if f.card]
+    labels = next((f.card.labels for f in folds if f.card), None)
     for root in map(recorded_root, candidates):
-        if isinstance(root, tuple) or has_manifest(root):  # a tuple: several datasets (data/datasets.py)
-            return root, load_manifest(root)
+        if isinstance(root, tuple) or has_manifest(root):  # a tuple: several datasets (data/datasets.py), in the models' vocabulary
+            return root, load_recorded(root, labels) if labels else load_manifest(root)
     return None, None
 
 
@@ -245,22 +246,35 @@ def data_section(root: Location | None, manifest: Manifest | None, fig_dir: Path
         return section("data", "Data", "",
                        note("The shard directory recorded in the model cards is not available, so the label frequency, fold balance "
                             "and sample images cannot be shown."))
-    labels = manifest.labels
-    folds = [manifest.splits[name] for name in manifest.fold_names]
-    pos = np.array([sum(s.positives.get(l, 0) for s in folds) for l in labels], dtype=float)
-    unc = np.array([sum(s.uncertain.get(l, 0) for s in folds) for l in labels], dtype=float)
-    n = sum(s.num_samples for s in folds)
-    test = manifest.splits.get(TEST_SPLIT)
-    test_prev = np.array([test.positives.get(l, 0) / max(test.num_samples, 1) for l in labels]) if test else None
-    figs.label_frequency(fig_dir / "label_frequency.png", labels, pos, unc, n, test_prev)
-    body = "<h3>Label frequency</h3>" + figure(fig_dir / "label_frequency.png", "label frequency",
-        f"Share of the {n:,} training-fold images with each finding positive (dark) or uncertain (light); dots: the test split.")
-    body += "<h3>Fold balance</h3>" + balance_table(manifest)
+    members = getattr(manifest, "members", None) or {"": manifest}  # several datasets: each its own frequencies and folds
+    body = "".join(dataset_data(name, member, fig_dir) for name, member in members.items())
     grid = sample_images(root, manifest, fig_dir / "samples.png", patient_ids)
     if grid:
         body += "<h3>Sample images</h3>" + grid
     return section("data", "Data", "The prepared shards: how often each finding occurs, how evenly the patient-grouped "
                    "multilabel-stratified folds split it, and what the stored images look like.", body)
+
+
+def dataset_data(name: str, manifest: Manifest, fig_dir: Path) -> str:
+    """Label frequency and fold balance of one prepared dataset (`name`: one of several, or "" for the only one)."""
+    labels = manifest.labels
+    folds = [manifest.splits[fold] for fold in manifest.fold_names]
+    pos = np.array([sum(s.positives.get(l, 0) for s in folds) for l in labels], dtype=float)
+    unc = np.array([sum(s.uncertain.get(l, 0) for s in folds) for l in labels], dtype=float)
+    n = sum(s.num_samples for s in folds)
+    test = manifest.splits.get(TEST_SPLIT)
+    test_prev = np.array([test.positives.get(l, 0) / max(test.num_samples, 1) for l in labels]) if test else None
+    figure_name = f"label_frequency{'-' + figure_safe(name) if name else ''}.png"
+    figs.label_frequency(fig_dir / figure_name, labels, pos, unc, n, test_prev)
+    of = f", dataset {esc(name)}" if name else ""
+    return (f"<h3>Label frequency{of}</h3>" + figure(fig_dir / figure_name, "label frequency",
+            f"Share of the {n:,} training-fold images with each finding positive (dark) or uncertain (light); dots: the test split.")
+            + f"<h3>Fold balance{of}</h3>" + balance_table(manifest))
+
+
+def figure_safe(name: str) -> str:
+    """A dataset name as part of a file name: letters, digits, - and _ kept, the rest as their code points."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else f"_{ord(c):x}" for c in name)
 
 
 def balance_table(manifest: Manifest) -> str:
