@@ -45,14 +45,14 @@ def test_exported_model_matches_predict(evaluated_experiment, images, tmp_path, 
         np.testing.assert_allclose(got_one, got[:1], rtol=0, atol=1e-6)
     else:
         got = torch.jit.load(str(out))(torch.from_numpy(batch)).detach().numpy()
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
     card = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert card["labels"] == metrics["labels"] and card["tta"] is tta and card["models"] == ["fold-0", "fold-1"]
     assert card["input"]["shape"][1:] == list(batch.shape[1:])
     label = metrics["labels"][2]
     assert card["thresholds"][label]["sens@spec90"] == metrics["operating_points"]["per_label"][label]["sens@spec90"]["threshold"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["preds.csv", out.name, out.name + ".json"])  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["preds.csv", out.name, out.name + ".json", "preprocess.py"])  # no temporaries left
 
 
 def test_export_user_errors(evaluated_experiment, tmp_path, capsys):

@@ -46,6 +46,15 @@ def test_what_the_stream_order_and_the_best_score_depend_on_is_checked(change):
         check_resume("ck", settings(), settings(*change.pop("overrides", []), **change), False, print)
 
 
+def test_a_checkpoint_from_before_the_pillow_resize_is_a_changed_setting():
+    """Its best score was computed on torchvision-resized images: eval.resampler, not recorded then, counts as the legacy one."""
+    old = {k: v for k, v in settings().items() if k != "eval.resampler"}
+    assert settings()["eval.resampler"] == "pillow"
+    with pytest.raises(UserError, match="eval.resampler='torchvision', now 'pillow'"):
+        check_resume("ck", old, settings(), False, print)
+    assert check_resume("ck", old, settings(), True, print) == ["eval.resampler"]
+
+
 def test_a_checkpoint_without_recorded_settings_resumes():
     assert check_resume("ck", {}, settings("train.lr=1"), False, print) == []
 

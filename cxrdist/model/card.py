@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrdist.data.location import Location, resolved
-from cxrdist.data.spec import ImageSpec
+from cxrdist.data.spec import LEGACY_RESAMPLER, ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.labels.eval_targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
 from cxrdist.layout import CARD_FILE
@@ -48,6 +48,12 @@ class CardEvaluation:
         if self.training_policy != label_policy:
             found.append("evaluation.training_policy differs from label_policy")
         return found
+
+
+def read_image_spec(image: dict) -> ImageSpec:
+    """The card's image section; one without a resampler was written when torchvision resized for evaluation,
+    and its models keep that resampler, so re-evaluating them gives the numbers their cards hold."""
+    return ImageSpec(**{"resampler": LEGACY_RESAMPLER, **image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
 
 
 @dataclass
@@ -138,7 +144,7 @@ class ModelCard:
                 **{name: data[name] for name in known if name not in ("model", "image", "evaluation")},
                 model=ModelConfig(**model, refine=refine),
                 evaluation=CardEvaluation.from_dict(data.get("evaluation"), data["label_policy"]),
-                image=ImageSpec(**{**data["image"], "mean": tuple(data["image"]["mean"]), "std": tuple(data["image"]["std"])}),
+                image=read_image_spec(data["image"]),
                 extra={k: v for k, v in data.items() if k not in known and k != "kind"},
             )
         except UserError as err:
