@@ -26,6 +26,7 @@ EVAL_TARGETS = "eval.targets"
 # Not a config key: the implementation of the evaluation resize (data/spec.py). A checkpoint that does not record
 # it was trained when torchvision resized, and its best score is not comparable with Pillow-resized evaluations.
 EVAL_RESAMPLER = "eval.resampler"
+SCORE_DEFINING = (EVAL_TARGETS, EVAL_RESAMPLER)  # a best score recorded under other values is not comparable with new ones
 # Dotted prefixes of the config (training/config.py) whose values define the run.
 RUN_DEFINING = (
     "seed", "data.img_size", "data.batch_size", "data.augment", "data.shuffle_buffer", "data.label_policy", "model", "loss",
@@ -60,6 +61,11 @@ def changed(recorded: dict, current: dict) -> dict:
     except the resampler: a checkpoint that records settings but not that one was resized by the legacy one)."""
     recorded = {EVAL_RESAMPLER: LEGACY_RESAMPLER, **recorded} if recorded else recorded
     return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v}
+
+
+def incomparable_score(recorded: dict, current: dict) -> list[str]:
+    """The settings among SCORE_DEFINING that changed: a resume allowed to continue then drops the stored best score."""
+    return [name for name in changed(recorded, current) if name in SCORE_DEFINING]
 
 
 def describe(changes: dict) -> str:
