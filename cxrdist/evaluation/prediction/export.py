@@ -102,7 +102,7 @@ def preprocessing_steps(spec: ImageSpec, settings: dict) -> list[str]:
     return [
         f"{PREPROCESSOR_FILE}: model_input(path, **arguments) per radiograph (PNG, JPEG, DICOM), np.stack into a batch",
         "read as 8-bit grayscale, bone bright (DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
-        f"long side resized to at most {settings['max_size']} px and stored as {stored}, then decoded, as the training images were",
+        f"long side resized to at most {settings['max_size']} px and stored as {stored}, as the training images were",
         f"decoded (a JPEG at least twice {spec.size} px on both sides at 1/2, 1/4 or 1/8 scale, libjpeg's DCT scaling), then the "
         f"whole image resized to {spec.size}x{spec.size}, {resize_filter(spec)}",
         f"x / 255, then (x - mean) / std per channel, grayscale repeated to {spec.channels} channel(s)",
@@ -110,12 +110,14 @@ def preprocessing_steps(spec: ImageSpec, settings: dict) -> list[str]:
 
 
 def library_versions() -> dict:
-    """The versions whose resampling and JPEG coding the pixels depend on (PIL.features names libjpeg(-turbo))."""
+    """The versions whose resampling, JPEG coding and DICOM display transforms the pixels depend on (PIL.features names
+    libjpeg(-turbo))."""
     import numpy
     import PIL
+    import pydicom
     from PIL import features
 
-    return {"pillow": PIL.__version__, "libjpeg": features.version("jpg"), "numpy": numpy.__version__}
+    return {"pillow": PIL.__version__, "libjpeg": features.version("jpg"), "numpy": numpy.__version__, "pydicom": pydicom.__version__}
 
 
 def check_preprocessor_place(out: Path, path: Path) -> None:
