@@ -323,10 +323,10 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
-    from cxrdist.evaluation.prediction.export import run_export as export
+    from cxrdist.evaluation.prediction.export import PREPROCESSOR_FILE, run_export as export
 
     out = export(args.runs, args.fmt, args.out, tta=args.tta, metrics=args.metrics)
-    print(f"wrote {out} and {out}.json")
+    print(f"wrote {out}, {out}.json and {out.parent / PREPROCESSOR_FILE} (its preprocessor)")
     return 0
 
 

@@ -68,6 +68,17 @@ def test_evaluation_section_records_the_rule_next_to_the_training_policy(tmp_pat
     assert ModelCard.from_dict(data).evaluation == CardEvaluation("ignore_uncertain", policy)
 
 
+def test_the_evaluation_resampler_is_recorded_and_a_card_without_it_keeps_torchvisions(tmp_path):
+    """Cards written before the evaluation resize moved to Pillow (data/preprocess.py) resized with torchvision: their
+    models keep it, so evaluating them again gives the numbers they hold (tests/test_transforms.py: the two differ)."""
+    data = json.loads(card(tmp_path).to_json())
+    assert data["image"]["resampler"] == "pillow" and ModelCard.from_dict(data).image.resampler == "pillow"
+    data["image"].pop("resampler")
+    legacy = ModelCard.from_dict(data)
+    assert legacy.image.resampler == "torchvision" and json.loads(legacy.to_json())["image"]["resampler"] == "torchvision"
+    assert legacy.image != card(tmp_path).image  # another input: a pass of its own (groups_by_preprocessing), not one export
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(format_version=1, kind=None), "older cxrdist"),
     (lambda d: d.clear(), "not a cxrdist model card"),
@@ -76,6 +87,7 @@ def test_evaluation_section_records_the_rule_next_to_the_training_policy(tmp_pat
     (lambda d: d["label_policy"].pop("Edema"), "label_policy"),
     (lambda d: d["image"].update(channels=1), "in_chans"),
     (lambda d: d["image"].update(interpolation="lanczos9"), "interpolation"),
+    (lambda d: d["image"].update(resampler="opencv"), "resampler"),
     (lambda d: d["model"].update(no_such_field=1), "malformed"),
     (lambda d: d["evaluation"].update(targets="U-Ones"), "evaluation.targets"),
     (lambda d: d["evaluation"]["training_policy"].update(Edema="zeros"), "training_policy differs"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -46,7 +47,7 @@ def test_exported_model_matches_predict(evaluated_experiment, images, tmp_path, 
         np.testing.assert_allclose(got_one, got[:1], rtol=0, atol=1e-6)
     else:
         got = torch.jit.load(str(out))(torch.from_numpy(batch)).detach().numpy()
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
     card = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert card["labels"] == metrics["labels"] and card["tta"] is tta and card["models"] == ["fold-0", "fold-1"]
@@ -54,10 +55,29 @@ def test_exported_model_matches_predict(evaluated_experiment, images, tmp_path, 
     assert card["input"]["shape"][1:] == list(batch.shape[1:])
     label = metrics["labels"][2]
     assert card["thresholds"][label]["sens@spec90"] == metrics["operating_points"]["per_label"][label]["sens@spec90"]["threshold"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["preds.csv", out.name, out.name + ".json"])  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["preds.csv", out.name, out.name + ".json", "preprocess.py"])  # no temporaries left
 
 
 def test_export_user_errors(evaluated_experiment, tmp_path, capsys):
     assert main(["export", "--runs", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "no such runs directory" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_its_preprocessor_only_over_an_earlier_exports(evaluated_experiment, tmp_path, capsys):
+    runs, _ = evaluated_experiment
+    mine = tmp_path / "preprocess.py"
+    mine.write_text("print('my own script')\n")
+    assert main(["export", "--runs", str(runs), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a cxrdist preprocessor" in err and str(mine) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preprocess.py"] and mine.read_text() == "print('my own script')\n"
+    assert main(["export", "--runs", str(runs), "--format", "torchscript", "--out", str(tmp_path / "preprocess.py")]) == 2
+    assert "name of the preprocessor" in capsys.readouterr().err
+
+    mine.write_bytes(b'"""Reference preprocessing of cxrdist models, as an older cxrdist wrote it"""\n')
+    assert main(["export", "--runs", str(runs), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    from cxrdist.data import preprocess
+
+    assert mine.read_bytes() == Path(preprocess.__file__).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.json", "preprocess.py"]

@@ -118,14 +118,22 @@ def readme_onnx_example() -> str:
 
 
 def test_the_readmes_onnx_example_runs_on_a_64_px_export(trained_experiment, tmp_path):
-    # where the README's export command writes it (out/, which .gitignore lists), relative to where the example runs
+    """Run in out/ (where the README's export command writes cxr.onnx, its sidecar and preprocess.py; .gitignore lists
+    it), on a real chest radiograph (DICOM) and a PNG."""
+    from PIL import Image
+
     assert main(["export", "--runs", str(trained_experiment), "--format", "onnx", "--out", str(tmp_path / "out" / "cxr.onnx")]) == 0
-    run = subprocess.run([sys.executable, "-c", readme_onnx_example()], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    shutil.copy(REPO_README.parent / "tests" / "data" / "cr_chest_mono1.dcm", tmp_path / "out" / "chest.dcm")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 70), dtype=np.uint8)).save(tmp_path / "out" / "chest.png")
+    run = subprocess.run([sys.executable, "-c", readme_onnx_example()], cwd=tmp_path / "out", capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    probabilities = eval(run.stdout.strip())  # noqa: S307 - the example prints a dict literal of floats
+    lines = run.stdout.strip().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["chest.dcm", "chest.png"], run.stdout
     sidecar = json.loads((tmp_path / "out" / "cxr.onnx.json").read_text())
-    assert list(probabilities) == sidecar["labels"] and sidecar["input"]["shape"][2:] == [64, 64]
-    assert all(0.0 <= p <= 1.0 for p in probabilities.values())
+    assert sidecar["input"]["shape"][2:] == [64, 64]
+    for line in lines:
+        probabilities = eval(line.split(" ", 1)[1])  # noqa: S307 - the example prints a dict literal of floats
+        assert list(probabilities) == sidecar["labels"] and all(0.0 <= p <= 1.0 for p in probabilities.values())
 
 
 def test_overlays_are_drawn_at_the_stored_size_with_the_finding_written_on_them(trained_experiment, tmp_path):

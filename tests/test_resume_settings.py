@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from cxrdist.errors import UserError
 from cxrdist.training.config import load_config, to_dict
-from cxrdist.training.resume_settings import check_resume, current_settings
+from cxrdist.training.resume_settings import check_resume, current_settings, incomparable_score
 from trainer_utils import DEMO_CONFIG, TRAIN, cpu_env, explain, fast_overrides, records, run_single
 
 
@@ -44,6 +45,18 @@ def test_the_settings_issue_19_names_are_recorded_and_a_change_is_one_line_with_
 def test_what_the_stream_order_and_the_best_score_depend_on_is_checked(change):
     with pytest.raises(UserError, match="other settings"):
         check_resume("ck", settings(), settings(*change.pop("overrides", []), **change), False, print)
+
+
+def test_a_checkpoint_from_before_the_pillow_resize_is_a_changed_setting():
+    """Its best score was computed on torchvision-resized images: eval.resampler, not recorded then, counts as the legacy one."""
+    old = {k: v for k, v in settings().items() if k != "eval.resampler"}
+    assert settings()["eval.resampler"] == "pillow"
+    with pytest.raises(UserError, match="eval.resampler='torchvision', now 'pillow'"):
+        check_resume("ck", old, settings(), False, print)
+    assert check_resume("ck", old, settings(), True, print) == ["eval.resampler"]
+    assert incomparable_score(old, settings("train.lr=1")) == ["eval.resampler"]  # the stored best is dropped, with eval.targets'
+    assert incomparable_score(settings(), settings("eval.targets=zeros", "train.lr=1")) == ["eval.targets"]
+    assert incomparable_score({}, settings()) == []
 
 
 def test_a_checkpoint_without_recorded_settings_resumes():
@@ -82,6 +95,20 @@ def test_a_changed_resume_is_refused_and_workers_auto_takes_the_recorded_count_a
         line = result.stderr.strip().splitlines()
         assert len(line) == 1 and all(n in line[0] for n in named) and "train.resume_changes=allow" in line[0], result.stderr
         assert (run_dir / "config.yaml").read_text() == config_before
+
+    # a checkpoint written before the evaluation resize moved to Pillow records no eval.resampler: refused, or with allow,
+    # resumed without its best score (scored on torchvision-resized images)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(resumed, legacy)
+    for state_file in (legacy / "demo" / "fold-0" / "checkpoints").glob("step-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        assert state["settings"].pop("eval.resampler") == "pillow"
+        state_file.write_text(json.dumps(state))
+    result = run_single(fast_overrides(synth_shards, legacy, **common))
+    assert result.returncode == 2 and "eval.resampler='torchvision', now 'pillow'" in result.stderr, explain(result)
+    result = run_single(fast_overrides(synth_shards, legacy, **{**common, "train.resume_changes": "allow"}))
+    assert result.returncode == 0, explain(result)
+    assert "eval.resampler changed: the stored best is not compared" in result.stdout + result.stderr
 
     # data.workers=-1 resolves to another count (1) here, so the recorded 2 must be taken for the order to stay that of the
     # uninterrupted run

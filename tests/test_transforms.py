@@ -146,13 +146,24 @@ def test_mismatched_channel_stats_refused():
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_resize_uses_the_specs_interpolation(interpolation):
+@pytest.mark.parametrize("resampler", ["pillow", "torchvision"])
+def test_resize_uses_the_specs_interpolation_and_resampler(interpolation, resampler):
+    """Pillow's Image.resize for a current spec (what an exported model's preprocess.py runs with numpy + Pillow
+    only), torchvision's antialiased resize for the legacy resampler of cards written before (their numbers keep)."""
     import torchvision.transforms.v2.functional as F
 
-    image = textured(64, 48)
-    spec = ImageSpec(24, channels=1, mean=(0.0,), std=(1.0,), interpolation=interpolation)
-    mode = F.InterpolationMode.BICUBIC if interpolation == "bicubic" else F.InterpolationMode.BILINEAR
-    expected = F.resize(torch.from_numpy(image)[None], [24, 24], interpolation=mode, antialias=True).float() / 255
+    image = textured(300, 256)
+    spec = ImageSpec(224, channels=1, mean=(0.0,), std=(1.0,), interpolation=interpolation, resampler=resampler)
+    if resampler == "pillow":
+        filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+        expected = torch.from_numpy(np.asarray(Image.fromarray(image).resize((224, 224), filters[interpolation])).copy())[None].float() / 255
+    else:
+        mode = F.InterpolationMode.BICUBIC if interpolation == "bicubic" else F.InterpolationMode.BILINEAR
+        expected = F.resize(torch.from_numpy(image)[None], [224, 224], interpolation=mode, antialias=True).float() / 255
     assert torch.allclose(eval_transform(image, spec), expected, atol=1e-6)
-    other = ImageSpec(24, channels=1, mean=(0.0,), std=(1.0,), interpolation="bicubic" if interpolation == "bilinear" else "bilinear")
+    other = ImageSpec(224, channels=1, mean=(0.0,), std=(1.0,), interpolation="bicubic" if interpolation == "bilinear" else "bilinear",
+                      resampler=resampler)
     assert not torch.allclose(eval_transform(image, other), expected, atol=1e-3)
+    other_resampler = ImageSpec(224, channels=1, mean=(0.0,), std=(1.0,), interpolation=interpolation,
+                                resampler="torchvision" if resampler == "pillow" else "pillow")
+    assert not torch.equal(eval_transform(image, other_resampler), eval_transform(image, spec))  # by a gray level here and there (bilinear)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cxrdist.data import preprocess
 from cxrdist.errors import UserError
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+INTERPOLATIONS = tuple(preprocess.INTERPOLATIONS)
+# Who computes the evaluation resize (preprocess.resize_square). A model card without the field was written
+# when torchvision did: its models keep it, so their numbers do not move (model/card.py).
+RESAMPLER, LEGACY_RESAMPLER = preprocess.RESAMPLERS
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,7 @@ class ImageSpec:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"  # how images are resized; the backbone's pretrained config decides
+    resampler: str = RESAMPLER  # the implementation of the evaluation resize
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -30,6 +35,9 @@ class ImageSpec:
             raise UserError(f"image size must be >= 1, got {self.size}")
         if self.interpolation not in INTERPOLATIONS:
             raise UserError(f"image interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.resampler not in preprocess.RESAMPLERS:
+            raise UserError(f"image resampler must be one of {', '.join(preprocess.RESAMPLERS)}, got {self.resampler!r}")
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+        return {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "resampler": self.resampler}

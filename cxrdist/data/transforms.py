@@ -1,20 +1,21 @@
 """Per-sample image transforms: decode, train augmentation, eval resize, normalisation.
 
+Decoding and the eval resize and normalisation are `preprocess.py`'s (the module an exported model ships with).
+
 Pure functions of their inputs: randomness comes only from the numpy Generator passed in, never from
 a global RNG, so a sample's augmentation is reproducible from its seed (resume, any worker count).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 
+from cxrdist.data import preprocess
 from cxrdist.data.spec import ImageSpec
 
 CROP_SCALE = (0.7, 1.0)  # fraction of the image area kept by the random resized crop
@@ -28,19 +29,9 @@ INTERPOLATION = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.Interpol
 
 
 def decode_grayscale(data: bytes, min_side: int | None = None) -> np.ndarray:
-    """8-bit grayscale (H, W) array from PNG/JPEG bytes.
-
-    With `min_side`, a JPEG at least twice that size in both dimensions is decoded at 1/2, 1/4 or 1/8
-    scale (libjpeg's DCT scaling, `Image.draft`), never below `min_side`: much faster than a full decode
-    followed by a downscale. Raises (OSError, ValueError, ...) for bytes that are not a readable image.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if min_side is not None and image.format == "JPEG":
-            image.draft("L", (min_side, min_side))
-        image.load()
-        if image.mode != "L":
-            image = image.convert("L")
-        return np.array(image)  # writable, so torch.from_numpy does not warn
+    """8-bit grayscale (H, W) array from stored PNG/JPEG bytes; with `min_side`, a JPEG at least twice that size is
+    decoded at a reduced DCT scale, never below `min_side` (preprocess.decode, the exported model's decoder)."""
+    return preprocess.decode(data, min_side)
 
 
 def train_draft_side(img_size: int) -> int:
@@ -55,12 +46,18 @@ def channel_stats(spec: ImageSpec) -> tuple[tuple[float, ...], tuple[float, ...]
     return mean, std
 
 
+def model_input_arguments(spec: ImageSpec, stored_image: dict) -> dict:
+    """The keyword arguments of `preprocess.model_input` for a model with this spec trained on images stored as
+    `stored_image` (the model card's {"format", "max_size", "quality"}): what predict runs and an export's sidecar holds."""
+    mean, std = channel_stats(spec)
+    return {"size": spec.size, "mean": list(mean), "std": list(std), "interpolation": spec.interpolation, "resampler": spec.resampler,
+            "stored_format": stored_image["format"], "max_size": int(stored_image["max_size"]), "quality": int(stored_image.get("quality", 95))}
+
+
 @lru_cache(maxsize=16)
 def _scale_shift(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x/255 - mean) / std == x * scale + shift, as (C, 1, 1) tensors: one fused op per image."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-    return scale, shift
+    """preprocess.scale_shift as tensors: (x/255 - mean) / std == x * scale + shift, one fused op per image."""
+    return tuple(torch.from_numpy(a) for a in preprocess.scale_shift(mean, std))
 
 
 def normalisation(spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +166,7 @@ def apply_train_params(tensor: torch.Tensor, params: tuple, spec: ImageSpec) -> 
 
 
 def eval_transform(image: np.ndarray | torch.Tensor, spec: ImageSpec, hflip: bool = False) -> torch.Tensor:
-    """The whole image squashed to (size, size) (nothing cropped) with the spec's interpolation, optionally mirrored, normalised."""
-    out = F.resize(as_tensor(image), [spec.size, spec.size], interpolation=INTERPOLATION[spec.interpolation], antialias=True)
-    if hflip:
-        out = F.horizontal_flip(out)
-    return normalise(out, spec)
+    """The whole image squashed to (size, size) (nothing cropped) with the spec's interpolation and resampler, optionally
+    mirrored, normalised: preprocess.resize_square + preprocess.normalise, the steps an exported model's preprocessor runs."""
+    pixels = preprocess.resize_square(as_tensor(image)[0].numpy(), spec.size, spec.interpolation, spec.resampler)
+    return torch.from_numpy(preprocess.normalise(pixels[:, ::-1] if hflip else pixels, *channel_stats(spec)))

@@ -10,7 +10,7 @@ from typing import Any
 
 from cxrdist.data.datasets import label_vocabulary
 from cxrdist.data.location import Location, resolved
-from cxrdist.data.spec import ImageSpec
+from cxrdist.data.spec import LEGACY_RESAMPLER, ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.labels.eval_targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
 from cxrdist.labels.harmonise import LabelVocabulary, legacy_vocabulary
@@ -51,6 +51,12 @@ class CardEvaluation:
         if self.training_policy != label_policy:
             found.append("evaluation.training_policy differs from label_policy")
         return found
+
+
+def read_image_spec(image: dict) -> ImageSpec:
+    """The card's image section; one without a resampler was written when torchvision resized for evaluation,
+    and its models keep that resampler, so re-evaluating them gives the numbers their cards hold."""
+    return ImageSpec(**{"resampler": LEGACY_RESAMPLER, **image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
 
 
 @dataclass
@@ -149,7 +155,7 @@ class ModelCard:
                 model=ModelConfig(**model, refine=refine),
                 evaluation=CardEvaluation.from_dict(data.get("evaluation"), data["label_policy"]),
                 vocabulary=card_vocabulary(data, version),
-                image=ImageSpec(**{**data["image"], "mean": tuple(data["image"]["mean"]), "std": tuple(data["image"]["std"])}),
+                image=read_image_spec(data["image"]),
                 extra={k: v for k, v in data.items() if k not in known and k != "kind"},
             )
         except UserError as err:

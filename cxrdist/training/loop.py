@@ -48,7 +48,7 @@ from cxrdist.training.global_mean import GlobalMaskedMean
 from cxrdist.training.heartbeat import start_heartbeat
 from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag, stop_explanation
 from cxrdist.training.randomness import model_randomness
-from cxrdist.training.resume_settings import EVAL_TARGETS, WORKERS, check_resume, current_settings
+from cxrdist.training.resume_settings import WORKERS, check_resume, current_settings, incomparable_score
 from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 
@@ -244,7 +244,7 @@ class Trainer:
         """(macro AUC, step) of the exported best model: it may be newer than the checkpoint resumed from."""
         try:
             card = ModelCard.read(self.run_dir / BEST_DIR)
-            if card.dataset == self.manifest.identity() and card.evaluation.targets == self.cfg.eval.targets:
+            if card.dataset == self.manifest.identity() and card.evaluation.targets == self.cfg.eval.targets and card.image == self.image:
                 return float(card.metrics["ema"]["macro_auc"]), card.step
         except (UserError, OSError, KeyError, TypeError):
             pass  # no best model yet, or one this run cannot use: the checkpoint's own best stands
@@ -268,9 +268,9 @@ class Trainer:
             self.state = load_checkpoint(acc, self.ema, resume_from)
             self.bad_steps = BadSteps(acc.device, self.state.bad_steps_in_row)
             self.scheduler.step_update(num_updates=self.state.step)
-            if self.state.settings.get(EVAL_TARGETS, self.cfg.eval.targets) != self.cfg.eval.targets:
-                self.state.best_auc, self.state.best_step = float("-inf"), -1  # scored under the old rule: not comparable
-                self.say("eval.targets changed: the stored best is not compared with this run's evaluations")
+            if stale := incomparable_score(self.state.settings, settings):
+                self.state.best_auc, self.state.best_step = float("-inf"), -1  # scored under the old rule or resize: not comparable
+                self.say(f"{' and '.join(stale)} changed: the stored best is not compared with this run's evaluations")
             best = self.best_on_disk()
             if best is not None and best[0] > self.state.best_auc:
                 self.state.best_auc, self.state.best_step = best

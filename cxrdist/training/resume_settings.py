@@ -12,14 +12,21 @@ Two kinds of settings are recorded in the trainer state (`settings`):
 A difference stops the resume with one line naming each setting with its old and new value, unless
 `train.resume_changes=allow`. One exception: `data.workers=-1` (the CPUs this job happens to get) takes the
 recorded worker count, so a requeue on a node with another CPU count reproduces the same order.
+Besides the config, `eval.resampler` (who resizes for evaluation, data/spec.py) is recorded: a best score
+resized by another implementation is not comparable either.
 """
 
 from __future__ import annotations
 
+from cxrdist.data.spec import LEGACY_RESAMPLER, RESAMPLER
 from cxrdist.errors import UserError
 
 WORKERS = "data.workers"
 EVAL_TARGETS = "eval.targets"
+# Not a config key: the implementation of the evaluation resize (data/spec.py). A checkpoint that does not record
+# it was trained when torchvision resized, and its best score is not comparable with Pillow-resized evaluations.
+EVAL_RESAMPLER = "eval.resampler"
+SCORE_DEFINING = (EVAL_TARGETS, EVAL_RESAMPLER)  # a best score recorded under other values is not comparable with new ones
 # Dotted prefixes of the config (training/config.py) whose values define the run.
 RUN_DEFINING = (
     "seed", "data.img_size", "data.batch_size", "data.augment", "data.shuffle_buffer", "data.label_policy", "model", "loss",
@@ -45,13 +52,20 @@ def current_settings(config: dict, workers: int, world_size: int, shards: list[s
     flat = flatten(config)
     settings = {k: v for k, v in flat.items()
                 if any(k == p or k.startswith(p + ".") for p in RUN_DEFINING) and k not in STARTING_POINT_ONLY}
-    settings.update({WORKERS: workers, "world_size": world_size, "train_shards": list(shards)})
+    settings.update({WORKERS: workers, "world_size": world_size, "train_shards": list(shards), EVAL_RESAMPLER: RESAMPLER})
     return settings
 
 
 def changed(recorded: dict, current: dict) -> dict:
-    """name -> (old, new) for every setting the checkpoint recorded differently (a setting it did not record is not compared)."""
+    """name -> (old, new) for every setting the checkpoint recorded differently (a setting it did not record is not compared,
+    except the resampler: a checkpoint that records settings but not that one was resized by the legacy one)."""
+    recorded = {EVAL_RESAMPLER: LEGACY_RESAMPLER, **recorded} if recorded else recorded
     return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v}
+
+
+def incomparable_score(recorded: dict, current: dict) -> list[str]:
+    """The settings among SCORE_DEFINING that changed: a resume allowed to continue then drops the stored best score."""
+    return [name for name in changed(recorded, current) if name in SCORE_DEFINING]
 
 
 def describe(changes: dict) -> str:

@@ -1,11 +1,13 @@
-"""`cxrdist export`: the fold ensemble as one ONNX or TorchScript file plus a JSON sidecar.
+"""`cxrdist export`: the fold ensemble as one ONNX or TorchScript file, its preprocessor and a JSON sidecar.
 
-The file takes a float32 batch (B, in_chans, img_size, img_size) preprocessed as `cxrdist predict`
-does (the sidecar says how) and returns (B, labels) probabilities: fold models averaged, the
-Label-Graph Refinement included, optionally averaged with the mirrored view (flip TTA). The
-sidecar carries the label order, the preprocessing, and the operating-point thresholds and
-temperatures fitted on the out-of-fold predictions (from the ensemble's metrics.json, when
-`cxrdist evaluate` has been run). Both files are written atomically (cxrdist/atomic.py).
+The file takes a float32 batch (B, in_chans, img_size, img_size) and returns (B, labels) probabilities: fold
+models averaged, the Label-Graph Refinement included, optionally averaged with the mirrored view (flip TTA).
+Beside it, `preprocess.py` (a copy of data/preprocess.py: numpy + Pillow, pydicom for DICOM) turns a
+radiograph file into one input exactly as `cxrdist predict` does, with the keyword arguments the sidecar's
+preprocessing "arguments" holds. The sidecar carries the label order, the preprocessing (file, arguments, steps,
+resize filter, library versions), and the operating-point thresholds and temperatures fitted on the out-of-fold
+predictions (from the ensemble's metrics.json, when `cxrdist evaluate` has been run). The three files are written
+atomically (cxrdist/atomic.py), the sidecar last.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cxrdist.atomic import atomic_path, atomic_write_json, check_not_an_input, check_writable_file
-from cxrdist.data.transforms import channel_stats
+from cxrdist.atomic import atomic_path, atomic_write_bytes, atomic_write_json, check_not_an_input, check_writable_file
+from cxrdist.data import preprocess
+from cxrdist.data.spec import LEGACY_RESAMPLER, ImageSpec
+from cxrdist.data.transforms import channel_stats, model_input_arguments
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.prediction.models import groups_by_preprocessing, load_fold_models
@@ -30,6 +34,8 @@ from cxrdist.model.ensemble_module import EnsembleProbabilities
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+PREPROCESSOR_FILE = "preprocess.py"  # beside the model file
+PREPROCESSOR_MARKER = b'"""Reference preprocessing of cxrdist models'  # how preprocess.py begins
 LOG = get_logger("export")
 
 
@@ -67,14 +73,11 @@ def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> 
         "labels": card.labels,
         "harmonised_labels": card.vocabulary.harmonised,  # each label's name across datasets (labels/harmonise.py, `cxrdist labels`)
         "preprocessing": {
-            "steps": [
-                "read as 8-bit grayscale, bone bright (DICOM: windowed, MONOCHROME1 inverted)",
-                f"long side resized to at most {settings['max_size']} px and stored as {settings['format']}"
-                + (f" (quality {settings.get('quality', 95)})" if settings["format"] == "jpg" else ""),
-                f"decoded (a JPEG at least twice {img_size} px on both sides at 1/2, 1/4 or 1/8 scale, libjpeg's DCT scaling), "
-                f"then the whole image resized to {img_size}x{img_size}, {card.image.interpolation} with antialias",
-                f"x / 255, then (x - mean) / std per channel, grayscale repeated to {in_chans} channel(s)",
-            ],
+            "preprocessor": PREPROCESSOR_FILE, "function": "model_input",
+            "arguments": model_input_arguments(card.image, settings),
+            "resize_filter": resize_filter(card.image),
+            "steps": preprocessing_steps(card.image, settings),
+            "made_with": library_versions(),
             "img_size": img_size, "in_chans": in_chans, "mean": list(mean), "std": list(std),
             "interpolation": card.image.interpolation, "image": settings,
         },
@@ -86,6 +89,45 @@ def sidecar(models, settings: dict, fmt: str, tta: bool, metrics_path: Path) -> 
         "platt": calibration.get("platt"),  # [a, b]: recalibrated p = sigmoid(a * logit(p) + b)
         "notes": [] if thresholds else [f"no {metrics_path}: run `cxrdist evaluate` first to get operating-point thresholds"],
     }
+
+
+def resize_filter(spec: ImageSpec) -> str:
+    if spec.resampler == LEGACY_RESAMPLER:
+        return (f"{spec.interpolation}: torchvision.transforms.v2.functional.resize(antialias=True) of the uint8 image (this model's "
+                f"card predates the Pillow resize; {PREPROCESSOR_FILE} then needs torch and torchvision)")
+    return f"{spec.interpolation}: Pillow Image.resize(Image.Resampling.{spec.interpolation.upper()}) of the 8-bit image, antialiased when shrinking"
+
+
+def preprocessing_steps(spec: ImageSpec, settings: dict) -> list[str]:
+    stored = f"{settings['format']}" + (f" (quality {settings.get('quality', 95)})" if settings["format"] == "jpg" else "")
+    return [
+        f"{PREPROCESSOR_FILE}: model_input(path, **arguments) per radiograph (PNG, JPEG, DICOM), np.stack into a batch",
+        "read as 8-bit grayscale, bone bright (DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
+        f"long side resized to at most {settings['max_size']} px and stored as {stored}, as the training images were",
+        f"decoded (a JPEG at least twice {spec.size} px on both sides at 1/2, 1/4 or 1/8 scale, libjpeg's DCT scaling), then the "
+        f"whole image resized to {spec.size}x{spec.size}, {resize_filter(spec)}",
+        f"x / 255, then (x - mean) / std per channel, grayscale repeated to {spec.channels} channel(s)",
+    ]
+
+
+def library_versions() -> dict:
+    """The versions whose resampling, JPEG coding and DICOM display transforms the pixels depend on (PIL.features names
+    libjpeg(-turbo))."""
+    import numpy
+    import PIL
+    import pydicom
+    from PIL import features
+
+    return {"pillow": PIL.__version__, "libjpeg": features.version("jpg"), "numpy": numpy.__version__, "pydicom": pydicom.__version__}
+
+
+def check_preprocessor_place(out: Path, path: Path) -> None:
+    """`path` (beside `out`) may receive data/preprocess.py: nothing there, or an older export's copy."""
+    if out.name == path.name:
+        raise UserError(f"--out {out}: {PREPROCESSOR_FILE} is the name of the preprocessor written beside the model; choose another name")
+    if path.exists() and not (path.is_file() and path.read_bytes().startswith(PREPROCESSOR_MARKER)):
+        raise UserError(f"{path}: exists and is not a cxrdist preprocessor (export writes {PREPROCESSOR_FILE} beside the model); "
+                        "export into another folder")
 
 
 def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -103,14 +145,16 @@ def write_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path
 
 
 def run_export(runs: Path, fmt: str, out: Path, tta: bool = False, metrics: Path | None = None) -> Path:
-    """Write the ensemble to `out` (and `out`.json); returns `out`."""
+    """Write the ensemble to `out`, data/preprocess.py beside it and `out`.json; returns `out`."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     models = load_fold_models(runs, "cpu")
     metrics_path = Path(metrics) if metrics else default_out(runs) / METRICS_FILE
-    for path in (Path(out), sidecar_path(Path(out))):
+    preprocessor = Path(out).parent / PREPROCESSOR_FILE
+    for path in (Path(out), sidecar_path(Path(out)), preprocessor):
         check_writable_file(path)
         check_not_an_input(path, [metrics_path, *(m.directory for m in models)])
+    check_preprocessor_place(Path(out), preprocessor)
     if len(groups_by_preprocessing(models)) > 1:
         raise UserError(f"{runs}: the fold models take differently preprocessed inputs; export them separately")
     image = models[0].card.image
@@ -123,9 +167,10 @@ def run_export(runs: Path, fmt: str, out: Path, tta: bool = False, metrics: Path
         LOG.warning(f"cxrdist export: warning: {card['notes'][0]}; the sidecar's thresholds are null")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the model first: the sidecar names a model that exists
+    # the model and the preprocessor first: the sidecar names files that exist
     with atomic_path(out, suffix=out.suffix or ".tmp") as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks frozen for this input shape, as intended
         (write_onnx if fmt == "onnx" else write_torchscript)(module, example, tmp)
+    atomic_write_bytes(preprocessor, Path(preprocess.__file__).read_bytes())
     atomic_write_json(sidecar_path(out), card)
     return out

@@ -1,10 +1,11 @@
 """`cxrdist predict`: the fold ensemble (with flip TTA) on new radiographs (PNG, JPEG, DICOM).
 
-A new image goes through exactly what a prepared and evaluated one goes through: `load_for_shard`
-(read, bone bright, long side <= the manifest's max_size), the encode/decode round trip of the
-shard's image format (JPEG q95 by default: the stored pixels are the JPEG's, not the source's), the
-eval stream's decode, `eval_transform`, and the same model views and averaging as `evaluate`. So
-the probabilities equal those `evaluate` gives for the same image in a shard.
+A new image goes through exactly what a prepared and evaluated one goes through, in data/preprocess.py (the
+module `cxrdist export` ships beside an exported model): read, bone bright, long side <= the card's max_size,
+the encode/decode round trip of the shards' image format (JPEG q95 by default: the model was trained, validated
+and calibrated on the stored pixels, not the source's), the eval stream's decode and resize, and the same model
+views and averaging as `evaluate`. So the probabilities equal those `evaluate` gives for the same image in a shard,
+and those of the exported model fed by its preprocess.py.
 """
 
 from __future__ import annotations
