@@ -62,7 +62,7 @@ def test_csv_is_the_generic_format_with_paths_relative_to_images(small_dataset):
     out, csv = small_dataset
     assert csv == out / "labels.csv"
     table = _raw_csv(csv)
-    assert list(table.columns) == ["path", "patient", "study", "view", *CHEXPERT_LABELS]
+    assert list(table.columns) == ["path", "patient", "study", "view", "sex", "age", *CHEXPERT_LABELS]
     assert len(table) == 40
     assert set(np.unique(table[CHEXPERT_LABELS].to_numpy())) <= {"1", "0", "-1", ""}
     assert set(table["view"]) <= {"PA", "AP", "LATERAL"}

@@ -14,7 +14,8 @@ from cxrdist.errors import UserError
 from cxrdist.layout import fold_name
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `attributes` (cxrdist/data/attributes.py) and each sample's json "attributes"
+READABLE_VERSIONS = (1, 2)  # a version-1 dataset has no attributes: it trains and evaluates, without a subgroup audit
 MAX_MANIFEST_BYTES = 256 * 2**20  # far above any real manifest; an endless or wrong body stops here
 EXISTENCE_CHECKS_IN_FLIGHT = 16  # parallel HEAD/stat requests when a manifest is read from a URL
 
@@ -51,6 +52,7 @@ class Manifest:
     skipped_images: dict = field(default_factory=lambda: {"count": 0, "paths": []})
     format_version: int = FORMAT_VERSION
     created_by: str = ""
+    attributes: list[dict] = field(default_factory=list)  # AttributeSpec.to_dict() of each attribute the samples carry
 
     @property
     def fold_names(self) -> list[str]:
@@ -189,8 +191,8 @@ def parse_manifest(text: str, path: str) -> Manifest:
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a manifest (a JSON {type(data).__name__}, expected an object)")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path}: format version {version!r}, this cxrdist reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"{path}: format version {version!r}, this cxrdist reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     try:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, AttributeError) as err:

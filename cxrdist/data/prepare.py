@@ -16,10 +16,13 @@ import pandas as pd
 from cxrdist import __version__
 from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale_staging, replace_directory, staging_directory
 from cxrdist.data import folds as folds_lib
+from cxrdist.data.attribute_table import AttributeRequest, attribute_values, build_request, check_names
+from cxrdist.data.attributes import sample_attributes, spec_of
 from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
 from cxrdist.data.shards import SampleSpec, ShardJob, make_keys, plan_shards, run_jobs, shard_info
-from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
+from cxrdist.data.sources import (ATTRIBUTE_PREFIX, MIMIC_METADATA_NAME, filter_views, in_test_list, load_records, read_test_list,
+                                  resolve_paths, table_columns)
 from cxrdist.errors import UserError
 from cxrdist.layout import TEST_SPLIT, fold_name, is_fold
 from cxrdist.log import progress
@@ -52,6 +55,14 @@ class PrepareOptions:
     no_patient_grouping: bool = False
     allow_outside_images: bool = False
     progress: bool = True
+    attributes: str | None = None  # --attributes NAME[=COLUMN],... (cxrdist/data/attributes.py)
+    attributes_table: Path | None = None
+    attributes_join: str = "patient"
+    attributes_key: str | None = None
+    age_bins: str | None = None
+
+
+Attributes = tuple[dict[str, list], list]  # ({name: typed value per record}, AttributeSpec per attribute)
 
 
 def prepare(opts: PrepareOptions) -> Manifest | None:
@@ -61,13 +72,18 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     if opts.folds_only is not None:
         check_writable_file(opts.folds_only, "--folds-only")
         check_not_an_input(opts.folds_only, input_files(opts).values(), "--folds-only")
+    request = attribute_request(opts)
     records, labels = load_records(
-        opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping
+        opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping,
+        attribute_columns=list(dict.fromkeys(request.from_csv.values())),
     )
+    check_names(request.names, labels)
     notes = list(records.attrs.get("notes", []))
     records = filter_views(records, opts.views)
     if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
         records = resolve_paths(records, opts.images)  # the official download spreads images over 12 folders
+    attributes = read_attributes(request, records, opts)
+    notes += attributes[2]
     records.attrs["notes"] = notes
     raw = records[labels].to_numpy(dtype=float)
     splits = assign(records, raw, opts)
@@ -82,7 +98,21 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     if opts.images is None or opts.out is None:
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
     check_image_paths(records["path"], opts.images, opts.allow_outside_images, missing_ok=opts.on_bad_image == "skip")
-    return write_dataset(records, raw, labels, splits, opts)
+    return write_dataset(records, raw, labels, splits, opts, attributes[:2])
+
+
+def attribute_request(opts: PrepareOptions) -> AttributeRequest:
+    return build_request(opts.source, opts.attributes, table_columns(opts.source, opts.csv, opts.metadata), opts.attributes_table,
+                         opts.attributes_join, opts.attributes_key, opts.age_bins)
+
+
+def read_attributes(request: AttributeRequest, records: pd.DataFrame, opts: PrepareOptions) -> tuple[dict[str, list], list, list[str]]:
+    """The typed attributes of every record, their specs, and notes (what is unknown and why)."""
+    raw = {name: records[ATTRIBUTE_PREFIX + column] for name, column in request.from_csv.items()}
+    where = Path(opts.csv).name
+    if opts.source == "mimic":
+        where = Path(opts.metadata).name if opts.metadata else MIMIC_METADATA_NAME
+    return attribute_values(request, records, raw, where)
 
 
 def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions) -> np.ndarray:
@@ -144,7 +174,8 @@ def check_out(opts: PrepareOptions) -> None:
 
 def input_files(opts: PrepareOptions) -> dict[str, Path]:
     """The files prepare reads besides the images, by flag."""
-    given = {"--csv": opts.csv, "--test-list": opts.test_list, "--folds-from": opts.folds_from, "--metadata": opts.metadata}
+    given = {"--csv": opts.csv, "--test-list": opts.test_list, "--folds-from": opts.folds_from, "--metadata": opts.metadata,
+             "--attributes-table": opts.attributes_table}
     return {flag: Path(path) for flag, path in given.items() if path is not None}
 
 
@@ -191,12 +222,12 @@ def file_identity(path: Path) -> tuple[object, bool]:
     return (info.st_dev, info.st_ino), stat.S_ISREG(info.st_mode)
 
 
-def sample_specs(records: pd.DataFrame, raw: np.ndarray) -> list[SampleSpec]:
+def sample_specs(records: pd.DataFrame, raw: np.ndarray, columns: dict[str, list]) -> list[SampleSpec]:
     keys = make_keys(records["path"].tolist())
     specs = []
     for i, row in enumerate(records[["path", "patient", "study", "view"]].itertuples(index=False)):
         labels = tuple(None if math.isnan(v) else int(v) for v in raw[i])
-        specs.append(SampleSpec(keys[i], row.path, str(row.patient), str(row.study), str(row.view), labels))
+        specs.append(SampleSpec(keys[i], row.path, str(row.patient), str(row.study), str(row.view), labels, sample_attributes(columns, i)))
     return specs
 
 
@@ -205,7 +236,8 @@ def split_names(splits: np.ndarray, num_folds: int) -> list[str]:
     return names + ([TEST_SPLIT] if TEST_SPLIT in set(splits) else [])
 
 
-def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
+def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions,
+                  attributes: Attributes = ({}, [])) -> Manifest:
     """Build the whole dataset in a hidden sibling directory and swap it in only when complete: a failed or
     interrupted run leaves --out as it was (a previous dataset intact) and no partial shards anywhere."""
     out = Path(opts.out)
@@ -215,7 +247,7 @@ def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], spl
     staging = staging_directory(out)
     try:
         with sigterm_as_interrupt():
-            manifest = write_shards(staging, records, raw, labels, splits, opts)
+            manifest = write_shards(staging, records, raw, labels, splits, opts, attributes)
             write_manifest(staging, manifest)
             replace_directory(staging, out)
     except BaseException:
@@ -237,9 +269,10 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
+def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions,
+                 attributes: Attributes = ({}, [])) -> Manifest:
     out.mkdir()
-    specs = sample_specs(records, raw)
+    specs = sample_specs(records, raw, attributes[0])
     rng = np.random.default_rng(opts.seed)
     jobs_by_split: dict[str, list[ShardJob]] = {}
     for name in split_names(splits, opts.folds):
@@ -254,10 +287,10 @@ def write_shards(out: Path, records: pd.DataFrame, raw: np.ndarray, labels: list
     all_jobs = [job for jobs in jobs_by_split.values() for job in jobs]
     with progress(len(specs), "writing shards", "img", enabled=opts.progress) as bar:
         results = run_jobs(all_jobs, opts.workers, lambda r: bar.update(len(r.keys) + len(r.bad)))
-    return build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results)
+    return build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results, attributes)
 
 
-def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results) -> Manifest:
+def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results, attributes: Attributes = ({}, [])) -> Manifest:
     bad = [item for result in results for item in result.bad]
     written = np.ones(len(records), dtype=bool)
     if bad:
@@ -292,4 +325,12 @@ def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, resul
             "paths": [path for path, _ in bad], "reasons": [why for _, why in bad],
         },
         created_by=f"cxrdist {__version__}",
+        attributes=written_attributes(attributes, written),
     )
+
+
+def written_attributes(attributes: Attributes, written: np.ndarray) -> list[dict]:
+    """The manifest's attribute specs, counted over the images written (not those skipped)."""
+    columns, specs = attributes
+    kept = np.flatnonzero(written)
+    return [spec_of(s.name, s.kind, s.source, [columns[s.name][i] for i in kept], s.bins).to_dict() for s in specs]

@@ -30,6 +30,7 @@ from cxrdist.errors import UserError, one_line
 from cxrdist.atomic import atomic_write_text, check_writable_dir
 from cxrdist.evaluation import figures as figs
 from cxrdist.evaluation.prediction.coverage import say_coverage, say_stale_ensemble
+from cxrdist.evaluation.report.audit import audit_section
 from cxrdist.evaluation.report.clinical import clinical_section, saliency_section
 from cxrdist.evaluation.report.datasets import datasets_section
 from cxrdist.evaluation.report.html import auc_cell, card, esc, figure, fmt, note, page, percent, section, signed, table
@@ -501,6 +502,7 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
         ("auc", "Discrimination", auc_section(folds, ensemble, fig_dir)),
         ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
         ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir)),
+        ("audit", "Who the model fails", audit_section(ensemble.metrics if ensemble else None, fig_dir)),
         ("saliency", "Saliency", saliency_section(runs, ensemble, root, manifest, fig_dir)),
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),
