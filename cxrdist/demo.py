@@ -33,7 +33,8 @@ def run_demo(out: Path) -> int:
     step(f"[2/5] {DEMO_FOLDS} patient-grouped MIS folds + a test split, as shards in {shards}")
     if not (shards / "manifest.json").is_file():
         prepare(PrepareOptions(source="csv", csv=csv, images=out / "synth" / "images", out=shards, folds=DEMO_FOLDS,
-                               test_fraction=0.2, max_size=DEMO_IMAGE_SIZE, samples_per_shard=250, workers=2))
+                               test_fraction=0.2, max_size=DEMO_IMAGE_SIZE, samples_per_shard=250, workers=2,
+                               attributes="sex,age"))  # the subgroup audit's attributes (the view is kept anyway)
     else:
         print(f"  (reusing {shards})")
     overrides = [f"data.shards={shards}", f"output_dir={runs}"]

@@ -187,3 +187,26 @@ def test_values_are_read_as_documented():
         age_value("fifty")
     assert [sex_value(t) for t in ("Female", "male", "F", "M", "Unknown", "", "other")] == ["F", "M", "F", "M", None, None, "other"]
     assert [age_group(a, [18, 40, 60, 80]) for a in (0, 17.9, 18, 59.5, 80, 120, None)] == ["0-17", "0-17", "18-39", "40-59", "80+", "80+", "unknown"]
+
+
+def test_group_and_rest_resamples_equal_brute_force_on_awkward_labels():
+    """Ties between classes, every image tied, labels left out or of one class, more positive than negative levels (the
+    swapped ranking): each group's and its rest's AUC in every resample equal weighted AUCs from explicit weights."""
+    from test_bootstrap import awkward_labels
+
+    from cxrdist.evaluation.scoring.subgroup_bootstrap import draws, group_resample_aucs
+
+    targets, scores, mask, patients = awkward_labels(n=500, seed=3)
+    rng = np.random.default_rng(0)
+    by_patient = {p: rng.integers(0, 3) for p in sorted(set(patients))}
+    members = np.array([[by_patient[p] == k for p in patients] for k in range(3)] + [[i % 2 == 0 for i in range(len(patients))]])
+    patient_no, n_patients, blocks = draws(patients, 60, seed=8)
+    point, resampled = group_resample_aucs(targets, scores, mask, members, patient_no, n_patients, blocks)
+    weights = reference_patient_weights(patients, 60, 8)
+    for k, member in enumerate(members):
+        for side, rows in enumerate((member, ~member)):
+            for j in range(targets.shape[1]):
+                expected = weighted_auc(targets[:, j], scores[:, j], weights * mask[:, j] * rows)
+                np.testing.assert_allclose(resampled[:, side, k, j], expected, rtol=0, atol=1e-12)
+                once = weighted_auc(targets[:, j], scores[:, j], mask[:, j] * rows)[0]
+                assert (math.isnan(once) and math.isnan(point[side, k, j])) or math.isclose(point[side, k, j], once, abs_tol=1e-12)

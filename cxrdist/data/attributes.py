@@ -141,6 +141,12 @@ def group_of(value, spec: AttributeSpec) -> str:
     return UNKNOWN if value is None or value == "" else str(value)
 
 
+def groups_of(values: Sequence, spec: AttributeSpec) -> list[str]:
+    """The audit group of each value (one per sample); each distinct value is grouped once."""
+    names = {value: group_of(value, spec) for value in set(values)}
+    return [names[value] for value in values]
+
+
 def group_order(spec: AttributeSpec) -> list[str]:
     """Every group of an attribute in the order outputs list them: age bins in order, values sorted, unknown last."""
     if spec.kind == AGE:

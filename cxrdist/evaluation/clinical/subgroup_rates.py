@@ -19,10 +19,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cxrdist.evaluation.clinical.operating_points import rates
 from cxrdist.evaluation.scoring.bootstrap import percentile_interval
 from cxrdist.evaluation.scoring.subgroup_bootstrap import resampled_sums
-from cxrdist.evaluation.scoring.subgroups import MIN_CASES, SubgroupAudit, add_aucs, flag_gaps, no_audit, start_audit
+from cxrdist.evaluation.scoring.subgroups import MIN_CASES, SubgroupAudit, add_aucs, flag_gaps, no_audit, patients_with, start_audit
 
 NO_FINDING = "No Finding"
 WITH_NO_FINDING = ("the false-positive rate of 'No Finding': among images whose 'No Finding' target is 0, the fraction whose "
@@ -38,8 +37,8 @@ def add_rates(audit: SubgroupAudit, thresholds: Thresholds, points: Sequence[str
     """Sensitivity and false-positive rate per label, and the underdiagnosis rate with its gap, of every reported group."""
     groups = audit.reported()
     for g, name, members in groups:
-        audit.entry(g, name)["operating_points"] = {point: group_rates(audit.labels, thresholds, point, targets[members], scores[members],
-                                                                       mask[members]) for point in points}
+        mine = targets[members], scores[members], mask[members]
+        audit.entry(g, name)["operating_points"] = {point: group_rates(audit.labels, thresholds, point, *mine) for point in points}
     has, called = underdiagnosed(audit.labels, thresholds, points, targets, scores, mask)
     audit.result["underdiagnosis_definition"] = WITH_NO_FINDING if NO_FINDING in audit.labels else WITHOUT_NO_FINDING
     columns = [c for members in [np.ones(len(targets), dtype=bool)] + [m for _, _, m in groups]
@@ -52,15 +51,16 @@ def add_rates(audit: SubgroupAudit, thresholds: Thresholds, points: Sequence[str
 
 
 def group_rates(labels: Sequence[str], thresholds: Thresholds, point: str, targets, scores, mask) -> dict:
+    """{label: threshold, sensitivity, false-positive rate} of a group's images at one operating point."""
     found = {}
     for j, label in enumerate(labels):
         threshold, keep = thresholds[label].get(point), mask[:, j] > 0
-        y = targets[keep, j]
-        if threshold is None or len(np.unique(y)) < 2:
+        y = targets[keep, j] > 0
+        if threshold is None or y.all() or not y.any():
             found[label] = {"threshold": threshold, "sensitivity": None, "fpr": None}
             continue
-        sensitivity, specificity = rates(y, scores[keep, j], threshold)
-        found[label] = {"threshold": threshold, "sensitivity": float(sensitivity[0]), "fpr": float(1 - specificity[0])}
+        called = scores[keep, j] >= threshold
+        found[label] = {"threshold": threshold, "sensitivity": float(called[y].mean()), "fpr": float(called[~y].mean())}
     return found
 
 
@@ -132,4 +132,5 @@ def evaluation_audit(labels: Sequence[str], targets: np.ndarray, scores: np.ndar
 
 def outcome_cases(patients: np.ndarray, called: np.ndarray, rows: np.ndarray) -> int:
     """The fewer of the patients of `rows` with an image called "No Finding" and those with one called otherwise."""
-    return min(len(np.unique(patients[rows & called])), len(np.unique(patients[rows & ~called])))
+    n = int(patients.max()) + 1
+    return min(patients_with(patients, rows & called, n), patients_with(patients, rows & ~called, n))
