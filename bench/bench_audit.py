@@ -3,10 +3,10 @@
 Run by hand: `python bench/bench_audit.py` (add `--images 50000 --resamples 200` for a quick look). Synthetic predictions
 as in bench_bootstrap.py (CheXpert prevalences, MIMIC-like images per patient, float32 scores, 10% of the targets left
 out) at 400,000 images x 14 labels, with 4 attributes: sex (F, M, 2% unknown) and a 4-valued category per patient, the
-age of each study (5 bins of the default --age-bins, 1% unknown) and the view of each image (PA, AP, LATERAL): 17 groups.
-(a) `bootstrap_aucs`, the evaluation's patient bootstrap (1,000 resamples); (b) the audit on the same draws: every
-group's per-label AUCs and its paired gap to the rest in every resample, the small-group rule, the underdiagnosis rates
-at 4 operating points, the max-t flags (`evaluation_audit`, less the evaluation's own bootstrap). Prints a markdown
+age of each study (whole years 18-90+, the default --age-bins, 1% unknown) and the view of each image (PA, AP, LATERAL):
+15 groups. (a) `bootstrap_aucs`, the evaluation's patient bootstrap (1,000 resamples); (b) the audit on the same draws:
+every group's per-label AUCs and its paired gap to the rest in every resample, the small-group rule, the rates and the
+underdiagnosis rate at 4 operating points, the flags (`evaluation_audit`, less the evaluation's own bootstrap). Prints a markdown
 row and one JSON line with the ratio (b) / (a), wall and CPU, and the load average.
 """
 
@@ -40,7 +40,7 @@ def attributes(patients: np.ndarray, seed: int = 0) -> list[dict]:
     n_patients = index.max() + 1
     sex = rng.choice(np.array(["F", "M", None], dtype=object), n_patients, p=[0.49, 0.49, 0.02])
     site = rng.choice(np.array(["a", "b", "c", "d"], dtype=object), n_patients)
-    start = rng.uniform(18, 90, n_patients)
+    start = rng.integers(18, 91, n_patients)  # whole years, as the public tables write them
     order = np.arange(len(patients)) - np.maximum.accumulate(np.where(first, np.arange(len(patients)), 0))
     age = np.where(rng.random(len(patients)) < 0.01, np.nan, start[index] + order // 3)
     view = rng.choice(np.array(["PA", "AP", "LATERAL"], dtype=object), len(patients), p=[0.45, 0.35, 0.2])

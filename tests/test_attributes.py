@@ -185,6 +185,18 @@ def test_generic_csv_columns_named_on_the_command_line(tmp_path, capsys):
     assert {s.name: s.kind for s in specs_of(load_one_manifest(tmp_path / "out"))} == {"view": "category", "site": "category", "age": "age"}
 
 
+def test_a_table_joined_by_image_path(tmp_path, capsys):
+    csv, root = generic(tmp_path, {})
+    table = write(tmp_path / "by_image.csv", ["image,scanner,age", "p0/a.png,GE,50", "./p1/a.png,Philips,61", "p2/a.png,GE,"])
+    assert prepare("--csv", str(csv), "--images", str(root), "--out", str(tmp_path / "out"), "--labels", "Edema,Cardiomegaly",
+                   "--attributes-table", str(table), "--attributes-join", "path", "--attributes-key", "image", "--attributes", "scanner,age") == 0
+    found = stored(tmp_path / "out")
+    assert found["p0/a.png"] == {"view": "PA", "scanner": "GE", "age": 50.0} and found["p2/a.png"]["age"] is None
+    assert found["p5/a.png"] == {"view": "AP", "scanner": None, "age": None}
+    assert found["p1/a.png"]["scanner"] == "Philips"  # ./p1/a.png in the table is p1/a.png
+    assert "3 of 6 paths (3 images) are not in --attributes-table" in capsys.readouterr().out
+
+
 def test_a_dataset_prepared_before_attributes_loads_without_an_audit(tmp_path, capsys):
     csv, root = generic(tmp_path, {})
     assert prepare("--csv", str(csv), "--images", str(root), "--out", str(tmp_path / "out"), "--labels", "Edema,Cardiomegaly") == 0

@@ -210,3 +210,18 @@ def test_group_and_rest_resamples_equal_brute_force_on_awkward_labels():
                 np.testing.assert_allclose(resampled[:, side, k, j], expected, rtol=0, atol=1e-12)
                 once = weighted_auc(targets[:, j], scores[:, j], mask[:, j] * rows)[0]
                 assert (math.isnan(once) and math.isnan(point[side, k, j])) or math.isclose(point[side, k, j], once, abs_tol=1e-12)
+
+
+def test_report_section_escapes_values_names_no_file_after_them_and_hides_small_groups(tmp_path):
+    from cxrdist.evaluation.report.audit import audit_section
+
+    targets, scores, mask, patients, attributes = cohort(n_patients=300, seed=4, planted=0.6)
+    hostile = '<img src=x onerror="alert(1)">'
+    attributes = [{**a, "site": hostile if a["site"] == "d" else "../../etc"} for a in attributes]
+    specs = [SPECS[0], AttributeSpec("site", "category", "test", values={hostile: 1, "../../etc": 1})]
+    thresholds = {"points": ["sens@spec90"], "per_label": {label: {"sens@spec90": {"threshold": 0.9}} for label in LABELS}}
+    audit = evaluation_audit(LABELS, targets, scores, mask, patients, attributes, specs, None, thresholds, resamples=50, min_patients=30)
+    html = audit_section({"subgroups": audit, "ensemble": {"macro_auc": 0.9}}, tmp_path)
+    assert hostile not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+    assert "too few patients" in html and ">Who the model fails<" in html and "is 0." in html  # a flagged gap in words
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subgroups-0.png", "subgroups-1.png"]

@@ -10,6 +10,7 @@ Rows of one key that disagree are refused; patients missing from it get "unknown
 from __future__ import annotations
 
 import math
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,10 @@ def joined_columns(request: AttributeRequest, records: pd.DataFrame) -> tuple[pd
     and a note on how many are; rows of one key that disagree are a UserError."""
     table = read_table(request.table)
     columns = list(dict.fromkeys(request.from_table.values()))
-    rows = pd.concat([table[request.key].astype(str).str.strip().rename("__key__"), table[columns]], axis=1).drop_duplicates()
+    keys = table[request.key].astype(str).str.strip()
+    if request.join == "path":  # as the label CSV's paths are: ./a.png and a.png are one path
+        keys = keys.map(posixpath.normpath)
+    rows = pd.concat([keys.rename("__key__"), table[columns]], axis=1).drop_duplicates()
     repeated = rows["__key__"].duplicated(keep=False)
     if repeated.any():
         key = rows.loc[repeated, "__key__"].iloc[0]

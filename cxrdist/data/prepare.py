@@ -80,9 +80,9 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     check_names(request.names, labels)
     notes = list(records.attrs.get("notes", []))
     records = filter_views(records, opts.views)
+    attributes = read_attributes(request, records, opts)  # before resolve_paths: a table joined by path names the CSV's paths
     if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
         records = resolve_paths(records, opts.images)  # the official download spreads images over 12 folders
-    attributes = read_attributes(request, records, opts)
     notes += attributes[2]
     records.attrs["notes"] = notes
     raw = records[labels].to_numpy(dtype=float)

@@ -21,7 +21,8 @@ import numpy as np
 
 from cxrdist.evaluation.scoring.bootstrap import percentile_interval
 from cxrdist.evaluation.scoring.subgroup_bootstrap import resampled_sums
-from cxrdist.evaluation.scoring.subgroups import MIN_CASES, SubgroupAudit, add_aucs, flag_gaps, no_audit, patients_with, start_audit
+from cxrdist.evaluation.scoring.subgroups import (MIN_CASES, Grouping, SubgroupAudit, add_aucs, flag_gaps, no_audit, patients_by_group,
+                                                  start_audit)
 
 NO_FINDING = "No Finding"
 WITH_NO_FINDING = ("the false-positive rate of 'No Finding': among images whose 'No Finding' target is 0, the fraction whose "
@@ -35,32 +36,38 @@ Thresholds = Mapping[str, Mapping[str, float | None]]  # {label: {operating poin
 def add_rates(audit: SubgroupAudit, thresholds: Thresholds, points: Sequence[str], targets: np.ndarray, scores: np.ndarray,
               mask: np.ndarray) -> None:
     """Sensitivity and false-positive rate per label, and the underdiagnosis rate with its gap, of every reported group."""
-    groups = audit.reported()
-    for g, name, members in groups:
-        mine = targets[members], scores[members], mask[members]
-        audit.entry(g, name)["operating_points"] = {point: group_rates(audit.labels, thresholds, point, *mine) for point in points}
+    for g in audit.groupings:
+        by_point = {point: grouping_rates(g, audit.labels, thresholds, point, targets, scores, mask) for point in points}
+        for k, name in enumerate(g.groups):
+            if audit.entry(g, name)["reported"]:
+                audit.entry(g, name)["operating_points"] = {point: by_point[point][k] for point in points}
     has, called = underdiagnosed(audit.labels, thresholds, points, targets, scores, mask)
     audit.result["underdiagnosis_definition"] = WITH_NO_FINDING if NO_FINDING in audit.labels else WITHOUT_NO_FINDING
+    groups = audit.reported()
     columns = [c for members in [np.ones(len(targets), dtype=bool)] + [m for _, _, m in groups]
                for point in points for c in (has & members, has & called[point] & members)]
     sums = resampled_sums(columns, audit.patients, audit.n_patients, audit.blocks).reshape(-1, len(groups) + 1, len(points), 2)
+    cases = {(g.name, point): outcome_cases(audit, g, has, called[point]) for g in audit.groupings for point in points}
     for k, (g, name, members) in enumerate(groups):
+        index = g.groups.index(name)
         audit.entry(g, name)["underdiagnosis"] = {
-            point: group_underdiagnosis(audit, has, called[point], members, sums[:, 0, p], sums[:, k + 1, p])
+            point: group_underdiagnosis(audit, has, called[point], members, (sums[:, 0, p], sums[:, k + 1, p]), cases[g.name, point][index])
             for p, point in enumerate(points)}
 
 
-def group_rates(labels: Sequence[str], thresholds: Thresholds, point: str, targets, scores, mask) -> dict:
-    """{label: threshold, sensitivity, false-positive rate} of a group's images at one operating point."""
-    found = {}
+def grouping_rates(g: Grouping, labels: Sequence[str], thresholds: Thresholds, point: str, targets, scores, mask) -> list[dict]:
+    """Per group of `g`: {label: threshold, sensitivity, false-positive rate} at one operating point (None without both classes)."""
+    k = len(g.groups)
+    found: list[dict] = [{} for _ in range(k)]
     for j, label in enumerate(labels):
-        threshold, keep = thresholds[label].get(point), mask[:, j] > 0
-        y = targets[keep, j] > 0
-        if threshold is None or y.all() or not y.any():
-            found[label] = {"threshold": threshold, "sensitivity": None, "fpr": None}
-            continue
-        called = scores[keep, j] >= threshold
-        found[label] = {"threshold": threshold, "sensitivity": float(called[y].mean()), "fpr": float(called[~y].mean())}
+        threshold, scored, positive = thresholds[label].get(point), mask[:, j] > 0, targets[:, j] > 0
+        called = scores[:, j] >= threshold if threshold is not None else np.zeros(len(targets), dtype=bool)
+        tp, p, fp, n = (np.bincount(g.of_image, weights=w, minlength=k) for w in
+                        (scored & positive & called, scored & positive, scored & ~positive & called, scored & ~positive))
+        for i in range(k):
+            known = threshold is not None and p[i] > 0 and n[i] > 0
+            found[i][label] = {"threshold": threshold, "sensitivity": float(tp[i] / p[i]) if known else None,
+                               "fpr": float(fp[i] / n[i]) if known else None}
     return found
 
 
@@ -86,21 +93,22 @@ def underdiagnosed(labels: Sequence[str], thresholds: Thresholds, points: Sequen
     return has, called
 
 
-def group_underdiagnosis(audit: SubgroupAudit, has: np.ndarray, called: np.ndarray, members: np.ndarray, everyone: np.ndarray,
-                         group: np.ndarray) -> dict:
-    """The group's rate, its interval, and its paired gap to the rest; `everyone`/`group`: (resamples, 2) sums of
-    (images with a finding, those called "No Finding") in each resample."""
+def group_underdiagnosis(audit: SubgroupAudit, has: np.ndarray, called: np.ndarray, members: np.ndarray,
+                         sums: tuple[np.ndarray, np.ndarray], cases: int) -> dict:
+    """The group's rate, its interval, and its paired gap to the rest (when `cases`, the fewest patients of one outcome on
+    a side, reach MIN_CASES); `sums`: the (resamples, 2) sums of (images with a finding, those called "No Finding") of
+    everyone and of the group in each resample."""
     def rate(found: np.ndarray, counted: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return counted / found
 
+    everyone, group = sums
     inside, rest = has & members, has & ~members
     if not inside.any():
         return {"images_with_finding": 0, "rate": None, "interval": None, "gap": None}
     point = float((called & inside).sum() / inside.sum())
     resampled = rate(group[:, 0], group[:, 1])
     result = {"images_with_finding": int(inside.sum()), "rate": point, "interval": percentile_interval(resampled, audit.level), "gap": None}
-    cases = min(outcome_cases(audit.patients, called, inside), outcome_cases(audit.patients, called, rest))
     if cases >= MIN_CASES:
         other = float((called & rest).sum() / rest.sum())
         result["gap"] = audit.gap(point - other, resampled - rate(everyone[:, 0] - group[:, 0], everyone[:, 1] - group[:, 1]), cases)
@@ -130,7 +138,8 @@ def evaluation_audit(labels: Sequence[str], targets: np.ndarray, scores: np.ndar
     return flag_gaps(audit)
 
 
-def outcome_cases(patients: np.ndarray, called: np.ndarray, rows: np.ndarray) -> int:
-    """The fewer of the patients of `rows` with an image called "No Finding" and those with one called otherwise."""
-    n = int(patients.max()) + 1
-    return min(patients_with(patients, rows & called, n), patients_with(patients, rows & ~called, n))
+def outcome_cases(audit: SubgroupAudit, g: Grouping, has: np.ndarray, called: np.ndarray) -> np.ndarray:
+    """Per group of `g`: the fewest patients of one outcome (an image with a finding called "No Finding", one called
+    otherwise) in the group or in its rest."""
+    counts = [c for images in (has & called, has & ~called) for c in patients_by_group(g, audit.patients, audit.n_patients, images)]
+    return np.minimum.reduce(counts)

@@ -102,9 +102,9 @@ def gap_cell(g: dict | None) -> str:
 
 def underdiagnosis_html(audit: dict) -> str:
     definition = audit.get("underdiagnosis_definition")
-    if not definition:
+    points = next((list(e["underdiagnosis"]) for info in audit["attributes"].values() for e in info["groups"].values() if e["reported"]), None)
+    if not definition or not points:
         return ""
-    points = next(list(e["underdiagnosis"]) for info in audit["attributes"].values() for e in info["groups"].values() if e["reported"])
     rows = []
     for name, info in audit["attributes"].items():
         for group, entry in info["groups"].items():

@@ -164,19 +164,35 @@ def start_audit(labels: Sequence[str], patients: Sequence, attributes: Sequence[
     patient_no, n_patients, blocks = draws(patients, resamples, seed)
     audit = SubgroupAudit(list(labels), found, min_patients, level, patient_no, n_patients, blocks)
     audit.result = {"min_patients": min_patients, "resamples": resamples, "level": level, "seed": seed, "unit": "patient",
-                    "attributes": {g.name: {"kind": g.kind, "source": g.source, "groups": group_counts(g, patient_no, min_patients)}
+                    "attributes": {g.name: {"kind": g.kind, "source": g.source, "groups": group_counts(g, patient_no, n_patients, min_patients)}
                                    for g in found}}
     return audit
 
 
-def group_counts(g: Grouping, patients: np.ndarray, min_patients: int) -> dict[str, dict]:
-    entries = {}
-    for k, name in enumerate(g.groups):
-        members = g.of_image == k
-        count = len(np.unique(patients[members]))
-        entries[name] = ({"reported": True, "images": int(members.sum()), "patients": count} if count >= min_patients
-                         else {"reported": False, "note": f"{TOO_FEW} (fewer than {min_patients})"})
-    return entries
+def group_counts(g: Grouping, patients: np.ndarray, n_patients: int, min_patients: int) -> dict[str, dict]:
+    counts, _ = patients_by_group(g, patients, n_patients, np.ones(len(patients), dtype=bool))
+    images = np.bincount(g.of_image, minlength=len(g.groups))
+    return {name: ({"reported": True, "images": int(images[k]), "patients": int(counts[k])} if counts[k] >= min_patients
+                   else {"reported": False, "note": f"{TOO_FEW} (fewer than {min_patients})"}) for k, name in enumerate(g.groups)}
+
+
+def patients_by_group(g: Grouping, patients: np.ndarray, n_patients: int, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of `g`: how many patients have one of `images` (a boolean mask) in the group, and how many outside it."""
+    k = len(g.groups)
+    present = np.bincount(g.of_image[images] * n_patients + patients[images], minlength=k * n_patients).reshape(k, n_patients) > 0
+    groups_per_patient = present.sum(axis=0)
+    outside = np.array([np.count_nonzero(groups_per_patient - present[i]) for i in range(k)], dtype=np.int64)
+    return present.sum(axis=1), outside
+
+
+def case_table(audit: SubgroupAudit, g: Grouping, targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(groups, labels): the fewest patients of one class (with the finding, without it) in the group or in its rest."""
+    fewest = []
+    for j in range(targets.shape[1]):
+        scored, positive = mask[:, j] > 0, targets[:, j] > 0
+        counts = [c for images in (scored & positive, scored & ~positive) for c in patients_by_group(g, audit.patients, audit.n_patients, images)]
+        fewest.append(np.minimum.reduce(counts))
+    return np.stack(fewest, axis=1)
 
 
 def add_aucs(audit: SubgroupAudit, targets: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> None:
@@ -184,19 +200,21 @@ def add_aucs(audit: SubgroupAudit, targets: np.ndarray, scores: np.ndarray, mask
     groups = audit.reported()
     members = np.array([m for _, _, m in groups], dtype=bool).reshape(len(groups), len(targets))
     aucs, resampled = group_resample_aucs(targets, scores, mask, members, audit.patients, audit.n_patients, audit.blocks)
+    cases = {g.name: case_table(audit, g, targets, mask) for g in audit.groupings}
     for k, (g, name, member) in enumerate(groups):
-        audit.entry(g, name).update(group_aucs(audit, targets, mask, member, (aucs[0, k], aucs[1, k]), resampled[:, 0, k], resampled[:, 1, k]))
+        entry = group_aucs(audit, targets, mask, member, (aucs[0, k], aucs[1, k]), (resampled[:, 0, k], resampled[:, 1, k]),
+                           cases[g.name][g.groups.index(name)])
+        audit.entry(g, name).update(entry)
 
 
-def group_aucs(audit: SubgroupAudit, targets, mask, members: np.ndarray, aucs: tuple[np.ndarray, np.ndarray], inside: np.ndarray,
-               rest: np.ndarray) -> dict:
-    """The group's entry from its and the rest's AUCs `aucs` (per label) and their resampled AUCs `inside` and `rest`."""
+def group_aucs(audit: SubgroupAudit, targets, mask, members: np.ndarray, aucs: tuple[np.ndarray, np.ndarray],
+               resampled: tuple[np.ndarray, np.ndarray], cases: np.ndarray) -> dict:
+    """The group's entry from its and the rest's AUCs (per label), their resampled AUCs and the fewest patients of a class."""
     labels, level = audit.labels, audit.level
-    point, other = aucs
+    (point, other), (inside, rest) = aucs, resampled
     scored = mask[members] > 0
     positives = (targets[members] > 0) & scored
     own = np.isfinite(point)
-    cases = np.minimum(case_counts(audit.patients, targets, mask, members), case_counts(audit.patients, targets, mask, ~members))
     both = own & np.isfinite(other) & (cases >= MIN_CASES)
     return {
         "prevalence": {label: (float(positives[:, j].sum() / scored[:, j].sum()) if scored[:, j].any() else None) for j, label in enumerate(labels)},
@@ -211,24 +229,6 @@ def group_aucs(audit: SubgroupAudit, targets, mask, members: np.ndarray, aucs: t
                               if both.any() else None),
                 "macro_labels": int(both.sum())},
     }
-
-
-def case_counts(patients: np.ndarray, targets: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per label: the fewer of the patients of `rows` with a scored positive and those with a scored negative."""
-    scored = (mask > 0) & rows[:, None]
-    positive = scored & (targets > 0)
-    n, labels = int(patients.max()) + 1 if len(patients) else 0, targets.shape[1]
-    cells = patients[:, None] * labels + np.arange(labels)  # (patient, label) as one number
-
-    def with_any(images: np.ndarray) -> np.ndarray:
-        return np.count_nonzero(np.bincount(cells[images], minlength=n * labels).reshape(n, labels), axis=0)
-
-    return np.minimum(with_any(positive), with_any(scored & ~positive))
-
-
-def patients_with(patients: np.ndarray, images: np.ndarray, n_patients: int) -> int:
-    """How many patients have at least one of `images`."""
-    return int(np.count_nonzero(np.bincount(patients[images], minlength=n_patients)))
 
 
 def nanmean_rows(values: np.ndarray) -> np.ndarray:
