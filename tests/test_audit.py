@@ -168,3 +168,29 @@ def test_a_dataset_prepared_before_attributes_evaluates_with_one_line_and_no_aud
     assert capsys.readouterr().out.count("no subgroup audit") == 1
     page = run_report(trained_experiment, tmp_path / "report", shards=old).read_text()
     assert ">Who the model fails<" in page
+
+
+def test_group_aucs_and_intervals_equal_sklearn_and_brute_force_on_the_written_predictions(planted):
+    """metrics.json's subgroup numbers recomputed from predictions.csv alone: scikit-learn's AUC per group, and the
+    percentile interval of a brute-force patient bootstrap (explicit per-image weights, the evaluation's seed and count)."""
+    from bootstrap_reference import reference_patient_weights
+    from sklearn.metrics import roc_auc_score
+
+    from cxrdist.evaluation.scoring.bootstrap import weighted_auc
+
+    _, _, fold, metrics = planted
+    table = pd.read_csv(fold.parent / "ensemble" / "predictions.csv", dtype={"key": str, "patient": str, "attr_sex": str})
+    audit = metrics["subgroups"]
+    weights = reference_patient_weights(table["patient"].tolist(), audit["resamples"], audit["seed"])
+    for label in ("Pleural Effusion", "Support Devices", "Lung Opacity"):
+        known = table[f"target_{label}"].notna().to_numpy()
+        y, s = table[f"target_{label}"].fillna(0).to_numpy(), table[f"prob_{label}"].to_numpy()
+        for sex in ("F", "M"):
+            entry = audit["attributes"]["sex"]["groups"][sex]
+            inside = (table["attr_sex"] == sex).to_numpy()
+            assert math.isclose(entry["per_label"][label], roc_auc_score(y[inside & known], s[inside & known]), abs_tol=1e-12)
+            resampled = weighted_auc(y, s, weights * (inside & known))
+            np.testing.assert_allclose(entry["interval"]["per_label"][label], np.percentile(resampled, [2.5, 97.5]), rtol=0, atol=1e-12)
+            rest = weighted_auc(y, s, weights * (~inside & known))
+            np.testing.assert_allclose(entry["gap"]["per_label"][label]["interval"], np.percentile(resampled - rest, [2.5, 97.5]), rtol=0,
+                                       atol=1e-12)

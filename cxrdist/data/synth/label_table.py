@@ -40,6 +40,7 @@ MAX_IMAGES_PER_PATIENT = 6
 # Independent RNG streams: (seed, stream, ...) keys never collide between purposes.
 _STREAM_COHORT, _STREAM_PATIENT, _STREAM_IMAGE, _STREAM_PERSISTENT_SIGN, _STREAM_SIGN, _STREAM_DEMOGRAPHICS = 1, 2, 3, 4, 5, 6
 FIRST_AGE, LAST_AGE = 18, 90
+COHORT_COLUMNS = ("path", "patient", "study", "view", "sex", "age")  # the CSV's columns before the labels
 
 
 # ----------------------------------------------------------------------------------------- labels
@@ -175,7 +176,7 @@ def sample_cohort(n: int, seed: int = 0) -> Cohort:
                              "study": f"study{study}", "view": view, "sex": sex, "age": first_age + study - 1, **values})
                 signs.append(study_signs)
                 patients.append(patient)
-    table = pd.DataFrame(rows[:n], columns=["path", "patient", "study", "view", "sex", "age", *LABELS])
+    table = pd.DataFrame(rows[:n], columns=[*COHORT_COLUMNS, *LABELS])
     for name in LABELS:
         table[name] = table[name].astype("Int64")
     return Cohort(table=table, signs=np.stack(signs[:n]), patient_index=np.asarray(patients[:n]))

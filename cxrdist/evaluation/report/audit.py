@@ -37,9 +37,10 @@ def explanation(audit: dict) -> str:
             f"AUC of the ensemble over the labels the group can score, with a patient-bootstrap {100 * audit['level']:.0f}% interval "
             f"({audit['resamples']} resamples, the evaluation's own draws), and its gap to the rest (the group's AUC minus that of every "
             f"other image) with a paired interval: both sides scored on the same resamples. A gap is <b>flagged</b> when its "
-            f"interval at the family-wise 5% level excludes zero (Bonferroni over the {audit.get('comparisons', 0)} gaps of this audit, "
-            f"from the bootstrap standard error), so a model that fails nobody is flagged with probability at most 5%. A group of "
-            f"fewer than {audit['min_patients']} patients shows \u201ctoo few patients\u201d, no number.")
+            f"interval at the family-wise 5% level excludes zero (Bonferroni over the {audit.get('comparisons', 0)} gaps of this audit: "
+            f"the bootstrap standard error times Student's t quantile on the gap's fewest patients of one class), so a model that "
+            f"fails nobody is flagged with probability about 5%. A label's gap needs 10 patients with and 10 without the finding on "
+            f"each side. A group of fewer than {audit['min_patients']} patients shows \u201ctoo few patients\u201d, no number.")
 
 
 def flagged_html(audit: dict) -> str:

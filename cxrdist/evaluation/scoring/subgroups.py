@@ -19,7 +19,7 @@ each reported group's per-label and macro AUC gaps and its underdiagnosis gaps),
 error, q the 1 - 0.05 / 2m quantile of Student's t with (the gap's fewest cases - 1) degrees of freedom (the fewer of
 the patients with and without the finding, or the outcome, on either side). The t, not the normal quantile: a
 bootstrap standard error from a few dozen cases runs small and its tails are heavy, and with normal quantiles audits
-of models that fail nobody were flagged 15% of the time; a bootstrap max-t let one skewed gap raise every threshold
+of models that fail nobody were flagged 17.5% of the time; a bootstrap max-t let one skewed gap raise every threshold
 (to 4.1 standard errors in a planted test). 1,000 resamples cannot resolve a 0.05/m percentile, hence the standard
 error. So an audit of a model that fails no group flags something with probability about FAMILY_LEVEL (5%); the
 rate measured on synthetic cohorts is in README.md ("Who the model fails").
