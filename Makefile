@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_trainer.py
 	cd bench && PYTHONPATH=.. ../$(VENV)/bin/python bench_augment.py
 	$(VENV)/bin/python bench/bench_bootstrap.py
+	$(VENV)/bin/python bench/bench_audit.py
 
 # Wheels of the dependencies an offline GPU machine with only torch, torchvision, timm, accelerate and
 # scikit-learn lacks (see bench/README.md); run it with the GPU machine's Python version.

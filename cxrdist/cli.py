@@ -25,13 +25,19 @@ def add_synth(sub) -> None:
     p.add_argument("--planted-coupling", type=float, default=None, metavar="F",
                    help="add a 'Planted Target' (a noisy copy of Pleural Effusion with no mark of its own, labelled for a fraction F "
                         "of the patients, -1 elsewhere) and two independent controls; the full truth goes to labels_full.csv")
+    p.add_argument("--planted-gap", metavar="LABEL:ATTRIBUTE=VALUE:STRENGTH",
+                   help="draw LABEL's mark at STRENGTH (0-1) on one group's images (sex=F, view=AP or age=60-90), labels unchanged: "
+                        "a subgroup failure for the audit to find, e.g. 'Pleural Effusion:sex=F:0.3'")
+    p.add_argument("--planted-shortcut", metavar="LABEL",
+                   help="a marker on AP films, on 90%% of those whose study has LABEL and 10%% of the others: a shortcut")
     p.set_defaults(run=run_synth)
 
 
 def run_synth(args) -> int:
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
-    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers, planted_coupling=args.planted_coupling)
+    csv = make_synthetic_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers, planted_coupling=args.planted_coupling,
+                                 planted_gap=args.planted_gap, planted_shortcut=args.planted_shortcut)
     print(f"wrote {args.n} synthetic radiographs and {csv}")
     return 0
 
@@ -75,6 +81,17 @@ def add_prepare(sub) -> None:
     p.add_argument("--allow-outside-images", action="store_true", help="read CSV paths that lead outside --images (../, absolute, symlinks)")
     p.add_argument("--workers", type=int, default=1, help="processes that write shards (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold and test assignment and of the shard order (default: %(default)s)")
+    p.add_argument("--attributes", metavar="NAME[=COLUMN],...",
+                   help="more attributes for the subgroup audit (never a model input): columns of the CSV (MIMIC: of its metadata CSV) "
+                        "or of --attributes-table; a name 'sex' or 'age' is typed as such. Always kept: the view, and CheXpert's "
+                        "Sex/Age, NIH's Patient Gender/Patient Age")
+    p.add_argument("--attributes-table", type=Path, metavar="FILE", help="a CSV of attributes kept elsewhere, one row per patient "
+                                                                          "(or image path), e.g. MIMIC-IV's patients.csv")
+    p.add_argument("--attributes-join", choices=["patient", "path"], default="patient",
+                   help="what the table's key column holds: patient ids or image paths (default: %(default)s)")
+    p.add_argument("--attributes-key", metavar="COLUMN", help="the table's key column (default: the --attributes-join name), "
+                                                              "e.g. subject_id")
+    p.add_argument("--age-bins", metavar="A,B,...", help="lower age edges of the audit's age groups (default: 18,40,60,80)")
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--folds-only", type=Path, metavar="FILE", help="only compute the folds and write (path, patient, split) to FILE")
     folds.add_argument("--folds-from", type=Path, metavar="FILE", help="use the fold assignment in FILE")
@@ -260,6 +277,10 @@ def add_evaluate(sub) -> None:
     p.add_argument("--eval-targets", choices=["ignore_uncertain", "zeros", "ones"], default=None,
                    help="what the AUCs score against, whatever the training policy: uncertain (-1) entries left out (ignore_uncertain), "
                         "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
+    p.add_argument("--min-group-patients", dest="min_patients", type=int, default=20,
+                   help="subgroup audit: a group with fewer patients shows 'too few patients', no number (default: %(default)s)")
+    p.add_argument("--intersect", action="append", default=[], metavar="A,B",
+                   help="subgroup audit: also the groups of two attributes crossed, e.g. --intersect sex,age (repeatable)")
     p.set_defaults(run=run_evaluate)
 
 
@@ -270,7 +291,8 @@ def run_evaluate(args) -> int:
         raise UserError("--leave-out-overlap only applies to --external DATASET")
 
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
-                       eval_targets=args.eval_targets, external=args.external, leave_out_overlap=args.leave_out_overlap)
+                       eval_targets=args.eval_targets, external=args.external, leave_out_overlap=args.leave_out_overlap,
+                       min_patients=args.min_patients, intersections=args.intersect)
     if metrics:
         from cxrdist.evaluation.report.dashboard import log_ensemble_run
 

@@ -123,7 +123,8 @@ def run_demo(out: Path) -> int:
     step(f"[2/5] {DEMO_FOLDS} patient-grouped MIS folds + a test split, as shards in {shards}")
     if not shards_ready:
         prepare(PrepareOptions(source="csv", csv=synth / "labels.csv", images=synth / "images", out=shards, folds=DEMO_FOLDS,
-                               test_fraction=0.2, max_size=DEMO_IMAGE_SIZE, samples_per_shard=250, workers=2))
+                               test_fraction=0.2, max_size=DEMO_IMAGE_SIZE, samples_per_shard=250, workers=2,
+                               attributes="sex,age"))  # the subgroup audit's attributes (the view is kept anyway)
     else:
         print(f"  (reusing {shards})")
     experiment = runs / "demo"

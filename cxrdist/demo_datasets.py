@@ -15,6 +15,7 @@ import pandas as pd
 
 from cxrdist.data.prepare import PrepareOptions, prepare
 from cxrdist.data.synth.dataset import make_synthetic_dataset
+from cxrdist.data.synth.label_table import COHORT_COLUMNS
 from cxrdist.demo import DEMO_PROCESSES, DemoSteps, evaluated, reported, step, train_folds
 from cxrdist.layout import METRICS_FILE
 
@@ -45,7 +46,7 @@ def prepare_hospital(out: Path, name: str, seed: int, n: int, rename: dict | Non
     table = pd.read_csv(csv, dtype={"patient": str, "study": str})
     table = table.drop(columns=drop or []).rename(columns=rename or {})
     table.to_csv(csv, index=False)
-    labels = ",".join(table.columns[4:])  # after path, patient, study, view
+    labels = ",".join(c for c in table.columns if c not in COHORT_COLUMNS)
     print(f"   its folds and test split ({name}):", flush=True)
     prepare(PrepareOptions(source="csv", csv=csv, images=synth / "images", out=shards, folds=FOLDS, test_fraction=0.2,
                            max_size=IMAGE_SIZE, samples_per_shard=100, workers=2, labels=labels, progress=False))

@@ -20,6 +20,7 @@ from trainer_utils import (DEMO_CONFIG, REPO, TRAIN, cpu_env, explain, fast_over
 
 from cxrdist.data.datasets import open_datasets
 from cxrdist.data.stream import StreamConfig, eval_loader, train_loader
+from cxrdist.data.synth.label_table import COHORT_COLUMNS
 from cxrdist.data.spec import ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.labels.policy import NOT_ANNOTATED
@@ -36,7 +37,7 @@ def prepare_synthetic(root: Path, seed: int, n: int, folds: int, rename: dict | 
     table = pd.read_csv(csv, dtype={"patient": str, "study": str})
     table = table.drop(columns=list(drop)).rename(columns=rename or {})
     table.to_csv(csv, index=False)
-    labels = ",".join(table.columns[4:])  # after path, patient, study, view
+    labels = ",".join(c for c in table.columns if c not in COHORT_COLUMNS)
     prepare(PrepareOptions(source="csv", csv=csv, images=root / "raw" / "images", out=root / "shards", folds=folds, test_fraction=0.2,
                            max_size=64, fmt="png", samples_per_shard=40, workers=1, labels=labels, progress=False))
     return root / "shards"

@@ -62,7 +62,7 @@ def test_csv_is_the_generic_format_with_paths_relative_to_images(small_dataset):
     out, csv = small_dataset
     assert csv == out / "labels.csv"
     table = _raw_csv(csv)
-    assert list(table.columns) == ["path", "patient", "study", "view", *CHEXPERT_LABELS]
+    assert list(table.columns) == ["path", "patient", "study", "view", "sex", "age", *CHEXPERT_LABELS]
     assert len(table) == 40
     assert set(np.unique(table[CHEXPERT_LABELS].to_numpy())) <= {"1", "0", "-1", ""}
     assert set(table["view"]) <= {"PA", "AP", "LATERAL"}
@@ -274,3 +274,48 @@ def test_synth_with_a_planted_coupling_writes_both_tables(tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(UserError, match="planted-coupling"):
             make_synthetic_dataset(tmp_path / f"bad{bad}", n=8, size=32, seed=2, workers=1, progress=False, planted_coupling=bad)
+
+
+def test_sex_and_age_are_per_patient_and_change_no_label(cohort):
+    table = cohort.table
+    assert table.groupby("patient")["sex"].nunique().max() == 1 and set(table["sex"]) == {"F", "M"}
+    first = table.groupby("patient")["age"].transform("min")
+    assert ((table["age"] - first) == table["study"].str.removeprefix("study").astype(int) - 1).all()
+    assert table["age"].between(18, 94).all() and 0.45 < (table["sex"] == "F").mean() < 0.55
+    for name in ("Pleural Effusion", "Edema", "Cardiomegaly"):  # independent of sex: prevalences alike
+        by_sex = table[name].astype(float).eq(1).groupby(table["sex"]).mean()
+        assert abs(by_sex["F"] - by_sex["M"]) < 0.04
+
+
+def test_a_planted_gap_weakens_one_finding_for_one_group_only(cohort):
+    from cxrdist.data.synth.label_table import LABELS
+    from cxrdist.data.synth.planted_gap import parse_gap, plant_gap
+
+    gap = parse_gap("Pleural Effusion:sex=F:0.25")
+    signs = plant_gap(cohort, gap)
+    women, k = (cohort.table["sex"] == "F").to_numpy(), LABELS.index("Pleural Effusion")
+    np.testing.assert_allclose(signs[women, k], 0.25 * cohort.signs[women, k])
+    unchanged = np.ones_like(signs, dtype=bool)
+    unchanged[women, k] = False
+    assert np.array_equal(signs[unchanged], cohort.signs[unchanged])
+    assert parse_gap("Edema:age=60-90:0").members(cohort).sum() == cohort.table["age"].between(60, 90).sum()
+    for bad in ("Pleural Effusion:sex:0.3", "No Finding:sex=F:0.3", "Edema:race=x:0.3", "Edema:sex=F:1.5", "Edema:age=90-60:0.5"):
+        with pytest.raises(UserError, match="planted-gap"):
+            parse_gap(bad)
+
+
+def test_a_planted_shortcut_marks_ap_films_and_tracks_the_finding(cohort, tmp_path):
+    from cxrdist.data.synth.planted_gap import P_MARKER_IF_PRESENT, P_MARKER_OTHERWISE, shortcut_markers
+
+    marked = shortcut_markers(cohort, "Support Devices", seed=0)
+    table = cohort.table
+    ap, present = (table["view"] == "AP").to_numpy(), (table["Support Devices"].fillna(0) == 1).to_numpy()
+    assert not marked[~ap].any()
+    assert abs(marked[ap & present].mean() - P_MARKER_IF_PRESENT) < 0.05 and abs(marked[ap & ~present].mean() - P_MARKER_OTHERWISE) < 0.05
+    csv = make_synthetic_dataset(tmp_path / "s", n=30, size=64, seed=0, workers=1, progress=False, planted_shortcut="Support Devices")
+    plain = make_synthetic_dataset(tmp_path / "p", n=30, size=64, seed=0, workers=1, progress=False)
+    rows = _raw_csv(csv)
+    for i, path in enumerate(rows["path"]):
+        pixels = np.asarray(Image.open(tmp_path / "s" / "images" / path))
+        same = (tmp_path / "s" / "images" / path).read_bytes() == (plain.parent / "images" / path).read_bytes()
+        assert same != bool(marked[i]) and (pixels[2, 2:7] == 245).all() == bool(marked[i])  # the tag's top edge at 64 px

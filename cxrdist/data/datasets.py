@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxrdist.data.attributes import merged_specs
 from cxrdist.data.location import Location, display, is_url, join, resolved, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_one_manifest
 from cxrdist.errors import UserError
@@ -181,7 +182,8 @@ def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = 
                       split_name)
     first = members[entries[0].name]
     result = CombinedManifest(labels=vocab.labels, splits=splits, num_folds=first.num_folds, seed=first.seed,
-                              source={"datasets": [entry.to_dict() for entry in entries]}, image=dict(first.image))
+                              source={"datasets": [entry.to_dict() for entry in entries]}, image=dict(first.image),
+                              attributes=merged_specs({name: manifest.attributes for name, manifest in members.items()}))
     result.members, result.entries = members, tuple(entries)
     result.vocabulary_given, result.outside = vocabulary is not None, vocab.outside
     return result

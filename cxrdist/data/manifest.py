@@ -14,7 +14,8 @@ from cxrdist.errors import UserError
 from cxrdist.layout import fold_name
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2  # 2: fingerprints (fingerprints.npz, data/fingerprint_store.py); version 1 reads as 2 without them
+FORMAT_VERSION = 2  # 2: fingerprints (fingerprints.npz, data/fingerprint_store.py) and `attributes` (data/attributes.py, each
+# sample's json "attributes"); a version-1 dataset reads as 2 without them: it trains and evaluates, with no subgroup audit
 READABLE_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 256 * 2**20  # far above any real manifest; an endless or wrong body stops here
 EXISTENCE_CHECKS_IN_FLIGHT = 16  # parallel HEAD/stat requests when a manifest is read from a URL
@@ -53,6 +54,7 @@ class Manifest:
     fingerprints: dict = field(default_factory=dict)  # {"file", "sha256", "count", "method"} of the sidecar, {} if none
     format_version: int = FORMAT_VERSION
     created_by: str = ""
+    attributes: list[dict] = field(default_factory=list)  # AttributeSpec.to_dict() of each attribute the samples carry
 
     @property
     def fold_names(self) -> list[str]:

@@ -16,12 +16,15 @@ import pandas as pd
 from cxrdist import __version__
 from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale_staging, replace_directory, staging_directory
 from cxrdist.data import folds as folds_lib
+from cxrdist.data.attribute_table import AttributeRequest, attribute_values, build_request, check_names
+from cxrdist.data.attributes import AttributeSpec, sample_attributes, spec_of
 from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
 from cxrdist.data.fingerprint_store import FINGERPRINTS_NAME, FingerprintTable, write_fingerprints
 from cxrdist.data.leakage import check_split_duplicates, duplicate_groups
 from cxrdist.data.shards import EncodeJob, SampleSpec, ShardJob, encode_images, make_keys, plan_shards, run_jobs, run_parallel, shard_info
-from cxrdist.data.sources import filter_views, in_test_list, load_records, read_test_list, resolve_paths
+from cxrdist.data.sources import (ATTRIBUTE_PREFIX, MIMIC_METADATA_NAME, filter_views, in_test_list, load_records, read_test_list,
+                                  resolve_paths, table_columns)
 from cxrdist.errors import UserError
 from cxrdist.layout import TEST_SPLIT, fold_name, is_fold
 from cxrdist.log import progress
@@ -56,6 +59,14 @@ class PrepareOptions:
     no_patient_grouping: bool = False
     allow_outside_images: bool = False
     progress: bool = True
+    attributes: str | None = None  # --attributes NAME[=COLUMN],... (cxrdist/data/attributes.py)
+    attributes_table: Path | None = None
+    attributes_join: str = "patient"
+    attributes_key: str | None = None
+    age_bins: str | None = None
+
+
+TYPED_PREFIX = "__typed_attribute__"  # records' column of an attribute's typed values, kept aligned when images are left out
 
 
 def prepare(opts: PrepareOptions) -> Manifest | None:
@@ -65,11 +76,17 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     if opts.folds_only is not None:
         check_writable_file(opts.folds_only, "--folds-only")
         check_not_an_input(opts.folds_only, input_files(opts).values(), "--folds-only")
+    request = attribute_request(opts)
     records, labels = load_records(
-        opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping
+        opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping,
+        attribute_columns=list(dict.fromkeys(request.from_csv.values())),
     )
+    check_names(request.names, labels)
     notes = list(records.attrs.get("notes", []))
     records = filter_views(records, opts.views)
+    columns, specs, attribute_notes = read_attributes(request, records, opts)  # before resolve_paths: a table joined by path names the CSV's paths
+    records = records.assign(**{TYPED_PREFIX + name: values for name, values in columns.items()})
+    notes += attribute_notes
     if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
         records = resolve_paths(records, opts.images)  # the official download spreads images over 12 folders
     labels, dropped = annotated_labels(records, labels, opts.csv)
@@ -86,7 +103,21 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
         splits_from_file(records, opts.folds_from)  # a wrong fold file is said before the images are read
     missing = check_image_paths(records["path"], opts.images, opts.allow_outside_images, missing_ok=opts.on_bad_image == "skip")
     records.attrs["notes"] = notes
-    return write_dataset(records, labels, missing, opts)
+    return write_dataset(records, labels, missing, opts, specs)
+
+
+def attribute_request(opts: PrepareOptions) -> AttributeRequest:
+    return build_request(opts.source, opts.attributes, table_columns(opts.source, opts.csv, opts.metadata), opts.attributes_table,
+                         opts.attributes_join, opts.attributes_key, opts.age_bins)
+
+
+def read_attributes(request: AttributeRequest, records: pd.DataFrame, opts: PrepareOptions) -> tuple[dict[str, list], list, list[str]]:
+    """The typed attributes of every record, their specs, and notes (what is unknown and why)."""
+    raw = {name: records[ATTRIBUTE_PREFIX + column] for name, column in request.from_csv.items()}
+    where = Path(opts.csv).name
+    if opts.source == "mimic":
+        where = Path(opts.metadata).name if opts.metadata else MIMIC_METADATA_NAME
+    return attribute_values(request, records, raw, where)
 
 
 def annotated_labels(records: pd.DataFrame, labels: list[str], csv: Path) -> tuple[list[str], list[str]]:
@@ -187,7 +218,8 @@ def check_out(opts: PrepareOptions) -> None:
 
 def input_files(opts: PrepareOptions) -> dict[str, Path]:
     """The files prepare reads besides the images, by flag."""
-    given = {"--csv": opts.csv, "--test-list": opts.test_list, "--folds-from": opts.folds_from, "--metadata": opts.metadata}
+    given = {"--csv": opts.csv, "--test-list": opts.test_list, "--folds-from": opts.folds_from, "--metadata": opts.metadata,
+             "--attributes-table": opts.attributes_table}
     return {flag: Path(path) for flag, path in given.items() if path is not None}
 
 
@@ -236,11 +268,11 @@ def file_identity(path: Path) -> tuple[object, bool]:
     return (info.st_dev, info.st_ino), stat.S_ISREG(info.st_mode)
 
 
-def sample_specs(records: pd.DataFrame, raw: np.ndarray) -> list[SampleSpec]:
+def sample_specs(records: pd.DataFrame, raw: np.ndarray, columns: dict[str, list]) -> list[SampleSpec]:
     specs = []
     for i, row in enumerate(records[["key", "path", "patient", "study", "view"]].itertuples(index=False)):
         labels = tuple(None if math.isnan(v) else int(v) for v in raw[i])
-        specs.append(SampleSpec(row.key, row.path, str(row.patient), str(row.study), str(row.view), labels))
+        specs.append(SampleSpec(row.key, row.path, str(row.patient), str(row.study), str(row.view), labels, sample_attributes(columns, i)))
     return specs
 
 
@@ -249,7 +281,8 @@ def split_names(splits: np.ndarray, num_folds: int) -> list[str]:
     return names + ([TEST_SPLIT] if TEST_SPLIT in set(splits) else [])
 
 
-def write_dataset(records: pd.DataFrame, labels: list[str], missing: list[str], opts: PrepareOptions) -> Manifest:
+def write_dataset(records: pd.DataFrame, labels: list[str], missing: list[str], opts: PrepareOptions,
+                  attributes: list[AttributeSpec]) -> Manifest:
     """Read every image, then compute the folds of the images that could be read, then pack the shards; all in a hidden
     sibling directory swapped in only when complete: a failed or interrupted run leaves --out as it was (a previous
     dataset intact) and no partial shards anywhere."""
@@ -261,7 +294,7 @@ def write_dataset(records: pd.DataFrame, labels: list[str], missing: list[str], 
     try:
         with sigterm_as_interrupt():
             staging.mkdir()
-            manifest = write_shards(staging, records, labels, missing, opts)
+            manifest = write_shards(staging, records, labels, missing, opts, attributes)
             write_manifest(staging, manifest)
             replace_directory(staging, out)
     except BaseException:
@@ -298,7 +331,8 @@ def read_images(pool: Path, records: pd.DataFrame, opts: PrepareOptions) -> tupl
     return records[written].reset_index(drop=True), prints, bad
 
 
-def write_shards(out: Path, records: pd.DataFrame, labels: list[str], missing: list[str], opts: PrepareOptions) -> Manifest:
+def write_shards(out: Path, records: pd.DataFrame, labels: list[str], missing: list[str], opts: PrepareOptions,
+                 attributes: list[AttributeSpec]) -> Manifest:
     notes = list(records.attrs.get("notes", []))
     records = records.assign(key=make_keys(records["path"].tolist()))
     present = ~records["path"].isin(set(missing)).to_numpy()
@@ -316,7 +350,8 @@ def write_shards(out: Path, records: pd.DataFrame, labels: list[str], missing: l
     if opts.folds_from is not None:
         check_split_duplicates(records["path"].to_numpy(), splits, prints, opts.folds_from)
     balance = print_plan(records, labels, splits, notes + said + widened)
-    specs = sample_specs(records, raw)
+    columns = {spec.name: records[TYPED_PREFIX + spec.name].tolist() for spec in attributes}
+    specs = sample_specs(records, raw, columns)
     rng = np.random.default_rng(opts.seed)
     jobs_by_split: dict[str, list[ShardJob]] = {}
     for name in split_names(splits, opts.folds):
@@ -336,6 +371,7 @@ def write_shards(out: Path, records: pd.DataFrame, labels: list[str], missing: l
                              records["path"].to_numpy(str), prints)
     records.attrs["notes"] = notes + said + widened
     manifest = build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, results, balance, bad)
+    manifest.attributes = written_attributes(columns, attributes)
     manifest.fingerprints = write_fingerprints(out, table)
     return manifest
 
@@ -370,3 +406,8 @@ def build_manifest(out, records, raw, labels, splits, opts, jobs_by_split, resul
         },
         created_by=f"cxrdist {__version__}",
     )
+
+
+def written_attributes(columns: dict[str, list], specs: list[AttributeSpec]) -> list[dict]:
+    """The manifest's attribute specs, counted over the images written (not those left out)."""
+    return [spec_of(s.name, s.kind, s.source, columns[s.name], s.bins).to_dict() for s in specs]

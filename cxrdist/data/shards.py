@@ -37,7 +37,8 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """Everything needed to write one sample; `labels` are raw (1/0/-1/None)."""
+    """Everything needed to write one sample; `labels` are raw (1/0/-1/None); `attributes` are (name, value) pairs
+    (cxrdist/data/attributes.py)."""
 
     key: str
     path: str
@@ -45,6 +46,7 @@ class SampleSpec:
     study: str
     view: str
     labels: tuple
+    attributes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ def make_keys(paths: Sequence[str]) -> list[str]:
 
 
 def sample_json(spec: SampleSpec) -> bytes:
-    meta = {"labels": list(spec.labels), "patient": spec.patient, "study": spec.study, "view": spec.view, "path": spec.path}
+    meta = {"labels": list(spec.labels), "patient": spec.patient, "study": spec.study, "view": spec.view, "path": spec.path,
+            "attributes": dict(spec.attributes)}
     return json.dumps(meta, sort_keys=True).encode()
 
 

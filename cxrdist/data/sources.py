@@ -6,6 +6,8 @@ A records table is a pandas DataFrame with the columns, in order:
   study    str, "" if unknown
   view     str: "PA", "AP", "LATERAL", "LL", or "" (unknown / anything else)
   <label>  one float64 column per label: 1.0 positive, 0.0 negative, -1.0 uncertain, NaN blank
+  then, for each column asked for with `attribute_columns`, ATTRIBUTE_PREFIX + column: its text as written
+  (cxrdist/data/attributes.py types it)
 
 Images root per source (what `prepare --images` should point at):
   csv       the folder the CSV's `path` values are relative to
@@ -23,7 +25,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -41,6 +43,7 @@ FRONTAL_VIEWS = {"PA", "AP"}
 VIEW_CHOICES = ("all", "frontal")
 MIMIC_METADATA_NAME = "mimic-cxr-2.0.0-metadata.csv"
 NIH_NO_FINDING = "No Finding"
+ATTRIBUTE_PREFIX = "attribute column:"
 
 _VIEW_ALIASES = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LAT": "LATERAL", "LL": "LL"}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -54,6 +57,7 @@ def load_records(
     views: str = "all",
     metadata_csv: Path | None = None,
     no_patient_grouping: bool = False,
+    attribute_columns: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, list[str]]:
     """Read `csv` as `source` and return (records, label names); see the module docstring.
 
@@ -62,7 +66,8 @@ def load_records(
     of images dropped because their study has no labels row is in `records.attrs["notes"]`.
     A generic CSV without a `patient` column is refused unless `no_patient_grouping` (then every
     image is its own patient, noted in `records.attrs["notes"]`). Paths are normalised
-    (`./a.png` and `a.png` are one path) before the duplicate check.
+    (`./a.png` and `a.png` are one path) before the duplicate check. `attribute_columns` (of the CSV; for mimic, of
+    its metadata CSV) are kept as text after the labels, named ATTRIBUTE_PREFIX + column.
     """
     if source not in SOURCES:
         raise UserError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
@@ -71,19 +76,33 @@ def load_records(
     if metadata_csv is not None and source != "mimic":
         raise UserError(f"--metadata is only used with --source mimic, not --source {source}")
     csv = Path(csv)
+    extra = tuple(attribute_columns)
     if source == "csv":
-        records, names = _load_generic(csv, labels, no_patient_grouping)
+        records, names = _load_generic(csv, labels, no_patient_grouping, extra)
     elif source == "chexpert":
-        records, names = _load_chexpert(csv, labels)
+        records, names = _load_chexpert(csv, labels, extra)
     elif source == "nih":
-        records, names = _load_nih(csv, labels)
+        records, names = _load_nih(csv, labels, extra)
     else:
-        records, names = _load_mimic(csv, labels, metadata_csv)
+        records, names = _load_mimic(csv, labels, metadata_csv, extra)
     if records.empty:
         raise UserError(f"{csv}: no image rows")
     records["path"] = records["path"].map(posixpath.normpath)
     _check_unique_paths(records, csv)
     return filter_views(records, views), names
+
+
+def table_columns(source: str, csv: Path, metadata_csv: Path | None = None) -> list[str]:
+    """The column names of the table whose columns `attribute_columns` may name (MIMIC: its metadata CSV)."""
+    path = Path(csv)
+    if source == "mimic":
+        path = Path(metadata_csv) if metadata_csv is not None else path.parent / MIMIC_METADATA_NAME
+    if not path.is_file():
+        return []
+    try:
+        return [str(c).strip() for c in pd.read_csv(path, nrows=0, dtype=str).columns]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+        return []
 
 
 def filter_views(df: pd.DataFrame, views: str) -> pd.DataFrame:
@@ -269,10 +288,11 @@ def _normalize_views(raw: pd.Series, path: Path, warn: bool) -> pd.Series:
     return views.astype(str)
 
 
-def _records(table: pd.DataFrame, path, patient, study, view, labels: pd.DataFrame) -> pd.DataFrame:
+def _records(table: pd.DataFrame, path, patient, study, view, labels: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
     columns = {"path": path, "patient": patient, "study": study, "view": view}
     frame = pd.DataFrame({k: pd.Series(v, index=table.index).astype(str) for k, v in columns.items()})
-    return pd.concat([frame, labels], axis=1).reset_index(drop=True)
+    kept = pd.DataFrame({ATTRIBUTE_PREFIX + c: table[c].astype(str) for c in extra}, index=table.index)
+    return pd.concat([frame, labels, kept], axis=1).reset_index(drop=True)
 
 
 def _check_unique_paths(records: pd.DataFrame, csv: Path) -> None:
@@ -285,7 +305,7 @@ def _check_unique_paths(records: pd.DataFrame, csv: Path) -> None:
 # ---------------------------------------------------------------- the sources
 
 
-def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False) -> tuple[pd.DataFrame, list[str]]:
+def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False, extra: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
     table = _read_table(csv)
     if spec is None or spec == "":
         if not set(CHEXPERT_LABELS) <= set(table.columns):
@@ -296,7 +316,7 @@ def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False
             )
     names = resolve_labels(spec, CHEXPERT_LABELS)
     _check_label_names(names)
-    _require_columns(table, ["path", *names], csv)
+    _require_columns(table, ["path", *names, *extra], csv)
     path = _stripped(table, "path")
     _require_nonblank(path, table, "path", csv)
     if "patient" in table.columns:
@@ -311,7 +331,7 @@ def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False
         )
     study = _stripped(table, "study") if "study" in table.columns else ""
     view = _normalize_views(table["view"], csv, warn=True) if "view" in table.columns else ""
-    records = _records(table, path, patient, study, view, _parse_labels(table, names, csv))
+    records = _records(table, path, patient, study, view, _parse_labels(table, names, csv), extra)
     if "patient" not in table.columns:
         records.attrs["notes"] = [
             "no patient grouping (--no-patient-grouping): every image is its own patient, so a patient's images may sit in several folds"
@@ -322,11 +342,11 @@ def _load_generic(csv: Path, spec: str | None, no_patient_grouping: bool = False
 _CHEXPERT_PATH = re.compile(r"(?:^|/)(patient\d+)/(study\d+)/[^/]+$")
 
 
-def _load_chexpert(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]]:
+def _load_chexpert(csv: Path, spec: str | None, extra: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
     names = resolve_labels(spec, CHEXPERT_LABELS)
     _check_label_names(names)
     table = _read_table(csv, "CheXpert CSV")
-    _require_columns(table, ["Path", "Frontal/Lateral", "AP/PA", *names], csv)
+    _require_columns(table, ["Path", "Frontal/Lateral", "AP/PA", *names, *extra], csv)
     path = _stripped(table, "Path")
     matches = [_CHEXPERT_PATH.search(p) for p in path.tolist()]
     if not all(matches):
@@ -340,13 +360,13 @@ def _load_chexpert(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]
     side = _stripped(table, "Frontal/Lateral").str.lower()
     frontal_view = _normalize_views(table["AP/PA"].where(side == "frontal", ""), csv, warn=False)
     view = frontal_view.where(side == "frontal", np.where(side == "lateral", "LATERAL", ""))
-    return _records(table, path, patient, study, view, _parse_labels(table, names, csv)), names
+    return _records(table, path, patient, study, view, _parse_labels(table, names, csv), extra), names
 
 
 _NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position"]
 
 
-def _load_nih(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]]:
+def _load_nih(csv: Path, spec: str | None, extra: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
     names = resolve_labels(spec, NIH_LABELS)
     known = [*NIH_LABELS, NIH_NO_FINDING]
     not_nih = [n for n in names if n not in known]
@@ -356,7 +376,7 @@ def _load_nih(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]]:
             f"({', '.join(known)})"
         )
     table = _read_table(csv, "NIH CSV")
-    _require_columns(table, _NIH_COLUMNS, csv)
+    _require_columns(table, [*_NIH_COLUMNS, *extra], csv)
     findings = _stripped(table, "Finding Labels").str.replace(r"\s*\|\s*", "|", regex=True)
     _require_nonblank(findings, table, "Finding Labels", csv)
     present = findings.str.get_dummies(sep="|")
@@ -374,13 +394,13 @@ def _load_nih(csv: Path, spec: str | None) -> tuple[pd.DataFrame, list[str]]:
     patient = _stripped(table, "Patient ID")
     study = patient + "/" + _stripped(table, "Follow-up #")
     view = _normalize_views(table["View Position"], csv, warn=False)
-    return _records(table, path, patient, study, view, labels), names
+    return _records(table, path, patient, study, view, labels, extra), names
 
 
 _MIMIC_KEYS = ["subject_id", "study_id"]
 
 
-def _load_mimic(csv: Path, spec: str | None, metadata_csv: Path | None) -> tuple[pd.DataFrame, list[str]]:
+def _load_mimic(csv: Path, spec: str | None, metadata_csv: Path | None, extra: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
     names = resolve_labels(spec, CHEXPERT_LABELS)
     _check_label_names(names)
     metadata_csv = Path(metadata_csv) if metadata_csv is not None else csv.parent / MIMIC_METADATA_NAME
@@ -391,7 +411,7 @@ def _load_mimic(csv: Path, spec: str | None, metadata_csv: Path | None) -> tuple
     table = _read_table(csv, "MIMIC-CXR labels CSV")
     _require_columns(table, [*_MIMIC_KEYS, *names], csv)
     metadata = _read_table(metadata_csv, "MIMIC-CXR metadata CSV")
-    _require_columns(metadata, ["dicom_id", *_MIMIC_KEYS, "ViewPosition"], metadata_csv)
+    _require_columns(metadata, ["dicom_id", *_MIMIC_KEYS, "ViewPosition", *extra], metadata_csv)
 
     study_labels = pd.concat(
         [pd.DataFrame({k: _stripped(table, k) for k in _MIMIC_KEYS}), _parse_labels(table, names, csv)], axis=1
@@ -402,6 +422,8 @@ def _load_mimic(csv: Path, spec: str | None, metadata_csv: Path | None) -> tuple
         raise UserError(f"{csv}, line {_line(table, first)}: second labels row for the same subject_id and study_id")
     images = pd.DataFrame({k: _stripped(metadata, k) for k in ["dicom_id", *_MIMIC_KEYS]})
     images["view"] = _normalize_views(metadata["ViewPosition"], metadata_csv, warn=False).to_numpy()
+    for column in extra:
+        images[column] = metadata[column].to_numpy()
     joined = images.merge(study_labels, on=_MIMIC_KEYS, how="inner")  # keys checked unique above
 
     notes = []
@@ -414,6 +436,6 @@ def _load_mimic(csv: Path, spec: str | None, metadata_csv: Path | None) -> tuple
         notes.append(note)
     subject, study = joined["subject_id"], joined["study_id"]
     path = "files/p" + subject.str[:2] + "/p" + subject + "/s" + study + "/" + joined["dicom_id"] + ".jpg"
-    records = _records(joined, path, subject, study, joined["view"], joined[names])
+    records = _records(joined, path, subject, study, joined["view"], joined[names], extra)
     records.attrs["notes"] = notes
     return records, names

@@ -49,7 +49,7 @@ from cxrdist.errors import UserError
 SHARD_ORDER_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3
 PREFETCH_BATCHES = 2
 AUGMENT_PLACES = ("cpu", "device")
-EVAL_META = ("patient", "path", "dataset")  # sample json fields an eval batch carries to the predictions
+EVAL_META = ("patient", "path", "dataset", "attributes")  # sample json fields an eval batch carries to the predictions
 
 
 @dataclass
@@ -266,7 +266,8 @@ def collate_for_device(keys: list[str], images: list[np.ndarray], params: list[t
 
 
 def decode_eval_batch(raw_batch: list[RawSample], cfg: StreamConfig, num_labels: int, hflip: bool) -> dict:
-    """Like a train batch, plus each sample's `meta` (EVAL_META fields of its json: patient, path) for the outputs."""
+    """Like a train batch, plus each sample's `meta` (EVAL_META fields of its json: patient, path, dataset, attributes) for the
+    outputs and the subgroup audit; a train batch never carries attributes (they must not reach the model or the loss)."""
     keys, images, labels, corrupt, meta = [], [], [], [], {name: [] for name in EVAL_META}
     for raw in raw_batch:
         decoded = decode_sample(raw, num_labels, cfg.image.size)
@@ -277,7 +278,7 @@ def decode_eval_batch(raw_batch: list[RawSample], cfg: StreamConfig, num_labels:
         images.append(eval_transform(decoded[0], cfg.image, hflip=hflip))
         labels.append(decoded[1])
         for name in EVAL_META:
-            meta[name].append(decoded[2].get(name) or "")
+            meta[name].append(decoded[2].get(name) or ({} if name == "attributes" else ""))
     return {**collate(keys, images, labels, corrupt, cfg, num_labels), "meta": meta}
 
 

@@ -122,9 +122,17 @@ class EvalConfig:
     # What every AUC is scored against, independent of data.label_policy (cxrdist/labels/eval_targets.py):
     # ignore_uncertain (uncertain entries left out of that label's AUC) | zeros | ones.
     targets: str = "ignore_uncertain"
+    # The subgroup audit of every validation (cxrdist/training/validation_audit.py): a group of fewer patients is
+    # reported as "too few patients"; patient-bootstrap resamples of its intervals (0: none, so no flags); attribute
+    # pairs to cross, e.g. ["sex,age"].
+    audit_min_patients: int = 20
+    audit_resamples: int = 200
+    audit_intersections: Any = field(default_factory=list)
 
     def __post_init__(self) -> None:
         one_of("eval.targets", self.targets, EVAL_TARGETS)
+        at_least("eval.audit_min_patients", self.audit_min_patients, 1)
+        at_least("eval.audit_resamples", self.audit_resamples, 0)
 
 
 @dataclass

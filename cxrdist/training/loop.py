@@ -28,6 +28,7 @@ from cxrdist.errors import UserError
 from cxrdist.log import get_logger, progress
 from cxrdist.layout import BEST_DIR, CONFIG_FILE, METRICS_LOG, VAL_PREDICTIONS_FILE, WEIGHTS_FILE, fold_name
 from cxrdist.evaluation.scoring.gathered import check_complete, gather_predictions, predict, score, write_predictions_csv
+from cxrdist.evaluation.scoring.subgroups import wandb_values
 from cxrdist.labels.eval_targets import evaluation_policy
 from cxrdist.model.ema import ModelEma
 from cxrdist.model.card import CardEvaluation, ModelCard
@@ -51,6 +52,7 @@ from cxrdist.training.randomness import model_randomness
 from cxrdist.training.resume_settings import WORKERS, check_resume, current_settings, incomparable_score
 from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
+from cxrdist.training.validation_audit import ValidationAudit
 
 
 LOG = get_logger("train")
@@ -90,6 +92,7 @@ class Trainer:
         self.eval_policy = evaluation_policy(cfg.eval.targets, len(self.labels))  # AUC targets, not the training policy
         self.train_splits = self.manifest.train_splits(cfg.fold)
         self.val_split = fold_name(cfg.fold)
+        self.audit = ValidationAudit.of(cfg.eval, self.manifest)
         self.accelerator = make_accelerator(cfg)
         self.heartbeat = start_heartbeat(cfg.train.heartbeat_timeout, on_lost=heartbeat_lost)  # once the process group exists
         self.check_world_size()
@@ -565,6 +568,7 @@ class Trainer:
         if improved:
             self.state.best_auc, self.state.best_step = results["ema"]["macro_auc"], self.state.step
         if acc.is_main_process:
+            record["subgroups"] = self.audit.run(preds, "ema", self.labels, self.eval_policy)
             self.log.write(record)
             write_predictions_csv(self.run_dir / VAL_PREDICTIONS_FILE, preds, "ema", self.labels, self.eval_policy)
             if improved:
@@ -574,6 +578,7 @@ class Trainer:
                 "val/ema_loss": results["ema"].get("loss")}
         flat.update({f"val/auc/{k}": v for k, v in results["ema"]["per_label"].items() if v is not None})
         flat.update({f"val/dataset_auc/{k}": v["macro_auc"] for k, v in results["ema"].get("per_dataset", {}).items()})
+        flat.update(wandb_values(record.get("subgroups", {}), "val"))
         if record["sparsity"] is not None:
             flat["val/coupling_sparsity"] = record["sparsity"]
         log_wandb(acc, flat, self.state.step, couplings)

@@ -7,7 +7,8 @@
 
 so `cxrdist prepare --source csv --csv out/labels.csv --images out/images` reads it.
 
-The labels come from label_table.py, the images from render.py, `--planted-coupling` from planted.py.
+The labels come from label_table.py, the images from render.py, `--planted-coupling` from planted.py,
+`--planted-gap` and `--planted-shortcut` from planted_gap.py.
 Same arguments, same bytes, whatever the number of worker processes.
 """
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from cxrdist.atomic import atomic_open
 from cxrdist.data.synth.label_table import sample_cohort
+from cxrdist.data.synth.planted_gap import parse_gap, plant_gap, shortcut_markers
 from cxrdist.data.synth.render import render_radiograph
 from cxrdist.errors import UserError
 from cxrdist.log import progress as progress_bar
@@ -32,13 +35,14 @@ MIN_SIZE = 32
 
 
 def _write_image(job: tuple) -> None:
-    path, signs, view, size, seed, patient, image = job
-    pixels = render_radiograph(signs, view, size, seed, patient, image)
+    path, signs, view, size, seed, patient, image, marker = job
+    pixels = render_radiograph(signs, view, size, seed, patient, image, marker)
     Image.fromarray(pixels, "L").save(path, format="PNG", compress_level=1)  # level 6: 3x slower, 13% smaller
 
 
 def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int = 0, workers: int = 1,
-                           progress: bool = True, planted_coupling: float | None = None) -> Path:
+                           progress: bool = True, planted_coupling: float | None = None, planted_gap: str | None = None,
+                           planted_shortcut: str | None = None) -> Path:
     """Write n synthetic radiographs to out/images and their labels to out/labels.csv; return the CSV path.
 
     Only out/images/patient*/... files and out/labels.csv are written (overwritten if present); anything
@@ -57,15 +61,18 @@ def make_synthetic_dataset(out: Path, n: int = 3000, size: int = 256, seed: int 
         raise UserError(f"synth --planted-coupling {planted_coupling}: the labelled fraction must be in (0, 1]")
     if out.exists() and not out.is_dir():
         raise UserError(f"synth --out {out}: exists and is not a directory")
+    gap = parse_gap(planted_gap) if planted_gap is not None else None
     cohort = sample_cohort(n, seed)
+    signs = plant_gap(cohort, gap) if gap is not None else cohort.signs
+    markers = shortcut_markers(cohort, planted_shortcut, seed) if planted_shortcut is not None else np.zeros(n, dtype=bool)
     images = out / "images"
     try:
         for folder in sorted({Path(p).parent for p in cohort.table["path"]}):
             (images / folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"synth --out {out}: cannot create image folders ({e.strerror})") from None
-    jobs = [(images / cohort.table["path"].iat[i], cohort.signs[i], cohort.table["view"].iat[i], size, seed,
-             int(cohort.patient_index[i]), i) for i in range(n)]
+    jobs = [(images / cohort.table["path"].iat[i], signs[i], cohort.table["view"].iat[i], size, seed,
+             int(cohort.patient_index[i]), i, bool(markers[i])) for i in range(n)]
     bar = progress_bar(n, "synth", "img", enabled=progress)
     if workers == 1:
         for job in jobs:

@@ -14,6 +14,10 @@ written -1 at a small rate, 0 at another, and blank (not mentioned) otherwise. W
 a finding written 1 is drawn at full strength, a present finding written -1 at 35-65 % strength, an
 absent finding (blank, 0 or -1) is not drawn. Both views of a study share the study's labels.
 
+Each patient has a sex (F or M, even odds) and an age at the first study (18-90, uniform), one year more at each later
+study: columns `sex` and `age`, drawn from their own RNG stream, so they change no label and no image (a planted gap,
+planted_gap.py, is what ties them to the images). Prepare them with `--attributes sex,age`.
+
 The cohort comes from one RNG seeded by `seed` (the images: render.py; the files: dataset.py).
 """
 
@@ -34,7 +38,9 @@ PERSISTENT = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Lung Lesion", "Pleu
 MAX_IMAGES_PER_PATIENT = 6
 
 # Independent RNG streams: (seed, stream, ...) keys never collide between purposes.
-_STREAM_COHORT, _STREAM_PATIENT, _STREAM_IMAGE, _STREAM_PERSISTENT_SIGN, _STREAM_SIGN = 1, 2, 3, 4, 5
+_STREAM_COHORT, _STREAM_PATIENT, _STREAM_IMAGE, _STREAM_PERSISTENT_SIGN, _STREAM_SIGN, _STREAM_DEMOGRAPHICS = 1, 2, 3, 4, 5, 6
+FIRST_AGE, LAST_AGE = 18, 90
+COHORT_COLUMNS = ("path", "patient", "study", "view", "sex", "age")  # the CSV's columns before the labels
 
 
 # ----------------------------------------------------------------------------------------- labels
@@ -70,7 +76,7 @@ REPORTING: dict[str, Reporting] = {
 class Cohort:
     """The label table plus what each image must show."""
 
-    table: pd.DataFrame  # the CSV: path, patient, study, view, then LABELS (Int64, <NA> = blank)
+    table: pd.DataFrame  # the CSV: path, patient, study, view, sex, age, then LABELS (Int64, <NA> = blank)
     signs: np.ndarray  # (n, len(LABELS)) float32: strength of each finding's mark, 0 = not drawn
     patient_index: np.ndarray  # (n,) int: 1-based patient number, keys the patient's anatomy
 
@@ -151,6 +157,7 @@ def sample_cohort(n: int, seed: int = 0) -> Cohort:
     while len(rows) < n:
         patient += 1
         chf, icu = bool(rng.random() < 0.45), bool(rng.random() < 0.5)
+        sex, first_age = demographics(seed, patient)
         persistent = _persistent_findings(rng, chf)
         n_studies = 1 + min(int(rng.poisson(0.9)), 4)
         room = MAX_IMAGES_PER_PATIENT
@@ -166,13 +173,19 @@ def sample_cohort(n: int, seed: int = 0) -> Cohort:
                 kind = "lateral" if view == "LATERAL" else "frontal"
                 pid = f"patient{patient:05d}"
                 rows.append({"path": f"{pid}/study{study}/view{j}_{kind}.png", "patient": pid,
-                             "study": f"study{study}", "view": view, **values})
+                             "study": f"study{study}", "view": view, "sex": sex, "age": first_age + study - 1, **values})
                 signs.append(study_signs)
                 patients.append(patient)
-    table = pd.DataFrame(rows[:n], columns=["path", "patient", "study", "view", *LABELS])
+    table = pd.DataFrame(rows[:n], columns=[*COHORT_COLUMNS, *LABELS])
     for name in LABELS:
         table[name] = table[name].astype("Int64")
     return Cohort(table=table, signs=np.stack(signs[:n]), patient_index=np.asarray(patients[:n]))
+
+
+def demographics(seed: int, patient: int) -> tuple[str, int]:
+    """(sex, age at the first study) of a patient, from a stream of its own."""
+    rng = np.random.default_rng([seed, _STREAM_DEMOGRAPHICS, patient])
+    return ("F" if rng.random() < 0.5 else "M"), int(rng.integers(FIRST_AGE, LAST_AGE + 1))
 
 
 def sample_labels(n: int, seed: int = 0) -> pd.DataFrame:

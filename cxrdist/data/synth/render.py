@@ -519,8 +519,9 @@ def _opacity(c: _Canvas, anat: _Anatomy, rng: np.random.Generator, strength: flo
 # ---------------------------------------------------------------------------------------- image
 
 
-def render_radiograph(signs: np.ndarray, view: str, size: int, seed: int, patient: int, image: int) -> np.ndarray:
-    """One (size, size) uint8 radiograph showing each finding at strength signs[k] (order of LABELS)."""
+def render_radiograph(signs: np.ndarray, view: str, size: int, seed: int, patient: int, image: int, marker: bool = False) -> np.ndarray:
+    """One (size, size) uint8 radiograph showing each finding at strength signs[k] (order of LABELS); with `marker`, a
+    bright tag in the top-left corner (`synth --planted-shortcut`, planted_gap.py)."""
     sign = {name: float(signs[k]) for k, name in enumerate(LABELS)}
     p = _patient(seed, patient)
     rng = np.random.default_rng([seed, _STREAM_IMAGE, image])
@@ -549,7 +550,17 @@ def render_radiograph(signs: np.ndarray, view: str, size: int, seed: int, patien
             draw(c, anat, finding_rng(name), sign[name])
     if sign["Fracture"] > 0:
         _fracture(c, anat, p, finding_rng("Fracture"), sign["Fracture"])
-    return _expose(c.finish(anat.lung_mask, hide, rng), rng)
+    exposed = _expose(c.finish(anat.lung_mask, hide, rng), rng)
+    return _draw_marker(exposed) if marker else exposed
+
+
+def _draw_marker(img: np.ndarray) -> np.ndarray:
+    """A bright square tag with a dark bar, a twelfth of the side, near the top-left corner (a portable film's marker)."""
+    side, at = max(4, img.shape[0] // 12), max(1, img.shape[0] // 32)
+    img = img.copy()
+    img[at : at + side, at : at + side] = 245
+    img[at + side // 3 : at + side - side // 3, at + side // 4 : at + side - side // 4] = 40
+    return img
 
 
 # Standard-normal quantiles of 256 equiprobable bins: random bytes -> Gaussian noise, cheaply.

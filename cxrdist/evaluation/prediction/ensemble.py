@@ -14,6 +14,7 @@ split; the keyed predictions are gathered and checked against the manifest, as i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from cxrdist import distributed
 from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready
+from cxrdist.data.attributes import csv_columns, specs_of
 from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, check_same_dataset
 from cxrdist.data.datasets import DatasetEntry, load_recorded
@@ -32,11 +34,13 @@ from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
 from cxrdist.labels.eval_targets import evaluation_policy, rule_from_cards, training_policies
 from cxrdist.evaluation.clinical.clinical_metrics import clinical_metrics, load_out_of_fold, scored_targets
+from cxrdist.evaluation.clinical.subgroup_rates import evaluation_audit
 from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.scoring.gathered import Predictions, check_complete, gather_predictions, predict
 from cxrdist.evaluation.scoring.metrics import auc_summary
 from cxrdist.evaluation.scoring.outputs import write_fold_probabilities, write_json, write_predictions_csv
+from cxrdist.evaluation.scoring.subgroups import MIN_PATIENTS, available_attributes, check_intersections, intersection_pairs, summary_line
 from cxrdist.evaluation.prediction.models import (  # noqa: F401 - FoldModel and stream_config are part of this command's interface
     FoldModel,
     ensemble_probabilities,
@@ -215,11 +219,14 @@ def run_evaluate(
     check_dataset: bool = True,
     external: Location | DatasetEntry | None = None,
     leave_out_overlap: bool = False,
+    min_patients: int = MIN_PATIENTS,
+    intersections: Sequence = (),
 ) -> dict:
     """Evaluate the fold ensemble on `split` against `eval_targets` (default: what the cards record,
     else ignore_uncertain; never the training policy); on the main process write predictions.csv,
     fold_probabilities.npz and metrics.json to `out` (default runs/ensemble) and return the metrics
-    (an empty dict on the other ranks)."""
+    (an empty dict on the other ranks). The subgroup audit (metrics["subgroups"]) reports groups of at least
+    `min_patients` patients and crosses the attribute pairs `intersections` ("sex,age")."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
     accelerator = make_accelerator()
@@ -240,6 +247,10 @@ def run_evaluate(
         root, manifest = dataset.root, dataset.manifest
         left_out = check_not_trained_on(manifest, train_root, train_manifest, leave_out_overlap)
     manifest.split(split)
+    pairs = intersection_pairs(intersections)
+    check_intersections(pairs, available_attributes(specs_of(manifest), len(getattr(manifest, "entries", ())) > 1))
+    if min_patients < 1:
+        raise UserError(f"--min-group-patients {min_patients}: a group needs at least 1 patient to be reported")
     out = choose_out(runs, out, dataset, split)
     check_writable_dir(out)
     check_not_an_input(out, [m.directory for m in models])
@@ -263,6 +274,10 @@ def run_evaluate(
     metrics["per_dataset"] = per_dataset_auc(targets, ensemble_probabilities(per_model), labels, mask, preds.meta["dataset"])
     oof = load_out_of_fold(models, train_root, train_manifest, policy)
     metrics.update(clinical_metrics(oof, targets, ensemble_probabilities(per_model), mask, labels, groups, resamples, seed))
+    metrics["subgroups"] = evaluation_audit(labels, targets, ensemble_probabilities(per_model), mask, groups, preds.meta["attributes"],
+                                            specs_of(manifest), preds.meta["dataset"], metrics.get("operating_points"),
+                                            min_patients=min_patients, resamples=resamples, seed=seed, intersections=pairs)
+    LOG.info(f"cxrdist evaluate: {summary_line(metrics['subgroups']) or 'note: ' + metrics['subgroups']['notes'][0]}")
     metrics = {
         "split": split,
         "tta": tta,
@@ -285,7 +300,8 @@ def run_evaluate(
         **metrics,
     }
     out.mkdir(parents=True, exist_ok=True)
-    ids = {"key": preds.keys, "dataset": preds.meta["dataset"], "path": preds.meta["path"], "patient": preds.meta["patient"]}
+    ids = {"key": preds.keys, "dataset": preds.meta["dataset"], "path": preds.meta["path"], "patient": preds.meta["patient"],
+           **csv_columns(preds.meta.get("attributes", []))}
     write_predictions_csv(out / PREDICTIONS_FILE, ids, ensemble_probabilities(per_model), labels, targets, mask)
     write_fold_probabilities(out / FOLD_PROBABILITIES_FILE, preds.keys, labels, per_model, per_model_plain)
     write_json(out / METRICS_FILE, metrics)

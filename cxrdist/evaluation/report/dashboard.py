@@ -15,6 +15,7 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
+from cxrdist.evaluation.scoring.subgroups import wandb_values
 from cxrdist.layout import CONFIG_FILE, FOLD_PROBABILITIES_FILE, PREDICTIONS_FILE, fold_run_dirs
 from cxrdist.training.tracking import artifact_safe, wandb_mode
 
@@ -110,6 +111,7 @@ def flat_summary(metrics: dict) -> dict:
     for name, entry in metrics.get("per_dataset", {}).items():  # as training logs val/dataset_auc/<dataset>
         summary[f"ensemble/dataset_auc/{name}"] = number(entry["macro_auc"])
         summary[f"ensemble/dataset_labels/{name}"] = entry["labels"]
+    summary.update(wandb_values(metrics.get("subgroups", {}), "ensemble"))  # ensemble/subgroup_auc/<attribute>/<group>, escaped
     return {k: v for k, v in summary.items() if v is not None}
 
 

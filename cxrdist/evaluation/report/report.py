@@ -30,6 +30,7 @@ from cxrdist.errors import UserError, one_line
 from cxrdist.atomic import atomic_write_text, check_writable_dir
 from cxrdist.evaluation import figures as figs
 from cxrdist.evaluation.prediction.coverage import say_coverage, say_stale_ensemble
+from cxrdist.evaluation.report.audit import audit_section
 from cxrdist.evaluation.report.clinical import clinical_section, evaluated_counts, few_cases_note
 from cxrdist.evaluation.report.datasets import datasets_section
 from cxrdist.evaluation.report.html import auc_cell, card, esc, few_flag, figure, fmt, note, page, percent, section, signed, table
@@ -534,6 +535,7 @@ def run_report(runs: Path, out: Path | None = None, shards: Location | None = No
         ("predictions", "Predictions", prediction_section(ensemble, fig_dir)),
         ("clinical", "Operating points", clinical_section(ensemble.metrics if ensemble else None, fig_dir,
                                                           evaluated_counts(ensemble.predictions, ensemble.metrics["labels"]) if ensemble else None)),
+        ("audit", "Who the model fails", audit_section(ensemble.metrics if ensemble else None, fig_dir)),
         ("saliency", "Saliency", saliency_section(runs, ensemble, root, manifest, fig_dir)),
         ("couplings", "Label couplings", coupling_section(folds, fig_dir)),
         ("training", "Training", training_section(folds, fig_dir)),

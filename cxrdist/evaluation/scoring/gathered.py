@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
+from cxrdist.data.attributes import csv_columns
 from cxrdist.evaluation.scoring import outputs
 from cxrdist.evaluation.scoring.by_dataset import per_dataset_auc
 from cxrdist.evaluation.scoring.metrics import auc_summary
@@ -24,7 +25,7 @@ class Predictions:
     logits: dict[str, np.ndarray]  # model name -> (N, C) float32
     raw: np.ndarray  # (N, C) raw labels, NaN = blank
     corrupt: int = 0
-    meta: dict[str, list] = field(default_factory=dict)  # per-sample fields of the shard json (patient, path), key order
+    meta: dict[str, list] = field(default_factory=dict)  # per-sample fields of the shard json (patient, path, attributes), key order
 
     def sorted(self) -> Predictions:
         order = np.argsort(np.asarray(self.keys), kind="stable")
@@ -129,8 +130,10 @@ def score(preds: Predictions, labels: list[str], policy: list[str], loss_fn=None
 
 
 def write_predictions_csv(path: Path, preds: Predictions, model: str, labels: list[str], policy: list[str]) -> None:
-    """key[, dataset][, patient], prob_<label>, target_<label> of one model; written atomically. Targets are blank where
-    `policy` (the evaluation targets) leaves them out; the patient column lets `cxrdist compare` resample patients."""
+    """key[, dataset][, patient][, attr_<attribute>...], prob_<label>, target_<label> of one model; written atomically. Targets
+    are blank where `policy` (the evaluation targets) leaves them out; the patient column lets `cxrdist compare` resample
+    patients, the attribute columns let anyone redo the subgroup audit."""
     targets, mask = apply_policy(preds.raw, policy)
-    ids = {"key": preds.keys, **{name: preds.meta[name] for name in ("dataset", "patient") if name in preds.meta}}
+    ids = {"key": preds.keys, **{name: preds.meta[name] for name in ("dataset", "patient") if name in preds.meta},
+           **csv_columns(preds.meta.get("attributes", []))}
     outputs.write_predictions_csv(path, ids, probabilities(preds.logits[model]), labels, targets.numpy(), mask.numpy())

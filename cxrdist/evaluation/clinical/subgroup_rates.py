@@ -1,0 +1,145 @@
+"""The subgroup audit of `cxrdist evaluate` (`evaluation_audit`) and its part at the report's operating points: per
+reported group, each label's sensitivity and false-positive rate at the thresholds chosen on the out-of-fold predictions
+(cxrdist/evaluation/clinical/operating_points.py), and the underdiagnosis rate with its patient-bootstrap interval and
+its paired gap to the rest (on the evaluation's draws, like the AUC gaps of cxrdist/evaluation/scoring/subgroups.py).
+
+Underdiagnosis (Seyyed-Kalantari et al., Nature Medicine 2021): among the images that have a finding, the fraction the
+model calls "No Finding", i.e. the false-positive rate of the "No Finding" label: images whose "No Finding" target is
+0 (scored under the evaluation rule), called "No Finding" when its probability reaches its threshold. A vocabulary
+without "No Finding" (NIH's 14 findings): an image has a finding when any label's target is 1, and is called "No
+Finding" when no label with a threshold at that operating point reaches it (a label whose threshold is unreachable or
+unknown is never called). As for the AUCs, a gap is compared only where the group and the rest each have at least
+MIN_CASES patients with an image called "No Finding" and MIN_CASES with one called otherwise (a rate of 0 of 30 has no
+bootstrap variance to speak of).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from cxrdist.evaluation.scoring.bootstrap import percentile_interval
+from cxrdist.evaluation.scoring.subgroup_bootstrap import resampled_sums
+from cxrdist.evaluation.scoring.subgroups import (MIN_CASES, Grouping, SubgroupAudit, add_aucs, flag_gaps, no_audit, patients_by_group,
+                                                  start_audit)
+
+NO_FINDING = "No Finding"
+WITH_NO_FINDING = ("the false-positive rate of 'No Finding': among images whose 'No Finding' target is 0, the fraction whose "
+                   "'No Finding' probability reaches its threshold (Seyyed-Kalantari et al. 2021)")
+WITHOUT_NO_FINDING = ("the vocabulary has no 'No Finding': among images with at least one finding (a target of 1), the fraction on which "
+                      "no label reaches its threshold (a label without a reachable threshold is never called)")
+
+Thresholds = Mapping[str, Mapping[str, float | None]]  # {label: {operating point: threshold, None = never called}}
+
+
+def add_rates(audit: SubgroupAudit, thresholds: Thresholds, points: Sequence[str], targets: np.ndarray, scores: np.ndarray,
+              mask: np.ndarray) -> None:
+    """Sensitivity and false-positive rate per label, and the underdiagnosis rate with its gap, of every reported group."""
+    for g in audit.groupings:
+        by_point = {point: grouping_rates(g, audit.labels, thresholds, point, targets, scores, mask) for point in points}
+        for k, name in enumerate(g.groups):
+            if audit.entry(g, name)["reported"]:
+                audit.entry(g, name)["operating_points"] = {point: by_point[point][k] for point in points}
+    has, called = underdiagnosed(audit.labels, thresholds, points, targets, scores, mask)
+    audit.result["underdiagnosis_definition"] = WITH_NO_FINDING if NO_FINDING in audit.labels else WITHOUT_NO_FINDING
+    groups = audit.reported()
+    columns = [c for members in [np.ones(len(targets), dtype=bool)] + [m for _, _, m in groups]
+               for point in points for c in (has & members, has & called[point] & members)]
+    sums = resampled_sums(columns, audit.patients, audit.n_patients, audit.blocks).reshape(-1, len(groups) + 1, len(points), 2)
+    cases = {(g.name, point): outcome_cases(audit, g, has, called[point]) for g in audit.groupings for point in points}
+    for k, (g, name, members) in enumerate(groups):
+        index = g.groups.index(name)
+        audit.entry(g, name)["underdiagnosis"] = {
+            point: group_underdiagnosis(audit, has, called[point], members, (sums[:, 0, p], sums[:, k + 1, p]), cases[g.name, point][index])
+            for p, point in enumerate(points)}
+
+
+def grouping_rates(g: Grouping, labels: Sequence[str], thresholds: Thresholds, point: str, targets, scores, mask) -> list[dict]:
+    """Per group of `g`: {label: threshold, sensitivity, false-positive rate} at one operating point (None without both classes)."""
+    k = len(g.groups)
+    found: list[dict] = [{} for _ in range(k)]
+    for j, label in enumerate(labels):
+        threshold, scored, positive = thresholds[label].get(point), mask[:, j] > 0, targets[:, j] > 0
+        called = scores[:, j] >= threshold if threshold is not None else np.zeros(len(targets), dtype=bool)
+        tp, p, fp, n = (np.bincount(g.of_image, weights=w, minlength=k) for w in
+                        (scored & positive & called, scored & positive, scored & ~positive & called, scored & ~positive))
+        for i in range(k):
+            known = threshold is not None and p[i] > 0 and n[i] > 0
+            found[i][label] = {"threshold": threshold, "sensitivity": float(tp[i] / p[i]) if known else None,
+                               "fpr": float(fp[i] / n[i]) if known else None}
+    return found
+
+
+def underdiagnosed(labels: Sequence[str], thresholds: Thresholds, points: Sequence[str], targets, scores, mask
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(which images have a finding, {point: which images the model calls "No Finding"}), by the module's definition."""
+    scored = mask > 0
+    if NO_FINDING in labels:
+        j = labels.index(NO_FINDING)
+        has = scored[:, j] & (targets[:, j] == 0)
+        called = {p: scores[:, j] >= threshold if (threshold := thresholds[NO_FINDING].get(p)) is not None else np.zeros(len(targets), bool)
+                  for p in points}
+        return has, called
+    has = (scored & (targets > 0)).any(axis=1)
+    called = {}
+    for point in points:
+        positive = np.zeros(len(targets), dtype=bool)
+        for j, label in enumerate(labels):
+            threshold = thresholds[label].get(point)
+            if threshold is not None:
+                positive |= scores[:, j] >= threshold
+        called[point] = ~positive
+    return has, called
+
+
+def group_underdiagnosis(audit: SubgroupAudit, has: np.ndarray, called: np.ndarray, members: np.ndarray,
+                         sums: tuple[np.ndarray, np.ndarray], cases: int) -> dict:
+    """The group's rate, its interval, and its paired gap to the rest (when `cases`, the fewest patients of one outcome on
+    a side, reach MIN_CASES); `sums`: the (resamples, 2) sums of (images with a finding, those called "No Finding") of
+    everyone and of the group in each resample."""
+    def rate(found: np.ndarray, counted: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return counted / found
+
+    everyone, group = sums
+    inside, rest = has & members, has & ~members
+    if not inside.any():
+        return {"images_with_finding": 0, "rate": None, "interval": None, "gap": None}
+    point = float((called & inside).sum() / inside.sum())
+    resampled = rate(group[:, 0], group[:, 1])
+    result = {"images_with_finding": int(inside.sum()), "rate": point, "interval": percentile_interval(resampled, audit.level), "gap": None}
+    if cases >= MIN_CASES:
+        other = float((called & rest).sum() / rest.sum())
+        result["gap"] = audit.gap(point - other, resampled - rate(everyone[:, 0] - group[:, 0], everyone[:, 1] - group[:, 1]), cases)
+    return result
+
+
+def thresholds_of(operating_points: Mapping) -> dict[str, dict[str, float | None]]:
+    """{label: {point: threshold}} of metrics.json's operating points (None where unreachable or unknown)."""
+    per_label = operating_points["per_label"]
+    return {label: {point: entry.get("threshold") for point, entry in per_point.items()} for label, per_point in per_label.items()}
+
+
+def evaluation_audit(labels: Sequence[str], targets: np.ndarray, scores: np.ndarray, mask: np.ndarray, patients: Sequence,
+                     attributes: Sequence[Mapping], specs: Sequence, datasets: Sequence[str] | None, operating_points: Mapping | None,
+                     **settings) -> dict:
+    """`cxrdist evaluate`'s audit: the AUCs of every group, its rates at the operating points (when the out-of-fold
+    predictions gave thresholds), and the flags over all of its gaps."""
+    audit = start_audit(labels, patients, attributes, specs, datasets, **settings)
+    if audit is None:
+        return no_audit()
+    add_aucs(audit, targets, scores, mask)
+    if operating_points:
+        add_rates(audit, thresholds_of(operating_points), operating_points["points"], targets, scores, mask)
+    else:
+        audit.result["notes"] = ["no out-of-fold predictions (fold-K/best/val_predictions.csv), so no operating points: "
+                                 "no sensitivity, false-positive or underdiagnosis rate per group"]
+    return flag_gaps(audit)
+
+
+def outcome_cases(audit: SubgroupAudit, g: Grouping, has: np.ndarray, called: np.ndarray) -> np.ndarray:
+    """Per group of `g`: the fewest patients of one outcome (an image with a finding called "No Finding", one called
+    otherwise) in the group or in its rest."""
+    counts = [c for images in (has & called, has & ~called) for c in patients_by_group(g, audit.patients, audit.n_patients, images)]
+    return np.minimum.reduce(counts)
