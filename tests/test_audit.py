@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import PROBE, chromium, run_chromium  # noqa: F401 - chromium: the fixture
+from page_layout import PROBE, run_chromium
+from test_report import chromium  # noqa: F401 - the fixture
 from trainer_utils import DEMO_CONFIG, explain, fast_overrides, launch_cpu, records, run_single
 
 from cxrdist.cli import main
@@ -101,6 +102,7 @@ def test_report_says_who_the_model_fails_and_fits_1400_and_800_px(planted, chrom
         assert match, result.stderr[-2000:]
         found = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
         assert found["broken"] == [] and found["problems"] == [] and found["wider"] == [], (width, found["wider"][:10])
+        assert found["cut"] == [] and found["splitting"] == [], (width, found["cut"], found["splitting"])
 
 
 @pytest.mark.parametrize("pair, words", [("sex,sex", "crossed with itself"), ("sex,race", "no attribute 'race'")])
