@@ -397,12 +397,15 @@ def filesystem_error(err: OSError) -> str | None:
 
 
 def command_line(argv: list[str] | None) -> str:
-    """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages."""
+    """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages: every URL in it
+    in its display form (no user:password@, no query token), as the launch line and the cards show it."""
     import shlex
 
+    from cxrdist.data.location import redact
+
     if argv is not None or Path(sys.argv[0]).name == "cxrdist":
-        return shlex.join(["cxrdist", *(sys.argv[1:] if argv is None else argv)])
-    return shlex.join(sys.orig_argv)
+        return redact(shlex.join(["cxrdist", *(sys.argv[1:] if argv is None else argv)]))
+    return redact(shlex.join(sys.orig_argv))
 
 
 def main(argv: list[str] | None = None) -> int:

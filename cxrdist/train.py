@@ -39,17 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         outcome.record(code)
         return code
     except UserError as err:
+        from cxrdist.training.heartbeat import ending_by_error
+
         # Every rank raises the same error: one line per machine (on another machine it is the only one there).
         line = f"cxrdist train: error: {one_line(err)}"
+        ending_by_error(line)  # the other ranks stop on it in bounded time, naming it, if it was this rank's alone
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(line, file=sys.stderr)
         outcome.record(2, line)
         return 2
     except Exception as err:
         from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer
+        from cxrdist.training.heartbeat import ending_by_error
 
         if not lost_peer(err):
-            outcome.record(1, f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}")
+            line = f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}"
+            ending_by_error(line)
+            outcome.record(1, line)
             raise
         stop_lost_peer(lost_peer_message(err))
 
