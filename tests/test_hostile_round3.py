@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from shard_servers import http_server
+from shard_servers import S3_ENV, counting_silent_server, http_server
 from test_datasets import prepare_synthetic
 from trainer_utils import DEMO_CONFIG, REPO, cpu_env, fast_overrides
+
+from cxrdist.data.location import ATTEMPTS, TIMEOUT_VARIABLE, join
 
 SECRET = "hunter2-do-not-print"
 
@@ -76,3 +78,44 @@ def test_the_resume_line_shows_no_password_of_data_shards(two_small_datasets, tm
     [line] = [x for x in done.stderr.splitlines() if "to resume, run the same command again: " in x]
     assert f"{url}/a/shards" in line and SECRET not in line and "reader:" not in line, line
     assert SECRET not in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- remote reads: one round of attempts, the right words
+
+
+@pytest.mark.parametrize("scheme", ["http", "s3"])
+def test_a_silent_server_costs_one_round_of_single_requests(scheme):
+    """The documented bound: ATTEMPTS attempts, each ONE request waiting CXRDIST_NET_TIMEOUT_S (not fsspec's HEAD and GET
+    first, nor botocore's and s3fs's own retries under ours: 10 and 125 requests before)."""
+    with counting_silent_server() as (url, accepted):
+        env = {**os.environ, TIMEOUT_VARIABLE: "1"}
+        if scheme == "s3":
+            env.update({**S3_ENV, "AWS_ENDPOINT_URL_S3": url})
+        result = cli("verify", f"{url}/shards" if scheme == "http" else "s3://bucket/shards", env=env, timeout=900)
+        requests = len(accepted)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"/shards/manifest.json: unreadable after {ATTEMPTS} attempts (" in line and "Timeout" in line, line
+    assert requests == ATTEMPTS, f"{requests} requests to a silent server, not one per attempt ({ATTEMPTS})"
+
+
+def test_a_url_with_a_query_token_reads_every_file_with_it(synth_shards):
+    """A pre-signed URL: files are joined to the path, before the query (not appended after it: 'not valid JSON')."""
+    with http_server(synth_shards.parent, token="t0ken") as (url, _handler):
+        result = cli("verify", f"{url}/shards?token=t0ken")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f"match {url}/shards/manifest.json") and "t0ken" not in result.stdout + result.stderr
+
+
+def test_join_keeps_the_query_after_the_path():
+    assert join("https://h/data/shards?X-Sig=abc&e=1", "fold-0/shard-000000.tar") == "https://h/data/shards/fold-0/shard-000000.tar?X-Sig=abc&e=1"
+    assert join("s3://bucket/shards/", "manifest.json") == "s3://bucket/shards/manifest.json"
+
+
+@pytest.mark.parametrize("status, words", [(500, "the server failed (HTTP 500) after 5 attempts"), (403, "access denied (HTTP 403)")])
+def test_a_failing_existence_check_is_not_called_missing(synth_shards, status, words):
+    with http_server(synth_shards, tar_status=status) as (url, _handler):
+        result = cli("verify", url, env={**os.environ, TIMEOUT_VARIABLE: "5"})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert ".tar: " in line and words in line and "missing" not in line, line
