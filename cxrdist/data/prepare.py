@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from cxrdist import __version__
-from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale_staging, replace_directory, staging_directory
+from cxrdist.atomic import (check_not_an_input, check_writable_dir, check_writable_file, remove_stale_staging, replace_directory,
+                            staging_directory)
 from cxrdist.data import folds as folds_lib
 from cxrdist.data.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
@@ -59,7 +60,7 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     if opts.folds_only is None and opts.out is not None:
         check_out(opts)
     if opts.folds_only is not None:
-        check_writable_file(opts.folds_only, "--folds-only")
+        check_writable_file(opts.folds_only, "--folds-only", example="folds.csv")
         check_not_an_input(opts.folds_only, input_files(opts).values(), "--folds-only")
     records, labels = load_records(
         opts.source, opts.csv, labels=opts.labels, views="all", metadata_csv=opts.metadata, no_patient_grouping=opts.no_patient_grouping
@@ -131,6 +132,7 @@ def check_out(opts: PrepareOptions) -> None:
     out = Path(opts.out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {opts.out}: is a file, not a directory")
+    check_writable_dir(out.parent, "--out", shown=opts.out)  # before the folds and the images are read, not when the first shard is written
     if opts.images is not None:
         images = Path(opts.images).resolve()
         if out == images or images in out.parents or out in images.parents:
@@ -207,8 +209,9 @@ def split_names(splits: np.ndarray, num_folds: int) -> list[str]:
 
 def write_dataset(records: pd.DataFrame, raw: np.ndarray, labels: list[str], splits: np.ndarray, opts: PrepareOptions) -> Manifest:
     """Build the whole dataset in a hidden sibling directory and swap it in only when complete: a failed or
-    interrupted run leaves --out as it was (a previous dataset intact) and no partial shards anywhere."""
-    out = Path(opts.out)
+    interrupted run leaves --out as it was (a previous dataset intact) and no partial shards anywhere. A symlinked --out
+    is followed: the dataset it points at is the one replaced (the link stays, pointing at the new one)."""
+    out = Path(opts.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in remove_stale_staging(out):
         print(f"removed {leftover}: the unfinished output of a prepare that was killed")
