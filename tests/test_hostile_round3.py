@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from shard_servers import S3_ENV, counting_silent_server, http_server
 from test_datasets import prepare_synthetic
@@ -23,6 +25,7 @@ from trainer_utils import DEMO_CONFIG, REPO, cpu_env, explain, fast_overrides, r
 from cxrdist.cli import build_parser, main
 from cxrdist.data.datasets import load_manifest
 from cxrdist.data.location import ATTEMPTS, TIMEOUT_VARIABLE, join
+from cxrdist.errors import UserError
 from cxrdist.train import parse_args as parse_train_script_args
 
 SECRET = "hunter2-do-not-print"
@@ -341,3 +344,96 @@ def test_a_garbage_launch_config_is_one_line_before_launching(tmp_path, capsys, 
     assert main(["train", "--config", str(DEMO_CONFIG), "--launch-config", str(tmp_path / "launch.yaml"), f"output_dir={tmp_path}/runs"]) == 2
     one_error(capsys, "not an accelerate config file")
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- label maps, vocabularies, names: one line, never a silent label
+
+
+def open_two(datasets: Path, vocabulary=None, b_map=None, spec=None):
+    from cxrdist.data.datasets import open_datasets
+    from cxrdist.training.config import load_config
+
+    b = {"location": str(datasets / "b" / "shards"), "name": "b", **({"label_map": b_map} if b_map is not None else {})}
+    shards = spec if spec is not None else [{"location": str(datasets / "a" / "shards"), "name": "a"}, b]
+    overrides = [f"data.shards={json.dumps(shards)}"] + ([f"data.vocabulary={json.dumps(vocabulary)}"] if vocabulary is not None else [])
+    cfg = load_config(DEMO_CONFIG, overrides)  # as the trainer reads them: through the config
+    return open_datasets(cfg.data.shards, cfg.data.vocabulary)
+
+
+@pytest.mark.parametrize("b_map, needle", [
+    ("Pleural Effusion", "the label_map of b maps its label names to harmonised names"),
+    (["Pleural Effusion", "Edema"], "got ['Pleural Effusion', 'Edema']"),
+    (5, "got 5"),
+    ({"Pleural Effusion": 5}, "maps 'Pleural Effusion' to 5; a label is mapped to a name or null"),
+    ({"Pleural Effusion": ["Effusion"]}, "a label is mapped to a name or null"),
+    ({"Pleural Effusion": "pleural effusion"}, "'Pleural Effusion' (from a's 'Pleural Effusion') and 'pleural effusion' (from b's"),
+    ({"Edema": "Pleural_Effusion", "Pleural Effusion": None}, "differ only in case, spaces or underscores"),
+])
+def test_label_maps_of_the_wrong_type_or_a_second_spelling_are_one_line(two_small_datasets, b_map, needle):
+    with pytest.raises(UserError) as refused:
+        open_two(two_small_datasets, b_map=b_map)
+    assert needle in str(refused.value) and "\n" not in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("vocabulary, needle", [
+    ("Cardiomegaly", "expected a list of label names, e.g. [Cardiomegaly, Edema], got 'Cardiomegaly'"),
+    (5, "got 5"),
+    ({"Cardiomegaly": 1}, "got {'Cardiomegaly': 1}"),
+    ([1, 2], "1 is not a label name"),
+    ([], "an empty list names no label"),
+    (["Cardiomegaly", "cardiomegaly"], "'Cardiomegaly' and 'cardiomegaly' differ only in case"),
+])
+def test_vocabularies_of_the_wrong_type_or_with_two_spellings_are_one_line(two_small_datasets, vocabulary, needle):
+    with pytest.raises(UserError) as refused:
+        open_two(two_small_datasets, vocabulary=vocabulary)
+    assert needle in str(refused.value), refused.value
+
+
+def test_a_vocabulary_with_one_location_is_refused_not_ignored(two_small_datasets):
+    with pytest.raises(UserError, match="data.vocabulary applies to a list of datasets"):
+        open_two(two_small_datasets, vocabulary=["Cardiomegaly"], spec=str(two_small_datasets / "a" / "shards"))
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"location": "x"}, "one location or a list of datasets, got one mapping"),
+    ([None, "x"], "a dataset's location is a directory or URL, got None"),
+    ([{"location": ["x"]}, "y"], "got ['x']"),
+    ([{"location": "x", "name": ["a"]}, "y"], "the name of x is text, got ['a']"),
+])
+def test_data_shards_of_the_wrong_shape_are_one_line(two_small_datasets, spec, needle):
+    with pytest.raises(UserError) as refused:
+        open_two(two_small_datasets, spec=spec)
+    assert needle in str(refused.value), refused.value
+
+
+def test_prepare_refuses_two_spellings_of_one_label(tmp_path, capsys):
+    csv = make_images(tmp_path)
+    table = pd.read_csv(csv)
+    table["a "] = table["A"]
+    table.to_csv(csv, index=False)
+    assert main(["prepare", "--csv", str(csv), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--labels", "A,a ,B"]) == 2
+    one_error(capsys, "labels 'A' and 'a' differ only in case")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- degenerate splits: refused where they are made
+
+
+def test_a_test_split_of_one_image_is_refused_by_prepare(data, capsys):
+    root, csv, images = data
+    table = pd.read_csv(csv)
+    table[table["path"] != "p00/img1.png"].to_csv(csv, index=False)  # patient p00 has one image left
+    (root / "test.txt").write_text("p00/img0.png\n")
+    assert main(prepare_args(csv, images, root / "out", "--test-list", str(root / "test.txt"))) == 2
+    one_error(capsys, "the test split has 1 image(s) and no label with both a positive and a negative")
+    assert not (root / "out").exists()
+
+
+def test_a_split_is_scorable_when_one_label_has_both_classes_under_the_strictest_rule():
+    from cxrdist.data.folds import check_scorable_splits
+
+    nan = float("nan")
+    raw = np.array([[1, 0], [nan, -1], [1, 1], [-1, 1]], dtype=float)  # rows: fold-0, fold-0, fold-1, fold-1
+    check_scorable_splits(np.array(["fold-0", "fold-0"]), raw[:2])  # A: 1 and blank (a negative)
+    with pytest.raises(UserError, match="the fold-1 split has 2 image"):  # A: 1 and -1 (left out); B: 1 and 1
+        check_scorable_splits(np.array(["fold-0", "fold-0", "fold-1", "fold-1"]), raw)

@@ -72,6 +72,7 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     records.attrs["notes"] = notes
     raw = records[labels].to_numpy(dtype=float)
     splits = assign(records, raw, opts)
+    folds_lib.check_scorable_splits(splits, raw)
     balance = folds_lib.split_balance(splits, records["patient"].to_numpy(), folds_lib.positives_matrix(raw), labels)
     print(folds_lib.format_balance(balance))
     for note in notes:
