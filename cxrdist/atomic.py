@@ -165,7 +165,10 @@ def removed_on_failure(partial: Path) -> Iterator[None]:
         yield
     except Exception as err:
         full = not isinstance(err, OSError) and disk_full(partial.parent)  # measured before the space is given back
-        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
         if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial.parent)) from err
         raise
