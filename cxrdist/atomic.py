@@ -4,10 +4,12 @@ so a reader (or a crash) never sees half a file. Every file cxrdist writes goes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,17 +23,33 @@ os.umask(_UMASK)
 def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path next to `path` for a writer that wants a file name (np.savez, DataFrame.to_csv);
     renamed onto `path` when the block ends without an error, removed otherwise. Keep `suffix` equal to
-    the real extension when the writer appends one (np.savez adds .npz)."""
-    path = Path(path)
+    the real extension when the writer appends one (np.savez adds .npz). Through a symlink, the file it points at is
+    the one replaced (the link stays); a device or a pipe is never replaced by a file."""
+    path = Path(path).resolve()
+    refuse_special_file(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the target gets the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:  # a failed write() names no file: name the one the user knows
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def written_together(*paths: Path) -> Iterator[list[Path]]:
+    """Temporary paths for files that belong together (predictions and the metrics computed from them): all replace
+    their targets when the block succeeds, none when a write fails (a full disk must not leave new predictions next to
+    the previous metrics)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path, suffix=Path(path).suffix)) for path in paths]
 
 
 @contextlib.contextmanager
@@ -114,6 +132,48 @@ def _host() -> str:
     return os.uname().nodename.replace("/", "_").replace("-", "_")
 
 
+# ---------------------------------------------------------------- a write that failed: nothing of it left behind
+
+FILESYSTEM_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                     errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
+FULL_BELOW = 1 << 20  # bytes free: a file system this full failed the write for want of space
+
+
+def filesystem_error(err: OSError) -> str | None:
+    """The one line for a file system refusal (read-only, full, no permission, a file where a folder should be),
+    naming the path; None for other errors (a bug shows its traceback)."""
+    if err.errno not in FILESYSTEM_ERRNOS:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err} (check that path: its permissions, free space, or a file standing where a folder should)"
+
+
+def disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(nearest_existing(directory)).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def removed_on_failure(partial: Path) -> Iterator[None]:
+    """A block that writes into `partial` (a file or a directory being built): on any failure it is deleted (a half
+    checkpoint on a full disk would go on holding the space), and the failure of a tensor writer on a full disk
+    (torch and safetensors raise their own types) becomes the OSError (ENOSPC) it is, naming where."""
+    partial = Path(partial)
+    try:
+        yield
+    except Exception as err:
+        full = not isinstance(err, OSError) and disk_full(partial.parent)  # measured before the space is given back
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial.parent)) from err
+        raise
+
+
 def replace_directory(partial: Path, directory: Path) -> Path:
     """Swap a completely written `partial` directory into place of `directory` (which may exist)."""
     old = directory.with_name(f".{directory.name}.old")
@@ -136,24 +196,54 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable_dir(path: Path, flag: str = "--out") -> None:
-    """`path` is, or can be created as, a directory this process may write into."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path}: exists and is not a directory")
-    base = nearest_existing(path)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write there ({base} is not a writable directory)")
+def check_writable_dir(path: Path, flag: str = "--out", shown: Path | None = None) -> None:
+    """`path` is, or can be created as, a directory this process may write into: its nearest existing folder takes a new
+    file (tried: permission bits do not tell /proc or a read-only mount). Messages name `shown` (what the user gave,
+    when `path` is its folder), else `path`."""
+    name = shown if shown is not None else path
+    with said_as_user_error(flag, name):
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {name}: exists and is not a directory")
+        base = nearest_existing(path)
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {name}: cannot write there ({base} is not a writable directory)")
+        try:
+            with tempfile.TemporaryFile(dir=base):
+                pass
+        except OSError as err:
+            raise UserError(f"{flag} {name}: cannot write there ({base}: {err.strerror})") from None
 
 
-def check_writable_file(path: Path, flag: str = "--out") -> None:
-    """`path` names a file (not a directory) this process may create or replace."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a directory; give a file name such as {path / 'preds.csv'}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: the file is not writable")
-    check_writable_dir(path.parent, flag)
+def check_writable_file(path: Path, flag: str = "--out", example: str = "preds.csv") -> None:
+    """`path` names a regular file (not a directory, a device or a pipe) this process may create or replace."""
+    with said_as_user_error(flag, path):
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{flag} {path}: is a directory; give a file name such as {path / example}")
+        refuse_special_file(path, flag)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path}: the file is not writable")
+        check_writable_dir(path.resolve().parent, flag, shown=path)
+
+
+@contextlib.contextmanager
+def said_as_user_error(flag: str, path) -> Iterator[None]:
+    """A path the checks cannot even look at (a name longer than the file system takes, a loop of symlinks)."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"{flag} {path}: {err.strerror or err}") from None
+
+
+def refuse_special_file(path: Path, flag: str = "") -> None:
+    """An atomic write renames a new file over its target: over /dev/null or a pipe that would replace the device."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # not there (yet): a new file
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: not a regular file (a device, a pipe or a socket); give the path of a file to write")
 
 
 def check_not_an_input(path: Path, inputs, flag: str = "--out") -> None:

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import errno
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from cxrdist.cli_args import CommandParser, UsageError, number, whole
 from cxrdist.errors import UserError, one_line
 from cxrdist.text import count
 
 EXIT_USER_ERROR = 2
+LOGGING_TO_WANDB = ("train", "lodo", "evaluate", "report", "demo")  # commands whose W&B mode is checked before any work
 
 
 def add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic chest radiographs and a generic label CSV")
     p.add_argument("--out", type=Path, required=True, help="folder to write: images/ and labels.csv (the input of `cxrdist prepare`)")
-    p.add_argument("--n", type=int, default=3000, help="how many radiographs (default: %(default)s)")
-    p.add_argument("--size", type=int, default=256, help="side of the square images in pixels (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same images and labels (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="processes that draw the images (default: %(default)s)")
-    p.add_argument("--planted-coupling", type=float, default=None, metavar="F",
+    p.add_argument("--n", type=whole(1), default=3000, help="how many radiographs (default: %(default)s)")
+    p.add_argument("--size", type=whole(1), default=256, help="side of the square images in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=whole(0), default=0, help="random seed: the same seed writes the same images and labels (default: %(default)s)")
+    p.add_argument("--workers", type=whole(1), default=1, help="processes that draw the images (default: %(default)s)")
+    p.add_argument("--planted-coupling", type=number(0, 1), default=None, metavar="F",
                    help="add a 'Planted Target' (a noisy copy of Pleural Effusion with no mark of its own, labelled for a fraction F "
                         "of the patients, -1 elsewhere) and two independent controls; the full truth goes to labels_full.csv")
     p.add_argument("--planted-gap", metavar="LABEL:ATTRIBUTE=VALUE:STRENGTH",
@@ -66,21 +66,22 @@ def add_prepare(sub) -> None:
     p.add_argument("--out", type=Path, help="shard directory to write")
     p.add_argument("--metadata", type=Path, help="MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv (default: next to --csv)")
     p.add_argument("--labels", help="'chexpert', 'nih' or comma-separated label columns (default: the source's set)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by patient (default: %(default)s)")
+    p.add_argument("--folds", type=whole(2), default=5, help="cross-validation folds, grouped by patient (default: %(default)s)")
     test = p.add_mutually_exclusive_group()
-    test.add_argument("--test-fraction", type=float, default=0.0, help="fraction of the patients held out as the test split (default: %(default)s)")
+    test.add_argument("--test-fraction", type=number(0, 1, below_maximum=True), default=0.0,
+                      help="fraction of the patients held out as the test split (default: %(default)s)")
     test.add_argument("--test-list", type=Path, help="file listing the test images, one per line (NIH test_list.txt)")
-    p.add_argument("--max-size", type=int, default=512, help="long side of the stored images, in pixels (default: %(default)s)")
+    p.add_argument("--max-size", type=whole(16), default=512, help="long side of the stored images, in pixels (default: %(default)s)")
     p.add_argument("--format", dest="fmt", choices=["jpg", "png"], default="jpg", help="image format in the shards (default: %(default)s)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard (default: %(default)s)")
+    p.add_argument("--quality", type=whole(1, 100), default=95, help="JPEG quality (default: %(default)s)")
+    p.add_argument("--samples-per-shard", type=whole(1), default=1000, help="images per tar shard (default: %(default)s)")
     p.add_argument("--views", choices=["all", "frontal"], default="all", help="frontal: keep only PA/AP images (default: %(default)s)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="skip: leave out missing and unreadable images, listed in the manifest (default: %(default)s)")
     p.add_argument("--no-patient-grouping", action="store_true", help="accept a CSV without a 'patient' column (every image its own patient)")
     p.add_argument("--allow-outside-images", action="store_true", help="read CSV paths that lead outside --images (../, absolute, symlinks)")
-    p.add_argument("--workers", type=int, default=1, help="processes that write shards (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fold and test assignment and of the shard order (default: %(default)s)")
+    p.add_argument("--workers", type=whole(1), default=1, help="processes that write shards (default: %(default)s)")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the fold and test assignment and of the shard order (default: %(default)s)")
     p.add_argument("--attributes", metavar="NAME[=COLUMN],...",
                    help="more attributes for the subgroup audit (never a model input): columns of the CSV (MIMIC: of its metadata CSV) "
                         "or of --attributes-table; a name 'sex' or 'age' is typed as such. Always kept: the view, and CheXpert's "
@@ -103,12 +104,6 @@ def run_prepare(args) -> int:
 
     if args.folds_only is None and (args.images is None or args.out is None):
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
-    if args.samples_per_shard < 1 or args.max_size < 16 or args.workers < 1:
-        raise UserError("--samples-per-shard and --workers must be >= 1 and --max-size >= 16")
-    if not 1 <= args.quality <= 100:
-        raise UserError(f"--quality {args.quality}: JPEG quality must be in 1..100")
-    if args.seed < 0 or args.folds < 2 or not 0.0 <= args.test_fraction < 1.0:
-        raise UserError("--seed must be >= 0, --folds >= 2 and --test-fraction in [0, 1)")
     opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run", "command_line")})
     manifest = prepare(opts)
     if manifest is not None:
@@ -142,7 +137,7 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train one fold (or all) by running `accelerate launch cxrdist/train.py` for you")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML, e.g. configs/paper.yaml")
     p.add_argument("--fold", default=None, help="fold number, or 'all' for every fold in turn (default: the config's)")
-    p.add_argument("--processes", type=int, default=None, help="processes on this machine (default: GPUs, or 1 on CPU)")
+    p.add_argument("--processes", type=whole(1), default=None, help="processes on this machine (default: GPUs, or 1 on CPU)")
     p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml)")
     p.add_argument("--ablate", choices=["refine"], default=None,
                    help="also train EXPERIMENT-norefine (model.refine.enabled=false) on the same folds, seed and data, after the experiment")
@@ -202,13 +197,13 @@ def add_lodo(sub) -> None:
     p = sub.add_parser("lodo", help="leave-one-dataset-out: for each dataset of data.shards in turn, train every fold on the others "
                                     "(experiment EXPERIMENT-without-NAME) and evaluate on the one left out; summary in runs/EXP/lodo/lodo.json")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML whose data.shards lists at least 2 datasets")
-    p.add_argument("--processes", type=int, default=None, help="training processes on this machine (default: GPUs, or 1 on CPU)")
+    p.add_argument("--processes", type=whole(1), default=None, help="training processes on this machine (default: GPUs, or 1 on CPU)")
     p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml) for training")
     p.add_argument("--external-split", choices=["all", "test"], default="all",
                    help="what of the left-out dataset is scored: all of it, or its test split (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass in the evaluations (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes of the evaluations (default: %(default)s)")
-    p.add_argument("--resamples", type=int, default=1000,
+    p.add_argument("--batch-size", type=whole(1), default=64, help="images per forward pass in the evaluations (default: %(default)s)")
+    p.add_argument("--workers", type=whole(0), default=2, help="data-loading worker processes of the evaluations (default: %(default)s)")
+    p.add_argument("--resamples", type=whole(0), default=1000,
                    help="patient bootstrap resamples of the evaluations' 95%% intervals (default: %(default)s)")
     p.add_argument("--evaluate-only", action="store_true", help="train nothing: every fold must be finished (slurm/lodo.sh's last job)")
     p.add_argument("--plan", action="store_true", help="only print, per held-out run, NAME, EXPERIMENT and its data.shards override, "
@@ -265,10 +260,10 @@ def add_evaluate(sub) -> None:
     p.add_argument("--split", default="test", help="'test' or a fold, e.g. fold-0 (default: %(default)s)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
     p.add_argument("--out", type=Path, help="default: runs/EXP/ensemble")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: %(default)s)")
+    p.add_argument("--batch-size", type=whole(1), default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=whole(0), default=2, help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--shards", help="the shard directory or URL (s3://, https://), if it moved since training")
-    p.add_argument("--resamples", type=int, default=1000, help="patient bootstrap resamples for the 95%% intervals (default: %(default)s)")
+    p.add_argument("--resamples", type=whole(0), default=1000, help="patient bootstrap resamples for the 95%% intervals (default: %(default)s)")
     p.add_argument("--external", help="score on this prepared dataset the models were not trained on (a directory or URL), over the labels "
                                       "both share; --split all reads all of it")
     p.add_argument("--leave-out-overlap", action="store_true",
@@ -277,7 +272,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--eval-targets", choices=["ignore_uncertain", "zeros", "ones"], default=None,
                    help="what the AUCs score against, whatever the training policy: uncertain (-1) entries left out (ignore_uncertain), "
                         "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
-    p.add_argument("--min-group-patients", dest="min_patients", type=int, default=20,
+    p.add_argument("--min-group-patients", dest="min_patients", type=whole(1), default=20,
                    help="subgroup audit: a group with fewer patients shows 'too few patients', no number (default: %(default)s)")
     p.add_argument("--intersect", action="append", default=[], metavar="A,B",
                    help="subgroup audit: also the groups of two attributes crossed, e.g. --intersect sex,age (repeatable)")
@@ -313,11 +308,11 @@ def add_predict(sub) -> None:
                    help="CSV to write: path, one probability per label and, when `cxrdist evaluate` chose operating points for these "
                         "models, each decision beside it (default: %(default)s)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no horizontal-flip TTA")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="image-reading worker processes (default: %(default)s)")
+    p.add_argument("--batch-size", type=whole(1), default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=whole(0), default=2, help="image-reading worker processes (default: %(default)s)")
     p.add_argument("--cam", type=Path, metavar="DIR", help="also write Grad-CAM overlays (one PNG per image and finding) to DIR")
-    p.add_argument("--cam-threshold", type=float, default=0.5, help="explain findings with at least this probability (default: %(default)s)")
-    p.add_argument("--cam-top", type=int, default=3, help="at most this many findings per image (default: %(default)s)")
+    p.add_argument("--cam-threshold", type=number(0, 1), default=0.5, help="explain findings with at least this probability (default: %(default)s)")
+    p.add_argument("--cam-top", type=whole(1), default=3, help="at most this many findings per image (default: %(default)s)")
     p.add_argument("--operating-point", default="sens@spec90", choices=["sens@spec90", "sens@spec95", "spec@sens90", "spec@sens95"],
                    help="the thresholds of call_<label> (positive/negative) beside each probability: the specificity (sens@specNN) or "
                         "sensitivity (spec@sensNN) they keep on the out-of-fold predictions, from `cxrdist evaluate` of the same "
@@ -380,8 +375,8 @@ def add_compare(sub) -> None:
     p.add_argument("runs_b", type=Path, metavar="RUNS_B", help="the candidate, e.g. runs/EXP")
     p.add_argument("--split", default="test", help="the split of both arms' ensemble/predictions.csv (from `cxrdist evaluate`; default: %(default)s)")
     p.add_argument("--out", type=Path, help="where compare.json goes (default: RUNS_B/compare, which `cxrdist report` shows)")
-    p.add_argument("--resamples", type=int, default=1000, help="paired patient bootstrap resamples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
+    p.add_argument("--resamples", type=whole(2), default=1000, help="paired patient bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the bootstrap (default: %(default)s)")
     p.set_defaults(run=run_compare)
 
 
@@ -414,25 +409,13 @@ def run_demo(args) -> int:
     return demo(args.out if args.out is not None else Path("demo-out"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrdist", description=__doc__)
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="cxrdist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_synth, add_labels, add_prepare, add_verify, add_train, add_lodo, add_info, add_evaluate, add_predict, add_export, add_report,
                 add_compare, add_demo):
         add(sub)
     return parser
-
-
-FILESYSTEM_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
-
-
-def filesystem_error(err: OSError) -> str | None:
-    """The one line for a file system refusal (read-only, full, no permission, a file where a folder should be),
-    naming the path; None for other errors (a bug shows its traceback)."""
-    if err.errno not in FILESYSTEM_ERRNOS:
-        return None
-    where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err} (check that path: its permissions, free space, or a file standing where a folder should)"
 
 
 EXIT_BROKEN_PIPE = 128 + 13  # what a command killed by SIGPIPE returns (`seq 1000000 | head -1`)
@@ -448,21 +431,34 @@ def reader_gone() -> int:
 
 
 def command_line(argv: list[str] | None) -> str:
-    """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages."""
+    """How the user ran this command (`cxrdist ...` or `python -m cxrdist ...`), to repeat in messages: every URL in it
+    in its display form (no user:password@, no query token), as the launch line and the cards show it."""
     import shlex
 
+    from cxrdist.data.location import redact
+
     if argv is not None or Path(sys.argv[0]).name == "cxrdist":
-        return shlex.join(["cxrdist", *(sys.argv[1:] if argv is None else argv)])
-    return shlex.join(sys.orig_argv)
+        return redact(shlex.join(["cxrdist", *(sys.argv[1:] if argv is None else argv)]))
+    return redact(shlex.join(sys.orig_argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     from cxrdist.log import quiet_third_party
 
     quiet_third_party()
-    args = build_parser().parse_args(argv)
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # named after the subcommand they were given to, whose --help lists what it takes
+            raise UsageError(f"cxrdist {args.command}", f"unrecognized arguments: {' '.join(unknown)}")
+    except UsageError as err:
+        print(f"{err.prog}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     args.command_line = command_line(argv)
     try:
+        if args.command in LOGGING_TO_WANDB:
+            from cxrdist.training.tracking import check_wandb_mode_variable
+
+            check_wandb_mode_variable()
         code = args.run(args)
         sys.stdout.flush()  # here, so that a reader gone by now is this handler's, not a page at exit
         return code
@@ -472,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cxrdist {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as err:
+        from cxrdist.atomic import filesystem_error
+
         line = filesystem_error(err)
         if line is None:
             raise

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 # Run as a script, Python puts cxrdist/ itself first on sys.path; drop it so that our module names
 # (data, model, labels, ...) never shadow other top-level packages.
@@ -24,16 +25,18 @@ from cxrdist.errors import UserError, one_line  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train one fold (run under `accelerate launch`).")
+    from cxrdist.cli_args import CommandParser, whole
+
+    parser = CommandParser(prog="cxrdist train", description="Train one fold (run under `accelerate launch`).")
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper.yaml")
-    parser.add_argument("--fold", type=int, default=None, help="held-out fold (overrides the config's `fold`)")
+    parser.add_argument("--fold", type=whole(0), default=None, help="held-out fold (overrides the config's `fold`)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)  # a UsageError is a UserError: one line, exit 2
         from cxrdist.training.config import load_config
         from cxrdist.training.loop import Trainer
 
@@ -43,19 +46,41 @@ def main(argv: list[str] | None = None) -> int:
         outcome.record(code)
         return code
     except UserError as err:
-        # Every rank raises the same error: one line per machine (on another machine it is the only one there).
-        line = f"cxrdist train: error: {one_line(err)}"
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(line, file=sys.stderr)
-        outcome.record(2, line)
-        return 2
-    except Exception as err:
-        from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer
+        return stop_with_user_error(one_line(err))
+    except OSError as err:
+        from cxrdist.atomic import filesystem_error
 
-        if not lost_peer(err):
-            outcome.record(1, f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}")
-            raise
-        stop_lost_peer(lost_peer_message(err))
+        line = filesystem_error(err)  # a full disk, an unwritable output_dir: one line, like a UserError
+        if line is None:
+            crashed(err)
+        return stop_with_user_error(line)
+    except Exception as err:  # noqa: BLE001 - a bug keeps its traceback (crashed re-raises it); a lost peer is one line
+        crashed(err)
+
+
+def stop_with_user_error(words: str) -> int:
+    from cxrdist.training.heartbeat import ending_by_error
+
+    line = f"cxrdist train: error: {words}"
+    ending_by_error(line)  # the other ranks stop on it in bounded time, naming it, if it was this rank's alone
+    # Every rank raises the same error: one line per machine (on another machine it is the only one there).
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    outcome.record(2, line)
+    return 2
+
+
+def crashed(err: Exception) -> NoReturn:
+    """A bug (its traceback) or a lost peer (one line, training/failure.py); called while `err` is being handled."""
+    from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer
+    from cxrdist.training.heartbeat import ending_by_error
+
+    if not lost_peer(err):
+        line = f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}"
+        ending_by_error(line)
+        outcome.record(1, line)
+        raise err
+    stop_lost_peer(lost_peer_message(err))
 
 
 def choose_network_interface() -> None:

@@ -10,6 +10,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "cxrdist-test-key", "AWS_SECRET_ACCESS_KEY": "cxrdist-test-secret-do-not-print", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -21,8 +22,20 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     cut_after = 0
     gets = 0
     stall = False  # a cut body stalls (the connection stays open, silent) instead of being shut
+    token: str | None = None  # when set, a request without ?token=TOKEN (a pre-signed URL's query) is answered 403
+    tar_status: int | None = None  # when set, every request for a .tar is answered with this status (a failing server)
     released: threading.Event
     lock = threading.Lock()
+
+    def send_head(self):
+        parts = urlsplit(self.path)
+        if self.token is not None and parse_qs(parts.query).get("token") != [self.token]:
+            self.send_error(403)
+            return None
+        if self.tar_status is not None and parts.path.endswith(".tar"):
+            self.send_error(self.tar_status)
+            return None
+        return super().send_head()
 
     def copyfile(self, source, destination) -> None:
         with self.lock:
@@ -42,11 +55,13 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def http_server(directory: Path, cuts: int = 0, cut_after: int = 4096, stall: bool = False):
+def http_server(directory: Path, cuts: int = 0, cut_after: int = 4096, stall: bool = False, token: str | None = None,
+                tar_status: int | None = None):
     """(base URL, handler class) of a threaded HTTP server on 127.0.0.1 serving `directory`; with `stall`, the cut
-    bodies hang silently after `cut_after` bytes until the server stops."""
+    bodies hang silently after `cut_after` bytes until the server stops (see Handler for `token` and `tar_status`)."""
     released = threading.Event()
-    handler = type("TestHandler", (Handler,), {"cuts": cuts, "cut_after": cut_after, "gets": 0, "stall": stall, "released": released})
+    handler = type("TestHandler", (Handler,), {"cuts": cuts, "cut_after": cut_after, "gets": 0, "stall": stall, "released": released,
+                                               "token": token, "tar_status": tar_status})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     with serving(server):
         try:
@@ -109,6 +124,34 @@ def silent_server():
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         listener.close()
+
+
+@contextmanager
+def counting_silent_server():
+    """(URL, the connections accepted so far) of a server that accepts every connection and never answers: how many
+    attempts a client made, whatever each one waited."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join()
+        for connection in accepted:
+            connection.close()
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrdist.training.heartbeat import ENDED, Liveness, interval_for
+from cxrdist.training.heartbeat import ENDED, FAILED, FAILED_GRACE_BEATS, Liveness, interval_for
 from trainer_utils import REPO, free_port
 
 WORKER = Path(__file__).with_name("heartbeat_worker.py")
@@ -47,6 +47,22 @@ def test_a_rank_never_heard_from_counts_from_the_start_and_an_ended_rank_never()
     assert seen.verdict(1030.0) is None  # rank 0 ended: its silence is expected
 
 
+def test_a_rank_that_ended_by_an_error_is_named_with_its_line_after_the_grace_and_never_as_silent():
+    seen = Liveness(world_size=3, rank=0, bound=60, started=0.0, grace=10)
+    seen.hosts[1] = "node1 (10.0.0.2)"
+    seen.observe({0: 1, 1: 1, 2: 1}, now=1.0)
+    seen.errors[1] = "cxrdist train: crashed: RuntimeError: boom"
+    seen.observe({0: 2, 1: 1 + FAILED, 2: 2}, now=5.0)
+    assert seen.failure(14.0) is None  # the grace: the others' own error lines first, when every rank met the same error
+    assert seen.failure(15.0) == "rank 1 on node1 (10.0.0.2) ended by an error (cxrdist train: crashed: RuntimeError: boom)"
+    assert seen.verdict(15.0) is None and seen.ended(1)  # not "silent": it said how it ended
+    seen.observe({0: 3, 1: 1 + FAILED, 2: 2 + ENDED}, now=20.0)
+    assert seen.failure(1000.0).startswith("rank 1 ") and 2 not in seen.failed_at  # a normal end is never a failure
+    unnamed = Liveness(world_size=2, rank=1, bound=60, started=0.0)
+    unnamed.observe({0: 7 + FAILED, 1: 3}, now=2.0)
+    assert unnamed.failure(2.0) == "rank 0 ended by an error (its own output says which)"
+
+
 def test_every_silent_rank_and_its_host_is_named():
     seen = Liveness(world_size=12, rank=0, bound=30, started=0.0)
     seen.hosts.update({r: "node0 (10.0.0.1)" if r < 2 else "node1 (10.0.0.2)" for r in range(12)})
@@ -72,12 +88,13 @@ def test_beats_come_many_times_per_bound(bound, interval):
 
 # ---- real processes, a real store ----
 
-def start_ranks(port: int, bound: float, busy: list[float], outcomes: Path) -> list[subprocess.Popen]:
+def start_ranks(port: int, bound: float, busy: list[float], outcomes: Path, raises: int | None = None) -> list[subprocess.Popen]:
     procs = []
     for rank, seconds in enumerate(busy):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(len(busy)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "CXRDIST_OUTCOME_DIR": str(outcomes), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(bound), str(seconds)], env=env, cwd=REPO,
+        ending = ["raise"] if rank == raises else []
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(bound), str(seconds), *ending], env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -134,6 +151,33 @@ def test_a_frozen_rank_stops_the_other_with_one_line_naming_it(tmp_path):
                          "Restart every node to resume from the newest complete checkpoint."), line
     recorded = json.loads((tmp_path / "rank-0.json").read_text())
     assert recorded["code"] == 1 and recorded["message"] == line
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_stops_the_others_within_the_bound_naming_it(tmp_path):
+    """An uncaught exception runs the at-exit stop; it must not read as "ended normally" (the others would then wait in
+    their next collective for train.dist_timeout): the survivor stops with one line naming the rank, within the bound."""
+    bound = 24  # beats every 2 s: the survivor hears of the failure within a beat and gives it FAILED_GRACE_BEATS more
+    port = free_port()
+    store = host_store(port)  # noqa: F841
+    procs = start_ranks(port, bound=bound, busy=[GUARD, 1], outcomes=tmp_path, raises=1)
+    try:
+        assert procs[0].stdout.readline().strip() == "beating"
+        failed_code, failed_output = finish(procs[1:])[0]
+        failed_at = time.monotonic()
+        code, output = finish(procs[:1])[0]
+        waited = time.monotonic() - failed_at
+        print(f"\nrank 0 stopped {waited:.1f} s after rank 1 raised (bound {bound} s, grace {FAILED_GRACE_BEATS} beats)")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert failed_code == 1 and "RuntimeError: planted failure on this rank" in failed_output, failed_output
+    assert code == 1, output
+    [line] = lost_lines(output)
+    assert line.startswith("cxrdist train: error: rank 0: lost contact with the other ranks: rank 1 on "), line
+    assert "ended by an error (its own output says which); stopping." in line, line
+    assert waited < bound, f"the survivor stopped {waited:.0f} s after the failure, past train.heartbeat_timeout={bound}"
 
 
 @pytest.mark.slow

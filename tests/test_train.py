@@ -43,7 +43,7 @@ def two_process_run(synth_shards, tmp_path_factory):
                           **{"data.workers": 2, "model.backbone": "resnet10t", "train.epochs": 5, "train.lr": 3e-3, "train.ema_decay": 0.9})
     # Rank 1 is slow at every checkpoint (tests/slow_rank/sitecustomize.py): it sleeps inside save_state, before it writes
     # its random states; rank 0 must wait for it before renaming the partial checkpoint into place (test_run_files).
-    env = cpu_env(2, PYTHONPATH=REPO / "tests" / "slow_rank", CXRDIST_TEST_SLOW_RANK="1:2")
+    env = cpu_env(2, PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "slow_rank"), str(REPO)]), CXRDIST_TEST_SLOW_RANK="1:2")
     result = launch_cpu(args + ["--fold", "0"], processes=2, timeout=900, env=env)
     assert result.returncode == 0, explain(result)
     return out / "demo" / "fold-0", result

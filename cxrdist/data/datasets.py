@@ -27,6 +27,7 @@ from cxrdist.data.location import Location, display, is_url, join, resolved, sha
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, load_one_manifest
 from cxrdist.errors import UserError
 from cxrdist.labels.harmonise import LabelVocabulary, harmonise, harmonised_name
+from cxrdist.labels.names import label_list, near_duplicate
 from cxrdist.labels.policy import NOT_ANNOTATED
 
 NAMESPACE_SEPARATOR = "/"
@@ -118,14 +119,40 @@ def parse_entries(spec) -> tuple[DatasetEntry, ...]:
             unknown = sorted(set(item) - {"location", "name", "weight", "label_map"})
             if unknown or "location" not in item:
                 raise UserError(f"data.shards: an entry is a location or {{location, name, weight, label_map}}, got {dict(item)!r}")
-            location, name = str(item["location"]), item.get("name")
-            weight, label_map = item.get("weight", 1.0), dict(item.get("label_map") or {})
+            location, name = checked_location(item["location"]), checked_name(item.get("name"), item["location"])
+            weight, label_map = item.get("weight", 1.0), checked_label_map(item.get("label_map"), name or location)
         else:
-            location, name, weight, label_map = str(item), None, 1.0, {}
+            location, name, weight, label_map = checked_location(item), None, 1.0, {}
         entries.append(DatasetEntry(str(name) if name else dataset_name(shard_root(location)), shard_root(location),
                                     check_weight(weight, location), label_map))
     check_entries(entries)
     return tuple(entries)
+
+
+def checked_location(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, Path, int)) or not str(value).strip():  # int: a folder named 2024
+        raise UserError(f"data.shards: a dataset's location is a directory or URL, got {value!r}")
+    return str(value)
+
+
+def checked_name(value, location) -> str | None:
+    if value is not None and not isinstance(value, (str, int)):
+        raise UserError(f"data.shards: the name of {location} is text, got {value!r}")
+    return None if value is None else str(value)
+
+
+def checked_label_map(value, dataset) -> dict[str, str | None]:
+    """{the dataset's label: harmonised name, or null to drop it}; anything else (a string, a list, a number, a target that
+    is not text) is refused here instead of failing later or becoming a label named "5"."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UserError(f"data.shards: the label_map of {dataset} maps its label names to harmonised names "
+                        f"({{Effusion: Pleural Effusion, Device: null}}), got {value!r}")
+    for source, target in value.items():
+        if target is not None and not isinstance(target, str):
+            raise UserError(f"data.shards: the label_map of {dataset} maps {source!r} to {target!r}; a label is mapped to a name or null")
+    return {str(source): target for source, target in value.items()}
 
 
 def check_weight(weight, location: str) -> float:
@@ -167,6 +194,7 @@ def combine(entries: Sequence[DatasetEntry], vocabulary: Sequence[str] | None = 
     vocab = harmonise({name: manifest.labels for name, manifest in members.items()},
                       {entry.name: entry.label_map for entry in entries}, vocabulary,
                       {name: source_name(manifest) for name, manifest in members.items()}, skip_outside)
+    check_one_spelling_per_finding(vocab, members)
     splits: dict[str, SplitInfo] = {}
     for entry in entries:
         manifest = members[entry.name]
@@ -209,6 +237,22 @@ def source_name(manifest: Manifest) -> str | None:
     """The --source a dataset was prepared with (chexpert, nih, mimic, csv), as its manifest records it."""
     source = manifest.source if isinstance(manifest.source, dict) else {}
     return source.get("name") if isinstance(source.get("name"), str) else None
+
+
+def check_one_spelling_per_finding(vocab, members: Mapping[str, Manifest]) -> None:
+    """Two datasets' names for one finding that harmonise to two spellings ("Pleural Effusion", "pleural effusion")."""
+    pair = near_duplicate(vocab.labels)
+    if pair is None:
+        return
+
+    def origin(label: str) -> str:
+        index = vocab.labels.index(label)
+        found = [f"{name}'s {source!r}" for name, manifest in members.items()
+                 for source, column in zip(manifest.labels, vocab.columns[name]) if column == index]
+        return ", ".join(found) or "data.vocabulary"
+
+    raise UserError(f"data.shards: labels {pair[0]!r} (from {origin(pair[0])}) and {pair[1]!r} (from {origin(pair[1])}) differ only in "
+                    "case, spaces or underscores: one finding would train as two labels; map them onto one spelling with a label_map")
 
 
 def check_distinct_contents(members: Mapping[str, Manifest]) -> None:
@@ -254,8 +298,15 @@ def load_manifest(spec) -> Manifest:
 def open_datasets(spec, vocabulary: Sequence[str] | None = None) -> tuple[Location | tuple[DatasetEntry, ...], Manifest]:
     """(root, manifest) for `data.shards`: a single location as it always was, a list as one CombinedManifest whose
     root is the tuple of its entries."""
+    if vocabulary is not None:
+        vocabulary = label_list(vocabulary, "data.vocabulary")
     if not is_dataset_list(spec):
-        root = shard_root(spec)
+        if vocabulary is not None:  # never applied to one location: the model would silently have the manifest's labels
+            raise UserError("data.vocabulary applies to a list of datasets; write data.shards as a one-entry list "
+                            "([{location: ..., label_map: ...}]) to map one dataset's labels onto it")
+        if isinstance(spec, Mapping):
+            raise UserError(f"data.shards: one location or a list of datasets, got one mapping {dict(spec)!r}: put it in a list")
+        root = shard_root(checked_location(spec))
         return root, load_one_manifest(root)
     entries = parse_entries(spec)
     return entries, combine(entries, vocabulary)

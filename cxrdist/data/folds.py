@@ -271,6 +271,24 @@ def _move(patient: int, source: int, dest: int, group: np.ndarray, vectors: np.n
     deviation[dest] += vectors[patient]
 
 
+def check_scorable_splits(splits: np.ndarray, raw: np.ndarray) -> None:
+    """Refuse a split on which no label has both a positive and a negative image (a test split of one image, a fold of a
+    few patients): no AUC, hence no model selection or result, could ever be computed on it. Judged under the strictest
+    evaluation rule (uncertain entries left out), so every rule can score what passes."""
+    from cxrdist.labels.eval_targets import evaluation_targets
+
+    targets, mask = evaluation_targets(raw)
+    splits = np.asarray(splits).astype(str)
+    for name in _ordered_split_names(splits):
+        rows = splits == name
+        scored = mask[rows] > 0
+        positive, negative = ((targets[rows] == 1) & scored).any(axis=0), ((targets[rows] == 0) & scored).any(axis=0)
+        if not (positive & negative).any():
+            more = "hold out more patients (--test-fraction) or list more (--test-list)" if name == TEST_SPLIT else "use fewer --folds"
+            raise UserError(f"the {name} split has {int(rows.sum())} image(s) and no label with both a positive and a negative among "
+                            f"them, so no AUC can be computed on it; {more}")
+
+
 def split_balance(
     splits: np.ndarray, patients: Sequence[str], positives: np.ndarray, label_names: Sequence[str]
 ) -> dict:

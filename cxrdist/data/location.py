@@ -5,6 +5,9 @@ fsspec (s3fs for s3://, aiohttp for http(s)://), as streams read block by block,
 whole first. A read that fails with a transient error (connection dropped, timeout, 5xx) is retried
 with exponential backoff on a fresh connection that resumes at the byte where the last one broke, so a
 reader never sees the hiccup; one that keeps failing raises `ShardReadFailed` with a one-line reason.
+Existence checks go through the same attempts. Each attempt is ONE request with one timeout: the layers
+below (fsspec's size probe before a stream, botocore's and s3fs's own retries) are switched off, so a
+silent server costs one round of ATTEMPTS waits, the documented bound, not a product of rounds.
 
 A URL root is kept as a `str` (a `Path` would fold "s3://b" into "s3:/b"); a local root as a `Path`.
 Credentials come from the usual environment (AWS_* variables or ~/.aws for s3, fsspec's own config);
@@ -60,8 +63,12 @@ def shard_root(location: Location) -> Location:
 
 
 def join(root: Location, relative: str) -> Location:
+    """`relative` under `root`; under a URL it joins the path, before any query string (a pre-signed token)."""
     root = shard_root(root)
-    return f"{root}/{relative}" if isinstance(root, str) else root / relative
+    if not isinstance(root, str):
+        return root / relative
+    parts = urlsplit(root)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{relative}"))
 
 
 def display(location: Location) -> str:
@@ -94,14 +101,19 @@ def resolved(root: Location) -> str:
 
 
 def exists(location: Location) -> bool:
+    """Whether the file is there: False only for a "not found" answer; a server that fails (HTTP 5xx), refuses access,
+    is unreachable or stays silent through every attempt is a UserError saying which."""
     if not is_url(location):
         return Path(location).is_file()
+    fs = filesystem(location)
+    # fsspec's HTTP check says False for any status >= 400 and any connection error unless strict.
+    check = (lambda: fs.exists(location, strict=True)) if is_http(fs) else (lambda: fs.exists(location))
     try:
-        fs = filesystem(location)
-        # strict: an HTTP answer other than 404 (401 without credentials, 500) raises instead of reading as "not there"
-        return bool(fs.exists(location, strict=True) if is_http(fs) else fs.exists(location))
-    except NOT_TRANSIENT:
+        return bool(with_retries(location, check))
+    except FileNotFoundError:
         return False
+    except (ShardReadFailed, PermissionError) as err:
+        raise UserError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - network stacks raise many types; the message says which
         if refused_credentials(err):
             raise UserError(credentials_line(location, err)) from None
@@ -156,7 +168,7 @@ def filesystem(url: str):
 
     ignore_unclosed_connection_warnings()
     try:
-        return fsspec.core.url_to_fs(url, **timeout_options(url))[0]
+        return without_own_retries(fsspec.core.url_to_fs(url, **timeout_options(url))[0])
     except ImportError as err:  # e.g. "Install s3fs to access S3"
         raise UserError(f"{display(url)}: {reason(err)} (for s3://: pip install 'cxrdist[s3]')") from None
     except ValueError as err:  # an unknown protocol
@@ -176,7 +188,7 @@ def timeout_s() -> float:
 
 def timeout_options(url: str) -> dict:
     """fsspec options that bound the wait to connect and for the next piece of a response (never the whole
-    transfer: a large shard on a slow link is fine while bytes keep coming)."""
+    transfer: a large shard on a slow link is fine while bytes keep coming), with no retries below ours."""
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):
         import aiohttp
@@ -185,8 +197,16 @@ def timeout_options(url: str) -> dict:
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout_s(), sock_read=timeout_s()),
                                   "trust_env": True}}
     if scheme in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": timeout_s(), "read_timeout": timeout_s()}}
+        return {"config_kwargs": {"connect_timeout": timeout_s(), "read_timeout": timeout_s(), "retries": {"total_max_attempts": 1}}}
     return {}
+
+
+def without_own_retries(fs):
+    """s3fs retries each call 5 times on top of botocore (a class attribute, not an option): once here, ours around it."""
+    if getattr(fs, "retries", None) is not None:
+        fs.retries = 1
+    return fs
+
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -207,14 +227,65 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 
 
 def transient_cause(err: BaseException) -> BaseException | None:
-    """The failure worth another attempt behind `err`, or None when `err` is final (not found, access denied). fsspec's
-    HTTP says FileNotFoundError also for a server it cannot reach, raised from the connection error: that one is retried."""
+    """The failure worth another attempt behind `err`, or None when `err` is final (not found, access denied, an HTTP
+    status other than 5xx, 408 and 429). fsspec's HTTP says FileNotFoundError also for a server it cannot reach, raised
+    from the connection error: that one is retried."""
     if refused_credentials(err):
         return None
     if isinstance(err, NOT_TRANSIENT):
         cause = err.__cause__
         return transient_cause(cause) if isinstance(err, FileNotFoundError) and cause is not None else None
+    status = http_status(err)
+    if status is not None and status < 500 and status not in (408, 429):
+        return None
     return err if isinstance(err, transient_errors()) else None
+
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status of an error response (aiohttp's ClientResponseError), else None."""
+    status = getattr(err, "status", None)
+    return status if isinstance(status, int) and 100 <= status <= 599 else None
+
+
+def final_error(url: str, err: BaseException) -> BaseException:
+    """A failure no other attempt can change, said again without the URL's user:password or token."""
+    if refused_credentials(err):
+        return ShardReadFailed(credentials_line(url, err))
+    status = http_status(err)
+    if status in (401, 403):
+        return PermissionError(f"{display(url)}: access denied (HTTP {status})")
+    if status is not None:
+        return UserError(f"{display(url)}: the server refused the request (HTTP {status} {getattr(err, 'message', '')})".rstrip())
+    if isinstance(err, NOT_TRANSIENT):
+        return type(err)(f"{display(url)}: {NOT_TRANSIENT_TEXT.get(type(err), 'cannot be read')}")
+    return err
+
+
+def with_retries(url: str, call, before_retry=lambda: None):
+    """call() until it succeeds, ATTEMPTS times at most, waiting BACKOFF_S, 2x BACKOFF_S, ... between attempts (after
+    before_retry() drops what the failed attempt left). A final failure is raised at once (final_error)."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - sorted into final and transient just below
+            failure = transient_cause(err)
+            if failure is None:
+                final = final_error(url, err)
+                if final is err:
+                    raise
+                raise final from None
+            before_retry()
+            if attempt + 1 == ATTEMPTS:
+                raise ShardReadFailed(f"{display(url)}: {failed_how(failure)} after {ATTEMPTS} attempts ({reason(failure)})") from None
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def failed_how(failure: BaseException) -> str:
+    if is_unreachable(failure):
+        return "server unreachable"
+    status = http_status(failure)
+    return f"the server failed (HTTP {status})" if status is not None else "unreadable"
 
 
 def is_unreachable(err: BaseException) -> bool:
@@ -230,6 +301,8 @@ def is_unreachable(err: BaseException) -> bool:
 
 def reason(err: BaseException) -> str:
     text = redact(str(err).strip().splitlines()[0]) if str(err).strip() else ""
+    if not text and err.__cause__ is not None:  # fsspec's bare FSTimeoutError: the socket's timeout behind it says more
+        return reason(err.__cause__)
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -254,31 +327,18 @@ class RetryingStream(io.RawIOBase):
         super().close()
 
     def call_with_retries(self, read):
-        for attempt in range(ATTEMPTS):
-            try:
-                if self.handle is None:
-                    self.handle = self.open_at(self.position)
-                return read()
-            except Exception as err:  # noqa: BLE001 - sorted into final and transient just below
-                failure = transient_cause(err)
-                if failure is None and refused_credentials(err):
-                    raise ShardReadFailed(credentials_line(self.url, err)) from None
-                if failure is None and isinstance(err, NOT_TRANSIENT):  # said again without the URL's user:password or token
-                    raise type(err)(f"{display(self.url)}: {NOT_TRANSIENT_TEXT.get(type(err), 'cannot be read')}") from None
-                if failure is None:
-                    raise
-                self.drop_handle()
-                if attempt + 1 == ATTEMPTS:
-                    what = "server unreachable" if is_unreachable(failure) else "unreadable"
-                    raise ShardReadFailed(f"{display(self.url)}: {what} after {ATTEMPTS} attempts ({reason(failure)})") from None
-                time.sleep(BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")
+        def attempt():
+            if self.handle is None:
+                self.handle = self.open_at(self.position)
+            return read()
+
+        return with_retries(self.url, attempt, before_retry=self.drop_handle)
 
     def open_at(self, offset: int):
         fs = filesystem(self.url)
         # http(s) as one streaming GET (works with servers that ignore Range); object stores read ranges of blocks.
         streaming = is_http(fs)
-        handle = fs.open(self.url, "rb", block_size=0) if streaming else fs.open(self.url, "rb")
+        handle = http_stream(fs, self.url) if streaming else fs.open(self.url, "rb")
         if offset and not streaming:
             handle.seek(offset)
         else:
@@ -298,6 +358,15 @@ class RetryingStream(io.RawIOBase):
             except Exception:  # noqa: BLE001 - a broken connection may fail to close too; it is dropped anyway
                 pass
             self.handle = None
+
+
+def http_stream(fs, url: str):
+    """fsspec's streaming HTTP file, without the HEAD and GET that fs.open() sends first to learn a size a stream does
+    not need (two more waits of the timeout on a silent server, per attempt)."""
+    from fsspec.asyn import sync
+    from fsspec.implementations.http import HTTPStreamFile
+
+    return HTTPStreamFile(fs, url, mode="rb", loop=fs.loop, session=sync(fs.loop, fs.set_session), asynchronous=fs.asynchronous, **fs.kwargs)
 
 
 def release_connection(handle) -> None:

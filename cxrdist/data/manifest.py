@@ -176,12 +176,22 @@ def load_remote_manifest(url: str) -> Manifest:
         raise UserError(err.line) from None
     manifest = parse_manifest(text, display(location))
     files = [shard.file for shard in manifest.shards(list(manifest.splits))]
-    with ThreadPoolExecutor(EXISTENCE_CHECKS_IN_FLIGHT) as pool:
-        present = list(pool.map(lambda file: exists(join(root, file)), files))
+    present = checked_in_parallel(lambda file: exists(join(root, file)), files)
     missing = [file for file, ok in zip(files, present) if not ok]
     if missing:
         raise UserError(f"{display(join(root, missing[0]))}: shard listed in the manifest is missing ({len(missing)} of {len(files)} missing)")
     return manifest
+
+
+def checked_in_parallel(check, items: list) -> list:
+    """[check(item) ...], EXISTENCE_CHECKS_IN_FLIGHT at a time; the first failure is raised as soon as it comes and the
+    checks not started yet are dropped (a failing server is not asked once per shard, one timeout after another)."""
+    pool = ThreadPoolExecutor(EXISTENCE_CHECKS_IN_FLIGHT)
+    try:
+        futures = [pool.submit(check, item) for item in items]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def parse_manifest(text: str, path: str) -> Manifest:

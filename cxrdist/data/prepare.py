@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from cxrdist import __version__
-from cxrdist.atomic import check_not_an_input, check_writable_file, remove_stale_staging, replace_directory, staging_directory
+from cxrdist.atomic import (check_not_an_input, check_writable_dir, check_writable_file, remove_stale_staging, replace_directory,
+                            staging_directory)
 from cxrdist.data import folds as folds_lib
 from cxrdist.data.attribute_table import AttributeRequest, attribute_values, build_request, check_names
 from cxrdist.data.attributes import AttributeSpec, sample_attributes, spec_of
@@ -74,7 +75,7 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     if opts.folds_only is None and opts.out is not None:
         check_out(opts)
     if opts.folds_only is not None:
-        check_writable_file(opts.folds_only, "--folds-only")
+        check_writable_file(opts.folds_only, "--folds-only", example="folds.csv")
         check_not_an_input(opts.folds_only, input_files(opts).values(), "--folds-only")
     request = attribute_request(opts)
     records, labels = load_records(
@@ -145,7 +146,14 @@ def print_plan(records: pd.DataFrame, labels: list[str], splits: np.ndarray, not
 
 
 def assign(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions, groups: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
-    """(split per record, what to say about it). `groups`: the patient groups folds keep together (default: patients)."""
+    """(split per record, what to say about it); refused: a split no label can be scored on. `groups`: the patient groups
+    folds keep together (default: patients)."""
+    splits, said = assigned_splits(records, raw, opts, groups)
+    folds_lib.check_scorable_splits(splits, raw)
+    return splits, said
+
+
+def assigned_splits(records: pd.DataFrame, raw: np.ndarray, opts: PrepareOptions, groups: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     if opts.folds_from is not None:
         splits = splits_from_file(records, opts.folds_from)
         opts.folds = sum(1 for s in set(splits) if is_fold(s))
@@ -205,6 +213,7 @@ def check_out(opts: PrepareOptions) -> None:
     out = Path(opts.out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {opts.out}: is a file, not a directory")
+    check_writable_dir(out.parent, "--out", shown=opts.out)  # before the folds and the images are read, not when the first shard is written
     if opts.images is not None:
         images = Path(opts.images).resolve()
         if out == images or images in out.parents or out in images.parents:
@@ -285,8 +294,9 @@ def write_dataset(records: pd.DataFrame, labels: list[str], missing: list[str], 
                   attributes: list[AttributeSpec]) -> Manifest:
     """Read every image, then compute the folds of the images that could be read, then pack the shards; all in a hidden
     sibling directory swapped in only when complete: a failed or interrupted run leaves --out as it was (a previous
-    dataset intact) and no partial shards anywhere."""
-    out = Path(opts.out)
+    dataset intact) and no partial shards anywhere. A symlinked --out is followed: the dataset it points at is the one
+    replaced (the link stays, pointing at the new one)."""
+    out = Path(opts.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in remove_stale_staging(out):
         print(f"removed {leftover}: the unfinished output of a prepare that was killed")

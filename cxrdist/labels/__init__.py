@@ -57,4 +57,7 @@ def resolve_labels(spec: str | None, default: Sequence[str]) -> list[str]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UserError(f"--labels: label names given twice: {', '.join(duplicates)}")
+    from cxrdist.labels.names import check_spellings
+
+    check_spellings(names, "--labels")
     return names

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cxrdist.atomic import replace_directory
+from cxrdist.atomic import removed_on_failure, replace_directory
 from cxrdist.errors import UserError, one_line
 from cxrdist.layout import CARD_FILE, WEIGHTS_FILE
 from cxrdist.model.card import ModelCard
@@ -16,14 +16,15 @@ from cxrdist.model.network import CXRNet, build_model
 
 
 def save_model(directory: Path, model: torch.nn.Module, card: ModelCard) -> Path:
-    """Write weights + card to a temporary directory, then swap it into place."""
-    directory = Path(directory)
+    """Write weights + card to a temporary directory, then swap it into place (through a symlink: where it points)."""
+    directory = Path(directory).resolve()
     partial = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(partial / WEIGHTS_FILE))
-    card.write(partial)
+    with removed_on_failure(partial):
+        save_file(state, str(partial / WEIGHTS_FILE))
+        card.write(partial)
     return replace_directory(partial, directory)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from cxrdist.atomic import atomic_write_text, replace_directory
+from cxrdist.atomic import atomic_write_text, filesystem_error, removed_on_failure, replace_directory
 from cxrdist.errors import UserError, one_line
 from cxrdist.layout import CHECKPOINTS_DIR
 
@@ -74,15 +74,25 @@ def save_checkpoint(accelerator, ema, state: TrainerState, run_dir: Path, keep: 
         shutil.rmtree(final, ignore_errors=True)
         partial.mkdir()  # before the barrier: under DeepSpeed every rank writes its own files into it
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    # Every rank writes into `partial` (its random_states_R.pkl; its ZeRO shards under DeepSpeed) and
-    # save_state ends without a barrier: rank 0 must not rename it while a slower rank still writes.
-    accelerator.wait_for_everyone()
+    try:
+        with removed_on_failure(partial):  # by whichever rank fails: a half checkpoint must not hold the space
+            accelerator.save_state(str(partial), safe_serialization=True)
+            # Every rank writes into `partial` (its random_states_R.pkl; its ZeRO shards under DeepSpeed) and
+            # save_state ends without a barrier: rank 0 must not rename it while a slower rank still writes.
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_file(ema_state(ema), str(partial / EMA_FILE))
+                (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+                fault_injection(state.step)
+                replace_directory(partial, final)
+    except OSError as err:
+        if filesystem_error(err) is None:
+            raise
+        newest = list_checkpoints(run_dir)
+        raise UserError(f"{root}: the checkpoint of step {state.step} could not be written ({err.strerror}); its partial files are "
+                        f"removed, {newest[-1].name + ' stays the newest' if newest else 'no checkpoint is there'} to resume from: "
+                        "make room there and run the same command again") from None
     if accelerator.is_main_process:
-        save_file(ema_state(ema), str(partial / EMA_FILE))
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        fault_injection(state.step)
-        replace_directory(partial, final)
         prune(run_dir, keep, state.best_step)
     accelerator.wait_for_everyone()
     return final

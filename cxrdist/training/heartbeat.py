@@ -7,6 +7,12 @@ rendezvous store (the TCPStore on machine 0, at MASTER_ADDR:MASTER_PORT) and rea
 ends the process with one line when some rank's counter has not moved, or the store has not answered, for
 `train.heartbeat_timeout` seconds. The threads run while the main thread is busy (a long evaluation, a
 checkpoint on a slow filesystem, a collective): only a rank whose process or network is gone stops beating.
+
+A rank that ends says how: ENDED once its training is done (its silence is expected from then on), FAILED when
+it ends any other way (an uncaught exception, a refused setting: the at-exit stop of a rank that never finished).
+The others stop on a failed rank as on a lost one, naming it and its error line, a few beats later (time for
+their own line when every rank meets the same error), instead of waiting in a collective for
+`train.dist_timeout`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from datetime import timedelta
 PREFIX = "cxrdist/heartbeat"
 # Added to a rank's counter when it ends normally: from then on its silence is expected, not a loss.
 ENDED = 1 << 40
+# Added instead when it ends by an error: the others stop as for a lost rank, after FAILED_GRACE_BEATS beats.
+FAILED = 1 << 42
+FAILED_GRACE_BEATS = 2
+MAX_ERROR_CHARS = 300  # of the failed rank's line, repeated by the others
 MAX_INTERVAL = 10.0  # seconds between beats, at most
 MAX_NAMED = 8  # silent ranks named in the verdict beyond the first
 BEATS_PER_BOUND = 12  # the interval is the bound over this, so a rank misses many beats before it counts as lost
@@ -47,6 +57,9 @@ class Liveness:
     last_change: dict[int, float] = field(default_factory=dict)
     hosts: dict[int, str] = field(default_factory=dict)
     store_seen: float = 0.0
+    grace: float = 0.0  # how long a failed rank is given before it is reported (the others' own error lines first)
+    failed_at: dict[int, float] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # a failed rank's own line, when it left one
 
     def __post_init__(self) -> None:
         self.store_seen = self.started
@@ -57,9 +70,21 @@ class Liveness:
         for rank, count in counts.items():
             if self.last_count.get(rank) != count:
                 self.last_count[rank], self.last_change[rank] = count, now
+            if count >= FAILED:
+                self.failed_at.setdefault(rank, now)
 
     def ended(self, rank: int) -> bool:
+        """Ended normally or by an error: either way it beats no more."""
         return self.last_count.get(rank, 0) >= ENDED
+
+    def failure(self, now: float) -> str | None:
+        """The first rank that ended by an error and was given its grace, in words, or None."""
+        failed = sorted(rank for rank, seen in self.failed_at.items() if rank != self.rank and now - seen >= self.grace)
+        if not failed:
+            return None
+        first = failed[0]
+        error = self.errors.get(first, "")
+        return f"rank {first}{self.where(first)} ended by an error" + (f" ({error})" if error else " (its own output says which)")
 
     def verdict(self, now: float) -> str | None:
         """Why this rank must stop, in words, or None while everyone is heard from within the bound."""
@@ -95,9 +120,10 @@ class Heartbeat:
         self.on_lost = on_lost  # called with the verdict's words; expected not to return (it ends the process)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # keys of an earlier attempt in the same store
         self.prefix = f"{PREFIX}/{restart}"
-        self.liveness = Liveness(world_size, rank, bound, started=time.monotonic())
+        self.liveness = Liveness(world_size, rank, bound, started=time.monotonic(), grace=FAILED_GRACE_BEATS * self.interval)
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.error: str | None = None  # this rank's own error line, when it ends by one (ending_by_error)
         self.store = None
         self.threads = [threading.Thread(target=self._beat, name="cxrdist-heartbeat", daemon=True),
                         threading.Thread(target=self._watch, name="cxrdist-heartbeat-watch", daemon=True)]
@@ -107,17 +133,23 @@ class Heartbeat:
             thread.start()
         # Any exit (a user error before training, an exception) must stop the beat first: a daemon thread still inside a
         # store call when the interpreter finalises is ended through C++ frames, and the process aborts (SIGABRT).
-        atexit.register(self.stop)
+        # An exit that did not go through stop() is one that never finished training: an error.
+        atexit.register(self.stop, failed=True)
         return self
 
-    def stop(self) -> None:
-        """This rank ends: tell the others (best effort) and stop both threads, waiting for a store call in flight."""
+    def stop(self, failed: bool = False) -> None:
+        """This rank ends, normally or (`failed`) by an error: tell the others (best effort) and stop both threads,
+        waiting for a store call in flight."""
         if self.stopped.is_set():
             return
         self.stopped.set()
+        failed = failed or self.error is not None
         with self.lock:
             try:
-                self._client().add(self._key(self.rank), ENDED)
+                store = self._client()
+                if failed and self.error:
+                    store.set(self._key(self.rank, "error"), self.error[:MAX_ERROR_CHARS])  # before the mark: readers rely on it
+                store.add(self._key(self.rank), FAILED if failed else ENDED)
             except Exception:  # noqa: BLE001 - the store may be gone already; the others then judge by the bound
                 pass
         for thread in self.threads:
@@ -133,6 +165,9 @@ class Heartbeat:
                     with_host = [r for r in counts if r not in self.liveness.hosts]
                     if with_host:
                         self.liveness.hosts.update(self._hosts(with_host))
+                    with_error = [r for r, c in counts.items() if c >= FAILED and r not in self.liveness.errors]
+                    if with_error:
+                        self.liveness.errors.update(self._errors(with_error))
                     self.liveness.observe(counts, time.monotonic())
                 except Exception:  # noqa: BLE001 - a store call that failed or timed out is a missed beat
                     self.store = None  # a timed-out connection may deliver a late answer: start a fresh one
@@ -140,8 +175,13 @@ class Heartbeat:
 
     def _watch(self) -> None:
         while not self.stopped.wait(min(1.0, self.interval)):
-            words = self.liveness.verdict(time.monotonic())
-            if words is not None and not self.stopped.is_set():
+            now = time.monotonic()
+            failure, words = self.liveness.failure(now), self.liveness.verdict(now)
+            if self.stopped.is_set():
+                return
+            if failure is not None:
+                self.on_lost(failure)
+            elif words is not None:
                 self.on_lost(f"{words} (train.heartbeat_timeout={self.bound:g} s): {LOST_HINT}")
 
     # ---- the store --------------------------------------------------------------------------------------------
@@ -172,6 +212,11 @@ class Heartbeat:
         values = self.store.multi_get([self._key(r, "host") for r in ranks])
         return {r: v.decode(errors="replace") for r, v in zip(ranks, values)}
 
+    def _errors(self, ranks: list[int]) -> dict[int, str]:
+        """The lines failed ranks left ("" for one that left none: an uncaught exception ends through the at-exit stop)."""
+        keys = [self._key(r, "error") for r in ranks]
+        return {r: self.store.get(key).decode(errors="replace") if self.store.check([key]) else "" for r, key in zip(ranks, keys)}
+
 
 def describe_self(master: str) -> str:
     """This machine's name and the address it reaches machine 0 from (host names may be alike, addresses differ)."""
@@ -184,6 +229,17 @@ def describe_self(master: str) -> str:
     return f"{socket.gethostname()} ({address})"
 
 
+_running: list[Heartbeat] = []  # this process's heartbeat, for ending_by_error
+
+
+def ending_by_error(line: str) -> None:
+    """This rank is ending by an error (its one line): stop watching first, so that no verdict of ours comes before
+    that line, and tell the others which error it was."""
+    for heartbeat in _running:
+        heartbeat.error = line
+        heartbeat.stop(failed=True)
+
+
 def start_heartbeat(bound: float, on_lost) -> Heartbeat | None:
     """Started by every rank once the process group exists; None for one process, bound 0 (off), or a launcher
     that names no rendezvous store."""
@@ -192,4 +248,6 @@ def start_heartbeat(bound: float, on_lost) -> Heartbeat | None:
     if world < 2 or bound <= 0 or not master or not port:
         return None
     import torch.distributed  # noqa: F401 - here, not in the thread: an import there can take seconds of the bound
-    return Heartbeat(int(os.environ.get("RANK", "0")), world, bound, (master, int(port)), on_lost).start()
+    heartbeat = Heartbeat(int(os.environ.get("RANK", "0")), world, bound, (master, int(port)), on_lost).start()
+    _running.append(heartbeat)
+    return heartbeat

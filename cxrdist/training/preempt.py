@@ -53,17 +53,20 @@ def signal_meaning(name: str, environ=os.environ) -> str:
 
 def own_command() -> str:
     """The command that started this trainer: `cxrdist train`'s (passed down), the launcher's
-    (accelerate launch / torchrun start the trainer processes themselves), or this process's own."""
+    (accelerate launch / torchrun start the trainer processes themselves), or this process's own; its URLs without
+    their user:password@ or query token, as every line shows them."""
+    from cxrdist.data.location import redact
+
     if os.environ.get(RESUME_COMMAND_ENV):
-        return os.environ[RESUME_COMMAND_ENV]
+        return redact(os.environ[RESUME_COMMAND_ENV])
     if "LOCAL_RANK" in os.environ:
         import psutil
 
         try:
-            return shlex.join(psutil.Process().parent().cmdline())
+            return redact(shlex.join(psutil.Process().parent().cmdline()))
         except psutil.Error:
             pass
-    return shlex.join(sys.orig_argv)
+    return redact(shlex.join(sys.orig_argv))
 
 
 def stop_explanation(name: str, environ=os.environ) -> str:

@@ -12,11 +12,24 @@ import numpy as np
 
 from cxrdist.atomic import json_line, json_ready
 from cxrdist.data.location import redact
+from cxrdist.errors import UserError
 from cxrdist.layout import fold_name
+
+
+WANDB_OWN_MODES = ("shared", "dryrun", "run")  # WANDB_MODE values wandb takes besides online, offline, disabled
+
+
+def check_wandb_mode_variable() -> None:
+    """A WANDB_MODE that wandb refuses (with a page of pydantic) is one line, before any work."""
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env not in ("disabled", "offline", "online", *WANDB_OWN_MODES):
+        raise UserError(f"WANDB_MODE={env!r} in the environment: expected online, offline or disabled (or unset it; "
+                        "logging.wandb in the config chooses too)")
 
 
 def wandb_mode(configured: str) -> str:
     """auto -> online when an API key is available (env or ~/.netrc), offline otherwise."""
+    check_wandb_mode_variable()
     env = os.environ.get("WANDB_MODE")
     if env in ("disabled", "offline", "online"):
         return env

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cxrdist import distributed
-from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready
+from cxrdist.atomic import check_not_an_input, check_writable_dir, json_ready, written_together
 from cxrdist.data.attributes import csv_columns, specs_of
 from cxrdist.data.location import Location, display, resolved
 from cxrdist.data.manifest import Manifest, check_same_dataset
@@ -302,7 +302,8 @@ def run_evaluate(
     out.mkdir(parents=True, exist_ok=True)
     ids = {"key": preds.keys, "dataset": preds.meta["dataset"], "path": preds.meta["path"], "patient": preds.meta["patient"],
            **csv_columns(preds.meta.get("attributes", []))}
-    write_predictions_csv(out / PREDICTIONS_FILE, ids, ensemble_probabilities(per_model), labels, targets, mask)
-    write_fold_probabilities(out / FOLD_PROBABILITIES_FILE, preds.keys, labels, per_model, per_model_plain)
-    write_json(out / METRICS_FILE, metrics)
+    with written_together(out / PREDICTIONS_FILE, out / FOLD_PROBABILITIES_FILE, out / METRICS_FILE) as (predictions, probabilities, scores):
+        write_predictions_csv(predictions, ids, ensemble_probabilities(per_model), labels, targets, mask)
+        write_fold_probabilities(probabilities, preds.keys, labels, per_model, per_model_plain)
+        write_json(scores, metrics)
     return json_ready(metrics)

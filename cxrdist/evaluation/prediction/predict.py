@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrdist.atomic import check_not_an_input, check_writable_file
+from cxrdist.atomic import check_not_an_input, check_writable_dir, check_writable_file
 from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.coverage import say_coverage
@@ -125,6 +125,8 @@ def run_predict(
     if cam is not None and (cam_top < 1 or not 0 <= cam_threshold <= 1):
         raise UserError(f"--cam-top must be >= 1 and --cam-threshold within [0, 1] (got {cam_top}, {cam_threshold})")
     check_writable_file(Path(out))
+    if cam is not None:
+        check_writable_dir(Path(cam), "--cam")  # a file there is said now, not after the inference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_fold_models(runs, device)  # a wrong --runs is said before a long search of --images
     files = collect_images(images)

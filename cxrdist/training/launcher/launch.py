@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cxrdist
 from cxrdist.data.location import redact
-from cxrdist.errors import UserError
+from cxrdist.errors import UserError, one_line
 from cxrdist.log import get_logger
 from cxrdist.training.launcher import outcome
 from cxrdist.training.launcher.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
@@ -68,8 +68,7 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
     if launch_config is not None:
-        if not launch_config.is_file():
-            raise UserError(f"--launch-config {launch_config}: no such file")
+        check_launch_config(launch_config)
         cmd += ["--config_file", str(launch_config)]
         if processes:
             cmd += ["--num_processes", str(processes)]
@@ -85,6 +84,20 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
     if fold is not None:
         cmd += ["--fold", str(fold)]
     return cmd + list(overrides), env
+
+
+def check_launch_config(path: Path) -> None:
+    """Read the file the way `accelerate launch` will (its own loader), so that a broken one is one line here instead of
+    the launcher's traceback after it started."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    if not path.is_file():
+        raise UserError(f"--launch-config {path}: no such file")
+    try:
+        load_config_from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - YAML/JSON errors, a list or a string for a mapping, unknown keys or values
+        raise UserError(f"--launch-config {path}: not an accelerate config file ({type(err).__name__}: {one_line(err)}); "
+                        "see launch/*.yaml") from None
 
 
 SAID_LAUNCHES: set[str] = set()  # the launch lines this process showed, less their fold
