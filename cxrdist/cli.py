@@ -274,8 +274,8 @@ def add_evaluate(sub) -> None:
                         "negative (zeros) or positive (ones); default: what the model cards record, else ignore_uncertain")
     p.add_argument("--min-group-patients", dest="min_patients", type=whole(1), default=20,
                    help="subgroup audit: a group with fewer patients shows 'too few patients', no number (default: %(default)s)")
-    p.add_argument("--intersect", action="append", default=[], metavar="A,B",
-                   help="subgroup audit: also the groups of two attributes crossed, e.g. --intersect sex,age (repeatable)")
+    p.add_argument("--intersect", action="append", default=None, metavar="A,B",
+                   help="subgroup audit: also the groups of two attributes crossed, e.g. --intersect sex,age (repeatable; default: none)")
     p.set_defaults(run=run_evaluate)
 
 
@@ -287,7 +287,7 @@ def run_evaluate(args) -> int:
 
     metrics = evaluate(args.runs, args.split, args.tta, args.out, args.batch_size, args.workers, shards=args.shards, resamples=args.resamples,
                        eval_targets=args.eval_targets, external=args.external, leave_out_overlap=args.leave_out_overlap,
-                       min_patients=args.min_patients, intersections=args.intersect)
+                       min_patients=args.min_patients, intersections=args.intersect or [])
     if metrics:
         from cxrdist.evaluation.report.dashboard import log_ensemble_run
 

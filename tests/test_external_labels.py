@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from nih_tables import prepare_nih, rows
+from nih_tables import draw_images, prepare_nih, rows
 from shard_servers import Handler, serving
 from test_datasets import prepare_synthetic
 from trainer_utils import DEMO_CONFIG, REPO, TRAIN, cpu_env, explain, fast_overrides, label_aucs
@@ -77,7 +77,7 @@ def world(tmp_path_factory):
              "external": prepare_nih(base / "ext", range(31, 61), "2020", test_patients=range(31, 41), seed=1),
              "site_c": prepare_nih(base / "siteC", range(31, 61), "2020", seed=2),
              "site_d": prepare_nih(base / "siteD", range(41, 61), "2020", seed=3),
-             "normal": prepare_nih(base / "normal", range(31, 61), "2020", only="No Finding", seed=4)}
+             "normal": prepare_unscorable(base / "normal")}
     world["netrc"] = base / "netrc"
     world["netrc"].write_text(f"machine 127.0.0.1 login {USER} password {SECRET}\n")
     with server_with_credentials(served) as url:
@@ -90,6 +90,23 @@ def world(tmp_path_factory):
         for p, log in zip(procs, logs):
             assert p.returncode == 0, log[-4000:]
         yield world
+
+
+def prepare_unscorable(root: Path) -> Path:
+    """NIH's 'No Finding' rows as a generic CSV whose Effusion and Atelectasis (labels the NIH model has) are never positive
+    and whose only label with both classes, Support Devices, the model lacks: prepare accepts it (a label can be scored
+    in every split), but no label the model shares with it can."""
+    from cxrdist.data.prepare import PrepareOptions, prepare
+
+    lines = [line for line in rows(range(31, 61)) if line.split(",")[1] == "No Finding"]
+    draw_images(root / "images", lines, seed=4)
+    table = pd.DataFrame({"path": [line.split(",")[0] for line in lines], "patient": [line.split(",")[3] for line in lines],
+                          "Effusion": 0, "Atelectasis": 0, "Support Devices": [i % 2 for i in range(len(lines))]})
+    table.to_csv(root / "labels.csv", index=False)
+    prepare(PrepareOptions(source="csv", csv=root / "labels.csv", images=root / "images", out=root / "shards", folds=2, test_fraction=0.2,
+                           max_size=64, fmt="png", samples_per_shard=40, workers=1, labels="Effusion,Atelectasis,Support Devices", seed=4,
+                           progress=False))
+    return root / "shards"
 
 
 def evaluate(runs: Path, *args: str, netrc: Path | None = None) -> subprocess.CompletedProcess:
@@ -232,9 +249,9 @@ def test_an_external_result_is_never_written_over_the_internal_one_or_another(wo
 
 
 def test_an_external_dataset_with_no_scorable_label_is_one_line(world):
-    """Only 'No Finding' rows: every label both share has a single class; nothing to score, nothing written."""
+    """Every label both share (Pleural Effusion, Atelectasis) has a single class; nothing to score, nothing written."""
     runs = world["runs"] / "nih"
     before = set(external_folders(runs))
     line = one_line(evaluate(runs, "--external", str(world["normal"]), "--split", "all", netrc=world["netrc"]))
-    assert "nothing to score" in line and "always positive: No Finding" in line and "never positive: Atelectasis" in line
+    assert "nothing to score" in line and "never positive: Atelectasis, Pleural Effusion" in line
     assert set(external_folders(runs)) == before

@@ -122,13 +122,14 @@ def test_join_keeps_the_query_after_the_path():
     assert join("s3://bucket/shards/", "manifest.json") == "s3://bucket/shards/manifest.json"
 
 
-@pytest.mark.parametrize("status, words", [(500, "the server failed (HTTP 500) after 5 attempts"), (403, "access denied (HTTP 403)")])
+@pytest.mark.parametrize("status, words", [(500, "the server failed (HTTP 500) after 5 attempts"),
+                                           (403, "refuses the request (HTTP 403: credentials missing or wrong)")])
 def test_a_failing_existence_check_is_not_called_missing(synth_shards, status, words):
     with http_server(synth_shards, tar_status=status) as (url, _handler):
         result = cli("verify", url, env={**os.environ, TIMEOUT_VARIABLE: "5"})
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert ".tar: " in line and words in line and "missing" not in line, line
+    assert ".tar: " in line and words in line and "missing" not in line.replace("credentials missing", ""), line
 
 
 # ---------------------------------------------------------------- the command line: numbers checked first, overrides anywhere
@@ -425,7 +426,9 @@ def test_a_test_split_of_one_image_is_refused_by_prepare(data, capsys):
     table[table["path"] != "p00/img1.png"].to_csv(csv, index=False)  # patient p00 has one image left
     (root / "test.txt").write_text("p00/img0.png\n")
     assert main(prepare_args(csv, images, root / "out", "--test-list", str(root / "test.txt"))) == 2
-    one_error(capsys, "the test split has 1 image(s) and no label with both a positive and a negative")
+    *progress_lines, error = capsys.readouterr().err.strip().splitlines()  # the images are read (and said) before the folds
+    assert all(line.startswith("reading images: ") for line in progress_lines), progress_lines
+    assert error.startswith("cxrdist prepare: error: the test split has 1 image(s) and no label with both a positive and a negative"), error
     assert not (root / "out").exists()
 
 

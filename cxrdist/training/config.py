@@ -245,7 +245,7 @@ def check_anchored_shards(merged: DictConfig, layer: DictConfig, path: Path) -> 
 
     def locations(shards) -> set[str]:
         items = shards if isinstance(shards, (list, tuple)) else [shards]
-        found = {item.get("location") if isinstance(item, dict) else item for item in items}
+        found = [item.get("location") if isinstance(item, dict) else item for item in items]  # any shape: checked where read
         return {item for item in found if isinstance(item, str) and not is_url(item)}
 
     given = OmegaConf.to_container(layer, resolve=False).get("data")
