@@ -79,7 +79,8 @@ def test_unplanted_datasets_flag_sex_or_age_no_more_than_the_family_rate(planted
     flagged = []
     for seed in (4, 5, 6):
         other = synth_shards(tmp_path / f"seed{seed}", n=450, seed=seed, folds=2, test=0.0)
-        metrics = run_evaluate(fold, split="all", batch_size=64, workers=0, resamples=500, external=other, out=tmp_path / f"external{seed}")
+        metrics = run_evaluate(fold, split="all", batch_size=64, workers=0, resamples=500, external=other, out=tmp_path / f"external{seed}",
+                               leave_out_overlap=True)  # synthetic laterals (one template) can fall within the fingerprint's bound
         assert metrics["subgroups"]["attributes"]["sex"]["groups"]["F"]["reported"]
         found = [f for f in flags(metrics) if f[0] in ("sex", "age")]
         assert ("sex", "F", "AUC Pleural Effusion") not in found

@@ -86,7 +86,7 @@ def prepare(opts: PrepareOptions) -> Manifest | None:
     notes = list(records.attrs.get("notes", []))
     records = filter_views(records, opts.views)
     columns, specs, attribute_notes = read_attributes(request, records, opts)  # before resolve_paths: a table joined by path names the CSV's paths
-    records = records.assign(**{TYPED_PREFIX + name: values for name, values in columns.items()})
+    records = records.assign(**{TYPED_PREFIX + name: pd.Series(values, index=records.index, dtype=object) for name, values in columns.items()})
     notes += attribute_notes
     if opts.source == "nih" and opts.images is not None and opts.folds_only is None:
         records = resolve_paths(records, opts.images)  # the official download spreads images over 12 folders
