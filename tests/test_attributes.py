@@ -47,6 +47,13 @@ NIH_ROWS = [  # Data_Entry_2017.csv (plain ages), then the Kaggle sample's spell
 MIMIC_META_HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,StudyTime,"
                      "ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,PatientOrientationCodeSequence_CodeMeaning")
 MIMIC_IV_PATIENTS = "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod"
+# prepare refuses a fold on which no label has both classes: a few real rows alone make such folds, so each table gets
+# PADDING more patients (one image each, Cardiomegaly alternately positive and negative, half female, aged 50, PA)
+PADDING = 16
+CHEXPERT_PADDING = [f"CheXpert-v1.0-small/train/patient9{k:04d}/study1/view1_frontal.jpg,{('Female', 'Male')[k % 2]},50,Frontal,PA,,,"
+                    + ("1.0" if k % 2 else "0.0") + ",,,,,,,,,,," for k in range(PADDING)]
+NIH_PADDING = [f"0009{k:04d}_000.png,{('Cardiomegaly', 'No Finding')[k % 2]},0,9{k:04d},50,{'FM'[k % 2]},PA,2500,2048,0.168,0.168"
+               for k in range(PADDING)]
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -77,8 +84,8 @@ def stored(out: Path) -> dict[str, dict]:
 
 
 def test_chexpert_sex_age_and_view_are_read_typed_and_stored(tmp_path, capsys):
-    csv = write(tmp_path / "train.csv", [CHEXPERT_HEADER, *CHEXPERT_ROWS])
-    root = images(tmp_path / "data", [row.split(",")[0] for row in CHEXPERT_ROWS])
+    csv = write(tmp_path / "train.csv", [CHEXPERT_HEADER, *CHEXPERT_ROWS, *CHEXPERT_PADDING])
+    root = images(tmp_path / "data", [row.split(",")[0] for row in CHEXPERT_ROWS + CHEXPERT_PADDING])
     assert prepare("--source", "chexpert", "--csv", str(csv), "--images", str(root), "--out", str(tmp_path / "out")) == 0
     found = stored(tmp_path / "out")
     assert found["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"] == {"view": "AP", "sex": "F", "age": 68.0}
@@ -89,14 +96,14 @@ def test_chexpert_sex_age_and_view_are_read_typed_and_stored(tmp_path, capsys):
     assert manifest["format_version"] == 2
     specs = {spec["name"]: spec for spec in manifest["attributes"]}
     assert specs["sex"] == {"name": "sex", "kind": "sex", "source": "column 'Sex' of train.csv", "bins": [], "unknown": 1,
-                            "values": {"F": 6, "M": 2}}
+                            "values": {"F": 6 + PADDING // 2, "M": 2 + PADDING // 2}}
     assert specs["age"]["kind"] == "age" and specs["age"]["bins"] == [18.0, 40.0, 60.0, 80.0] and specs["age"]["unknown"] == 1
-    assert specs["view"]["values"] == {"AP": 5, "LATERAL": 2, "PA": 2}
+    assert specs["view"]["values"] == {"AP": 5, "LATERAL": 2, "PA": 2 + PADDING}
 
 
 def test_nih_gender_and_ages_in_both_spellings(tmp_path, capsys):
-    csv = write(tmp_path / "Data_Entry_2017.csv", [NIH_HEADER, *NIH_ROWS])
-    root = images(tmp_path / "nih", [row.split(",")[0] for row in NIH_ROWS])
+    csv = write(tmp_path / "Data_Entry_2017.csv", [NIH_HEADER, *NIH_ROWS, *NIH_PADDING])
+    root = images(tmp_path / "nih", [row.split(",")[0] for row in NIH_ROWS + NIH_PADDING])
     assert prepare("--source", "nih", "--csv", str(csv), "--images", str(root), "--out", str(tmp_path / "out"), "--age-bins", "40,65") == 0
     found = stored(tmp_path / "out")
     assert found["00000001_000.png"] == {"view": "PA", "sex": "M", "age": 58.0}
@@ -111,14 +118,17 @@ def test_nih_gender_and_ages_in_both_spellings(tmp_path, capsys):
 @pytest.fixture
 def mimic(tmp_path) -> Path:
     labels = ["subject_id,study_id," + ",".join(CHEXPERT_LABELS)]
+    padding = [(f"19{k:06d}", f"59{k:06d}", f"pad-{k}", "PA") for k in range(PADDING)]
     for subject, study in (("10000032", "50414267"), ("10000032", "53189527"), ("10000898", "50771383"), ("10001217", "58913004")):
         labels.append(f"{subject},{study}," + ",".join("1.0" if i == 10 else "" for i in range(len(CHEXPERT_LABELS))))
+    for k, (subject, study, _, _) in enumerate(padding):  # Cardiomegaly (column 2) alternately positive and negative
+        labels.append(f"{subject},{study}," + ",".join(("1.0" if k % 2 else "0.0") if i == 2 else "" for i in range(len(CHEXPERT_LABELS))))
     write(tmp_path / "mimic-cxr-2.0.0-chexpert.csv", labels)
     rows = [("02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "10000032", "50414267", "PA"),
             ("174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962", "10000032", "50414267", "LATERAL"),
             ("2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab", "10000032", "53189527", "AP"),
             ("0c4eb1e1-b801903c-bcebe8a4-3da9cd3c-3b94a27c", "10000898", "50771383", "PA"),
-            ("5e54fc9c-37c49834-9ac3b915-55811712-9d959d26", "10001217", "58913004", "AP")]
+            ("5e54fc9c-37c49834-9ac3b915-55811712-9d959d26", "10001217", "58913004", "AP")] + [(d, s, st, v) for s, st, d, v in padding]
     write(tmp_path / "mimic-cxr-2.0.0-metadata.csv", [MIMIC_META_HEADER] + [
         f"{d},{s},{st},CHEST (PA AND LAT),{v},3056,2544,21800506,213014.531,CHEST (PA AND LAT),postero-anterior,Erect" for d, s, st, v in rows])
     images(tmp_path / "mimic-cxr-jpg", [f"files/p{s[:2]}/p{s}/s{st}/{d}.jpg" for d, s, st, _ in rows])
@@ -126,7 +136,9 @@ def mimic(tmp_path) -> Path:
 
 
 def test_mimic_view_from_its_metadata_and_sex_age_joined_from_mimic_iv_patients(mimic, capsys):
-    patients = write(mimic / "patients.csv", [MIMIC_IV_PATIENTS, "10000032,F,52,2180,2014 - 2016,2180-09-09", "10000898,F,76,2187,2014 - 2016,"])
+    padding = [f"19{k:06d},{'FM'[k % 2]},50,2180,2014 - 2016," for k in range(PADDING)]
+    patients = write(mimic / "patients.csv", [MIMIC_IV_PATIENTS, "10000032,F,52,2180,2014 - 2016,2180-09-09", "10000898,F,76,2187,2014 - 2016,",
+                                              *padding])
     assert prepare("--source", "mimic", "--csv", str(mimic / "mimic-cxr-2.0.0-chexpert.csv"), "--images", str(mimic / "mimic-cxr-jpg"),
                    "--out", str(mimic / "out"), "--attributes-table", str(patients), "--attributes-key", "subject_id",
                    "--attributes", "sex=gender,age=anchor_age") == 0
@@ -135,7 +147,7 @@ def test_mimic_view_from_its_metadata_and_sex_age_joined_from_mimic_iv_patients(
     assert by_dicom["174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962"] == {"view": "LATERAL", "sex": "F", "age": 52.0}
     assert by_dicom["0c4eb1e1-b801903c-bcebe8a4-3da9cd3c-3b94a27c"] == {"view": "PA", "sex": "F", "age": 76.0}
     assert by_dicom["5e54fc9c-37c49834-9ac3b915-55811712-9d959d26"] == {"view": "AP", "sex": None, "age": None}
-    assert "1 of 3 patients (1 images) are not in --attributes-table" in capsys.readouterr().out
+    assert f"1 of {3 + PADDING} patients (1 images) are not in --attributes-table" in capsys.readouterr().out
     manifest = json.loads((mimic / "out" / MANIFEST_NAME).read_text())
     assert any("are not in --attributes-table" in note for note in manifest["source"]["notes"])
 

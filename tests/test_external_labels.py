@@ -253,5 +253,5 @@ def test_an_external_dataset_with_no_scorable_label_is_one_line(world):
     runs = world["runs"] / "nih"
     before = set(external_folders(runs))
     line = one_line(evaluate(runs, "--external", str(world["normal"]), "--split", "all", netrc=world["netrc"]))
-    assert "nothing to score" in line and "never positive: Atelectasis, Pleural Effusion" in line
+    assert "nothing to score" in line and "never positive: Atelectasis, Effusion" in line  # the model's own names
     assert set(external_folders(runs)) == before
