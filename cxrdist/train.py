@@ -12,6 +12,7 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+from cxrdist.training import elastic  # noqa: E402
 from cxrdist.training.launcher import outcome, trainer_stderr  # noqa: E402
 
 trainer_stderr.attach()  # before anything can write to stderr (no-op outside `cxrdist train`)
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_network_interface()
         code = Trainer(cfg).fit()
         outcome.record(code)
+        if code != 0:
+            elastic.stop_restarts()  # a preemption: the scheduler ends the job, the launcher must not restart it
         return code
     except UserError as err:
         # Every rank raises the same error: one line per machine (on another machine it is the only one there).
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(line, file=sys.stderr)
         outcome.record(2, line)
+        elastic.stop_restarts()  # the same error on every restart
         return 2
     except Exception as err:
         from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer

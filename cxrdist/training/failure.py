@@ -41,9 +41,10 @@ def lost_peer_message(err: BaseException) -> str:
 
 
 def lost_contact_message(why: str, detail: str = "") -> str:
+    from cxrdist.training.elastic import restart_sentence
+
     rank = os.environ.get("RANK", "?")
-    return (f"rank {rank}: lost contact with the other ranks: {why}; stopping. "
-            f"Restart every node to resume from the newest complete checkpoint.{detail}")
+    return f"rank {rank}: lost contact with the other ranks: {why}; stopping. {restart_sentence()}{detail}"
 
 
 _STOPPING = threading.Lock()

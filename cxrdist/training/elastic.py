@@ -1,0 +1,53 @@
+"""Elastic restarts: a trainer that dies is started again inside the same job by the launcher (torch elastic's agent,
+which `accelerate launch --max_restarts N` runs), and resumes from the newest complete checkpoint on however many
+processes came back (data/order.py, training/topology.py). No rendezvous of our own: torch elastic's.
+
+The agent restarts its worker group after any failure; it cannot tell a dead node from a trainer that ended on
+purpose. A trainer that ends on purpose (a user error, exit 2: the same on every restart; or a preemption, exit 75:
+the scheduler is ending the job and requeues it) therefore asks its agent (its parent process) to stop with SIGTERM,
+on which the agent ends its workers and exits without restarting them. Only failures (a lost peer, exit 1; a crash;
+a process killed) are restarted, at most `--max-restarts` times.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from cxrdist.errors import UserError
+
+MAX_RESTARTS_LIMIT = 100  # beyond this a "restart" budget is a loop that hides a broken job, not resilience
+
+
+def check_max_restarts(value: int, where: str = "--max-restarts") -> int:
+    if not 0 <= value <= MAX_RESTARTS_LIMIT:
+        raise UserError(f"{where}={value}: expected 0 (no restarts) to {MAX_RESTARTS_LIMIT} restarts of the trainers")
+    return value
+
+
+def restarts_left(environ=os.environ) -> int:
+    """How many more times this process's elastic agent would restart the trainers after a failure (0 outside one)."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return 0
+    return max(0, int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def stop_restarts(environ=os.environ) -> bool:
+    """This trainer ends on purpose: ask the elastic agent that started it not to start it again. Returns whether it asked."""
+    if restarts_left(environ) == 0:
+        return False
+    try:
+        os.kill(os.getppid(), signal.SIGTERM)
+    except ProcessLookupError:  # the agent is gone already
+        return False
+    return True
+
+
+def restart_sentence(environ=os.environ) -> str:
+    """What happens after a failure, for the line a rank that lost its peers ends with."""
+    left = restarts_left(environ)
+    if left == 0:
+        return "Restart every node to resume from the newest complete checkpoint."
+    done = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return (f"The launcher restarts the trainers (restart {done + 1} of {done + left}, --max-restarts) and they resume from the "
+            "newest complete checkpoint.")
