@@ -120,9 +120,14 @@ def served_world_sizes(partitions: int, limit: int = 64) -> list[int]:
     return [w for w in range(1, min(partitions, limit) + 1) if partitions % w == 0]
 
 
-def auto_partitions(world_size: int) -> int:
-    """data.partitions=0: the default count, or (a world size it cannot serve) the least common multiple of both."""
-    return lcm(DEFAULT_PARTITIONS, world_size)
+def auto_partitions(world_size: int, samples: int) -> int:
+    """data.partitions=0: the default count, or (a world size it cannot serve) the least common multiple of both; for a
+    dataset of fewer samples, the largest divisor of the default that the world size divides and the samples fill."""
+    smaller = [p for p in served_world_sizes(DEFAULT_PARTITIONS, DEFAULT_PARTITIONS) if p % world_size == 0]
+    for partitions in [lcm(DEFAULT_PARTITIONS, world_size), *reversed(smaller)]:
+        if partitions <= samples:
+            return partitions
+    return world_size
 
 
 def check_world_size(partitions: int, world_size: int, where: str = "data.partitions") -> None:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cxrdist.data.datasets import DatasetShard, root_dataset_name
 from cxrdist.data.location import Location, join, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
-from cxrdist.data.order import DEFAULT_PARTITIONS, CanonicalOrder, Piece, check_world_size, rank_micro_batch
+from cxrdist.data.order import CanonicalOrder, Piece, auto_partitions, check_world_size, rank_micro_batch
 from cxrdist.data.shards import RawSample, read_shard
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, draw_train_params, eval_transform, train_draft_side, train_transform
@@ -55,7 +55,7 @@ class StreamConfig:
     workers: int = 4
     shuffle_buffer: int = 1000  # samples a canonical partition shuffles at a time
     seed: int = 0
-    partitions: int = DEFAULT_PARTITIONS  # canonical partitions of the train order (data/order.py)
+    partitions: int = 0  # canonical partitions of the train order (data/order.py); 0 = order.auto_partitions
     augment: str = "cpu"  # train augmentation in the workers ("cpu") or batched on the accelerator ("device")
 
 
@@ -260,7 +260,7 @@ class TrainStream(IterableDataset):
     def __init__(self, root: Path, shards: list[ShardInfo], num_labels: int, cfg: StreamConfig, rank: int, world_size: int, start_batch: int):
         self.root, self.shards, self.num_labels, self.cfg = shard_root(root), shards, num_labels, cfg
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self.order = canonical_order(shards, cfg)
+        self.order = canonical_order(shards, cfg, world_size)
 
     def __iter__(self) -> Iterator[dict]:
         # Loader batch i comes from worker i % n: this worker makes the rank's micro-batches start + worker + n*u.
@@ -274,8 +274,10 @@ class TrainStream(IterableDataset):
             yield batch
 
 
-def canonical_order(shards: Sequence[ShardInfo], cfg: StreamConfig) -> CanonicalOrder:
-    return CanonicalOrder(tuple(shard.num_samples for shard in shards), cfg.seed, cfg.partitions, max(1, cfg.shuffle_buffer), cfg.batch_size)
+def canonical_order(shards: Sequence[ShardInfo], cfg: StreamConfig, world_size: int) -> CanonicalOrder:
+    sizes = tuple(shard.num_samples for shard in shards)
+    partitions = cfg.partitions or auto_partitions(world_size, sum(sizes))
+    return CanonicalOrder(sizes, cfg.seed, partitions, max(1, cfg.shuffle_buffer), cfg.batch_size)
 
 
 class EvalStream(IterableDataset):
@@ -346,8 +348,8 @@ def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamC
     check_config(cfg, rank, world_size)
     if start_batch < 0:
         raise UserError(f"start_batch must be >= 0, got {start_batch}")
-    check_world_size(cfg.partitions, world_size)
     dataset = TrainStream(root, train_shards(manifest, splits), len(manifest.labels), cfg, rank, world_size, start_batch)
+    check_world_size(dataset.order.partitions, world_size)
     return make_loader(dataset, cfg.workers, cfg.seed)
 
 

@@ -21,7 +21,7 @@ from cxrdist.atomic import atomic_write_text
 from cxrdist.data.device_augment import augment_batch
 from cxrdist.data.datasets import open_datasets
 from cxrdist.evaluation.scoring.by_dataset import summary_line
-from cxrdist.data.stream import StreamConfig, eval_loader, resolve_workers, steps_per_epoch, train_loader
+from cxrdist.data.stream import StreamConfig, eval_loader, resolve_workers, steps_per_epoch, train_loader, train_shards
 from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger, progress
@@ -198,7 +198,8 @@ class Trainer:
         the checkpoint this start will resume from, peeked at here to size the accelerator; fit() checks it fully."""
         data, train = self.cfg.data, self.cfg.train
         recorded = peek_settings(self.cfg.run_dir, train.resume)
-        return resolve(data.batch_size, train.global_batch, train.grad_accum, data.partitions, distributed.world_size(), recorded)
+        samples = sum(shard.num_samples for shard in train_shards(self.manifest, self.train_splits))
+        return resolve(data.batch_size, train.global_batch, train.grad_accum, data.partitions, distributed.world_size(), recorded, samples)
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that

@@ -53,16 +53,18 @@ class Topology:
                 f"micro-batch(es) of {self.micro_batch}, sample order over {self.partitions} canonical partitions")
 
 
-def resolve(micro_batch: int, global_batch: int, grad_accum: int, partitions: int, world_size: int, recorded: dict) -> Topology:
-    """The topology of this start, from the config's values (0 = auto), the world size and the settings recorded by the
-    checkpoint it will resume from ({} for a fresh run). A world size it cannot serve is a UserError (one line)."""
+def resolve(micro_batch: int, global_batch: int, grad_accum: int, partitions: int, world_size: int, recorded: dict,
+            samples: int) -> Topology:
+    """The topology of this start, from the config's values (0 = auto), the world size, the settings recorded by the
+    checkpoint it will resume from ({} for a fresh run) and the training samples of a pass. A world size it cannot serve
+    is a UserError (one line)."""
     if global_batch and grad_accum != 1:
         raise UserError(f"train.global_batch={global_batch} and train.grad_accum={grad_accum}: set only train.global_batch "
                         "(the accumulation is derived from it, data.batch_size and the number of processes)")
     if recorded.get(MICRO_BATCH, micro_batch) != micro_batch:
         recorded = {}  # another micro-batch is another order: the resume check names the change, not this one
     batch = global_batch or recorded.get(GLOBAL_BATCH) or micro_batch * world_size * grad_accum
-    parts = partitions or recorded.get(PARTITIONS) or auto_partitions(world_size)
+    parts = partitions or recorded.get(PARTITIONS) or auto_partitions(world_size, samples)
     where = "the recorded " if (not global_batch and GLOBAL_BATCH in recorded) else ""
     if batch % micro_batch or (batch // micro_batch) % world_size:
         sizes = [w for w in served_world_sizes(parts) if batch % (micro_batch * w) == 0]
