@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
+from cxrdist.data.shards import file_sha256
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import StreamConfig, augment_rng, train_loader
 from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
@@ -93,7 +94,8 @@ def make_data(root: Path, n: int, size: int, per_shard: int) -> tuple[Manifest, 
                 (root / "png" / f"img{i:05d}.png").write_bytes(png)
                 meta = json.dumps({"labels": [int(i % 2), None, -1], "patient": f"p{i}", "study": "s", "view": "PA", "path": f"img{i:05d}.png"})
                 writer.write({"__key__": f"img{i:05d}", "jpg": jpeg, "json": meta.encode()})
-        shards.append(ShardInfo(rel, min(n, start + per_shard) - start, (root / "shards" / rel).stat().st_size, ""))
+        digest, nbytes = file_sha256(root / "shards" / rel)  # the streams check every shard they read against it
+        shards.append(ShardInfo(rel, min(n, start + per_shard) - start, nbytes, digest))
     manifest = Manifest(
         labels=["A", "B", "C"], splits={"fold-0": SplitInfo(n, n, shards)}, num_folds=1, seed=0,
         source={"name": "bench"}, image={"format": "jpg", "max_size": size, "quality": 95},
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, nargs="+", default=[4, 48],
                         help="canonical partitions of (a); the first gives a partition about a shard or more, as a real dataset does")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision whose cxrdist/data/stream.py is (a')")
+    parser.add_argument("--rounds", type=int, default=3, help="(a) and (a') measured this many times, interleaved; the best counts")
     parser.add_argument("--results", type=Path, help="markdown file to write this benchmark's section into")
     parser.add_argument("--machine", default="2-core CPU VM (AMD EPYC), shared with other jobs")
     parser.add_argument("--date", default="2026-11-27")
@@ -195,10 +198,10 @@ def main() -> None:
         loop_jpeg = loop_rate(jpegs[:200], cfg)
         loop_png = loop_rate([p.read_bytes() for p in pngs[:200]], cfg)
         for workers in args.workers:
-            # the new and the previous stream interleaved, best of two rounds: the machine's load moves in between
+            # the new and the previous stream interleaved, best of `rounds`: the machine's load moves in between
             new = {p: 0.0 for p in args.partitions}
             before = 0.0
-            for _ in range(2):
+            for _ in range(args.rounds):
                 for p in args.partitions:
                     new[p] = max(new[p], rate(canonical(workers, p), count))
                 before = max(before, rate(old(workers), count))
@@ -231,7 +234,7 @@ def main() -> None:
         f"JPEG folders), train transform to {args.img_size} px (random resized crop, flip, rotation, normalise), batch "
         f"{args.batch}, one pass after a warm-up batch, one rank. (a) is today's stream (the canonical order, "
         f"data/order.py) with {' and '.join(map(str, args.partitions))} canonical partitions, (a') the previous stream "
-        f"(`{args.baseline_rev}:cxrdist/data/stream.py`), interleaved with (a), best of two rounds. Same run, same worker "
+        f"(`{args.baseline_rev}:cxrdist/data/stream.py`), interleaved with (a), best of {args.rounds} rounds. Same run, same worker "
         f"counts. The CPU was shared ({load}), so ratios within a row mean more than absolute numbers.", "",
         "| workers | " + " | ".join(f"(a) P={p} img/s" for p in args.partitions) + f" | (a') previous img/s | a(P={first}) / a' | "
         f"(b) PNG folder img/s | (b') JPEG folder img/s | a / b | a / (workers x c) |",

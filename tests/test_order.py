@@ -71,8 +71,11 @@ def test_a_partition_boundary_moves_within_the_shards_from_pass_to_pass():
 
 def test_world_sizes_the_partitions_cannot_serve_are_one_line():
     assert served_world_sizes(48) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
-    assert auto_partitions(8, 10**6) == 48 and auto_partitions(64, 10**6) == 192 and auto_partitions(5, 10**6) == 240
-    assert auto_partitions(1, 36) == 24 and auto_partitions(16, 20) == 16 and auto_partitions(3, 2) == 3
+    assert auto_partitions(8, 10**6, 1000) == 48 and auto_partitions(64, 10**6, 1000) == 192 and auto_partitions(5, 10**6, 1000) == 240
+    # fewer samples than 48 partitions of a shard each: a smaller default they fill, the same on every world size it serves
+    assert {auto_partitions(w, 36_000, 1000) for w in (1, 2, 3, 4, 6, 8, 12, 24)} == {24} and auto_partitions(16, 36_000, 1000) == 48
+    assert {auto_partitions(w, 420, 70) for w in (1, 2, 4)} == {4} and auto_partitions(3, 420, 70) == 12
+    assert auto_partitions(1, 36) == 24 and auto_partitions(2, 100, 1000) == 2 and auto_partitions(5, 100, 1000) == 5
     check_world_size(48, 16)
     with pytest.raises(UserError) as err:
         check_world_size(48, 5)

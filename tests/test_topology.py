@@ -12,7 +12,7 @@ from cxrdist.training.topology import resolve
 
 @pytest.mark.parametrize("world_size, accum", [(1, 8), (2, 4), (4, 2), (8, 1)])
 def test_the_accumulation_keeps_the_global_batch_on_every_world_size(world_size, accum):
-    topology = resolve(micro_batch=32, global_batch=256, grad_accum=1, partitions=0, world_size=world_size, recorded={}, samples=10_000)
+    topology = resolve(micro_batch=32, global_batch=256, grad_accum=1, partitions=0, world_size=world_size, recorded={}, shard_sizes=[100] * 100)
     assert (topology.grad_accum, topology.global_batch, topology.partitions) == (accum, 256, 48)
     assert topology.grad_accum * world_size * 32 == 256
     # the micro-batches of step 3 over the ranks are global micro-batches 24..31, each exactly once
@@ -21,13 +21,14 @@ def test_the_accumulation_keeps_the_global_batch_on_every_world_size(world_size,
 
 
 def test_auto_values_are_the_first_starts_and_a_resume_keeps_them():
-    first = resolve(32, 0, 2, 0, 8, {}, 10_000)
+    first = resolve(32, 0, 2, 0, 8, {}, [100] * 100)
     assert (first.global_batch, first.grad_accum, first.partitions) == (512, 2, 48)
     recorded = {"train.global_batch": 512, "data.partitions": 48, "data.batch_size": 32}
-    fewer = resolve(32, 0, 2, 0, 2, recorded, 10_000)
+    fewer = resolve(32, 0, 2, 0, 2, recorded, [100] * 100)
     assert (fewer.global_batch, fewer.grad_accum, fewer.partitions) == (512, 8, 48)
-    assert resolve(32, 0, 1, 0, 64, {}, 10_000).partitions == 192  # a world size 48 cannot serve: the least common multiple
-    assert resolve(4, 0, 1, 0, 2, {}, 36).partitions == 24  # 36 samples cannot fill 48 partitions: the largest divisor they fill
+    assert resolve(32, 0, 1, 0, 64, {}, [100] * 200).partitions == 192  # a world size 48 cannot serve: the least common multiple
+    # a small dataset: partitions of at least a shard each (fewer re-read shards), the same on 1, 2 and 4 processes
+    assert {resolve(4, 0, 1, 0, w, {}, [70] * 6).partitions for w in (1, 2, 4)} == {4}
 
 
 @pytest.mark.parametrize("args, words", [
@@ -39,7 +40,7 @@ def test_auto_values_are_the_first_starts_and_a_resume_keeps_them():
 ])
 def test_a_topology_that_cannot_be_served_is_one_line(args, words):
     with pytest.raises(UserError) as err:
-        resolve(*args, 10_000)
+        resolve(*args, [100] * 100)
     assert words in str(err.value) and "\n" not in str(err.value)
 
 

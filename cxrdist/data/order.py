@@ -34,9 +34,10 @@ from cxrdist.errors import UserError
 
 # Distinct first words keep the seed sequences of the different random streams apart (stream.py's augmentation is 3).
 PASS_LAYOUT_STREAM, WINDOW_STREAM = 1, 2
-# The partitions of a run whose data.partitions is 0 (auto): this many serve 1, 2, 3, 4, 6, 8, 12, 16, 24 and 48
-# processes; a world size it cannot serve gets the least common multiple of the two.
+# The partitions of a run whose data.partitions is 0 (auto, `auto_partitions`): this many serve 1, 2, 3, 4, 6, 8, 12, 16,
+# 24 and 48 processes; a world size it cannot serve gets the least common multiple of the two, a small dataset fewer.
 DEFAULT_PARTITIONS = 48
+SMALLER_DEFAULTS = (24, 16, 12, 8, 4, 2)  # for small datasets; each serves 1, 2 and (from 4 on) 4 processes
 
 
 class Piece(NamedTuple):
@@ -120,14 +121,13 @@ def served_world_sizes(partitions: int, limit: int = 64) -> list[int]:
     return [w for w in range(1, min(partitions, limit) + 1) if partitions % w == 0]
 
 
-def auto_partitions(world_size: int, samples: int) -> int:
-    """data.partitions=0: the default count, or (a world size it cannot serve) the least common multiple of both; for a
-    dataset of fewer samples, the largest divisor of the default that the world size divides and the samples fill."""
-    smaller = [p for p in served_world_sizes(DEFAULT_PARTITIONS, DEFAULT_PARTITIONS) if p % world_size == 0]
-    for partitions in [lcm(DEFAULT_PARTITIONS, world_size), *reversed(smaller)]:
-        if partitions <= samples:
-            return partitions
-    return world_size
+def auto_partitions(world_size: int, samples: int, shard_samples: float = 1.0) -> int:
+    """data.partitions=0: the default count; fewer for a dataset whose partitions would hold less than a shard (every
+    reader reads whole shards, for their checksums: smaller partitions re-read them), the largest of SMALLER_DEFAULTS
+    it fills; then, for a world size that count cannot serve, the least common multiple of both. So fresh runs on any
+    number of processes that divides the count choose the same one."""
+    fits = next((p for p in (DEFAULT_PARTITIONS, *SMALLER_DEFAULTS) if samples >= p * shard_samples), 1)
+    return lcm(fits, world_size)
 
 
 def check_world_size(partitions: int, world_size: int, where: str = "data.partitions") -> None:

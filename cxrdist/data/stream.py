@@ -276,7 +276,7 @@ class TrainStream(IterableDataset):
 
 def canonical_order(shards: Sequence[ShardInfo], cfg: StreamConfig, world_size: int) -> CanonicalOrder:
     sizes = tuple(shard.num_samples for shard in shards)
-    partitions = cfg.partitions or auto_partitions(world_size, sum(sizes))
+    partitions = cfg.partitions or auto_partitions(world_size, sum(sizes), sum(sizes) / max(1, len(sizes)))
     return CanonicalOrder(sizes, cfg.seed, partitions, max(1, cfg.shuffle_buffer), cfg.batch_size)
 
 

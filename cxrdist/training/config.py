@@ -36,7 +36,8 @@ class DataConfig:
     augment: str = "cpu"  # train augmentation in the workers (cpu) or as one batched grid_sample on the accelerator (device)
     shuffle_buffer: int = 1000  # samples one canonical partition shuffles at a time (data/order.py)
     # Canonical partitions of the sample order (data/order.py): the order is the same on every number of processes that
-    # divides it. 0 = chosen at the run's first start (48, or a multiple of the world size) and kept by its resumes.
+    # divides it. 0 = chosen at the run's first start (48; fewer for a small dataset; a multiple of the world size) and
+    # kept by its resumes.
     partitions: int = 0
     # "default" (CheXpert paper: U-Ones for Atelectasis and Edema, U-Zeros otherwise), "ignore",
     # "zeros", "ones", or a mapping {label: policy, default: policy}.

@@ -198,8 +198,8 @@ class Trainer:
         the checkpoint this start will resume from, peeked at here to size the accelerator; fit() checks it fully."""
         data, train = self.cfg.data, self.cfg.train
         recorded = peek_settings(self.cfg.run_dir, train.resume)
-        samples = sum(shard.num_samples for shard in train_shards(self.manifest, self.train_splits))
-        return resolve(data.batch_size, train.global_batch, train.grad_accum, data.partitions, distributed.world_size(), recorded, samples)
+        sizes = [shard.num_samples for shard in train_shards(self.manifest, self.train_splits)]
+        return resolve(data.batch_size, train.global_batch, train.grad_accum, data.partitions, distributed.world_size(), recorded, sizes)
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that

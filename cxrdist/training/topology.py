@@ -54,17 +54,18 @@ class Topology:
 
 
 def resolve(micro_batch: int, global_batch: int, grad_accum: int, partitions: int, world_size: int, recorded: dict,
-            samples: int) -> Topology:
+            shard_sizes: list[int]) -> Topology:
     """The topology of this start, from the config's values (0 = auto), the world size, the settings recorded by the
-    checkpoint it will resume from ({} for a fresh run) and the training samples of a pass. A world size it cannot serve
-    is a UserError (one line)."""
+    checkpoint it will resume from ({} for a fresh run) and the sizes of the shards of a pass. A world size it cannot
+    serve is a UserError (one line)."""
     if global_batch and grad_accum != 1:
         raise UserError(f"train.global_batch={global_batch} and train.grad_accum={grad_accum}: set only train.global_batch "
                         "(the accumulation is derived from it, data.batch_size and the number of processes)")
     if recorded.get(MICRO_BATCH, micro_batch) != micro_batch:
         recorded = {}  # another micro-batch is another order: the resume check names the change, not this one
     batch = global_batch or recorded.get(GLOBAL_BATCH) or micro_batch * world_size * grad_accum
-    parts = partitions or recorded.get(PARTITIONS) or auto_partitions(world_size, samples)
+    samples = sum(shard_sizes)
+    parts = partitions or recorded.get(PARTITIONS) or auto_partitions(world_size, samples, samples / max(1, len(shard_sizes)))
     where = "the recorded " if (not global_batch and GLOBAL_BATCH in recorded) else ""
     if batch % micro_batch or (batch // micro_batch) % world_size:
         sizes = [w for w in served_world_sizes(parts) if batch % (micro_batch * w) == 0]
