@@ -39,15 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         code = Trainer(cfg).fit()
         outcome.record(code)
         if code != 0:
-            elastic.stop_restarts()  # a preemption: the scheduler ends the job, the launcher must not restart it
+            elastic.end_on_purpose(None)  # a preemption: the scheduler ends the job, the launcher must not restart it
         return code
     except UserError as err:
-        # Every rank raises the same error: one line per machine (on another machine it is the only one there).
+        # Every rank raises the same error: one line per machine (on another machine it is the only one there); a
+        # launcher that restarts failed trainers must not restart this one (training/elastic.py).
         line = f"cxrdist train: error: {one_line(err)}"
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(line, file=sys.stderr)
         outcome.record(2, line)
-        elastic.stop_restarts()  # the same error on every restart
+        elastic.end_on_purpose(line)
         return 2
     except Exception as err:
         from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer

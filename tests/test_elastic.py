@@ -159,8 +159,14 @@ def test_a_killed_rank_is_restarted_in_the_same_job_and_the_run_ends_0(uninterru
     out = tmp_path / "restarted"
     proc = cxrdist_train(synth_shards, out, 2, "--max-restarts", "2", **{"train.checkpoint_every": 3})
     wait_for_step(run_dir(out), 5, proc, timeout=600)
-    trainer_of_rank(psutil.Process(proc.pid), 1).kill()
-    stdout, stderr = proc.communicate(timeout=900)
+    victim = trainer_of_rank(psutil.Process(proc.pid), 1)
+    victim.kill()
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # say where it stood (the leftover check then ends the processes)
+        alive = [(p.pid, p.environ().get("RANK"), p.environ().get("TORCHELASTIC_RESTART_COUNT")) for p in psutil.Process(proc.pid).children(True)]
+        pytest.fail(f"no end 600 s after killing rank 1 (pid {victim.pid}); alive (pid, rank, restart): {alive}; "
+                    f"last records: {(run_dir(out) / 'metrics.jsonl').read_text()[-600:]}")
     assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
     assert "resumed from" in stdout
     assert batch_keys(out) == batch_keys(uninterrupted[2, 3])

@@ -120,6 +120,8 @@ class PartitionCursors:
         if partition not in self.open:
             self.open[partition] = (index, partition_micro_batches(self.root, self.shards, self.order, partition, index))
         position, batches = self.open[partition]
+        if index < position:
+            raise ValueError(f"partition {partition}: micro-batch {index} asked for after {position - 1} (a reader goes forward only)")
         for _ in range(index - position):  # micro-batches of the workers this one shares the partition with
             next(batches)
         self.open[partition] = (index + 1, batches)

@@ -7,16 +7,24 @@ purpose. A trainer that ends on purpose (a user error, exit 2: the same on every
 the scheduler is ending the job and requeues it) therefore asks its agent (its parent process) to stop with SIGTERM,
 on which the agent ends its workers and exits without restarting them. Only failures (a lost peer, exit 1; a crash;
 a process killed) are restarted, at most `--max-restarts` times.
+
+The agent acts on the first worker that exits, and ends the others: so under an agent that would restart, a trainer
+other than its machine's first (LOCAL_RANK 0, the one that says a user error) does not exit but waits for the first to
+stop the agent, which ends it; only if that does not come (an error on this rank alone) does it say the error itself
+and stop the agent. One line per machine, and no restart.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 from cxrdist.errors import UserError
 
 MAX_RESTARTS_LIMIT = 100  # beyond this a "restart" budget is a loop that hides a broken job, not resilience
+FIRST_RANK_GRACE_S = 60.0  # how long another trainer waits for its machine's first to end the agent
 
 
 def check_max_restarts(value: int, where: str = "--max-restarts") -> int:
@@ -30,6 +38,18 @@ def restarts_left(environ=os.environ) -> int:
     if "TORCHELASTIC_RUN_ID" not in environ:
         return 0
     return max(0, int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def end_on_purpose(line: str | None, environ=os.environ) -> None:
+    """This trainer ends on purpose: say `line` (a user error) once per machine, and keep the agent from restarting."""
+    first = environ.get("LOCAL_RANK", "0") == "0"
+    if restarts_left(environ) and not first:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the agent's SIGTERM, once the first stopped it, ends this process
+        time.sleep(FIRST_RANK_GRACE_S)
+        first = True  # still here: the first trainer of this machine did not end, so this one speaks and stops the agent
+    if first and line:
+        print(line, file=sys.stderr, flush=True)
+    stop_restarts(environ)
 
 
 def stop_restarts(environ=os.environ) -> bool:
