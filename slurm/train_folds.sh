@@ -148,9 +148,15 @@ launcher_args() {
     port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     local args=(--num_machines "$nodes" --main_process_ip "$head" --main_process_port "$port" --dynamo_backend no)
     # A node that never starts: the others give up at the rendezvous after RDZV_TIMEOUT seconds
-    # (torch elastic's static rendezvous; train.dist_timeout bounds everything after it).
-    (( nodes > 1 )) && args+=(--rdzv_conf "timeout=$RDZV_TIMEOUT")
-    (( MAX_RESTARTS > 0 )) && args+=(--max_restarts "$MAX_RESTARTS")
+    # (torch elastic's static rendezvous, or its c10d one with restarts, which they need: a fresh
+    # store per restart, where the static one keeps stale addresses; train.dist_timeout bounds
+    # everything after it).
+    if (( MAX_RESTARTS > 0 )); then
+        args+=(--max_restarts "$MAX_RESTARTS" --rdzv_backend c10d)
+        (( nodes > 1 )) && args+=(--rdzv_conf "join_timeout=$RDZV_TIMEOUT")
+    elif (( nodes > 1 )); then
+        args+=(--rdzv_conf "timeout=$RDZV_TIMEOUT")
+    fi
     if (( GPUS_PER_NODE > 0 )); then
         total=$((nodes * GPUS_PER_NODE))
         args+=(--num_processes "$total" --mixed_precision "${MIXED_PRECISION:-bf16}")

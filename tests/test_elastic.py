@@ -169,7 +169,7 @@ def test_a_killed_rank_is_restarted_in_the_same_job_and_the_run_ends_0(uninterru
         pytest.fail(f"no end 600 s after killing rank 1 (pid {victim.pid}); alive (pid, rank, restart): {alive}; "
                     f"last records: {(run_dir(out) / 'metrics.jsonl').read_text()[-600:]}")
     assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
-    assert "resumed from" in stdout
+    assert "--max_restarts 2 --rdzv_backend c10d" in stdout and "resumed from" in stdout
     assert batch_keys(out) == batch_keys(uninterrupted[2, 3])
     steps = [r["step"] for r in records(run_dir(out), "train")]
     assert steps[-1] == STEPS and len(steps) > STEPS  # the steps after the last checkpoint were trained again

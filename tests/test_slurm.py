@@ -184,7 +184,7 @@ def test_a_node_range_lets_a_task_start_on_fewer_nodes_and_max_restarts_reaches_
     srun, launch = srun_call(stand_ins["record"])
     assert {"--nodes=1", "--ntasks=1"} <= set(srun)
     assert "--num_machines 1" in " ".join(launch) and "--num_processes 8" in " ".join(launch)
-    assert "--max_restarts 2" in " ".join(launch)
+    assert "--max_restarts 2 --rdzv_backend c10d" in " ".join(launch)  # a fresh rendezvous store per restart
 
 
 @pytest.mark.parametrize("variables, words", [({"NODES": "2-1"}, "NODES=2-1: expected"), ({"NODES": "0"}, "NODES=0: expected"),

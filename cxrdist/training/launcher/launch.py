@@ -14,7 +14,7 @@ import cxrdist
 from cxrdist.data.location import redact
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger
-from cxrdist.training.elastic import check_max_restarts
+from cxrdist.training.elastic import RESTART_RENDEZVOUS, check_max_restarts
 from cxrdist.training.launcher import outcome
 from cxrdist.training.launcher.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
 
@@ -70,7 +70,7 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if max_restarts:
-        cmd += ["--max_restarts", str(check_max_restarts(max_restarts))]
+        cmd += ["--max_restarts", str(check_max_restarts(max_restarts)), "--rdzv_backend", RESTART_RENDEZVOUS]
     env = dict(os.environ)
     if launch_config is not None:
         if not launch_config.is_file():
