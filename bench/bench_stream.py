@@ -1,15 +1,17 @@
-"""Input pipeline throughput: our WebDataset train stream vs a per-file folder DataLoader vs a bare loop.
+"""Input pipeline throughput: our WebDataset train stream vs the previous one, a per-file folder DataLoader and a bare loop.
 
 Generates synthetic 512 px grayscale radiograph-like images (smooth blobs + noise), writes them as
 JPEG tar shards (with a manifest) and as per-file PNG and JPEG folders, then measures img/s at the
 given training size, all in the same run and with the same worker counts:
 
-  (a) train_loader (shards, shuffle buffer, batches formed in the workers)
+  (a) train_loader: the canonical, topology-independent order (data/order.py), batches formed in the workers
+  (a') the previous train stream (per-rank shard split and buffer shuffle), loaded from git (--baseline-rev)
   (b) a map-style Dataset over per-file PNG (and JPEG) folders + DataLoader(shuffle=True), same transforms
   (c) decode + augment in a plain loop in one process (no pipeline): the per-core ceiling
 
-plus the JPEG draft-decode speed-up on the eval path. Prints ratios; with --results, writes a
-markdown section into that file (replacing only this benchmark's own section).
+plus the time to the first batch of a stream resumed after more and more samples (a seek: it must not grow with
+them), and the JPEG draft-decode speed-up on the eval path. Prints ratios; with --results, writes a markdown
+section into that file (replacing only this benchmark's own section).
 
     python bench/bench_stream.py --results bench/RESULTS.md
 """
@@ -20,8 +22,11 @@ import argparse
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+import types
 from itertools import islice
 from pathlib import Path
 
@@ -32,11 +37,31 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
+from cxrdist.data.shards import file_sha256
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import StreamConfig, augment_rng, train_loader
 from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
 
 SECTION = "## Input pipeline: train stream vs per-file folder (bench/bench_stream.py)"
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_REV = "3db5508"  # the last commit with the previous (topology-bound) train stream
+
+
+def baseline_stream(rev: str) -> types.ModuleType:
+    """cxrdist/data/stream.py as it was at `rev`, imported under its own name beside today's package."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:cxrdist/data/stream.py"], capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("baseline_stream")
+    module.__file__ = f"{rev}:cxrdist/data/stream.py"
+    sys.modules[module.__name__] = module  # dataclasses resolve their annotations through sys.modules
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def first_batch_seconds(make_loader, start_batch: int) -> float:
+    """Time to the first batch of a loader resumed at `start_batch` (a fresh iterator: the resume's whole cost)."""
+    tic = time.perf_counter()
+    next(iter(make_loader(start_batch)))
+    return time.perf_counter() - tic
 
 
 def synthetic_image(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -69,7 +94,8 @@ def make_data(root: Path, n: int, size: int, per_shard: int) -> tuple[Manifest, 
                 (root / "png" / f"img{i:05d}.png").write_bytes(png)
                 meta = json.dumps({"labels": [int(i % 2), None, -1], "patient": f"p{i}", "study": "s", "view": "PA", "path": f"img{i:05d}.png"})
                 writer.write({"__key__": f"img{i:05d}", "jpg": jpeg, "json": meta.encode()})
-        shards.append(ShardInfo(rel, min(n, start + per_shard) - start, (root / "shards" / rel).stat().st_size, ""))
+        digest, nbytes = file_sha256(root / "shards" / rel)  # the streams check every shard they read against it
+        shards.append(ShardInfo(rel, min(n, start + per_shard) - start, nbytes, digest))
     manifest = Manifest(
         labels=["A", "B", "C"], splits={"fold-0": SplitInfo(n, n, shards)}, num_folds=1, seed=0,
         source={"name": "bench"}, image={"format": "jpg", "max_size": size, "quality": 95},
@@ -138,11 +164,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--partitions", type=int, nargs="+", default=[4, 48],
+                        help="canonical partitions of (a); the first gives a partition about a shard or more, as a real dataset does")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision whose cxrdist/data/stream.py is (a')")
+    parser.add_argument("--rounds", type=int, default=3, help="(a) and (a') measured this many times, interleaved; the best counts")
     parser.add_argument("--results", type=Path, help="markdown file to write this benchmark's section into")
     parser.add_argument("--machine", default="2-core CPU VM (AMD EPYC), shared with other jobs")
     parser.add_argument("--date", default="2026-11-27")
     args = parser.parse_args()
 
+    previous = baseline_stream(args.baseline_rev)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -153,37 +184,74 @@ def main() -> None:
         count = args.n // args.batch - 1  # about one pass, after the warm-up batch
         cfg = StreamConfig(ImageSpec(args.img_size), batch_size=args.batch, shuffle_buffer=1000)
         pngs, jpgs = sorted((root / "png").iterdir()), sorted((root / "jpg").iterdir())
+        shards = root / "shards"
+
+        def canonical(workers: int, partitions: int, start: int = 0):
+            wcfg = StreamConfig(**{**cfg.__dict__, "workers": workers, "partitions": partitions})
+            return train_loader(shards, manifest, ["fold-0"], wcfg, 0, 1, start_batch=start)
+
+        def old(workers: int, start: int = 0):
+            wcfg = previous.StreamConfig(ImageSpec(args.img_size), batch_size=args.batch, shuffle_buffer=1000, workers=workers)
+            return previous.train_loader(shards, manifest, ["fold-0"], wcfg, 0, 1, start_batch=start)
+
         rows = []
         loop_jpeg = loop_rate(jpegs[:200], cfg)
         loop_png = loop_rate([p.read_bytes() for p in pngs[:200]], cfg)
         for workers in args.workers:
-            wcfg = StreamConfig(**{**cfg.__dict__, "workers": workers})
-            stream = rate(train_loader(root / "shards", manifest, ["fold-0"], wcfg, 0, 1), count)
+            # the new and the previous stream interleaved, best of `rounds`: the machine's load moves in between
+            new = {p: 0.0 for p in args.partitions}
+            before = 0.0
+            for _ in range(args.rounds):
+                for p in args.partitions:
+                    new[p] = max(new[p], rate(canonical(workers, p), count))
+                before = max(before, rate(old(workers), count))
             folder = {}
             for fmt, files in (("png", pngs), ("jpg", jpgs)):
-                loader = DataLoader(FolderDataset(files, wcfg), batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True)
+                loader = DataLoader(FolderDataset(files, StreamConfig(**{**cfg.__dict__, "workers": workers})), batch_size=args.batch,
+                                    shuffle=True, num_workers=workers, drop_last=True)
                 folder[fmt] = rate(loader, count)
-            rows.append((workers, stream, folder["png"], folder["jpg"]))
-            print(f"workers={workers}: stream {stream:.0f} img/s | PNG folder {folder['png']:.0f} | JPEG folder {folder['jpg']:.0f} | "
-                  f"stream/PNG folder {stream / folder['png']:.2f}x, stream/JPEG folder {stream / folder['jpg']:.2f}x, "
+            stream = new[args.partitions[0]]
+            rows.append((workers, new, before, folder["png"], folder["jpg"]))
+            print(f"workers={workers}: stream {', '.join(f'P={p} {r:.0f}' for p, r in new.items())} img/s | previous stream {before:.0f} "
+                  f"({stream / before:.2f}x) | PNG folder {folder['png']:.0f} | JPEG folder {folder['jpg']:.0f} | "
                   f"stream/(workers x loop) {stream / (workers * loop_jpeg):.2f}")
+        starts = [0, 100, 10_000, 1_000_000]
+        resume = {f"canonical, P={p}": [first_batch_seconds(lambda t, p=p: canonical(0, p, t), t) for t in starts] for p in args.partitions}
+        resume["previous"] = [first_batch_seconds(lambda t: old(0, t), t) for t in starts]
+        for name, seconds in resume.items():
+            print(f"resume ({name}): first batch after " + ", ".join(f"{t * args.batch:,} samples {s:.2f} s" for t, s in zip(starts, seconds)))
         full, drafted = eval_rate(jpegs[:200], cfg, draft=False), eval_rate(jpegs[:200], cfg, draft=True)
         print(f"loop (1 process): JPEG decode+augment {loop_jpeg:.0f} img/s, PNG {loop_png:.0f} img/s")
         print(f"eval decode+resize to {args.img_size}: full decode {full:.0f} img/s, JPEG draft {drafted:.0f} img/s ({drafted / full:.2f}x)")
     load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     print(load)
 
+    first = args.partitions[0]
     lines = [
         SECTION, "",
         f"{args.date}, {args.machine}; torch {torch.__version__}, {os.cpu_count()} CPUs visible. {args.n} synthetic "
         f"{args.size} px grayscale images (JPEG q95 in tar shards of {args.per_shard}; the same pixels as per-file PNG and "
         f"JPEG folders), train transform to {args.img_size} px (random resized crop, flip, rotation, normalise), batch "
-        f"{args.batch}, one pass after a warm-up batch. Same run, same worker counts. The CPU was shared ({load}), "
-        f"so ratios within a row mean more than absolute numbers.", "",
-        "| workers | (a) train stream img/s | (b) PNG folder img/s | (b') JPEG folder img/s | a / b | a / b' | a / (workers x c) |",
-        "|---|---|---|---|---|---|---|",
+        f"{args.batch}, one pass after a warm-up batch, one rank. (a) is today's stream (the canonical order, "
+        f"data/order.py) with {' and '.join(map(str, args.partitions))} canonical partitions, (a') the previous stream "
+        f"(`{args.baseline_rev}:cxrdist/data/stream.py`), interleaved with (a), best of {args.rounds} rounds. Same run, same worker "
+        f"counts. The CPU was shared ({load}), so ratios within a row mean more than absolute numbers.", "",
+        "| workers | " + " | ".join(f"(a) P={p} img/s" for p in args.partitions) + f" | (a') previous img/s | a(P={first}) / a' | "
+        f"(b) PNG folder img/s | (b') JPEG folder img/s | a / b | a / (workers x c) |",
+        "|---|" + "---|" * (len(args.partitions) + 6),
     ]
-    lines += [f"| {w} | {s:.0f} | {p:.0f} | {j:.0f} | {s / p:.2f} | {s / j:.2f} | {s / (w * loop_jpeg):.2f} |" for w, s, p, j in rows]
+    for w, new, before, png, jpg in rows:
+        ours = new[first]
+        lines.append(f"| {w} | " + " | ".join(f"{new[p]:.0f}" for p in args.partitions)
+                     + f" | {before:.0f} | {ours / before:.2f} | {png:.0f} | {jpg:.0f} | {ours / png:.2f} | {ours / (w * loop_jpeg):.2f} |")
+    lines += [
+        "",
+        "Resume (workers=0): time to the first batch of a stream resumed after n samples, one pass being "
+        f"{args.n} samples:", "",
+        "| stream | " + " | ".join(f"{t * args.batch:,} samples" for t in starts) + " |",
+        "|---|" + "---|" * len(starts),
+    ]
+    lines += [f"| {name} | " + " | ".join(f"{s:.2f} s" for s in seconds) + " |" for name, seconds in resume.items()]
     lines += [
         "",
         f"(c) decode + augment in a plain loop, one process: JPEG {loop_jpeg:.0f} img/s, PNG {loop_png:.0f} img/s.",

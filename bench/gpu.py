@@ -132,6 +132,7 @@ def train_overrides(shards: Path, out: Path, p: dict, experiment: str, steps: in
     epochs = max(1, -(-steps // steps_per_epoch))
     values = {
         "data.shards": shards, "output_dir": out, "experiment": experiment, "data.img_size": p["img_size"], "data.batch_size": p["batch"],
+        "train.global_batch": p["batch"] * max(1, world),  # no accumulation: the steps above are sized for it
         "model.backbone": p["backbone"], "model.pretrained": "false", "train.epochs": epochs, "train.warmup_steps": 10,
         "train.eval_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": p["log_every"], "train.compile": str(p["compile"]).lower(),
         "train.compile_backend": p["backend"], "train.compile_devices": "all",

@@ -139,6 +139,9 @@ def add_train(sub) -> None:
     p.add_argument("--fold", default=None, help="fold number, or 'all' for every fold in turn (default: the config's)")
     p.add_argument("--processes", type=whole(1), default=None, help="processes on this machine (default: GPUs, or 1 on CPU)")
     p.add_argument("--launch-config", type=Path, default=None, help="an accelerate config file (launch/*.yaml)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart trainers that fail (a lost rank or node) up to N times in this job, resuming from the newest checkpoint "
+                        "(default: %(default)s; never after a user error)")
     p.add_argument("--ablate", choices=["refine"], default=None,
                    help="also train EXPERIMENT-norefine (model.refine.enabled=false) on the same folds, seed and data, after the experiment")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
@@ -147,10 +150,12 @@ def add_train(sub) -> None:
 
 def run_train(args) -> int:
     from cxrdist.log import TERMINAL_ENV, on_terminal
+    from cxrdist.training.elastic import check_max_restarts
     from cxrdist.training.launcher.launch import ablation_arms, folds_to_train
     from cxrdist.training.launcher.notes import collected_notes
     from cxrdist.training.preempt import RESUME_COMMAND_ENV, ReceivedSignals
 
+    check_max_restarts(args.max_restarts)
     arms = ablation_arms(args.config, args.overrides, args.ablate)
     folds = folds_to_train(args.config, args.fold, args.overrides)
     # The trainers leave saying how to resume to this command, and draw progress bars only if our stderr is a terminal.
@@ -168,7 +173,7 @@ def train_fold(args, fold: int | None, overrides: list[str], received) -> int:
     from cxrdist.training.launcher.launch import launch_fold
     from cxrdist.training.preempt import EXIT_PREEMPTED, signal_meaning
 
-    code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config)
+    code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config, args.max_restarts)
     if code == EXIT_PREEMPTED:
         stopped_by = received.collect()
         why = signal_meaning(stopped_by[0]) if stopped_by else "a stop request the trainers received"

@@ -13,6 +13,7 @@ from typing import NoReturn
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+from cxrdist.training import elastic  # noqa: E402
 from cxrdist.training.launcher import outcome, trainer_stderr  # noqa: E402
 
 trainer_stderr.attach()  # before anything can write to stderr (no-op outside `cxrdist train`)
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_network_interface()
         code = Trainer(cfg).fit()
         outcome.record(code)
+        if code != 0:
+            elastic.end_on_purpose(None)  # a preemption: the scheduler ends the job, the launcher must not restart it
         return code
     except UserError as err:
         return stop_with_user_error(one_line(err))
@@ -63,10 +66,10 @@ def stop_with_user_error(words: str) -> int:
 
     line = f"cxrdist train: error: {words}"
     ending_by_error(line)  # the other ranks stop on it in bounded time, naming it, if it was this rank's alone
-    # Every rank raises the same error: one line per machine (on another machine it is the only one there).
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(line, file=sys.stderr)
     outcome.record(2, line)
+    # Every rank raises the same error: one line per machine (on another machine it is the only one there); a
+    # launcher that restarts failed trainers must not restart this one (training/elastic.py).
+    elastic.end_on_purpose(line)
     return 2
 
 

@@ -12,7 +12,10 @@
 # Inside a fold task it starts one `accelerate launch` per node with srun. SLURM sends USR1 to this
 # script SIGNAL_BEFORE seconds ahead of the time limit (--signal=B:USR1@N); it is forwarded to
 # the trainers, which checkpoint at the next step boundary and exit 75; the task then requeues
-# itself and the next start resumes from the checkpoint. Knobs: see slurm/README.md.
+# itself and the next start resumes from the checkpoint, also on fewer nodes when NODES is a range
+# (MIN-MAX): the sample order does not depend on the number of processes. With MAX_RESTARTS=N a
+# rank that dies is restarted inside the task by the launcher (torch elastic), up to N times.
+# Knobs: see slurm/README.md.
 #
 #SBATCH --job-name=cxrdist-submit
 #SBATCH --ntasks=1
@@ -58,6 +61,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PROCS_PER_NODE=${PROCS_PER_NODE:-2}           # CPU processes per node when GPUS_PER_NODE=0
 SIGNAL_BEFORE=${SIGNAL_BEFORE:-300}           # seconds before the time limit that USR1 arrives
 MAX_REQUEUES=${MAX_REQUEUES:-50}
+MAX_RESTARTS=${MAX_RESTARTS:-0}               # elastic restarts of failed trainers inside one start of the task
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}             # seconds the launchers wait at the start for every node
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +74,9 @@ submit() {
     config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
     local overrides=("$@")
     [[ -n ${RUNS_DIR:-} ]] && overrides+=("output_dir=$RUNS_DIR")
-    (( NODES >= 1 )) || die "NODES=$NODES: expected at least 1"
+    [[ $NODES =~ ^[1-9][0-9]*(-[1-9][0-9]*)?$ ]] && (( ${NODES%-*} <= ${NODES#*-} )) \
+        || die "NODES=$NODES: expected a number of nodes >= 1, or a range MIN-MAX (a requeued task may come back on fewer)"
+    check_max_restarts
     [[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "RDZV_TIMEOUT=$RDZV_TIMEOUT: expected a number of seconds >= 1"
 
     local info experiment output_dir num_folds
@@ -85,7 +91,7 @@ submit() {
     local exp_dir=$output_dir/$experiment
     mkdir -p "$exp_dir/slurm"  # sbatch opens --output before the job starts
 
-    local resources=(--nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1)
+    local resources=(--nodes="$NODES" --ntasks-per-node=1)  # one task per node, however many nodes a start gets
     if (( GPUS_PER_NODE > 0 )); then
         resources+=(--gres=gpu:"$GPUS_PER_NODE" --cpus-per-task=$((GPUS_PER_NODE * ${CPUS_PER_GPU:-8})))
     else
@@ -142,8 +148,15 @@ launcher_args() {
     port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     local args=(--num_machines "$nodes" --main_process_ip "$head" --main_process_port "$port" --dynamo_backend no)
     # A node that never starts: the others give up at the rendezvous after RDZV_TIMEOUT seconds
-    # (torch elastic's static rendezvous; train.dist_timeout bounds everything after it).
-    (( nodes > 1 )) && args+=(--rdzv_conf "timeout=$RDZV_TIMEOUT")
+    # (torch elastic's static rendezvous, or its c10d one with restarts, which they need: a fresh
+    # store per restart, where the static one keeps stale addresses; train.dist_timeout bounds
+    # everything after it).
+    if (( MAX_RESTARTS > 0 )); then
+        args+=(--max_restarts "$MAX_RESTARTS" --rdzv_backend c10d)
+        (( nodes > 1 )) && args+=(--rdzv_conf "join_timeout=$RDZV_TIMEOUT")
+    elif (( nodes > 1 )); then
+        args+=(--rdzv_conf "timeout=$RDZV_TIMEOUT")
+    fi
     if (( GPUS_PER_NODE > 0 )); then
         total=$((nodes * GPUS_PER_NODE))
         args+=(--num_processes "$total" --mixed_precision "${MIXED_PRECISION:-bf16}")
@@ -185,8 +198,14 @@ note_termination() {
     log "TERM: job is being ended by SLURM"
 }
 
+check_max_restarts() {
+    [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] && (( MAX_RESTARTS <= 100 )) \
+        || die "MAX_RESTARTS=$MAX_RESTARTS: expected 0 (no restarts) to 100 restarts of the trainers"
+}
+
 train_fold() {
     local config=$1; shift
+    check_max_restarts
     local fold=${SLURM_ARRAY_TASK_ID:?not an array task}
     local restarts=${SLURM_RESTART_COUNT:-0}
     trap forward_preemption USR1

@@ -1,5 +1,6 @@
 """Run by tests/test_randomness.py under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo): the real
-Trainer's training step on the SAME micro-batch on both ranks, with dropout on. Writes JSON to argv[1] (rank 0)."""
+Trainer's training step on the SAME micro-batch on both ranks, with dropout on (the masks come from the global
+micro-batch index, which differs). Writes JSON to argv[1] (rank 0)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ def main(out: str, config: str, overrides: list[str]) -> None:
     image = trainer.to_input(batch["image"])
 
     def forward(micro_batch: int) -> torch.Tensor:
-        with torch.no_grad(), model_randomness(cfg.seed, acc.process_index, micro_batch, acc.device):
+        with torch.no_grad(), model_randomness(cfg.seed, micro_batch, acc.device):
             return trainer.net(image)
 
     trainer.net.train()
-    expected, again, next_one = forward(0), forward(0), forward(1)
+    first = acc.process_index  # the rank's first micro-batch is global micro-batch `rank` (data/order.py)
+    expected, again, next_one = forward(first), forward(first), forward(first + acc.num_processes)
     seen = []
     hook = trainer.net.register_forward_hook(lambda module, args, output: seen.append(output.detach().clone()))
     trainer.train_batch(trainer.next_micro_batch(iter([batch])), Window())  # micro-batch 0 of the real training step

@@ -32,7 +32,8 @@ def test_deepspeed_fp16_scaler_calibration_is_not_a_bad_step_but_a_nan_loss_is(s
     config = json.loads((REPO / "launch" / "deepspeed_zero2.json").read_text())  # the shipped dynamic scaler (hysteresis 2, floor 1)
     config["fp16"]["initial_scale_power"] = INITIAL_SCALE_POWER
     (tmp_path / "zero2_fp16.json").write_text(json.dumps(config))
-    env = cpu_env(2, PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "nan_loss"), str(REPO)]), CXRDIST_TEST_NAN_LOSS_AFTER=NAN_AFTER)
+    env = cpu_env(2, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests" / "nan_loss"), os.environ.get("PYTHONPATH")])),
+                  CXRDIST_TEST_NAN_LOSS_AFTER=NAN_AFTER)  # the checkout under test stays first for `import cxrdist`
     env.pop("ACCELERATE_USE_CPU")  # that variable silently drops DeepSpeed
     cmd = LAUNCH + ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), "--deepspeed_config_file", str(tmp_path / "zero2_fp16.json"),
                     "--num_processes", "2", "--mixed_precision", "fp16", "--main_process_port", str(free_port()),

@@ -20,9 +20,11 @@ SETTINGS = {"data.img_size": 32, "train.epochs": 3, "model.refine.l1": 3e-4, "tr
 # DDP and ZeRO compute the same steps in different fp32 orders (DDP all-reduces bucketed gradients and runs fused AdamW;
 # ZeRO reduce-scatters flat partitions and runs torch's foreach AdamW on them). A few ulps per step grow over 33 steps of
 # training as in every other weight: measured with ZeRO-2, the backbone's weights differ by up to ~0.3% of their largest
-# value and A by 2.4e-5 (its largest coupling: 0.021), live and EMA alike. 1e-4 (0.5% of that coupling) leaves room for
-# that drift; the zero pattern, which a different regulariser (the subgradient: no zero at all) breaks, must be identical.
-TOLERANCE = 1e-4
+# value and A by 2.4e-5 (its largest coupling: 0.021), live and EMA alike; on the canonical sample order (data/order.py:
+# other batches, another trajectory) A by 1.3e-4 live and 8.6e-5 EMA with ZeRO-1 and ZeRO-2, one coupling of 182 above
+# 1e-4. 2.5e-4 (about 1% of the largest coupling) leaves room for that drift; the zero pattern, which a different
+# regulariser (the subgradient: no zero at all) breaks, must be identical.
+TOLERANCE = 2.5e-4
 
 
 def newest_checkpoint(run_dir: Path) -> Path:

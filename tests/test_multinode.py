@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from cxrdist.model.card import ModelCard
-from cxrdist.training.failure import lost_peer
+from cxrdist.training.failure import lost_peer, lost_peer_message
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, fast_overrides, records, single_process_auc
 from two_hosts import TwoHosts, two_hosts_or_skip
 
@@ -48,6 +48,17 @@ LOST_CONTACT = re.compile(r"^cxrdist train: error: rank 0: lost contact with the
 def test_lost_peer_recognises_the_process_group_errors_only(message, expected):
     assert lost_peer(RuntimeError(message)) is expected
     assert lost_peer(ValueError(message)) is False
+
+
+def test_an_error_raised_while_handling_a_lost_peer_is_a_lost_peer():
+    """An elastic restart stops a surviving rank's DataLoader workers while that rank handles its peer's reset."""
+    try:
+        try:
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error [10.213.7.2]:2345: Connection reset by peer")
+        except RuntimeError:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")  # noqa: B904 - as torch raises it
+    except RuntimeError as err:
+        assert lost_peer(err) and "Connection reset by peer" in lost_peer_message(err)
 
 
 # ---- two hosts ----

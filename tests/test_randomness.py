@@ -1,4 +1,5 @@
-"""Dropout and drop-path masks per rank and per micro-batch, reproducible from (seed, rank, micro-batch)."""
+"""Dropout and drop-path masks per global micro-batch, reproducible from (seed, micro-batch): different on the ranks of
+one step, the same for one micro-batch on any number of processes."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, cpu_env, explain, fast_over
 WORKER = REPO / "tests" / "randomness_worker.py"
 
 
-def test_forward_seeds_differ_across_ranks_and_micro_batches_and_repeat():
-    seeds = {(rank, batch): forward_seed(0, rank, batch) for rank in range(8) for batch in range(50)}
+def test_forward_seeds_differ_across_micro_batches_and_repeat():
+    seeds = {batch: forward_seed(0, batch) for batch in range(400)}
     assert len(set(seeds.values())) == len(seeds)
-    assert forward_seed(0, 3, 7) == seeds[3, 7] and forward_seed(1, 3, 7) != seeds[3, 7]
+    assert forward_seed(0, 37) == seeds[37] and forward_seed(1, 37) != seeds[37]
     assert all(0 <= s < 2**63 for s in seeds.values())
 
 

@@ -171,6 +171,33 @@ def test_usage_and_missing_config_errors_are_one_line(stand_ins):
     assert not list(stand_ins["record"].glob("sbatch.*"))
 
 
+def test_a_node_range_lets_a_task_start_on_fewer_nodes_and_max_restarts_reaches_the_launcher(stand_ins, tmp_path):
+    env = dict(stand_ins["env"], NODES="1-2", GPUS_PER_NODE="8", FOLDS="0", ENSEMBLE="0", MAX_RESTARTS="2")
+    done = subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG), "data.shards=/not/read"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    array = (stand_ins["record"] / "sbatch.0.args").read_text().splitlines()
+    assert "--nodes=1-2" in array and not any(a.startswith("--ntasks=") for a in array)  # SLURM picks the count per start
+    # the start SLURM gave one node: one launcher, 8 processes, restarts of failed trainers inside it
+    done = run_fold_task(fold_task_env(stand_ins, GPUS_PER_NODE=8, SLURM_JOB_NUM_NODES=1, SLURM_JOB_NODELIST="node001", MAX_RESTARTS=2))
+    assert done.returncode == 0, done.stdout + done.stderr
+    srun, launch = srun_call(stand_ins["record"])
+    assert {"--nodes=1", "--ntasks=1"} <= set(srun)
+    assert "--num_machines 1" in " ".join(launch) and "--num_processes 8" in " ".join(launch)
+    assert "--max_restarts 2 --rdzv_backend c10d" in " ".join(launch)  # a fresh rendezvous store per restart
+
+
+@pytest.mark.parametrize("variables, words", [({"NODES": "2-1"}, "NODES=2-1: expected"), ({"NODES": "0"}, "NODES=0: expected"),
+                                              ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS=-1: expected 0"),
+                                              ({"MAX_RESTARTS": "101"}, "MAX_RESTARTS=101: expected 0")])
+def test_a_bad_node_count_or_restart_limit_is_one_line_and_queues_nothing(stand_ins, tmp_path, variables, words):
+    env = dict(stand_ins["env"], FOLDS="0", **variables)
+    done = subprocess.run(["bash", str(TRAIN_FOLDS), str(DEMO_CONFIG), "data.shards=/not/read"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and words in done.stderr, done.stderr
+    assert not list(stand_ins["record"].glob("sbatch.*"))
+
+
 @pytest.mark.slow
 def test_submitter_sizes_the_array_from_the_manifest_and_chains_the_ensemble(stand_ins, synth_shards, tmp_path):
     env = dict(stand_ins["env"], NODES="2", GPUS_PER_NODE="8", PARTITION="gpu", ACCOUNT="lab", TIME="12:00:00",

@@ -20,18 +20,8 @@ from cxrdist.data import stream
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 from cxrdist.data.datasets import load_manifest
-from cxrdist.data.stream import (
-    StreamConfig,
-    Unit,
-    batches_per_epoch,
-    eval_loader,
-    eval_num_samples,
-    pass_shard_order,
-    train_loader,
-    unit_pass_count,
-    unit_pass_samples,
-    unit_train_samples,
-)
+from cxrdist.data.order import CanonicalOrder, rank_micro_batch
+from cxrdist.data.stream import StreamConfig, eval_loader, eval_num_samples, steps_per_epoch, train_loader
 from cxrdist.errors import UserError
 
 LABELS = ["A", "B", "C"]
@@ -107,63 +97,20 @@ def take(loader, n: int) -> list[dict]:
     return list(islice(iter(loader), n))
 
 
-# ---------------------------------------------------------------- train: partition per pass
-
-
-@pytest.mark.parametrize("world_size,workers", [(1, 1), (2, 2), (2, 3), (3, 2), (5, 1)])
-def test_each_pass_covers_every_train_sample_once(shard_root, manifest, world_size, workers):
-    # (2, 3): the rank with 2 shards splits by sample, the one with 3 by shard.
-    shards = manifest.shards(["fold-0"])
-    for pass_index in range(3):
-        seen = []
-        for rank in range(world_size):
-            for worker in range(workers):
-                unit = Unit(rank, world_size, worker, workers)
-                keys = [s.key for s in unit_pass_samples(shard_root, shards, 7, pass_index, unit)]
-                assert len(keys) == unit_pass_count(TRAIN_SIZES, 7, pass_index, unit) > 0
-                seen += keys
-        assert sorted(seen) == split_keys(0, TRAIN_SIZES)
-
-
-def test_shuffled_stream_is_each_pass_permuted_and_continues(shard_root, manifest):
-    shards, unit = manifest.shards(["fold-0"]), Unit(1, 2, 0, 2)
-    counts = [unit_pass_count(TRAIN_SIZES, 0, p, unit) for p in range(3)]
-    out = list(islice(unit_train_samples(shard_root, shards, 0, 16, unit), sum(counts)))
-    start = 0
-    for p, count in enumerate(counts):
-        chunk = out[start : start + count]
-        plain = [s.key for s in unit_pass_samples(shard_root, shards, 0, p, unit)]
-        assert {pass_index for pass_index, _ in chunk} == {p}
-        assert sorted(s.key for _, s in chunk) == sorted(plain)
-        assert [s.key for _, s in chunk] != plain  # the buffer really reorders
-        start += count
-
-
-def test_shard_order_same_everywhere_but_changes_per_pass():
-    orders = [tuple(pass_shard_order(5, 0, p)) for p in range(6)]
-    assert orders == [tuple(pass_shard_order(5, 0, p)) for p in range(6)]
-    assert len(set(orders)) > 1
-    assert all(sorted(order) == list(range(5)) for order in orders)
-
-
 # ---------------------------------------------------------------- train: loaders
 
 
-def test_ranks_get_equal_full_batches_every_epoch(shard_root, manifest):
-    per_epoch = batches_per_epoch(manifest, ["fold-0"], 2, BATCH)
-    assert per_epoch == sum(TRAIN_SIZES) // (2 * BATCH)
+def test_train_batches_are_full_and_typed(shard_root, manifest):
     for rank in range(2):
-        batches = take(train_loader(shard_root, manifest, ["fold-0"], cfg(workers=2), rank, 2), 2 * per_epoch)
-        assert len(batches) == 2 * per_epoch
-        for batch in batches:
+        for batch in take(train_loader(shard_root, manifest, ["fold-0"], cfg(workers=2, partitions=4), rank, 2), 40):
             assert batch["image"].shape == (BATCH, 3, 32, 32) and batch["image"].dtype == torch.float32
             assert batch["labels_raw"].shape == (BATCH, 3) and batch["corrupt"] == 0 and len(batch["key"]) == BATCH
 
 
-def test_batches_per_epoch_counts_whole_optimizer_steps(manifest):
-    assert batches_per_epoch(manifest, ["fold-0"], 2, 8, grad_accum=3) == (146 // 48) * 3
-    with pytest.raises(UserError, match="lower the batch size"):
-        batches_per_epoch(manifest, ["fold-0"], 4, 64)
+def test_steps_per_epoch_are_whole_global_batches(manifest):
+    assert steps_per_epoch(manifest, ["fold-0"], 48) == 146 // 48
+    with pytest.raises(UserError, match="lower train.global_batch"):
+        steps_per_epoch(manifest, ["fold-0"], 256)
 
 
 def test_train_labels_raw_keep_blanks_as_nan(shard_root, manifest):
@@ -183,50 +130,73 @@ def test_train_stream_deterministic_per_seed(shard_root, manifest):
     assert [b["key"] for b in first] != [b["key"] for b in other]
 
 
-def straddling_batches(world_size: int, rank: int, workers: int, seed: int, passes: int) -> list[int]:
-    """Loader batch indices whose raw samples come from two passes."""
-    found = []
-    for worker in range(workers):
-        unit, end = Unit(rank, world_size, worker, workers), 0
-        for p in range(passes):
-            end += unit_pass_count(TRAIN_SIZES, seed, p, unit)
-            if end % BATCH:
-                found.append((end // BATCH) * workers + worker)
-    return sorted(found)
+# ---------------------------------------------------------------- train: the canonical order over real shards (data/order.py)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_equals_uninterrupted_stream(shard_root, manifest, workers):
-    config, total = cfg(workers=workers, seed=1), 32
-    reference = take(train_loader(shard_root, manifest, ["fold-0"], config, 0, 2), total)
-    crossing = [b for b in straddling_batches(2, 0, max(1, workers), 1, 4) if b + 3 <= total]
-    assert crossing, "the fixture must produce batches that straddle a pass boundary"
-    for start in sorted({5, *crossing[:2], total - 3}):
-        resumed = take(train_loader(shard_root, manifest, ["fold-0"], config, 0, 2, start_batch=start), 3)
-        for got, want in zip(resumed, reference[start : start + 3], strict=True):
-            assert got["key"] == want["key"], f"start_batch={start}"
-            assert torch.equal(got["image"], want["image"]), f"start_batch={start}"
-            assert torch.equal(got["labels_raw"].nan_to_num(9), want["labels_raw"].nan_to_num(9))
+def global_micro_batches(shard_root, manifest, world_size: int, workers: int, count: int, start: int = 0, **kw) -> dict[int, dict]:
+    """{global micro-batch j: batch} for j in [start*W, (start+count)*W) from every rank's loader (its micro-batches start..)."""
+    config = cfg(workers=workers, seed=3, partitions=12, **kw)
+    found = {}
+    for rank in range(world_size):
+        loader = train_loader(shard_root, manifest, ["fold-0"], config, rank, world_size, start_batch=start)
+        for t, batch in enumerate(islice(iter(loader), count), start=start):
+            found[rank_micro_batch(rank, world_size, 12, t)[0]] = batch
+    return found
 
 
-def test_resume_far_ahead_reads_one_pass_and_decodes_nothing_skipped(shard_root, manifest, monkeypatch):
-    config, start = cfg(seed=2), 60  # ~7 passes of rank 0 (70-odd samples, 9 batches each)
-    reference = take(train_loader(shard_root, manifest, ["fold-0"], config, 0, 2), start + 1)[start]
+def test_the_global_micro_batches_are_the_same_for_1_2_4_processes_and_0_1_3_workers(shard_root, manifest):
+    # 146 samples in 12 partitions of 12-13, micro-batches of 8: batches span windows, shards and passes
+    reference = global_micro_batches(shard_root, manifest, 1, 0, 48)
+    keys = [reference[j]["key"] for j in range(48)]
+    assert sorted(k for batch in keys[:18] for k in batch) != sorted(k for batch in keys[18:36] for k in batch)
+    for world_size, workers in [(2, 0), (4, 1), (1, 3), (2, 3), (4, 3)]:
+        got = global_micro_batches(shard_root, manifest, world_size, workers, 48 // world_size)
+        assert sorted(got) == list(range(48))
+        for j in range(48):
+            assert got[j]["key"] == reference[j]["key"], (world_size, workers, j)
+            assert torch.equal(got[j]["image"], reference[j]["image"]), (world_size, workers, j)
+
+
+def test_every_pass_of_a_partition_holds_each_of_its_samples_once(shard_root, manifest):
+    batches = global_micro_batches(shard_root, manifest, 1, 0, 12 * 8)  # 64 samples of each partition: 4 passes and more
+    order = CanonicalOrder(tuple(TRAIN_SIZES), seed=3, partitions=12, window=20, micro=BATCH)
+    for q in range(12):
+        keys, size = [k for j in range(q, 12 * 8, 12) for k in batches[j]["key"]], order.partition_size(q)
+        passes = [keys[p * size : (p + 1) * size] for p in range(4)]
+        assert all(len(set(p)) == size for p in passes) and len({tuple(p) for p in passes}) == 4
+    assert {k for batch in batches.values() for k in batch["key"]} == {f"img{i:05d}" for i in range(146)}
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 3), (4, 1)])
+def test_a_resumed_stream_continues_with_the_same_global_micro_batches(shard_root, manifest, world_size, workers):
+    reference = global_micro_batches(shard_root, manifest, 1, 0, 40)
+    for start in (1, 5):  # rank-local micro-batch index: global micro-batches start*W ...
+        got = global_micro_batches(shard_root, manifest, world_size, workers, 3, start=start)
+        assert sorted(got) == list(range(start * world_size, (start + 3) * world_size))
+        for j, batch in got.items():
+            assert batch["key"] == reference[j]["key"] and torch.equal(batch["image"], reference[j]["image"])
+
+
+def test_a_resume_far_ahead_reads_one_window_per_partition_and_decodes_only_its_batch(shard_root, manifest, monkeypatch):
+    config = cfg(seed=2, partitions=4, shuffle_buffer=6)
+    start = 600  # 600 micro-batches of 8 samples: ~33 passes of the 146 samples
+    assert CanonicalOrder(tuple(TRAIN_SIZES), 2, 4, 6, BATCH).micro_batch_start(0, start // 4)[0] > 25
+    earlier = list(islice(iter(train_loader(shard_root, manifest, ["fold-0"], config, 0, 1, start_batch=start - 2)), 3))
     decoded, shards_read = [], []
     real_decode, real_read = stream.decode_sample, stream.read_shard
     monkeypatch.setattr(stream, "decode_sample", lambda raw, *a: decoded.append(raw.key) or real_decode(raw, *a))
     monkeypatch.setattr(stream, "read_shard", lambda path, n: shards_read.append(path) or real_read(path, n))
-    batch = take(train_loader(shard_root, manifest, ["fold-0"], config, 0, 2, start_batch=start), 1)[0]
-    assert batch["key"] == reference["key"] and torch.equal(batch["image"], reference["image"])
+    batch = next(iter(train_loader(shard_root, manifest, ["fold-0"], config, 0, 1, start_batch=start)))
+    assert batch["key"] == earlier[2]["key"] and torch.equal(batch["image"], earlier[2]["image"])
     assert len(decoded) == BATCH
-    assert len(shards_read) <= 2 * 3  # at most the two passes this batch touches, 3 shards each
+    assert len(shards_read) <= 3  # one partition's slice (~37 samples) from one window on: at most 3 of the 5 shards
 
 
-def test_train_refuses_fewer_shards_than_ranks(shard_root, manifest):
-    with pytest.raises(UserError, match="samples-per-shard"):
-        train_loader(shard_root, manifest, ["fold-0"], cfg(), 0, 6)
-    with pytest.raises(UserError, match="fewer workers"):  # 1 shard of 9 samples cannot feed 10 workers
-        train_loader(shard_root, manifest, ["test"], cfg(workers=10), 0, 1)
+def test_train_refuses_a_world_size_the_partitions_cannot_serve(shard_root, manifest):
+    with pytest.raises(UserError, match="run on 1, 2, 3, 4, 6, 12 processes"):
+        train_loader(shard_root, manifest, ["fold-0"], cfg(partitions=12), 0, 5)
+    with pytest.raises(UserError, match="lower data.partitions"):  # 146 samples cannot fill 200 partitions
+        train_loader(shard_root, manifest, ["fold-0"], cfg(partitions=200), 0, 1)
 
 
 # ---------------------------------------------------------------- eval
@@ -278,8 +248,8 @@ def test_corrupt_samples_dropped_and_counted(shard_root, manifest):
     batches = list(eval_loader(shard_root, manifest, ["fold-2"], cfg(), 0, 1))
     assert [k for b in batches for k in b["key"]] == good
     assert [b["corrupt"] for b in batches] == [1, 1] and batches[0]["corrupt_keys"] == ["img02003"]
-    # Train: one pass of one rank and worker is the 12 samples in some order: 3 raw batches of 4.
-    train = take(train_loader(shard_root, manifest, ["fold-2"], cfg(batch_size=4), 0, 1), 3)
+    # Train, one canonical partition: its first pass is the 12 samples in some order, 3 micro-batches of 4.
+    train = take(train_loader(shard_root, manifest, ["fold-2"], cfg(batch_size=4, partitions=1), 0, 1), 3)
     assert sum(b["corrupt"] for b in train) == 2
     assert sorted(k for b in train for k in b["key"]) == good
     assert all(len(b["key"]) + b["corrupt"] == 4 for b in train)

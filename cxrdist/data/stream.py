@@ -1,23 +1,19 @@
-"""Rank-aware WebDataset streams for training (infinite, shuffled, resumable) and evaluation (finite, exact).
+"""Rank-aware WebDataset streams for training (infinite, in the canonical order, resumable) and evaluation (finite, exact).
 
-Units: rank r of W, DataLoader worker w of n (workers=0 is one unit in the main process).
+Train: the order of samples is data/order.py's canonical order, a function of the shards, the seed, data.partitions,
+data.shuffle_buffer (a partition's shuffle window) and data.batch_size (the micro-batch), never of the number of
+processes or loader workers. Rank r takes global micro-batches r, r+W, r+2W, ...; its DataLoader hands out batches
+round-robin over its workers (loader batch i from worker i % n), so worker w makes the rank's micro-batches w, w+n, ...
+and reads only the canonical partitions they come from. Raw (undecoded) samples are read from whole shards (each one's
+sha256 and count checked), windows permuted, micro-batches cut, then decoded, augmented (a per-sample RNG of the seed,
+pass and key) and collated in the worker.
 
-Train, per pass p = 0, 1, 2, ...: every rank permutes the train shards with the same (seed, p) RNG,
-rank r takes perm[r::W]; worker w takes the rank's shards [w::n] when the rank has at least n of
-them, else every worker reads all of the rank's shards and keeps samples i % n == w (no worker is
-ever empty). A shuffle buffer, reset each pass and seeded from (seed, p, r, w), reorders the raw
-(undecoded) samples; raw batches are cut from the endless concatenation of passes inside the
-worker (so every batch is full), then decoded, augmented and collated. The DataLoader hands out
-batches round-robin over workers: loader batch i comes from worker i % n, so a rank's batch
-sequence is a pure function of (manifest, seed, r, W, n, batch_size). Every rank draws the same
-number of batches per epoch (`batches_per_epoch`) from its endless stream, so none runs dry.
+Resume at the rank's micro-batch t: every partition a worker needs is opened where its next micro-batch begins (a known
+shard, sample and window), not replayed from the start of the epoch. Iterate a train loader ONCE and keep the iterator
+across epochs: a new iterator restarts at `start_batch`.
 
-Resume at batch B: worker w skips its first #{i < B : i % n == w} raw batches without decoding,
-jumping straight to the right pass by the manifest's counts. Iterate a train loader ONCE and keep
-the iterator across epochs: a new iterator restarts at `start_batch`.
-
-Eval: the held-out shards in manifest order, rank r takes shards[r::W], worker w the rank's
-[w::n]; samples in shard order; every sample exactly once across ranks and workers.
+Eval: the held-out shards in manifest order, rank r takes shards[r::W], worker w the rank's [w::n]; samples in shard
+order; every sample exactly once across ranks and workers.
 
 Neither loader goes through `accelerator.prepare` (that would shard the data a second time).
 """
@@ -30,7 +26,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain, count, islice
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +36,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cxrdist.data.datasets import DatasetShard, root_dataset_name
 from cxrdist.data.location import Location, join, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
+from cxrdist.data.order import CanonicalOrder, Piece, auto_partitions, check_world_size, rank_micro_batch
 from cxrdist.data.shards import RawSample, read_shard
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import decode_grayscale, draw_train_params, eval_transform, train_draft_side, train_transform
 from cxrdist.errors import UserError
 
-# Distinct first words keep the seed sequences of the different random streams apart.
-SHARD_ORDER_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3
+AUGMENT_STREAM = 3  # the first word of the augmentation seeds (data/order.py's streams are 1 and 2)
 PREFETCH_BATCHES = 2
 AUGMENT_PLACES = ("cpu", "device")
 EVAL_META = ("patient", "path", "dataset", "attributes")  # sample json fields an eval batch carries to the predictions
@@ -57,19 +53,10 @@ class StreamConfig:
     image: ImageSpec  # what the transforms make of every image
     batch_size: int = 32
     workers: int = 4
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples a canonical partition shuffles at a time
     seed: int = 0
+    partitions: int = 0  # canonical partitions of the train order (data/order.py); 0 = order.auto_partitions
     augment: str = "cpu"  # train augmentation in the workers ("cpu") or batched on the accelerator ("device")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One reader: DataLoader worker `worker` of `workers` on rank `rank` of `world_size`."""
-
-    rank: int
-    world_size: int
-    worker: int
-    workers: int
 
 
 # ---------------------------------------------------------------- reading shards
@@ -87,100 +74,58 @@ def shard_samples(root: Location, shard: ShardInfo) -> Iterator[RawSample]:
     return read_shard(join(root, shard.file), shard)
 
 
-# ---------------------------------------------------------------- train: which unit reads what, per pass
+# ---------------------------------------------------------------- train: canonical partitions (data/order.py)
 
 
-def pass_shard_order(num_shards: int, seed: int, pass_index: int) -> list[int]:
-    """The permutation of the train shards for one pass; identical on every rank."""
-    return np.random.default_rng([SHARD_ORDER_STREAM, seed, pass_index]).permutation(num_shards).tolist()
+def piece_samples(root: Location, shards: Sequence[ShardInfo], piece: Piece) -> Iterator[RawSample]:
+    """Samples [start, stop) of a shard. The shard is read to its end, so its sha256 and count are checked although
+    only part of it is used (a partition may begin or end inside a shard)."""
+    for index, sample in enumerate(shard_samples(root, shards[piece.shard])):
+        if piece.start <= index < piece.stop:
+            yield sample
 
 
-def unit_pass_plan(num_shards: int, seed: int, pass_index: int, unit: Unit) -> tuple[list[int], bool]:
-    """(shard indices the unit reads in this pass, whether it keeps only every n-th sample of them)."""
-    rank_shards = pass_shard_order(num_shards, seed, pass_index)[unit.rank :: unit.world_size]
-    if len(rank_shards) >= unit.workers:
-        return rank_shards[unit.worker :: unit.workers], False
-    return rank_shards, True
-
-
-def unit_pass_count(sizes: Sequence[int], seed: int, pass_index: int, unit: Unit) -> int:
-    """How many raw samples the unit gets in this pass, from the manifest's counts alone."""
-    indices, sample_split = unit_pass_plan(len(sizes), seed, pass_index, unit)
-    total = sum(sizes[i] for i in indices)
-    return len(range(unit.worker, total, unit.workers)) if sample_split else total
-
-
-def unit_pass_samples(root: Path, shards: Sequence[ShardInfo], seed: int, pass_index: int, unit: Unit) -> Iterator[RawSample]:
-    """The unit's raw samples of one pass, before shuffling."""
-    indices, sample_split = unit_pass_plan(len(shards), seed, pass_index, unit)
-    samples = read_shards(root, [shards[i] for i in indices])
-    return islice(samples, unit.worker, None, unit.workers) if sample_split else samples
-
-
-def shuffle_buffer(items: Iterable, rng: np.random.Generator, size: int, initial: int) -> Iterator:
-    """WebDataset's buffer shuffle, driven by `rng`: starts emitting after `initial` items, grows to `size`."""
-    items = iter(items)
-    size, initial = max(1, size), max(1, min(initial, size))
-    buffer: list = []
-
-    def pick():
-        k = int(rng.integers(len(buffer)))
-        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-        return buffer.pop()
-
-    for item in items:
-        buffer.append(item)
-        if len(buffer) < size:  # take two, give one, until the buffer is full
-            buffer.extend(islice(items, 1))
-        if len(buffer) >= initial:
-            yield pick()
-    while buffer:
-        yield pick()
-
-
-def unit_train_samples(
-    root: Path, shards: Sequence[ShardInfo], seed: int, buffer: int, unit: Unit, skip: int = 0
-) -> Iterator[tuple[int, RawSample]]:
-    """(pass, raw sample) for the unit, endlessly, after skipping `skip` samples.
-
-    A pass's order is a pure function of (seed, pass, rank, worker), so whole passes are skipped by
-    count and only the pass the skip ends in is read (not decoded) up to that point.
-    """
-    sizes = [shard.num_samples for shard in shards]
-    pass_index = 0
+def partition_samples(root: Location, shards: Sequence[ShardInfo], order: CanonicalOrder, partition: int, pass_index: int,
+                      offset: int) -> Iterator[tuple[int, RawSample]]:
+    """(pass, raw sample) of one canonical partition from (pass, offset) on, endlessly: each window of its slice read,
+    permuted and handed out; a start inside a window reads that window from its first sample (undecoded)."""
+    window = order.window
     while True:
-        count = unit_pass_count(sizes, seed, pass_index, unit)
-        if skip >= count:
-            skip -= count
-        else:
-            rng = np.random.default_rng([SHUFFLE_STREAM, seed, pass_index, unit.rank, unit.worker])
-            samples = shuffle_buffer(unit_pass_samples(root, shards, seed, pass_index, unit), rng, buffer, buffer // 10)
-            for sample in islice(samples, skip, None):
-                yield pass_index, sample
-            skip = 0
-        pass_index += 1
+        first = offset // window
+        pieces = order.pieces(pass_index, partition, first * window)
+        samples = chain.from_iterable(piece_samples(root, shards, piece) for piece in pieces)
+        for index, chunk in enumerate(batched(samples, window), start=first):
+            permutation = order.window_order(pass_index, partition, index, len(chunk))
+            skip = offset - first * window if index == first else 0
+            for position in permutation[skip:]:
+                yield pass_index, chunk[position]
+        pass_index, offset = pass_index + 1, 0
 
 
-def batches_before(start_batch: int, worker: int, workers: int) -> int:
-    """#{i < start_batch : i % workers == worker}: how many of the first loader batches a worker made."""
-    return len(range(worker, start_batch, workers))
+def partition_micro_batches(root: Location, shards: Sequence[ShardInfo], order: CanonicalOrder, partition: int,
+                            first: int) -> Iterator[list[tuple[int, RawSample]]]:
+    """The partition's raw micro-batches from its micro-batch `first` on (seeking, not replaying, to where it begins)."""
+    pass_index, offset = order.micro_batch_start(partition, first)
+    return batched(partition_samples(root, shards, order, partition, pass_index, offset), order.micro)
 
 
-def check_train_shards(shards: Sequence[ShardInfo], world_size: int, workers: int) -> None:
-    """Refuse layouts where a rank or a worker could get no sample in some pass (it would stall forever)."""
-    if len(shards) < world_size:
-        raise UserError(
-            f"{len(shards)} non-empty training shards cannot be split over {world_size} ranks; "
-            f"re-run `cxrdist prepare` with a smaller --samples-per-shard"
-        )
-    fewest_shards = len(shards) // world_size
-    if fewest_shards < workers:
-        fewest_samples = sum(sorted(shard.num_samples for shard in shards)[:fewest_shards])
-        if fewest_samples < workers:
-            raise UserError(
-                f"a rank may get only {fewest_samples} training samples per pass, fewer than its {workers} "
-                f"loader workers; use fewer workers"
-            )
+class PartitionCursors:
+    """One reader's open partitions: raw micro-batch k of partition q, each partition read forward only."""
+
+    def __init__(self, root: Location, shards: Sequence[ShardInfo], order: CanonicalOrder) -> None:
+        self.root, self.shards, self.order = root, shards, order
+        self.open: dict[int, tuple[int, Iterator]] = {}  # partition -> (index of its next micro-batch, iterator)
+
+    def take(self, partition: int, index: int) -> list[tuple[int, RawSample]]:
+        if partition not in self.open:
+            self.open[partition] = (index, partition_micro_batches(self.root, self.shards, self.order, partition, index))
+        position, batches = self.open[partition]
+        if index < position:
+            raise ValueError(f"partition {partition}: micro-batch {index} asked for after {position - 1} (a reader goes forward only)")
+        for _ in range(index - position):  # micro-batches of the workers this one shares the partition with
+            next(batches)
+        self.open[partition] = (index + 1, batches)
+        return next(batches)
 
 
 # ---------------------------------------------------------------- decoding and collating
@@ -313,21 +258,29 @@ def decoding_context():
 
 
 class TrainStream(IterableDataset):
+    """Rank `rank`'s micro-batches of the canonical order, from its micro-batch `start_batch` on (data/order.py)."""
+
     def __init__(self, root: Path, shards: list[ShardInfo], num_labels: int, cfg: StreamConfig, rank: int, world_size: int, start_batch: int):
         self.root, self.shards, self.num_labels, self.cfg = shard_root(root), shards, num_labels, cfg
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.order = canonical_order(shards, cfg, world_size)
 
     def __iter__(self) -> Iterator[dict]:
-        loader_worker, workers = worker_slot()
-        # The resumed loader's worker 0 makes global batch start_batch, so it plays worker start_batch % n.
-        worker = (loader_worker + self.start_batch) % workers
-        unit = Unit(self.rank, self.world_size, worker, workers)
-        skip = batches_before(self.start_batch, worker, workers) * self.cfg.batch_size
-        samples = unit_train_samples(self.root, self.shards, self.cfg.seed, self.cfg.shuffle_buffer, unit, skip)
-        for raw_batch in batched(samples, self.cfg.batch_size):
+        # Loader batch i comes from worker i % n: this worker makes the rank's micro-batches start + worker + n*u.
+        worker, workers = worker_slot()
+        cursors = PartitionCursors(self.root, self.shards, self.order)
+        for t in count(self.start_batch + worker, workers):
+            _, partition, index = rank_micro_batch(self.rank, self.world_size, self.order.partitions, t)
+            raw_batch = cursors.take(partition, index)
             with decoding_context():
                 batch = decode_train_batch(raw_batch, self.cfg, self.num_labels)
             yield batch
+
+
+def canonical_order(shards: Sequence[ShardInfo], cfg: StreamConfig, world_size: int) -> CanonicalOrder:
+    sizes = tuple(shard.num_samples for shard in shards)
+    partitions = cfg.partitions or auto_partitions(world_size, sum(sizes), sum(sizes) / max(1, len(sizes)))
+    return CanonicalOrder(sizes, cfg.seed, partitions, max(1, cfg.shuffle_buffer), cfg.batch_size)
 
 
 class EvalStream(IterableDataset):
@@ -377,28 +330,29 @@ def make_loader(dataset: IterableDataset, workers: int, seed: int) -> DataLoader
     )
 
 
-def batches_per_epoch(manifest: Manifest, splits: list[str], world_size: int, batch_size: int, grad_accum: int = 1) -> int:
-    """Loader batches each rank takes per epoch: whole optimizer steps over ~one pass of the data, same on every rank."""
+def steps_per_epoch(manifest: Manifest, splits: list[str], global_batch: int) -> int:
+    """Optimizer steps per epoch: whole global batches over one pass of the data, whatever the topology."""
     num_samples = manifest.num_samples(splits)
-    per_step = world_size * batch_size * grad_accum
-    steps = num_samples // per_step
-    if steps < 1:
-        raise UserError(
-            f"{num_samples} training samples are fewer than one optimizer step takes "
-            f"({world_size} ranks x batch {batch_size} x grad_accum {grad_accum} = {per_step}); lower the batch size"
-        )
-    return steps * grad_accum
+    if num_samples < global_batch:
+        raise UserError(f"{num_samples} training samples are fewer than one optimizer step takes (train.global_batch "
+                        f"{global_batch}); lower train.global_batch or data.batch_size")
+    return num_samples // global_batch
+
+
+def train_shards(manifest: Manifest, splits: list[str]) -> list[ShardInfo]:
+    """The shards the canonical order is made of: each as often as its dataset's weight says, empty ones left out."""
+    return [shard for shard in manifest.weighted_shards(splits) if shard.num_samples > 0]
 
 
 def train_loader(root: Path, manifest: Manifest, splits: list[str], cfg: StreamConfig, rank: int, world_size: int,
                  start_batch: int = 0) -> DataLoader:
-    """This rank's endless, shuffled, augmented batches; `start_batch` resumes as if that many were consumed."""
+    """This rank's endless micro-batches of the canonical order; `start_batch` resumes at the rank's micro-batch of that
+    index (its t-th is global micro-batch rank + t * world_size)."""
     check_config(cfg, rank, world_size)
     if start_batch < 0:
         raise UserError(f"start_batch must be >= 0, got {start_batch}")
-    shards = [shard for shard in manifest.weighted_shards(splits) if shard.num_samples > 0]
-    check_train_shards(shards, world_size, max(1, cfg.workers))
-    dataset = TrainStream(root, shards, len(manifest.labels), cfg, rank, world_size, start_batch)
+    dataset = TrainStream(root, train_shards(manifest, splits), len(manifest.labels), cfg, rank, world_size, start_batch)
+    check_world_size(dataset.order.partitions, world_size)
     return make_loader(dataset, cfg.workers, cfg.seed)
 
 

@@ -8,6 +8,12 @@ Loading never runs code from the files: before anything is restored, every file 
 read the safe way (JSON, safetensors, torch.load with weights_only=True); a checkpoint that fails
 (truncated, foreign, a pickle with code in it) is refused, and `resume=auto` falls back to the
 previous complete one. No custom pickled object is saved (the LR schedule is a function of the step).
+
+Every checkpoint is taken at an optimizer step boundary, and its position in the data is that step alone (the
+canonical order, data/order.py), so it resumes on any number of processes the run's partitions serve; DeepSpeed's
+partitioned ZeRO state written by another number of processes goes through its universal checkpoint
+(training/universal.py). A checkpoint of an earlier format (its position bound to the topology that wrote it) is
+refused with one line, never skipped for an older one.
 """
 
 from __future__ import annotations
@@ -25,18 +31,26 @@ from safetensors.torch import load_file, save_file
 from cxrdist.atomic import atomic_write_text, filesystem_error, removed_on_failure, replace_directory
 from cxrdist.errors import UserError, one_line
 from cxrdist.layout import CHECKPOINTS_DIR
+from cxrdist.training import universal
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TORCH_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 CUSTOM_PICKLE = "custom_checkpoint_*.pkl"  # accelerate loads these with a full unpickler
+# 2: the position is the optimizer step of the canonical sample order (data/order.py). Before it (no "format"), a
+# checkpoint's position was a per-rank batch count of a topology-bound order.
+FORMAT = 2
+
+
+class CheckpointFormatError(UserError):
+    """A checkpoint of another format: refused outright (resume=auto must not fall back to an older one and retrain)."""
 
 
 @dataclass
 class TrainerState:
-    step: int = 0  # optimizer steps taken
-    batches: int = 0  # loader batches consumed (the position in the train stream)
+    format: int = FORMAT
+    step: int = 0  # optimizer steps taken: with the recorded global batch, the position in the sample order
     epoch: int = 0
     best_auc: float = float("-inf")
     best_step: int = -1
@@ -115,8 +129,9 @@ def prune(run_dir: Path, keep: int, best_step: int) -> None:
     for path in complete[:-keep]:
         if int(STEP_DIR.match(path.name).group(1)) != best_step:
             shutil.rmtree(path, ignore_errors=True)
-    for path in checkpoint_dir(run_dir).glob(".partial-*"):  # ours was renamed: these are from crashes
-        shutil.rmtree(path, ignore_errors=True)
+    for pattern in (".partial-*", f"{universal.STAGING_PREFIX}*"):  # ours was renamed (or loaded): these are from crashes
+        for path in checkpoint_dir(run_dir).glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def update_state(run_dir: Path, state: TrainerState) -> None:
@@ -129,8 +144,8 @@ def update_state(run_dir: Path, state: TrainerState) -> None:
 def find_resume(run_dir: Path, resume: str, say=print) -> tuple[Path, TrainerState] | None:
     """The checkpoint to resume from and its (checked) trainer state, or None for a fresh start.
 
-    `auto`: the newest checkpoint that passes `check_checkpoint`, saying which were skipped and why.
-    A PATH must pass it, or it is a UserError.
+    `auto`: the newest checkpoint that passes `check_checkpoint`, saying which were skipped and why (one of another
+    format stops the search with its error). A PATH must pass it, or it is a UserError.
     """
     if resume == "never":
         return None
@@ -142,13 +157,51 @@ def find_resume(run_dir: Path, resume: str, say=print) -> tuple[Path, TrainerSta
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, check_checkpoint(path)
+        except CheckpointFormatError:
+            raise
         except UserError as err:
             say(f"skipping checkpoint {path.name}: {one_line(err)}; trying the previous one")
     return None
 
 
+def peek_settings(run_dir: Path, resume: str) -> dict:
+    """The settings recorded by the checkpoint a start will resume from, read without the checks (to size the accelerator
+    before the process group exists); {} when there is none of this format. `find_resume` makes the real choice."""
+    if resume == "never":
+        return {}
+    for path in [Path(resume)] if resume != "auto" else reversed(list_checkpoints(run_dir)):
+        try:
+            data = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        return dict(data.get("settings") or {}) if isinstance(data, dict) and data.get("format") == FORMAT else {}
+    return {}
+
+
+def read_state(path: Path) -> TrainerState:
+    """The trainer state of a checkpoint, its format first: one of another format is a CheckpointFormatError."""
+    try:
+        data = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path / STATE_FILE}: unreadable trainer state ({one_line(err)})") from None
+    written = data.get("format", 1) if isinstance(data, dict) else None
+    if written != FORMAT:
+        raise CheckpointFormatError(
+            f"checkpoint {path} has format {written} (an earlier cxrdist whose sample order depended on the number of processes "
+            f"and loader workers; this one reads format {FORMAT}): it cannot be resumed exactly; finish that run with the "
+            "cxrdist that started it, or start over with train.resume=never or another experiment name"
+            if isinstance(written, int) and written < FORMAT else
+            f"checkpoint {path} has format {written!r}, this cxrdist reads format {FORMAT}: resume it with the cxrdist that wrote it"
+        )
+    try:
+        return TrainerState(**data)
+    except TypeError as err:
+        raise UserError(f"{path / STATE_FILE}: unreadable trainer state ({one_line(err)})") from None
+
+
 def check_checkpoint(path: Path) -> TrainerState:
     """Read every file of the checkpoint without a full unpickler; a UserError names the first bad one."""
+    state = read_state(path)
     custom = sorted(path.glob(CUSTOM_PICKLE))
     if custom:
         raise UserError(f"{custom[0]}: a pickled object only a full unpickler could load (it could run code); cxrdist never writes one")
@@ -165,10 +218,7 @@ def check_checkpoint(path: Path) -> TrainerState:
                     torch_load_weights_only(file, map_location="cpu")
             except Exception as err:  # noqa: BLE001 -- any failure to read foreign bytes means: not this checkpoint
                 raise UserError(f"{file}: cannot be loaded safely ({type(err).__name__}: {one_line(err)})") from None
-    try:
-        return TrainerState(**json.loads((path / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{path / STATE_FILE}: unreadable trainer state ({one_line(err)})") from None
+    return state
 
 
 def deepspeed_state_types(files: list[Path]) -> list:
@@ -184,9 +234,17 @@ def deepspeed_state_types(files: list[Path]) -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_checkpoint(accelerator, ema, path: Path) -> TrainerState:
-    """Restore a checkpoint that passed `check_checkpoint` (accelerate loads torch files with weights_only=True)."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, ema, path: Path, say=print) -> TrainerState:
+    """Restore a checkpoint that passed `check_checkpoint` (accelerate loads torch files with weights_only=True), on
+    the number of processes that wrote it or another (DeepSpeed: through its universal checkpoint)."""
+    from accelerate.utils import DistributedType
+
+    state = read_state(path)
+    written_by = state.settings.get("world_size", accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and written_by != accelerator.num_processes:
+        universal.load_resharded(accelerator, path, written_by, say)
+    else:
+        accelerator.load_state(str(path))
+    accelerator.step = 0  # gradient accumulation counts from the step boundary the checkpoint was taken at
     ema.load_state_dict(load_file(str(path / EMA_FILE)))
-    data = json.loads((path / STATE_FILE).read_text())
-    return TrainerState(**data)
+    return state

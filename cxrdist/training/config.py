@@ -31,11 +31,15 @@ class DataConfig:
     shards: Any = MISSING
     vocabulary: Any = None  # several datasets: the model's label names (default: the union of the harmonised labels)
     img_size: int = 380
-    batch_size: int = 32  # per device (per process)
+    batch_size: int = 32  # the micro-batch: samples per forward of one process (train.global_batch: per optimizer step)
     eval_batch_size: int = 0  # 0 = 2 x batch_size
     workers: int = -1  # DataLoader workers per process; -1 = from the CPUs per process (stream.resolve_workers)
     augment: str = "cpu"  # train augmentation in the workers (cpu) or as one batched grid_sample on the accelerator (device)
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples one canonical partition shuffles at a time (data/order.py)
+    # Canonical partitions of the sample order (data/order.py): the order is the same on every number of processes that
+    # divides it. 0 = chosen at the run's first start (48; fewer for a small dataset; a multiple of the world size) and
+    # kept by its resumes.
+    partitions: int = 0
     # "default" (CheXpert paper: U-Ones for Atelectasis and Edema, U-Zeros otherwise), "ignore",
     # "zeros", "ones", or a mapping {label: policy, default: policy}.
     label_policy: Any = "default"
@@ -46,6 +50,7 @@ class DataConfig:
         at_least("data.img_size", self.img_size, 16)
         at_least("data.eval_batch_size", self.eval_batch_size, 0)
         at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+        at_least("data.partitions", self.partitions, 0)
         within("data.max_corrupt_fraction", self.max_corrupt_fraction, 0.0, 1.0)
         if self.workers < -1:
             raise UserError(f"data.workers must be >= 0, or -1 for one per CPU of this process, got {self.workers}")
@@ -60,7 +65,11 @@ class TrainConfig:
     warmup_steps: int = 500
     weight_decay: float = 1e-4
     grad_clip: float = 1.0  # 0 = off
-    grad_accum: int = 1
+    # Samples per optimizer step, whatever the number of processes (training/topology.py): each process accumulates
+    # global_batch / (data.batch_size x processes) micro-batches. 0 = data.batch_size x processes x grad_accum at the
+    # run's first start, kept by its resumes.
+    global_batch: int = 0
+    grad_accum: int = 1  # with global_batch 0 only
     ema_decay: float = 0.9998
     ema_warmup: bool = True  # timm's ramp: decay(step) = min(ema_decay, 1 - step^-ema_warmup_power), step from 1
     ema_warmup_power: float = 0.6667  # 2/3 (timm): 0.99 at step 1e3, 0.999 at 3.2e4, 0.9998 only at 3.5e5
@@ -94,6 +103,7 @@ class TrainConfig:
         one_of("train.compile_devices", self.compile_devices, COMPILE_DEVICES)
         one_of("train.resume_changes", self.resume_changes, RESUME_CHANGES)
         at_least("train.grad_accum", self.grad_accum, 1)
+        at_least("train.global_batch", self.global_batch, 0)
         at_least("train.epochs", self.epochs, 1)
         at_least("train.dist_timeout", self.dist_timeout, 1)
         at_least("train.heartbeat_timeout", self.heartbeat_timeout, 0)
@@ -141,6 +151,8 @@ class LoggingConfig:
     project: str = "cxrdist"
     progress: bool = True  # tqdm bar on rank 0
     log_models: bool = False  # upload best/ as a W&B model artifact each time it improves
+    # Write every optimizer step's sample keys to batch_keys.jsonl (rank 0 gathers them: one collective per step; for checks)
+    batch_keys: bool = False
 
     def __post_init__(self) -> None:
         one_of("logging.wandb", self.wandb, WANDB_MODES)

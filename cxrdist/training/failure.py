@@ -18,14 +18,21 @@ LOST_PEER_MARKERS = (
 )
 
 
-def lost_peer(err: BaseException) -> bool:
-    """An error of the process group (a dead or unreachable rank), not of the training itself."""
+def peer_error(err: BaseException | None) -> BaseException | None:
+    """The error of the process group (a dead or unreachable rank) that `err` is or was raised while handling (the
+    elastic agent stops this rank's DataLoader workers as it restarts the group), or None: an error of the training."""
     import torch.distributed as dist
 
-    if isinstance(err, dist.DistError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(marker in text for marker in LOST_PEER_MARKERS)
+    while err is not None:
+        text = str(err).lower()
+        if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(marker in text for marker in LOST_PEER_MARKERS)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def lost_peer(err: BaseException) -> bool:
+    return peer_error(err) is not None
 
 
 def cause(err: BaseException) -> str:
@@ -36,14 +43,16 @@ def cause(err: BaseException) -> str:
 
 
 def lost_peer_message(err: BaseException) -> str:
+    err = peer_error(err) or err
     detail = " ".join(str(err).split())[:300]
     return lost_contact_message(cause(err), f" ({type(err).__name__}: {detail})")
 
 
 def lost_contact_message(why: str, detail: str = "") -> str:
+    from cxrdist.training.elastic import restart_sentence
+
     rank = os.environ.get("RANK", "?")
-    return (f"rank {rank}: lost contact with the other ranks: {why}; stopping. "
-            f"Restart every node to resume from the newest complete checkpoint.{detail}")
+    return f"rank {rank}: lost contact with the other ranks: {why}; stopping. {restart_sentence()}{detail}"
 
 
 _STOPPING = threading.Lock()

@@ -3,7 +3,6 @@ evaluation of the live and EMA models, atomic checkpoints, agreed preemption."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -22,7 +21,7 @@ from cxrdist.atomic import atomic_write_text
 from cxrdist.data.device_augment import augment_batch
 from cxrdist.data.datasets import open_datasets
 from cxrdist.evaluation.scoring.by_dataset import summary_line
-from cxrdist.data.stream import StreamConfig, batches_per_epoch, eval_loader, resolve_workers, train_loader
+from cxrdist.data.stream import StreamConfig, eval_loader, resolve_workers, steps_per_epoch, train_loader, train_shards
 from cxrdist.data.transforms import normalisation
 from cxrdist.errors import UserError
 from cxrdist.log import get_logger, progress
@@ -41,15 +40,18 @@ from cxrdist.model import zero_state
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.labels.policy import apply_policy, resolve_policy
 from cxrdist.training.launcher.notes import say_note
-from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
-from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint, update_state
+from cxrdist.training.counters import BadSteps, Window
+from cxrdist.training.batch_keys import BatchKeyLog
+from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, peek_settings, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
 from cxrdist.training.failure import heartbeat_lost
 from cxrdist.training.global_mean import GlobalMaskedMean
 from cxrdist.training.heartbeat import start_heartbeat
+from cxrdist.training.optimizer_step import GuardedStep
 from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag, stop_explanation
 from cxrdist.training.randomness import model_randomness
-from cxrdist.training.resume_settings import WORKERS, check_resume, current_settings, incomparable_score
+from cxrdist.training.resume_settings import check_resume, current_settings, incomparable_score
+from cxrdist.training.topology import Topology, resolve
 from cxrdist.training.run_lock import hold_run_lock, release_run_lock
 from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
 from cxrdist.training.validation_audit import ValidationAudit
@@ -57,7 +59,7 @@ from cxrdist.training.validation_audit import ValidationAudit
 
 LOG = get_logger("train")
 
-def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
+def make_accelerator(cfg: ExperimentConfig, grad_accum: int) -> Accelerator:
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = None if _launcher_set_precision() else ("bf16" if torch.cuda.is_available() else "no")
@@ -65,7 +67,7 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     return distributed.make_accelerator(
         dist_timeout=cfg.train.dist_timeout,
         mixed_precision=precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         log_with=log_with,
         project_dir=str(cfg.run_dir),
         step_scheduler_with_optimizer=False,
@@ -93,7 +95,8 @@ class Trainer:
         self.train_splits = self.manifest.train_splits(cfg.fold)
         self.val_split = fold_name(cfg.fold)
         self.audit = ValidationAudit.of(cfg.eval, self.manifest)
-        self.accelerator = make_accelerator(cfg)
+        self.topology = self.resolve_topology()
+        self.accelerator = make_accelerator(cfg, self.topology.grad_accum)
         self.heartbeat = start_heartbeat(cfg.train.heartbeat_timeout, on_lost=heartbeat_lost)  # once the process group exists
         self.check_world_size()
         self.check_engine()
@@ -106,12 +109,12 @@ class Trainer:
         if self.is_cuda and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.stream = StreamConfig(self.image, batch_size=cfg.data.batch_size, workers=resolve_workers(cfg.data.workers),
-                                   shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, augment=cfg.data.augment)
+                                   shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, augment=cfg.data.augment,
+                                   partitions=self.topology.partitions)
         eval_bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
         self.eval_stream = StreamConfig(**{**self.stream.__dict__, "batch_size": eval_bs, "augment": "cpu"})
         self.normalisation = tuple(t.to(acc.device) for t in normalisation(self.image))
-        self.batches_per_epoch = batches_per_epoch(self.manifest, self.train_splits, acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
-        self.steps_per_epoch = self.batches_per_epoch // cfg.train.grad_accum
+        self.steps_per_epoch = steps_per_epoch(self.manifest, self.train_splits, self.topology.global_batch)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         # Fused AdamW takes the non-finite-step decision as a device tensor (`found_inf`), so the
         # guard needs no host sync; DeepSpeed wraps the optimizer in its own and keeps the default.
@@ -121,6 +124,7 @@ class Trainer:
             model = torch.compile(model, backend=cfg.train.compile_backend)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = self.make_scheduler()  # not checkpointed: a pure function of the step (no pickle to load)
+        self.guard = GuardedStep(acc, self.model, self.optimizer, self.deepspeed, cfg.train.grad_clip)
         self.net = acc.unwrap_model(self.model)
         if hasattr(self.net, "_orig_mod"):
             self.net = self.net._orig_mod
@@ -133,8 +137,10 @@ class Trainer:
         self.state = TrainerState(dataset=self.manifest.identity())
         self.bad_steps = BadSteps(acc.device)
         self.loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)  # of the current accumulation group
-        self.global_mean = GlobalMaskedMean(acc.num_processes, cfg.train.grad_accum)
+        self.global_mean = GlobalMaskedMean(acc.num_processes, self.topology.grad_accum)
         self.pending: deque[dict] = deque()  # the rest of the current accumulation group
+        self.group_batch = 0  # this rank's micro-batches of the current accumulation group done
+        self.batch_keys = BatchKeyLog(self.run_dir, cfg.logging.batch_keys, acc)
 
     # ---- setup -------------------------------------------------------------------------------
     def compiles(self) -> bool:
@@ -164,7 +170,7 @@ class Trainer:
         if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds["train_micro_batch_size_per_gpu"] = self.cfg.data.batch_size
         if ds.get("train_batch_size") == "auto":
-            ds["train_batch_size"] = self.cfg.data.batch_size * acc.num_processes * self.cfg.train.grad_accum
+            ds["train_batch_size"] = self.topology.global_batch
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = self.cfg.train.grad_clip
 
@@ -190,6 +196,14 @@ class Trainer:
         for buffer in self.net.buffers():
             if buffer.is_floating_point() and buffer.dtype != dtype:
                 buffer.data = buffer.data.to(dtype)
+
+    def resolve_topology(self) -> Topology:
+        """Global batch, micro-batch and partitions of this start (training/topology.py). Their auto values (0) come from
+        the checkpoint this start will resume from, peeked at here to size the accelerator; fit() checks it fully."""
+        data, train = self.cfg.data, self.cfg.train
+        recorded = peek_settings(self.cfg.run_dir, train.resume)
+        sizes = [shard.num_samples for shard in train_shards(self.manifest, self.train_splits)]
+        return resolve(data.batch_size, train.global_batch, train.grad_accum, data.partitions, distributed.world_size(), recorded, sizes)
 
     def check_world_size(self) -> None:
         """CXRDIST_EXPECT_WORLD_SIZE (set by slurm/ and the tests) guards against a launcher that
@@ -226,21 +240,12 @@ class Trainer:
         return found
 
     def checked_settings(self, found: tuple[Path, TrainerState] | None) -> dict:
-        """The settings to record in this run's checkpoints, after checking them against the checkpoint resumed from;
-        with data.workers=-1 the stream takes the recorded worker count, so the sample order stays the same."""
-        acc = self.accelerator
+        """The settings to record in this run's checkpoints, after checking them against the checkpoint resumed from
+        (the number of processes and loader workers may differ: the sample order does not depend on them)."""
         shards = [shard.file for shard in self.manifest.shards(self.train_splits)]
-        settings = current_settings(to_dict(self.cfg), self.stream.workers, acc.num_processes, shards)
-        if found is None:
-            return settings
-        path, state = found
-        recorded = state.settings.get(WORKERS)
-        if self.cfg.data.workers == -1 and recorded is not None and recorded != self.stream.workers:
-            self.say(f"data.workers=-1: the {recorded} DataLoader workers {path.name} was trained with, not {self.stream.workers}, "
-                     "so the resumed stream has the same order")
-            self.stream = dataclasses.replace(self.stream, workers=recorded)
-            settings[WORKERS] = recorded
-        check_resume(path, state.settings, settings, self.cfg.train.resume_changes == "allow", self.say)
+        settings = current_settings(to_dict(self.cfg), self.stream.workers, self.topology, shards)
+        if found is not None:
+            check_resume(found[0], found[1].settings, settings, self.cfg.train.resume_changes == "allow", self.say)
         return settings
 
     def best_on_disk(self) -> tuple[float, int] | None:
@@ -260,7 +265,7 @@ class Trainer:
         self.run_lock = hold_run_lock(acc, self.run_dir)  # one run per run directory, until this process ends
         found = self.resume()
         resume_from = found[0] if found else None
-        start_batch = found[1].batches if found else 0
+        start_batch = self.topology.first_rank_batch(found[1].step) if found else 0
         settings = self.checked_settings(found)
         self.write_run_files()  # after the checks: a refused resume leaves the run's config.yaml as it was
         # The loader iterator draws a seed from the global RNG when it is created: create it before
@@ -268,7 +273,7 @@ class Trainer:
         batches = iter(train_loader(self.root, self.manifest, self.train_splits, self.stream, acc.process_index, acc.num_processes,
                                     start_batch=start_batch))
         if resume_from is not None:
-            self.state = load_checkpoint(acc, self.ema, resume_from)
+            self.state = load_checkpoint(acc, self.ema, resume_from, self.say)
             self.bad_steps = BadSteps(acc.device, self.state.bad_steps_in_row)
             self.scheduler.step_update(num_updates=self.state.step)
             if stale := incomparable_score(self.state.settings, settings):
@@ -279,9 +284,10 @@ class Trainer:
                 self.state.best_auc, self.state.best_step = best
             self.say(f"resumed from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         self.state.settings = settings
+        self.batch_keys.start(self.state.step)
         self.state.wandb_id = start_wandb(acc, self.cfg, to_dict(self.cfg), self.state.wandb_id)
         self.say(f"training fold {self.cfg.fold} on {acc.num_processes} process(es): {self.steps_per_epoch} steps/epoch x "
-                 f"{self.cfg.train.epochs} epochs, per-device batch {self.cfg.data.batch_size}")
+                 f"{self.cfg.train.epochs} epochs, {self.topology.describe()}")
         self.note("ema_schedule", self.ema_schedule_line())
         code = self.train_until_done(batches)
         if self.heartbeat is not None:
@@ -302,15 +308,14 @@ class Trainer:
 
     def train_until_done(self, batches) -> int:
         acc, cfg = self.accelerator, self.cfg
-        total_batches = cfg.train.epochs * self.batches_per_epoch
         bar = progress(self.total_steps, f"fold {cfg.fold}", "step", enabled=acc.is_main_process and cfg.logging.progress, initial=self.state.step)
-        if self.state.batches >= total_batches:
+        if self.state.step >= self.total_steps:
             self.say(f"already complete at step {self.state.step} (best EMA macro AUC {self.state.best_auc:.4f})")
             return 0
         window = Window()
         self.model.train()
         evaluated_at = checkpointed_at = -1
-        while self.state.batches < total_batches:
+        while self.state.step < self.total_steps:
             tic = time.perf_counter()
             batch = self.next_micro_batch(batches)
             window.wait += time.perf_counter() - tic
@@ -319,9 +324,9 @@ class Trainer:
             if not stepped:
                 continue
             bar.update(1)
-            epoch_end = self.state.batches % self.batches_per_epoch == 0
+            epoch_end = self.state.step % self.steps_per_epoch == 0
             if epoch_end:
-                self.state.epoch = self.state.batches // self.batches_per_epoch
+                self.state.epoch = self.state.step // self.steps_per_epoch
             logged = self.state.step % cfg.train.log_every == 0 or epoch_end
             if logged:
                 self.log_train(window, bar)
@@ -384,7 +389,7 @@ class Trainer:
         """The next micro-batch; at the start of an accumulation group all K are drawn first so that the
         loss can be normalised by the group's unmasked entries over all ranks (training/global_mean.py)."""
         if not self.pending:
-            self.pending.extend(next(batches) for _ in range(self.cfg.train.grad_accum))
+            self.pending.extend(next(batches) for _ in range(self.topology.grad_accum))
             masks = [apply_policy(b["labels_raw"], self.policy)[1] for b in self.pending]
             self.global_mean.start_group(masks, lambda t: self.accelerator.reduce(t, reduction="sum"), self.accelerator.device)
         return self.pending.popleft()
@@ -397,82 +402,29 @@ class Trainer:
         if "augment" in batch:  # data.augment=device: the workers only decoded
             images = augment_batch(images.to(acc.device, non_blocking=True), batch["augment"], self.image, self.normalisation)
         with acc.accumulate(self.model):
-            with acc.autocast(), model_randomness(self.cfg.seed, acc.process_index, self.state.batches, acc.device):
+            micro_batch = self.topology.global_micro_batch(acc.process_index, self.topology.first_rank_batch(self.state.step) + self.group_batch)
+            with acc.autocast(), model_randomness(self.cfg.seed, micro_batch, acc.device):
                 logits = self.model(self.to_input(images))
             loss = self.global_mean(self.loss_fn.masked_sum(logits, targets, mask))
             if self.net.refine is not None:
                 loss = loss + self.net.refine.l1_penalty()
             acc.backward(loss)
             self.loss_finite = self.loss_finite & torch.isfinite(loss.detach())  # stays on the device until the step
-            self.state.batches += 1
+            self.group_batch += 1
             window.add_batch(len(batch["key"]), int(batch.get("corrupt", 0)), loss.detach())
+            self.batch_keys.add(micro_batch, batch["key"])
             if not acc.sync_gradients:
                 return False
+            self.group_batch = 0
             lr = self.optimizer.param_groups[0]["lr"]
-            grad_norm = self.clip_gradients()
-            skipped = self.optimizer_step(grad_norm)
+            grad_norm = self.guard.clip()
+            skipped = self.guard.step(grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
-            bad = self.is_bad(skipped, grad_norm)
+            bad = self.guard.is_bad(skipped, grad_norm, self.loss_finite)
             self.loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
         self.after_step(lr, skipped, bad, grad_norm, window)
+        self.batch_keys.step_done(self.state.step)
         return True
-
-    def clip_gradients(self) -> torch.Tensor | None:
-        """The gradient norm before clipping, as a device tensor. DeepSpeed clips itself and hands back its own
-        norm as a Python float (already read on the host), or None; the float is wrapped so one path follows."""
-        clip = self.cfg.train.grad_clip
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        if norm is None or isinstance(norm, torch.Tensor):
-            return None if norm is None else norm.detach()
-        return torch.tensor(float(norm), device=self.accelerator.device)
-
-    def optimizer_step(self, grad_norm: torch.Tensor | None) -> torch.Tensor | bool:
-        """Step unless the gradients are non-finite; returns whether the step was skipped, as a device
-        tensor where the decision stays on the device (no host sync), else as a bool."""
-        acc = self.accelerator
-        inner = self.optimizer.optimizer
-        if acc.mixed_precision == "fp16" or grad_norm is None:
-            self.optimizer.step()  # fp16: the GradScaler itself skips inf/NaN steps (and syncs to tell)
-            return acc.optimizer_step_was_skipped
-        skipped = ~torch.isfinite(grad_norm)
-        if getattr(inner, "_step_supports_amp_scaling", False):  # fused: the kernel skips when found_inf is 1
-            inner.found_inf = skipped.float()
-            try:
-                self.optimizer.step()
-            finally:
-                del inner.found_inf
-            return skipped
-        if not bool(skipped):  # an optimizer that cannot take the decision on the device
-            self.optimizer.step()
-        return bool(skipped)
-
-    def is_bad(self, skipped: torch.Tensor | bool, grad_norm: torch.Tensor | None) -> torch.Tensor | bool:
-        """Whether the step counts toward train.max_bad_steps: a non-finite loss or skipped step, except the fp16
-        GradScaler's loss-scale calibration (training/bad_steps.py). Decided on the device, except under fp16,
-        whose scaler has synced already."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if self.deepspeed and self.accelerator.mixed_precision == "fp16":
-            loss_scaler = self.deepspeed_loss_scaler()  # `skipped` is the engine's overflow flag
-            return is_bad_deepspeed_fp16_step(bool(self.loss_finite), bool(skipped), float(loss_scaler.cur_scale),
-                                              float(getattr(loss_scaler, "min_scale", loss_scaler.cur_scale)),
-                                              bool(getattr(loss_scaler, "dynamic", False)))
-        if self.accelerator.mixed_precision != "fp16" or scaler is None:
-            return skipped | ~self.loss_finite if isinstance(skipped, torch.Tensor) else skipped or not bool(self.loss_finite)
-        grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-        return is_bad_step(bool(self.loss_finite), grads_finite, bool(skipped), float(scaler.get_scale()))
-
-    def deepspeed_loss_scaler(self):
-        """DeepSpeed's own dynamic (or static) loss scaler of its ZeRO-1/2 optimizer, under fp16."""
-        return self.optimizer.optimizer.loss_scaler
-
-    def loss_scale(self) -> float | None:
-        """The fp16 loss scale now (DeepSpeed's scaler or torch's GradScaler), None without one. A host read: log time only."""
-        if self.accelerator.mixed_precision != "fp16":
-            return None
-        if self.deepspeed:
-            return float(self.deepspeed_loss_scaler().cur_scale)
-        scaler = getattr(self.accelerator, "scaler", None)
-        return None if scaler is None else float(scaler.get_scale())
 
     def after_step(self, lr: float, skipped: torch.Tensor | bool, bad: torch.Tensor | bool, grad_norm: torch.Tensor | None,
                    window: Window) -> None:
@@ -512,12 +464,12 @@ class Trainer:
         self.check_corrupt()
         record = {
             "kind": "train", "step": self.state.step, "world_size": acc.num_processes, "precision": acc.mixed_precision,
-            "epoch": self.state.batches / self.batches_per_epoch,
+            "epoch": self.state.step / self.steps_per_epoch,
             "loss": loss_sum / max(n_batches, 1), "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": None if window.grad_norm is None else float(window.grad_norm),
             "img_per_s": samples / window.total if window.total > 0 else None,
             "data_wait_fraction": window.wait / window.total if window.total > 0 else None,
-            "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen, "loss_scale": self.loss_scale(),
+            "bad_steps_total": self.state.bad_steps_total, "corrupt_total": self.state.corrupt_seen, "loss_scale": self.guard.loss_scale(),
             "max_memory_gib": torch.cuda.max_memory_allocated(acc.device) / 2**30 if self.is_cuda else None,  # allocator stat: no sync
             "ema_decay": self.ema.decay_at(self.state.step),  # the effective decay of the last update (warm-up included)
         }
@@ -558,7 +510,7 @@ class Trainer:
         self.model.train()
         refine = self.ema.module.refine
         record = {
-            "kind": "eval", "step": self.state.step, "epoch": self.state.batches / self.batches_per_epoch, "split": self.val_split,
+            "kind": "eval", "step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "split": self.val_split,
             "eval_targets": self.cfg.eval.targets,
             "ema": results["ema"], "live": results["live"], "corrupt": preds.corrupt,
             "sparsity": refine.sparsity() if refine is not None else None,
@@ -591,7 +543,7 @@ class Trainer:
     def export_best(self, preds, results) -> None:
         card = ModelCard.build(
             self.cfg.model, self.labels, self.policy, self.image, self.manifest, self.root, experiment=self.cfg.experiment,
-            fold=self.cfg.fold, step=self.state.step, epoch=self.state.batches / self.batches_per_epoch,
+            fold=self.cfg.fold, step=self.state.step, epoch=self.state.step / self.steps_per_epoch,
             eval_batch_size=self.eval_stream.batch_size, metrics={"split": self.val_split, "ema": results["ema"], "live": results["live"]},
             evaluation=CardEvaluation.of(self.cfg.eval.targets, self.labels, self.policy),
         )
@@ -609,42 +561,3 @@ class Trainer:
         """Said once per command that trains several folds (training/launcher/notes.py), not once per fold."""
         if self.accelerator.is_main_process:
             say_note(key, text, self.cfg.fold, lambda line: LOG.info(f"cxrdist: {line}"), at_end)
-
-
-class Window:
-    """Counters between two log lines."""
-
-    def __init__(self) -> None:
-        self.wait = self.total = 0.0
-        self.loss_sum = 0.0
-        self.batches = self.samples = self.corrupt = 0
-        self.grad_norm: torch.Tensor | None = None  # of the last step, on the device until logged
-
-    def add_batch(self, samples: int, corrupt: int, loss: torch.Tensor) -> None:
-        self.batches += 1
-        self.samples += samples
-        self.corrupt += corrupt
-        self.loss_sum = self.loss_sum + loss.float()  # stays on the device: no sync per step
-
-
-class BadSteps:
-    """Counts optimizer steps skipped for non-finite gradients on the device, so that the step never
-    waits for the host; `read` brings the counts over (a sync) when the trainer logs or checkpoints."""
-
-    def __init__(self, device: torch.device, in_row: int = 0) -> None:
-        self.in_row = torch.full((), in_row, dtype=torch.int64, device=device)  # the current run of skipped steps
-        self.worst = self.in_row.clone()  # the longest run seen since the last read
-        self.total = torch.zeros((), dtype=torch.int64, device=device)  # skipped since the last read
-
-    def add(self, skipped: torch.Tensor | bool) -> None:
-        skipped = torch.as_tensor(skipped, device=self.in_row.device).to(torch.int64)
-        self.in_row.add_(1).mul_(skipped)  # +1 when skipped, back to 0 when taken
-        torch.maximum(self.worst, self.in_row, out=self.worst)
-        self.total.add_(skipped)
-
-    def read(self) -> tuple[int, int, int]:
-        """(the current run, the longest run since the last read, skipped since the last read)."""
-        in_row, worst, total = torch.stack([self.in_row, self.worst, self.total]).tolist()
-        self.worst.copy_(self.in_row)
-        self.total.zero_()
-        return in_row, worst, total

@@ -1,27 +1,29 @@
 """What a checkpoint was trained under, checked when a run resumes from it.
 
 Two kinds of settings are recorded in the trainer state (`settings`):
-- what the train stream's order depends on (the resolved DataLoader worker count, the world size, the
-  per-device batch size, gradient accumulation, the train shards): under other values the resumed run
-  would see other samples than the uninterrupted one, some twice and some never;
+- what the sample order depends on (data/order.py: the train shards, the seed, the micro-batch `data.batch_size`, the
+  global batch and the canonical partitions as resolved at the run's first start, `data.shuffle_buffer`): under other
+  values the resumed run would see other samples than the uninterrupted one, some twice and some never;
 - the settings whose change makes the continued run another experiment (learning rate and schedule,
   label policy, model, loss, evaluation targets: a best score under the old `eval.targets` is not
   comparable with new ones). `train.epochs` is not one of them: training a finished run for longer is
   the usual way to extend it (the cosine schedule is then stretched from the resumed step on).
 
+The number of processes and of DataLoader workers are recorded too but never compared: the order does not depend on
+them, so a run resumes on another topology (training/topology.py refuses one its partitions cannot serve).
 A difference stops the resume with one line naming each setting with its old and new value, unless
-`train.resume_changes=allow`. One exception: `data.workers=-1` (the CPUs this job happens to get) takes the
-recorded worker count, so a requeue on a node with another CPU count reproduces the same order.
-Besides the config, `eval.resampler` (who resizes for evaluation, data/spec.py) is recorded: a best score
-resized by another implementation is not comparable either.
+`train.resume_changes=allow`. Besides the config, `eval.resampler` (who resizes for evaluation, data/spec.py) is
+recorded: a best score resized by another implementation is not comparable either.
 """
 
 from __future__ import annotations
 
 from cxrdist.data.spec import LEGACY_RESAMPLER, RESAMPLER
 from cxrdist.errors import UserError
+from cxrdist.training.topology import GLOBAL_BATCH, PARTITIONS, Topology
 
-WORKERS = "data.workers"
+WORKERS, WORLD_SIZE = "data.workers", "world_size"
+SAFE_CHANGES = (WORKERS, WORLD_SIZE)  # recorded, never compared: the sample order does not depend on them
 EVAL_TARGETS = "eval.targets"
 # Not a config key: the implementation of the evaluation resize (data/spec.py). A checkpoint that does not record
 # it was trained when torchvision resized, and its best score is not comparable with Pillow-resized evaluations.
@@ -47,12 +49,13 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def current_settings(config: dict, workers: int, world_size: int, shards: list[str]) -> dict:
+def current_settings(config: dict, workers: int, topology: Topology, shards: list[str]) -> dict:
     """The settings to record: `config` is the plain config dict (training/config.py to_dict)."""
     flat = flatten(config)
     settings = {k: v for k, v in flat.items()
                 if any(k == p or k.startswith(p + ".") for p in RUN_DEFINING) and k not in STARTING_POINT_ONLY}
-    settings.update({WORKERS: workers, "world_size": world_size, "train_shards": list(shards), EVAL_RESAMPLER: RESAMPLER})
+    settings.update({WORKERS: workers, WORLD_SIZE: topology.world_size, "train_shards": list(shards), EVAL_RESAMPLER: RESAMPLER,
+                     GLOBAL_BATCH: topology.global_batch, PARTITIONS: topology.partitions})  # as resolved, not as configured
     return settings
 
 
@@ -60,7 +63,7 @@ def changed(recorded: dict, current: dict) -> dict:
     """name -> (old, new) for every setting the checkpoint recorded differently (a setting it did not record is not compared,
     except the resampler: a checkpoint that records settings but not that one was resized by the legacy one)."""
     recorded = {EVAL_RESAMPLER: LEGACY_RESAMPLER, **recorded} if recorded else recorded
-    return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v}
+    return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v and k not in SAFE_CHANGES}
 
 
 def incomparable_score(recorded: dict, current: dict) -> list[str]:

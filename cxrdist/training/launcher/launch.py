@@ -14,6 +14,7 @@ import cxrdist
 from cxrdist.data.location import redact
 from cxrdist.errors import UserError, one_line
 from cxrdist.log import get_logger
+from cxrdist.training.elastic import RESTART_RENDEZVOUS, check_max_restarts
 from cxrdist.training.launcher import outcome
 from cxrdist.training.launcher.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
 
@@ -61,11 +62,15 @@ def ablation_arms(config: Path, overrides: list[str], ablate: str | None) -> lis
     return [list(overrides), [*overrides, *switch, f"experiment={cfg.experiment}-{suffix}"]]
 
 
-def launch_command(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> tuple[list[str], dict]:
-    """The command and environment for one fold: GPUs when present, else CPU processes over gloo."""
+def launch_command(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None,
+                   max_restarts: int = 0) -> tuple[list[str], dict]:
+    """The command and environment for one fold: GPUs when present, else CPU processes over gloo; with `max_restarts`,
+    torch elastic restarts trainers that fail up to that many times (training/elastic.py)."""
     import torch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if max_restarts:
+        cmd += ["--max_restarts", str(check_max_restarts(max_restarts)), "--rdzv_backend", RESTART_RENDEZVOUS]
     env = dict(os.environ)
     if launch_config is not None:
         check_launch_config(launch_config)
@@ -103,12 +108,13 @@ def check_launch_config(path: Path) -> None:
 SAID_LAUNCHES: set[str] = set()  # the launch lines this process showed, less their fold
 
 
-def launch_fold(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None) -> int:
+def launch_fold(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None,
+                max_restarts: int = 0) -> int:
     """Run one fold; returns the trainer's exit code (75 when it checkpointed after a preemption signal). The launch line is
     shown once per command: the folds after the first differ from it only in --fold."""
-    cmd, env = launch_command(config, fold, overrides, processes, launch_config)
+    cmd, env = launch_command(config, fold, overrides, processes, launch_config, max_restarts)
     line = "+ accelerate launch " + redact(shlex.join(cmd[3:]))
-    unfolded = redact(shlex.join(launch_command(config, None, overrides, processes, launch_config)[0][3:]))
+    unfolded = redact(shlex.join(launch_command(config, None, overrides, processes, launch_config, max_restarts)[0][3:]))
     if unfolded not in SAID_LAUNCHES:
         SAID_LAUNCHES.add(unfolded)
         get_logger("launch").info(line)
