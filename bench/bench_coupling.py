@@ -38,7 +38,7 @@ LABELS = [*CHEXPERT_LABELS, TARGET, *CONTROLS]
 
 
 def make_data(out: Path, n: int, fraction: float, folds: int) -> tuple[Path, Path]:
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     raw = out / "raw"

@@ -61,7 +61,7 @@ def reexpose(png: Path) -> None:
 
 def make_hospital(out: Path, name: str, n: int, folds: int) -> Path:
     """Synthesize and prepare one hospital; returns its shard directory (its name is the dataset's name)."""
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     raw = out / "raw" / name

@@ -1,4 +1,4 @@
-"""The perceptual fingerprint (cxrdist/data/fingerprint.py): false matches between different radiographs, how far a
+"""The perceptual fingerprint (cxrdist/data/ingest/fingerprint.py): false matches between different radiographs, how far a
 copy moves, and what it costs at 200k images.
 
     python bench/bench_fingerprint.py [--real DIR] [--synthetic 1000] [--scale DIR_OF_SYNTH_IMAGES]
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrdist.data.fingerprint import BITS, MATCH_BITS, distance, fingerprint, near_pairs
-from cxrdist.data.images import load_for_shard
+from cxrdist.data.ingest.fingerprint import BITS, MATCH_BITS, distance, fingerprint, near_pairs
+from cxrdist.data.ingest.images import load_for_shard
 
 
 def encoded(pixels: np.ndarray, fmt: str, quality: int = 95) -> np.ndarray:

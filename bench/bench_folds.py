@@ -15,7 +15,7 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from scipy.stats import norm
 
-from cxrdist.data.folds import assign_splits, fold_name, positives_matrix, split_balance
+from cxrdist.data.ingest.folds import assign_splits, fold_name, positives_matrix, split_balance
 from cxrdist.labels import CHEXPERT_LABELS
 
 # Fraction of CheXpert train images with a positive (1) value, one per label in CHEXPERT_LABELS order.

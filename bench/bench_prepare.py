@@ -23,7 +23,7 @@ def make_images(root: Path, n: int) -> Path:
 
 
 def main() -> None:
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=240)

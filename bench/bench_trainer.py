@@ -60,7 +60,7 @@ def timed(step, steps: int) -> float:
 
 
 def make_shards(root: Path, batch: int) -> Path:
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(root / "raw", n=max(6 * batch, 200), size=64, seed=0, progress=False)

@@ -65,7 +65,7 @@ def say(text: str) -> None:
 
 
 def make_shards(work: Path, p: dict) -> Path:
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     workers = max(1, min(16, os.cpu_count() or 1))

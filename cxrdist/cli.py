@@ -100,7 +100,7 @@ def add_prepare(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 
     if args.folds_only is None and (args.images is None or args.out is None):
         raise UserError("prepare needs --images and --out (or --folds-only FILE to only compute the folds)")
@@ -150,10 +150,10 @@ def add_train(sub) -> None:
 
 def run_train(args) -> int:
     from cxrdist.log import TERMINAL_ENV, on_terminal
-    from cxrdist.training.elastic import check_max_restarts
+    from cxrdist.training.cluster.elastic import check_max_restarts
     from cxrdist.training.launcher.launch import ablation_arms, folds_to_train
     from cxrdist.training.launcher.notes import collected_notes
-    from cxrdist.training.preempt import RESUME_COMMAND_ENV, ReceivedSignals
+    from cxrdist.training.cluster.preempt import RESUME_COMMAND_ENV, ReceivedSignals
 
     check_max_restarts(args.max_restarts)
     arms = ablation_arms(args.config, args.overrides, args.ablate)
@@ -171,7 +171,7 @@ def run_train(args) -> int:
 
 def train_fold(args, fold: int | None, overrides: list[str], received) -> int:
     from cxrdist.training.launcher.launch import launch_fold
-    from cxrdist.training.preempt import EXIT_PREEMPTED, signal_meaning
+    from cxrdist.training.cluster.preempt import EXIT_PREEMPTED, signal_meaning
 
     code = launch_fold(args.config, fold, overrides, args.processes, args.launch_config, args.max_restarts)
     if code == EXIT_PREEMPTED:
@@ -220,7 +220,7 @@ def add_lodo(sub) -> None:
 def run_lodo(args) -> int:
     from cxrdist.lodo import Settings, TrainingStopped, plan, run_lodo as lodo
     from cxrdist.log import TERMINAL_ENV, on_terminal
-    from cxrdist.training.preempt import EXIT_PREEMPTED, RESUME_COMMAND_ENV
+    from cxrdist.training.cluster.preempt import EXIT_PREEMPTED, RESUME_COMMAND_ENV
 
     if args.plan:
         from cxrdist.training.config import load_config
@@ -406,10 +406,10 @@ def add_demo(sub) -> None:
 
 def run_demo(args) -> int:
     if args.two_datasets:
-        from cxrdist.demo_datasets import run_two_dataset_demo
+        from cxrdist.demo.two_datasets import run_two_dataset_demo
 
         return run_two_dataset_demo(args.out)
-    from cxrdist.demo import run_demo as demo
+    from cxrdist.demo.one_dataset import run_demo as demo
 
     return demo(args.out if args.out is not None else Path("demo-out"))
 
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = command_line(argv)
     try:
         if args.command in LOGGING_TO_WANDB:
-            from cxrdist.training.tracking import check_wandb_mode_variable
+            from cxrdist.wandb_settings import check_wandb_mode_variable
 
             check_wandb_mode_variable()
         code = args.run(args)

@@ -28,7 +28,7 @@ BEST_DIR = "best"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 SHARED_CHECK_FILE = ".shared-check"  # in a fold's run directory while the ranks check that they all see it
-RUN_LOCK_FILE = ".lock"  # held by the training run's rank 0 (training/run_lock.py)
+RUN_LOCK_FILE = ".lock"  # held by the training run's rank 0 (training/cluster/run_lock.py)
 # an experiment directory
 ENSEMBLE_DIR = "ensemble"
 REPORT_DIR = "report"

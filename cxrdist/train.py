@@ -13,7 +13,7 @@ from typing import NoReturn
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from cxrdist.training import elastic  # noqa: E402
+from cxrdist.training.cluster import elastic  # noqa: E402
 from cxrdist.training.launcher import outcome, trainer_stderr  # noqa: E402
 
 trainer_stderr.attach()  # before anything can write to stderr (no-op outside `cxrdist train`)
@@ -62,21 +62,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stop_with_user_error(words: str) -> int:
-    from cxrdist.training.heartbeat import ending_by_error
+    from cxrdist.training.cluster.heartbeat import ending_by_error
 
     line = f"cxrdist train: error: {words}"
     ending_by_error(line)  # the other ranks stop on it in bounded time, naming it, if it was this rank's alone
     outcome.record(2, line)
     # Every rank raises the same error: one line per machine (on another machine it is the only one there); a
-    # launcher that restarts failed trainers must not restart this one (training/elastic.py).
+    # launcher that restarts failed trainers must not restart this one (training/cluster/elastic.py).
     elastic.end_on_purpose(line)
     return 2
 
 
 def crashed(err: Exception) -> NoReturn:
-    """A bug (its traceback) or a lost peer (one line, training/failure.py); called while `err` is being handled."""
-    from cxrdist.training.failure import lost_peer, lost_peer_message, stop_lost_peer
-    from cxrdist.training.heartbeat import ending_by_error
+    """A bug (its traceback) or a lost peer (one line, training/cluster/failure.py); called while `err` is being handled."""
+    from cxrdist.training.cluster.failure import lost_peer, lost_peer_message, stop_lost_peer
+    from cxrdist.training.cluster.heartbeat import ending_by_error
 
     if not lost_peer(err):
         line = f"cxrdist train: crashed: {type(err).__name__}: {one_line(err)}"
@@ -89,7 +89,7 @@ def crashed(err: Exception) -> NoReturn:
 def choose_network_interface() -> None:
     """Before the process group starts: the interface that routes to MASTER_ADDR, on multi-machine runs."""
     from cxrdist.log import get_logger
-    from cxrdist.training import netif
+    from cxrdist.training.cluster import netif
 
     choice = netif.configure(os.environ)
     if os.environ.get("LOCAL_RANK", "0") == "0" and choice.reason != "one machine":

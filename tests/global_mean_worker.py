@@ -1,5 +1,5 @@
 """Run by tests/test_global_mean.py under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo):
-real DDP gradients of the training loss normalisation (cxrdist/training/global_mean.py). Writes JSON to argv[1]."""
+real DDP gradients of the training loss normalisation (cxrdist/training/steps/global_mean.py). Writes JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cxrdist.atomic import atomic_write_text
 from cxrdist.distributed import make_accelerator
 from cxrdist.model.config import LossConfig
 from cxrdist.model.loss import build_loss
-from cxrdist.training.global_mean import GlobalMaskedMean
+from cxrdist.training.steps.global_mean import GlobalMaskedMean
 
 MICRO_BATCHES = 2
 

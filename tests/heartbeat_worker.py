@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
-from cxrdist.training.failure import heartbeat_lost
-from cxrdist.training.heartbeat import start_heartbeat
+from cxrdist.training.cluster.failure import heartbeat_lost
+from cxrdist.training.cluster.heartbeat import start_heartbeat
 
 bound, busy = float(sys.argv[1]), float(sys.argv[2])
 ends_by_error = sys.argv[3:] == ["raise"]

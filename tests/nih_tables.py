@@ -49,7 +49,7 @@ def prepare_nih(root: Path, patients, spelling: str = "2017", labels: str = NIH_
                 only: str | None = None) -> Path:
     """Shards of these patients' rows (with `only`: just the rows whose findings are exactly that), 2 folds, the rows of
     `test_patients` as the test split (NIH's test_list.txt)."""
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 
     lines = [line for line in rows(patients) if only is None or line.split(",")[1] == only]
     root.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,7 @@ BAD = {  # each: (extra CSV columns, prepare arguments, words of the one line)
 def test_bad_attribute_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case, monkeypatch):
     extra, args, words = BAD[case]
     if case == "too many values":
-        monkeypatch.setattr("cxrdist.data.attribute_table.MAX_CATEGORIES", 5)
+        monkeypatch.setattr("cxrdist.data.ingest.attribute_table.MAX_CATEGORIES", 5)
         words = "6 distinct values, more than 5"
     csv, root = generic(tmp_path, extra)
     table = write(tmp_path / "insurance.csv", ["patient,insurance", "p0,Medicare", "p1,Medicaid", "p1,Private"])

@@ -17,7 +17,7 @@ from trainer_utils import DEMO_CONFIG, explain, fast_overrides, launch_cpu, reco
 
 from cxrdist.cli import main
 from cxrdist.data.datasets import load_manifest
-from cxrdist.data.prepare import PrepareOptions, prepare
+from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 from cxrdist.data.shards import read_shard_samples
 from cxrdist.data.stream import StreamConfig, eval_loader
 from cxrdist.data.synth.dataset import make_synthetic_dataset

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
+from cxrdist.training.steps.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 
 
 def test_fp16_calibration_is_not_a_bad_step():

@@ -30,7 +30,7 @@ B_LACKS = ["Fracture", "Support Devices"]  # findings B does not annotate
 
 
 def prepare_synthetic(root: Path, seed: int, n: int, folds: int, rename: dict | None = None, drop: tuple = ()) -> Path:
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(root / "raw", n=n, size=96, seed=seed, workers=1, progress=False)
@@ -61,7 +61,7 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 
 def prepare_again(raw_root: Path, out: Path) -> Path:
     """a's images prepared once more with another fold seed and shard size: other shards, the same image bytes."""
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 
     prepare(PrepareOptions(source="csv", csv=raw_root / "raw" / "labels.csv", images=raw_root / "raw" / "images", out=out, folds=2,
                            test_fraction=0.2, max_size=64, fmt="png", samples_per_shard=30, workers=1, seed=1, progress=False))

@@ -96,7 +96,7 @@ def prepare_unscorable(root: Path) -> Path:
     """NIH's 'No Finding' rows as a generic CSV whose Effusion and Atelectasis (labels the NIH model has) are never positive
     and whose only label with both classes, Support Devices, the model lacks: prepare accepts it (a label can be scored
     in every split), but no label the model shares with it can."""
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 
     lines = [line for line in rows(range(31, 61)) if line.split(",")[1] == "No Finding"]
     draw_images(root / "images", lines, seed=4)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-from cxrdist.data.folds import (
+from cxrdist.data.ingest.folds import (
     assign_splits,
     fold_name,
     format_balance,

@@ -1,5 +1,5 @@
 """The training loss is one masked mean over every rank's and micro-batch's unmasked entries
-(cxrdist/training/global_mean.py): real 2-process DDP gradients against one process."""
+(cxrdist/training/steps/global_mean.py): real 2-process DDP gradients against one process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from cxrdist.model.config import LossConfig
 from cxrdist.model.loss import build_loss
-from cxrdist.training.global_mean import GlobalMaskedMean
+from cxrdist.training.steps.global_mean import GlobalMaskedMean
 from trainer_utils import LAUNCH, REPO, cpu_env, free_port
 
 WORKER = REPO / "tests" / "global_mean_worker.py"

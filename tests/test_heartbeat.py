@@ -1,4 +1,4 @@
-"""The heartbeat (cxrdist/training/heartbeat.py): the verdict as pure logic, then real processes beating into a
+"""The heartbeat (cxrdist/training/cluster/heartbeat.py): the verdict as pure logic, then real processes beating into a
 real TCPStore that this test hosts, as the launcher does on machine 0."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrdist.training.heartbeat import ENDED, FAILED, FAILED_GRACE_BEATS, Liveness, interval_for
+from cxrdist.training.cluster.heartbeat import ENDED, FAILED, FAILED_GRACE_BEATS, Liveness, interval_for
 from trainer_utils import REPO, free_port
 
 WORKER = Path(__file__).with_name("heartbeat_worker.py")

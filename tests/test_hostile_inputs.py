@@ -88,7 +88,7 @@ def test_failed_prepare_leaves_the_previous_dataset_intact(prepared, capsys):
 
 
 def test_interrupted_prepare_leaves_the_previous_dataset_intact(prepared, capsys, monkeypatch):
-    from cxrdist.data import prepare as prepare_module
+    from cxrdist.data.ingest import prepare as prepare_module
     from cxrdist.data.shards import write_shard
 
     root, csv, images, out = prepared
@@ -318,7 +318,7 @@ def huge_dicom(path: Path, side: int = 13000) -> None:
 def test_an_image_over_the_pixel_limit_is_a_bad_image_before_decoding(tmp_path, make, suffix):
     import resource
 
-    from cxrdist.data.images import read_grayscale
+    from cxrdist.data.ingest.images import read_grayscale
     from cxrdist.errors import BadImage
 
     path = tmp_path / f"huge{suffix}"

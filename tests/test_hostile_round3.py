@@ -433,7 +433,7 @@ def test_a_test_split_of_one_image_is_refused_by_prepare(data, capsys):
 
 
 def test_a_split_is_scorable_when_one_label_has_both_classes_under_the_strictest_rule():
-    from cxrdist.data.folds import check_scorable_splits
+    from cxrdist.data.ingest.folds import check_scorable_splits
 
     nan = float("nan")
     raw = np.array([[1, 0], [nan, -1], [1, 1], [-1, 1]], dtype=float)  # rows: fold-0, fold-0, fold-1, fold-1

@@ -277,7 +277,7 @@ def test_sigterm_to_cxrdist_train_checkpoints_and_leaves_no_process(synth_shards
         time.sleep(0.2)
     descendants = psutil.Process(proc.pid).children(recursive=True)
     assert any("train.py" in " ".join(p.cmdline()) for p in descendants)
-    # The same command again while it trains: refused in one line (training/run_lock.py), the running one untouched.
+    # The same command again while it trains: refused in one line (training/cluster/run_lock.py), the running one untouched.
     again = subprocess.run([sys.executable, "-m", "cxrdist", "train", "--config", str(DEMO_CONFIG), "--processes", "1", *overrides],
                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2, again.stderr[-3000:]

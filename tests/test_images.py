@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
 
-from cxrdist.data.images import (
+from cxrdist.data.ingest.images import (
     IMAGE_SUFFIXES,
     decode_image,
     encode_image,

@@ -12,7 +12,7 @@ import time
 
 from trainer_utils import DEMO_CONFIG, REPO, TRAIN, cpu_env, fast_overrides
 
-from cxrdist.training.preempt import RESUME_COMMAND_ENV, signal_meaning, stop_explanation
+from cxrdist.training.cluster.preempt import RESUME_COMMAND_ENV, signal_meaning, stop_explanation
 
 
 def test_each_signal_is_said_in_words():

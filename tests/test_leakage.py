@@ -1,4 +1,4 @@
-"""Leakage caught the way it happens (data/fingerprint.py, data/leakage.py): the same radiograph re-encoded, resized,
+"""Leakage caught the way it happens (data/ingest/fingerprint.py, data/ingest/leakage.py): the same radiograph re-encoded, resized,
 stored in another format or cropped by a pixel is recognised, different radiographs are not; prepare keeps such images
 in one split and stores the fingerprints; `data.shards` refuses the same radiographs prepared twice and two copies of
 one public source sharing patients; real tar shards and NIH's own table format throughout."""
@@ -20,9 +20,9 @@ from trainer_utils import cpu_env
 
 from cxrdist.cli import main
 from cxrdist.data.datasets import open_datasets
-from cxrdist.data.fingerprint import MATCH_BITS, WORDS, distance, fingerprint, near_pairs
-from cxrdist.data.fingerprint_store import FINGERPRINTS_NAME, fingerprints_from_shards, read_fingerprints
-from cxrdist.data.images import load_for_shard
+from cxrdist.data.ingest.fingerprint import MATCH_BITS, WORDS, distance, fingerprint, near_pairs
+from cxrdist.data.ingest.fingerprint_store import FINGERPRINTS_NAME, fingerprints_from_shards, read_fingerprints
+from cxrdist.data.ingest.images import load_for_shard
 from cxrdist.data.manifest import load_one_manifest
 from cxrdist.errors import UserError
 

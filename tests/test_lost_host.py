@@ -1,4 +1,4 @@
-"""A host that goes dark is noticed in bounded time (cxrdist/training/heartbeat.py), on two network namespaces
+"""A host that goes dark is noticed in bounded time (cxrdist/training/cluster/heartbeat.py), on two network namespaces
 (tests/two_hosts.py) with one `accelerate launch` per host, as tests/test_multinode.py runs them.
 
 Without the heartbeat, at the default settings, the first host's trainer waited 931 s for gloo's read to give up at

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from cxrdist.model.card import ModelCard
-from cxrdist.training.failure import lost_peer, lost_peer_message
+from cxrdist.training.cluster.failure import lost_peer, lost_peer_message
 from trainer_utils import DEMO_CONFIG, LAUNCH, REPO, TRAIN, cpu_env, fast_overrides, records, single_process_auc
 from two_hosts import TwoHosts, two_hosts_or_skip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxrdist.training import netif
+from cxrdist.training.cluster import netif
 
 ADDRESSES = {"lo": ["127.0.0.1", "::1"], "eth0": ["192.168.1.5", "fe80::1%eth0"], "ib0": ["10.0.0.5", "fd00::5"]}
 TWO_MACHINES = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node001"}

@@ -25,7 +25,7 @@ def test_installed_wheel_finds_its_demo_config_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = "import cxrdist.demo as d; print(d.__file__); print(d.DEMO_CONFIG); print(d.DEMO_CONFIG.is_file())"
+    probe = "import cxrdist.demo.one_dataset as d; print(d.__file__); print(d.DEMO_CONFIG); print(d.DEMO_CONFIG.is_file())"
     out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True,
                          check=True)
     module, config, exists = out.stdout.split()

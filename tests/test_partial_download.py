@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cxrdist.cli import main
-from cxrdist.data import folds as folds_lib
+from cxrdist.data.ingest import folds as folds_lib
 from cxrdist.data.manifest import load_one_manifest
 
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Edema"]

@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxrdist.data.images import read_grayscale
+from cxrdist.data.ingest.images import read_grayscale
 from cxrdist.data.shards import SampleSpec, ShardJob, read_shard_samples, write_shard
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.image_files import stored_pixels

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cxrdist.cli import main
-from cxrdist.data.images import decode_image, encode_image, load_for_shard
+from cxrdist.data.ingest.images import decode_image, encode_image, load_for_shard
 from cxrdist.data.manifest import MANIFEST_NAME
 from cxrdist.data.datasets import load_manifest
 from cxrdist.data.shards import make_keys, read_shard_samples

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cxrdist.cli import EXIT_BROKEN_PIPE, build_parser
-from cxrdist.demo import DemoSteps
+from cxrdist.demo.one_dataset import DemoSteps
 from cxrdist.training.launcher.notes import collected_notes, say_note
 from trainer_utils import DEMO_CONFIG, REPO
 

@@ -1,4 +1,4 @@
-"""training/run_lock.py in this process: a lock another process holds, the lock's release with its holder, and a
+"""training/cluster/run_lock.py in this process: a lock another process holds, the lock's release with its holder, and a
 filesystem without locks (said, not enforced). The collective path (every rank stops) is in tests/test_train.py."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import sys
 import pytest
 
 from cxrdist.errors import UserError
-from cxrdist.training import run_lock
-from cxrdist.training.run_lock import lock_run_dir, release_run_lock
+from cxrdist.training.cluster import run_lock
+from cxrdist.training.cluster.run_lock import lock_run_dir, release_run_lock
 
-HOLD = "import sys, time; from cxrdist.training.run_lock import lock_run_dir; lock_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from cxrdist.training.cluster.run_lock import lock_run_dir; lock_run_dir(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(60)")
 
 
 def test_a_lock_held_by_another_process_is_one_error_naming_it_and_dies_with_it(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrdist.data.sources import (
+from cxrdist.data.ingest.sources import (
     FRONTAL_VIEWS,
     SOURCES,
     filter_views,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cxrdist.errors import UserError
-from cxrdist.training.elastic import check_max_restarts, restart_sentence, restarts_left
+from cxrdist.training.cluster.elastic import check_max_restarts, restart_sentence, restarts_left
 from cxrdist.training.topology import resolve
 
 

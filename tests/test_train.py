@@ -201,7 +201,7 @@ def test_an_output_dir_the_machines_do_not_share_is_one_line(synth_shards, tmp_p
 def test_a_run_directory_in_use_stops_every_rank_with_one_line(synth_shards, tmp_path):
     """This test process holds the run directory's lock (as a running trainer would): both ranks of a new run stop
     at once, exit 2, one line; nothing is written into the directory."""
-    from cxrdist.training.run_lock import lock_run_dir, release_run_lock
+    from cxrdist.training.cluster.run_lock import lock_run_dir, release_run_lock
 
     run_dir = tmp_path / "demo" / "fold-0"
     held = lock_run_dir(run_dir)

@@ -18,7 +18,7 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 def synthetic_shards(root: Path, n: int, folds: int, samples_per_shard: int) -> Path:
     """Synthetic radiographs (rendered at 96 px, stored as 64 px PNG) prepared into real shards + a 20% test split."""
-    from cxrdist.data.prepare import PrepareOptions, prepare
+    from cxrdist.data.ingest.prepare import PrepareOptions, prepare
     from cxrdist.data.synth.dataset import make_synthetic_dataset
 
     csv = make_synthetic_dataset(root / "raw", n=n, size=96, seed=3, workers=2, progress=False)

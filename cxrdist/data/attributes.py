@@ -2,7 +2,7 @@
 them, each sample's values and the groups the subgroup audit (cxrdist/evaluation/scoring/subgroups.py) forms. They are
 never an input of the model or the loss: the train stream's batches carry only images and labels.
 
-`prepare` reads them (cxrdist/data/attribute_table.py):
+`prepare` reads them (cxrdist/data/ingest/attribute_table.py):
 - the public sources' own columns, always: CheXpert `Sex`, `Age`; NIH ChestX-ray14 `Patient Gender`, `Patient Age`;
 - the view every source gives (CheXpert `Frontal/Lateral` + `AP/PA`, NIH `View Position`, MIMIC-CXR `ViewPosition`
   of its metadata CSV, a generic CSV's `view`) as the attribute `view` (PA, AP, LATERAL, LL);

@@ -267,8 +267,8 @@ def check_distinct_contents(members: Mapping[str, Manifest]) -> None:
 def check_distinct_images(entries: Sequence[DatasetEntry], members: Mapping[str, Manifest]) -> None:
     """No two datasets of one run hold the same radiographs (another prepare of the same images: other folds) or, copies
     of one public source, the same patients: fold K of one would train on the other's fold-K validation images."""
-    from cxrdist.data.fingerprint_store import read_fingerprints
-    from cxrdist.data.leakage import overlap
+    from cxrdist.data.ingest.fingerprint_store import read_fingerprints
+    from cxrdist.data.ingest.leakage import overlap
 
     tables = {entry.name: read_fingerprints(entry.location, members[entry.name]) for entry in entries}
     names = [entry.name for entry in entries]

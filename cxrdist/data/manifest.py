@@ -14,7 +14,7 @@ from cxrdist.errors import UserError
 from cxrdist.layout import fold_name
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2  # 2: fingerprints (fingerprints.npz, data/fingerprint_store.py) and `attributes` (data/attributes.py, each
+FORMAT_VERSION = 2  # 2: fingerprints (fingerprints.npz, data/ingest/fingerprint_store.py) and `attributes` (data/attributes.py, each
 # sample's json "attributes"); a version-1 dataset reads as 2 without them: it trains and evaluates, with no subgroup audit
 READABLE_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 256 * 2**20  # far above any real manifest; an endless or wrong body stops here

@@ -2,7 +2,7 @@
 
 Standalone on purpose: numpy and Pillow only (pydicom too, imported when a DICOM file is read), nothing of
 cxrdist. It is the one implementation of these steps: cxrdist reads images for `prepare` through it
-(data/images.py), resizes for evaluation through it (data/transforms.py eval_transform) and `cxrdist
+(data/ingest/images.py), resizes for evaluation through it (data/transforms.py eval_transform) and `cxrdist
 predict` calls it; `cxrdist export` copies this file beside the exported model, and the sidecar's
 preprocessing "arguments" are the keyword arguments of `model_input`:
 

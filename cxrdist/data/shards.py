@@ -18,8 +18,8 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.atomic import atomic_open
-from cxrdist.data.fingerprint import WORDS, fingerprint
-from cxrdist.data.images import encode_image, load_for_shard
+from cxrdist.data.ingest.fingerprint import WORDS, fingerprint
+from cxrdist.data.ingest.images import encode_image, load_for_shard
 from cxrdist.data.location import Location, ShardReadFailed, display, is_url, join, open_shard, shard_root
 from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.errors import BadImage, UserError
@@ -77,7 +77,7 @@ class EncodeJob:
 @dataclass
 class EncodeResult:
     keys: list[str]
-    fingerprints: np.ndarray  # (len(keys), fingerprint.WORDS) uint64, data/fingerprint.py
+    fingerprints: np.ndarray  # (len(keys), fingerprint.WORDS) uint64, data/ingest/fingerprint.py
     bad: list[tuple[str, str]]  # (path, why) of images skipped
 
 

@@ -1,7 +1,7 @@
 """Multilabel losses on fp32 logits with a mask for ignored (U-Ignore) entries.
 
 Reduction: the mean over the unmasked entries of the batch (in training, of the whole optimizer step:
-every rank's and micro-batch's unmasked entries, cxrdist/training/global_mean.py). The original ASL (and timm before
+every rank's and micro-batch's unmasked entries, cxrdist/training/steps/global_mean.py). The original ASL (and timm before
 1.0.2x) returns the SUM over the batch and the labels; timm's current default ('batchmean')
 divides that by the batch size. Our mean = sum / (number of unmasked entries), so the loss
 scale, and with it the learning rate and the L1 weight, does not change with batch size, label
@@ -29,7 +29,7 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def masked_sum(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Sum over entries where mask is nonzero (training divides by the global count: training/global_mean.py)."""
+    """Sum over entries where mask is nonzero (training divides by the global count: training/steps/global_mean.py)."""
     if mask is None:
         return loss.sum()
     keep = mask.to(device=loss.device) != 0

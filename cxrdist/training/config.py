@@ -90,7 +90,7 @@ class TrainConfig:
     # a node dies, the others exit non-zero after at most this long. Long enough for the slowest
     # rank-0-only work between two collectives (writing a checkpoint to the shared filesystem).
     dist_timeout: int = DEFAULT_DIST_TIMEOUT
-    # Seconds a rank may go unheard (training/heartbeat.py) before every other rank stops with one line: a node
+    # Seconds a rank may go unheard (training/cluster/heartbeat.py) before every other rank stops with one line: a node
     # that vanished is noticed this long after, not at TCP's ~15 minutes. Beats come from a thread, so a long
     # evaluation or checkpoint does not count; only a dead process, a frozen one or a dark link does. 0 = off.
     heartbeat_timeout: int = 120

@@ -40,20 +40,21 @@ from cxrdist.model import zero_state
 from cxrdist.model.refine import clip_coefficient
 from cxrdist.labels.policy import apply_policy, resolve_policy
 from cxrdist.training.launcher.notes import say_note
-from cxrdist.training.counters import BadSteps, Window
+from cxrdist.training.steps.counters import BadSteps, Window
 from cxrdist.training.batch_keys import BatchKeyLog
 from cxrdist.training.checkpoint import TrainerState, find_resume, load_checkpoint, peek_settings, save_checkpoint, update_state
 from cxrdist.training.config import ExperimentConfig, to_dict, to_yaml
-from cxrdist.training.failure import heartbeat_lost
-from cxrdist.training.global_mean import GlobalMaskedMean
-from cxrdist.training.heartbeat import start_heartbeat
-from cxrdist.training.optimizer_step import GuardedStep
-from cxrdist.training.preempt import EXIT_PREEMPTED, PreemptionFlag, stop_explanation
+from cxrdist.training.cluster.failure import heartbeat_lost
+from cxrdist.training.steps.global_mean import GlobalMaskedMean
+from cxrdist.training.cluster.heartbeat import start_heartbeat
+from cxrdist.training.steps.optimizer_step import GuardedStep
+from cxrdist.training.cluster.preempt import EXIT_PREEMPTED, PreemptionFlag, stop_explanation
 from cxrdist.training.randomness import model_randomness
 from cxrdist.training.resume_settings import check_resume, current_settings, incomparable_score
 from cxrdist.training.topology import Topology, resolve
-from cxrdist.training.run_lock import hold_run_lock, release_run_lock
-from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb, wandb_mode
+from cxrdist.training.cluster.run_lock import hold_run_lock, release_run_lock
+from cxrdist.training.tracking import MetricsLog, log_model_artifact, log_wandb, start_wandb
+from cxrdist.wandb_settings import wandb_mode
 from cxrdist.training.validation_audit import ValidationAudit
 
 
@@ -387,7 +388,7 @@ class Trainer:
 
     def next_micro_batch(self, batches) -> dict:
         """The next micro-batch; at the start of an accumulation group all K are drawn first so that the
-        loss can be normalised by the group's unmasked entries over all ranks (training/global_mean.py)."""
+        loss can be normalised by the group's unmasked entries over all ranks (training/steps/global_mean.py)."""
         if not self.pending:
             self.pending.extend(next(batches) for _ in range(self.topology.grad_accum))
             masks = [apply_policy(b["labels_raw"], self.policy)[1] for b in self.pending]

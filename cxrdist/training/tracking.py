@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import netrc
-import os
 import sys
 from pathlib import Path
 
@@ -12,37 +10,8 @@ import numpy as np
 
 from cxrdist.atomic import json_line, json_ready
 from cxrdist.data.location import redact
-from cxrdist.errors import UserError
 from cxrdist.layout import fold_name
-
-
-WANDB_OWN_MODES = ("shared", "dryrun", "run")  # WANDB_MODE values wandb takes besides online, offline, disabled
-
-
-def check_wandb_mode_variable() -> None:
-    """A WANDB_MODE that wandb refuses (with a page of pydantic) is one line, before any work."""
-    env = os.environ.get("WANDB_MODE")
-    if env is not None and env not in ("disabled", "offline", "online", *WANDB_OWN_MODES):
-        raise UserError(f"WANDB_MODE={env!r} in the environment: expected online, offline or disabled (or unset it; "
-                        "logging.wandb in the config chooses too)")
-
-
-def wandb_mode(configured: str) -> str:
-    """auto -> online when an API key is available (env or ~/.netrc), offline otherwise."""
-    check_wandb_mode_variable()
-    env = os.environ.get("WANDB_MODE")
-    if env in ("disabled", "offline", "online"):
-        return env
-    if configured != "auto":
-        return configured
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    return "offline"
+from cxrdist.wandb_settings import artifact_safe, wandb_mode
 
 
 class MetricsLog:
@@ -109,8 +78,3 @@ def log_model_artifact(accelerator, directory: Path, name: str, step: int, macro
     artifact = wandb.Artifact(artifact_safe(name), type="model", metadata={"step": step, "macro_auc": json_ready(float(macro_auc))})
     artifact.add_dir(str(directory))
     run.log_artifact(artifact, aliases=["best", f"step-{step}"])
-
-
-def artifact_safe(name: str) -> str:
-    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

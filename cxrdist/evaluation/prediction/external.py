@@ -6,7 +6,7 @@ lodo` leaves a data.shards entry out) and matched against the harmonised names t
 (labels/harmonise.py); a label the model lacks is not scored (and said), one the dataset lacks is NOT_ANNOTATED and
 never scored. Keys and patients are namespaced by its name, plus a split "all" (every split). Refused with one line:
 a dataset that shares no label with the model, and one that holds images the model was trained or tested on (the same
-shards, the same radiographs re-prepared, resized or re-encoded: data/leakage.py, or the same patients of one public
+shards, the same radiographs re-prepared, resized or re-encoded: data/ingest/leakage.py, or the same patients of one public
 source): that is leakage, not external validation. With --leave-out-overlap those images are left out instead, said.
 
 Results go to runs/EXP/external/NAME-ID-SPLIT/, ID from the dataset's manifest identity (its shards' contents) and
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from cxrdist.data.datasets import NAMESPACE_SEPARATOR, CombinedManifest, DatasetEntry, combine, dataset_name
-from cxrdist.data.fingerprint_store import read_fingerprints
-from cxrdist.data.leakage import overlap
+from cxrdist.data.ingest.fingerprint_store import read_fingerprints
+from cxrdist.data.ingest.leakage import overlap
 from cxrdist.data.location import Location, display, shard_root
 from cxrdist.data.manifest import Manifest, SplitInfo
 from cxrdist.errors import UserError
@@ -165,7 +165,7 @@ def short_list(names: Sequence[str], shown: int = 4) -> str:
 
 def check_not_trained_on(external: CombinedManifest, train_root, train_manifest: Manifest, leave_out: bool = False) -> LeftOut:
     """Refuse an external dataset that holds what the model was trained or tested on: the same shards, the same
-    radiographs (perceptual fingerprints, data/fingerprint.py) or, a copy of the same public source, the same patients.
+    radiographs (perceptual fingerprints, data/ingest/fingerprint.py) or, a copy of the same public source, the same patients.
     With `leave_out`, those images (and every image of those patients) are what comes back, to be left out."""
     where = display(external.entries[0].location)
     trained = dict(zip((e.name for e in train_manifest.entries), train_manifest.entries)) if hasattr(train_manifest, "entries") else {}

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cxrdist.data import preprocess
-from cxrdist.data.images import bad_image
+from cxrdist.data.ingest.images import bad_image
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.transforms import model_input_arguments
 from cxrdist.errors import BadImage

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrdist.atomic import check_not_an_input, check_writable_dir, check_writable_file
-from cxrdist.data.images import IMAGE_SUFFIXES, is_dicom
+from cxrdist.data.ingest.images import IMAGE_SUFFIXES, is_dicom
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.prediction.decisions import DEFAULT_POINT, decisions, find_operating_point

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_curve
 from cxrdist.evaluation.scoring.outputs import load_fold_probabilities
 from cxrdist.evaluation.scoring.subgroups import wandb_values
 from cxrdist.layout import CONFIG_FILE, FOLD_PROBABILITIES_FILE, PREDICTIONS_FILE, fold_run_dirs
-from cxrdist.training.tracking import artifact_safe, wandb_mode
+from cxrdist.wandb_settings import artifact_safe, wandb_mode
 
 ROC_POINTS = 101  # per label, on a fixed FPR grid: small tables, curves comparable across runs
 

@@ -20,7 +20,7 @@ import pandas as pd
 from safetensors import safe_open
 from scipy.stats import rankdata
 
-from cxrdist.data.images import decode_image
+from cxrdist.data.ingest.images import decode_image
 from cxrdist.data.location import Location
 from cxrdist.data.datasets import load_recorded, recorded_root
 from cxrdist.data.manifest import Manifest, has_manifest

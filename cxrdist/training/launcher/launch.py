@@ -14,7 +14,7 @@ import cxrdist
 from cxrdist.data.location import redact
 from cxrdist.errors import UserError, one_line
 from cxrdist.log import get_logger
-from cxrdist.training.elastic import RESTART_RENDEZVOUS, check_max_restarts
+from cxrdist.training.cluster.elastic import RESTART_RENDEZVOUS, check_max_restarts
 from cxrdist.training.launcher import outcome
 from cxrdist.training.launcher.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
 
@@ -65,7 +65,7 @@ def ablation_arms(config: Path, overrides: list[str], ablate: str | None) -> lis
 def launch_command(config: Path, fold: int | None, overrides: list[str], processes: int | None, launch_config: Path | None,
                    max_restarts: int = 0) -> tuple[list[str], dict]:
     """The command and environment for one fold: GPUs when present, else CPU processes over gloo; with `max_restarts`,
-    torch elastic restarts trainers that fail up to that many times (training/elastic.py)."""
+    torch elastic restarts trainers that fail up to that many times (training/cluster/elastic.py)."""
     import torch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -15,13 +15,13 @@ from pathlib import Path
 from cxrdist import __version__
 from cxrdist.atomic import atomic_write_text
 from cxrdist.data.datasets import load_manifest
-from cxrdist.data.prepare import PrepareOptions, prepare
+from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 from cxrdist.data.synth.dataset import make_synthetic_dataset
 from cxrdist.errors import UserError
 from cxrdist.layout import BEST_DIR, CARD_FILE, METRICS_FILE, REPORT_DIR, WEIGHTS_FILE, fold_best_dirs, fold_name
 
 # Package data (configs/demo.yaml in a checkout links to it), so `cxrdist demo` runs from an installed wheel too.
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_IMAGES = 3000
 DEMO_IMAGE_SIZE = 128  # rendered size; the demo config trains at 64 px
 DEMO_FOLDS = 5

@@ -49,7 +49,7 @@ def lost_peer_message(err: BaseException) -> str:
 
 
 def lost_contact_message(why: str, detail: str = "") -> str:
-    from cxrdist.training.elastic import restart_sentence
+    from cxrdist.training.cluster.elastic import restart_sentence
 
     rank = os.environ.get("RANK", "?")
     return f"rank {rank}: lost contact with the other ranks: {why}; stopping. {restart_sentence()}{detail}"
@@ -74,5 +74,5 @@ def stop_lost_peer(message: str) -> None:
 
 
 def heartbeat_lost(words: str) -> None:
-    """The heartbeat's verdict (training/heartbeat.py): some rank, or machine 0's store, silent past the bound."""
+    """The heartbeat's verdict (training/cluster/heartbeat.py): some rank, or machine 0's store, silent past the bound."""
     stop_lost_peer(lost_contact_message(words))

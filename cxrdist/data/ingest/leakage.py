@@ -1,5 +1,5 @@
 """Leakage between and within datasets, found the way it happens: the same radiograph stored twice (re-encoded, resized,
-another format, a pixel or two cropped: data/fingerprint.py), and the same patient in two copies of one public source.
+another format, a pixel or two cropped: data/ingest/fingerprint.py), and the same patient in two copies of one public source.
 
 - within one dataset (prepare): images that are the same radiograph keep their patients in one split;
 - between the datasets of one run (`data.shards`): refused, fold K of one would train on the other's validation images;
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cxrdist.data.fingerprint import MATCH_BITS, THUMBNAIL_SIDE, connected_groups, near_pairs
-from cxrdist.data.fingerprint_store import FingerprintTable
+from cxrdist.data.ingest.fingerprint import MATCH_BITS, THUMBNAIL_SIDE, connected_groups, near_pairs
+from cxrdist.data.ingest.fingerprint_store import FingerprintTable
 from cxrdist.errors import UserError
 from cxrdist.text import count
 

@@ -16,15 +16,15 @@ import pandas as pd
 from cxrdist import __version__
 from cxrdist.atomic import (check_not_an_input, check_writable_dir, check_writable_file, remove_stale_staging, replace_directory,
                             staging_directory)
-from cxrdist.data import folds as folds_lib
-from cxrdist.data.attribute_table import AttributeRequest, attribute_values, build_request, check_names
+from cxrdist.data.ingest import folds as folds_lib
+from cxrdist.data.ingest.attribute_table import AttributeRequest, attribute_values, build_request, check_names
 from cxrdist.data.attributes import AttributeSpec, sample_attributes, spec_of
-from cxrdist.data.images import MISSING_FILE
+from cxrdist.data.ingest.images import MISSING_FILE
 from cxrdist.data.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_manifest
-from cxrdist.data.fingerprint_store import FINGERPRINTS_NAME, FingerprintTable, write_fingerprints
-from cxrdist.data.leakage import check_split_duplicates, duplicate_groups
+from cxrdist.data.ingest.fingerprint_store import FINGERPRINTS_NAME, FingerprintTable, write_fingerprints
+from cxrdist.data.ingest.leakage import check_split_duplicates, duplicate_groups
 from cxrdist.data.shards import EncodeJob, SampleSpec, ShardJob, encode_images, make_keys, plan_shards, run_jobs, run_parallel, shard_info
-from cxrdist.data.sources import (ATTRIBUTE_PREFIX, MIMIC_METADATA_NAME, filter_views, in_test_list, load_records, read_test_list,
+from cxrdist.data.ingest.sources import (ATTRIBUTE_PREFIX, MIMIC_METADATA_NAME, filter_views, in_test_list, load_records, read_test_list,
                                   resolve_paths, table_columns)
 from cxrdist.errors import UserError
 from cxrdist.layout import TEST_SPLIT, fold_name, is_fold

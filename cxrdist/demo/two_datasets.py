@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrdist.data.prepare import PrepareOptions, prepare
+from cxrdist.data.ingest.prepare import PrepareOptions, prepare
 from cxrdist.data.synth.dataset import make_synthetic_dataset
 from cxrdist.data.synth.label_table import COHORT_COLUMNS
-from cxrdist.demo import DEMO_PROCESSES, DemoSteps, evaluated, reported, step, train_folds
+from cxrdist.demo.one_dataset import DEMO_PROCESSES, DemoSteps, evaluated, reported, step, train_folds
 from cxrdist.layout import METRICS_FILE
 
 DEFAULT_OUT = Path("demo-out-two-datasets")

@@ -1,4 +1,4 @@
-"""fingerprints.npz: every stored image's perceptual fingerprint (data/fingerprint.py), written by prepare next to
+"""fingerprints.npz: every stored image's perceptual fingerprint (data/ingest/fingerprint.py), written by prepare next to
 manifest.json, which records its sha256; readers check it. A dataset prepared before fingerprints were stored has
 them computed from its shards (every image decoded once per command, said)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrdist.atomic import atomic_write_bytes
-from cxrdist.data.fingerprint import METHOD, WORDS, fingerprint
+from cxrdist.data.ingest.fingerprint import METHOD, WORDS, fingerprint
 from cxrdist.data.location import Location, ShardReadFailed, display, join, open_shard
 from cxrdist.data.manifest import Manifest
 from cxrdist.errors import UserError
@@ -74,7 +74,7 @@ def read_fingerprints(root: Location, manifest: Manifest) -> FingerprintTable:
 
 def fingerprints_from_shards(root: Location, manifest: Manifest) -> FingerprintTable:
     """Decode every stored image once and fingerprint it (datasets prepared before fingerprints were stored)."""
-    from cxrdist.data.images import decode_image
+    from cxrdist.data.ingest.images import decode_image
     from cxrdist.data.shards import read_shard
 
     total = sum(split.num_samples for split in manifest.splits.values())

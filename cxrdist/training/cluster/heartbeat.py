@@ -220,7 +220,7 @@ class Heartbeat:
 
 def describe_self(master: str) -> str:
     """This machine's name and the address it reaches machine 0 from (host names may be alike, addresses differ)."""
-    from cxrdist.training.netif import source_address
+    from cxrdist.training.cluster.netif import source_address
 
     try:
         address = source_address(master)

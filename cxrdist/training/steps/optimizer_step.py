@@ -1,12 +1,12 @@
 """The guarded optimizer step: gradient clipping, a step skipped for non-finite gradients (decided on the device where
 the optimizer allows it, so the step needs no host sync), and which skipped steps count toward train.max_bad_steps
-(training/bad_steps.py), under DDP, DeepSpeed ZeRO-1/2 and fp16 loss scaling alike."""
+(training/steps/bad_steps.py), under DDP, DeepSpeed ZeRO-1/2 and fp16 loss scaling alike."""
 
 from __future__ import annotations
 
 import torch
 
-from cxrdist.training.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
+from cxrdist.training.steps.bad_steps import is_bad_deepspeed_fp16_step, is_bad_step
 
 
 class GuardedStep:
@@ -45,7 +45,7 @@ class GuardedStep:
 
     def is_bad(self, skipped: torch.Tensor | bool, grad_norm: torch.Tensor | None, loss_finite: torch.Tensor) -> torch.Tensor | bool:
         """Whether the step counts toward train.max_bad_steps: a non-finite loss or skipped step, except the fp16
-        GradScaler's loss-scale calibration (training/bad_steps.py). Decided on the device, except under fp16,
+        GradScaler's loss-scale calibration (training/steps/bad_steps.py). Decided on the device, except under fp16,
         whose scaler has synced already."""
         scaler = getattr(self.accelerator, "scaler", None)
         if self.deepspeed and self.accelerator.mixed_precision == "fp16":
