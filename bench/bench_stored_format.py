@@ -2,15 +2,17 @@
 
 `cxrdist predict` (and an exported model's preprocess.py) replays how `prepare` stored the training images: a new
 radiograph is shrunk to the card's max_size, stored in the card's format (JPEG quality 95 by default), decoded
-(a JPEG at least twice the model's input size at 1/2, 1/4 or 1/8 scale: libjpeg's DCT scaling), then resized.
-This runs the fold ensemble of --runs (trained on JPEG-stored shards) on --images three ways, built from
+(a JPEG at least twice training's draft side at 1/2, 1/4 or 1/8 scale: libjpeg's DCT scaling), then resized.
+This runs the fold ensemble of --runs (trained on JPEG-stored shards) on --images four ways, built from
 data/preprocess.py's steps:
-  (a) as predict: JPEG q95, DCT-scaled decode (checked equal to predict's own output);
+  (a) as predict: JPEG q95, DCT-scaled decode at the card's draft side (checked equal to predict's own output);
   (b) JPEG q95, full decode, then the resize: (a) vs (b) is the DCT-scaled decode alone;
   (c) PNG (lossless), same max_size: (b) vs (c) is the JPEG quantisation alone, (a) vs (c) both;
-and prints how far the ensemble's probabilities move between them.
+  (d) JPEG q95, DCT-scaled decode at the input size (what evaluation did before it used training's draft side);
+and prints how far the ensemble's probabilities move between them, and with --labels (a CSV with a `path` column
+that ends each image's path, and the models' label columns: 1 positive, blank or 0 negative, -1 left out) the macro AUC.
 
-    python bench/bench_stored_format.py --runs runs/EXP --images new_cxrs/ [--no-tta] [--limit 500]
+    python bench/bench_stored_format.py --runs runs/EXP --images new_cxrs/ [--labels labels.csv] [--no-tta] [--limit 500]
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 
 from cxrdist.data import preprocess
-from cxrdist.data.transforms import channel_stats
+from cxrdist.data.transforms import channel_stats, eval_draft_side
 from cxrdist.evaluation.prediction.models import ensemble_probabilities, load_fold_models, model_probabilities, view_modules
 from cxrdist.evaluation.prediction.predict import collect_images, image_settings, predict_files
 
 
-def model_inputs(files: list[Path], stored: dict, spec, dct_scaled: bool) -> torch.Tensor:
+def model_inputs(files: list[Path], stored: dict, spec, draft_side: int | None) -> torch.Tensor:
     mean, std = channel_stats(spec)
     batch = []
     for path in files:
         data = preprocess.stored_image(path, stored["format"], int(stored["max_size"]), int(stored.get("quality", 95)))
-        gray = preprocess.decode(data, spec.size if dct_scaled else None)
+        gray = preprocess.decode(data, draft_side)
         batch.append(preprocess.normalise(preprocess.resize_square(gray, spec.size, spec.interpolation, spec.resampler), mean, std))
     return torch.from_numpy(np.stack(batch))
 
@@ -51,10 +55,21 @@ def shift(a: np.ndarray, b: np.ndarray) -> dict:
             "mean": round(float(diff.mean()), 4), "decisions_at_0.5_flipped": int(((a >= 0.5) != (b >= 0.5)).sum())}
 
 
+def macro_auc(files: list[Path], labels_csv: Path, labels: list[str], probs: np.ndarray) -> float:
+    table = pd.read_csv(labels_csv)
+    by_path = {str(p): i for i, p in enumerate(table["path"])}
+    rows = [next(i for suffix, i in by_path.items() if str(f).endswith(suffix)) for f in files]
+    targets = table.loc[rows, labels].fillna(0).to_numpy(dtype=float)
+    aucs = [roc_auc_score(targets[keep, j], probs[keep, j]) for j in range(len(labels))
+            if len(set(targets[keep := targets[:, j] != -1, j])) == 2]
+    return round(float(np.mean(aucs)), 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--images", type=Path, nargs="+", required=True)
+    parser.add_argument("--labels", type=Path, help="CSV of the images' labels: report each way's macro AUC")
     parser.add_argument("--no-tta", dest="tta", action="store_false")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
     args = parser.parse_args()
@@ -68,9 +83,10 @@ def main() -> None:
     spec = models[0].card.image
     lossless = {**stored, "format": "png"}
     probs = {
-        "a": ensemble(models, model_inputs(files, stored, spec, True), args.tta),
-        "b": ensemble(models, model_inputs(files, stored, spec, False), args.tta),
-        "c": ensemble(models, model_inputs(files, lossless, spec, True), args.tta),
+        "a": ensemble(models, model_inputs(files, stored, spec, eval_draft_side(spec)), args.tta),
+        "b": ensemble(models, model_inputs(files, stored, spec, None), args.tta),
+        "c": ensemble(models, model_inputs(files, lossless, spec, eval_draft_side(spec)), args.tta),
+        "d": ensemble(models, model_inputs(files, stored, spec, spec.size), args.tta),
     }
     _, predicted, bad = predict_files(models, files, stored, args.tta, 32, 0, "cpu")
     assert not bad and np.abs(predicted - probs["a"]).max() < 1e-5, "(a) is not what predict computes"
@@ -83,7 +99,11 @@ def main() -> None:
         "a_vs_c: jpeg q95 + dct-scaled decode vs lossless": shift(probs["a"], probs["c"]),
         "a_vs_b: dct-scaled decode alone": shift(probs["a"], probs["b"]),
         "b_vs_c: jpeg q95 quantisation alone": shift(probs["b"], probs["c"]),
+        "a_vs_d: training's draft side vs the input size": shift(probs["a"], probs["d"]),
+        "draft_side": eval_draft_side(spec),
     }
+    if args.labels:
+        result["macro_auc"] = {way: macro_auc(files, args.labels, card.labels, p) for way, p in probs.items()}
     print(json.dumps(result, indent=2))
 
 

@@ -40,7 +40,7 @@ from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
 from cxrdist.data.shards import file_sha256
 from cxrdist.data.spec import ImageSpec
 from cxrdist.data.stream import StreamConfig, augment_rng, train_loader
-from cxrdist.data.transforms import decode_grayscale, eval_transform, train_draft_side, train_transform
+from cxrdist.data.transforms import decode_grayscale, eval_draft_side, eval_transform, train_draft_side, train_transform
 
 SECTION = "## Input pipeline: train stream vs per-file folder (bench/bench_stream.py)"
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def eval_rate(blobs: list[bytes], cfg: StreamConfig, draft: bool) -> float:
     torch.set_num_threads(1)
     start = time.perf_counter()
     for blob in blobs:
-        eval_transform(decode_grayscale(blob, cfg.image.size if draft else None), cfg.image)
+        eval_transform(decode_grayscale(blob, eval_draft_side(cfg.image) if draft else None), cfg.image)
     return len(blobs) / (time.perf_counter() - start)
 
 

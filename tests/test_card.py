@@ -10,6 +10,7 @@ import pytest
 
 from cxrdist.data.manifest import Manifest, ShardInfo, SplitInfo
 from cxrdist.data.spec import ImageSpec
+from cxrdist.data.transforms import eval_draft_side, train_draft_side
 from cxrdist.errors import UserError
 from cxrdist.model.card import CARD_FORMAT_VERSION, CardEvaluation, ModelCard
 from cxrdist.model.config import ModelConfig, RefineConfig
@@ -79,6 +80,18 @@ def test_the_evaluation_resampler_is_recorded_and_a_card_without_it_keeps_torchv
     assert legacy.image != card(tmp_path).image  # another input: a pass of its own (groups_by_preprocessing), not one export
 
 
+def test_the_evaluation_decode_is_recorded_and_a_card_without_it_keeps_the_draft_at_the_input_size(tmp_path):
+    """Cards written before evaluation decoded stored JPEGs at training's draft side decoded them at the input size: their
+    models keep that (tests/test_stream.py: the two differ from 2x the input size on), so their numbers reproduce."""
+    data = json.loads(card(tmp_path).to_json())
+    assert data["image"]["eval_decode"] == "train_draft_side" and eval_draft_side(ModelCard.from_dict(data).image) == train_draft_side(64)
+    data["image"].pop("eval_decode")
+    legacy = ModelCard.from_dict(data)
+    assert legacy.image.eval_decode == "img_size" and json.loads(legacy.to_json())["image"]["eval_decode"] == "img_size"
+    assert eval_draft_side(legacy.image) == 64 and legacy.image.resampler == "pillow"
+    assert legacy.image != card(tmp_path).image  # another input: a pass of its own (groups_by_preprocessing)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(format_version=1, kind=None), "older cxrdist"),
     (lambda d: d.clear(), "not a cxrdist model card"),
@@ -88,6 +101,7 @@ def test_the_evaluation_resampler_is_recorded_and_a_card_without_it_keeps_torchv
     (lambda d: d["image"].update(channels=1), "in_chans"),
     (lambda d: d["image"].update(interpolation="lanczos9"), "interpolation"),
     (lambda d: d["image"].update(resampler="opencv"), "resampler"),
+    (lambda d: d["image"].update(eval_decode="full"), "eval_decode"),
     (lambda d: d["model"].update(no_such_field=1), "malformed"),
     (lambda d: d["evaluation"].update(targets="U-Ones"), "evaluation.targets"),
     (lambda d: d["evaluation"]["training_policy"].update(Edema="zeros"), "training_policy differs"),

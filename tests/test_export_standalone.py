@@ -2,7 +2,7 @@
 a Python that cannot import cxrdist, gives `cxrdist predict`'s probabilities to 1e-5 on PNG (8 and 16 bit, RGB), JPEG
 (large: DCT-scaled decode; EXIF-rotated) and DICOM (8, 10 and 16 bit; rescale, Modality LUT Sequence, VOI LUT Sequence,
 window, MONOCHROME1) radiographs, for models trained on PNG-stored and on JPEG-q95-stored images, and for a model
-whose card predates the Pillow resize.
+whose card predates the Pillow resize and training's JPEG draft side; their inputs are the evaluation stream's.
 
 tests/data/cr_chest_mono1.dcm is a real chest radiograph: the public sample CR-MONO1-10-chest (Fuji CR, PA, 440 x 440,
 10 bits stored, MONOCHROME1, window 550/1024; in fo-dicom's and dcmfx's test data), 4 x 4 block-averaged to 110 x 110,
@@ -32,7 +32,10 @@ from pydicom.sequence import Sequence
 
 from cxrdist.cli import main
 from cxrdist.data import preprocess
-from cxrdist.layout import fold_best_dirs
+from cxrdist.data.shards import RawSample
+from cxrdist.data.stream import StreamConfig, decode_eval_batch
+from cxrdist.data.transforms import train_draft_side
+from cxrdist.layout import CARD_FILE, fold_best_dirs
 from cxrdist.model.card import ModelCard
 
 REAL_CR = Path(__file__).parent / "data" / "cr_chest_mono1.dcm"
@@ -54,8 +57,10 @@ sidecar = json.load(open(f"{folder}/{model}.json"))
 preprocessing = sidecar["preprocessing"]
 
 
-def run(arguments):
+def run(arguments, keep=None):
     batch = np.stack([getattr(preprocess, preprocessing["function"])(p, **arguments) for p in images])
+    if keep:
+        np.save(keep, batch)
     if sidecar["format"] == "onnx":
         import onnxruntime
         session = onnxruntime.InferenceSession(f"{folder}/{model}", providers=["CPUExecutionProvider"])
@@ -64,7 +69,7 @@ def run(arguments):
     return torch.jit.load(f"{folder}/{model}")(torch.from_numpy(batch)).detach().numpy().tolist()
 
 
-probabilities = run(preprocessing["arguments"])
+probabilities = run(preprocessing["arguments"], keep="inputs.npy")  # the model inputs, for the test to compare
 lossless = run({**preprocessing["arguments"], "stored_format": "png"})  # without the JPEG round trip of the training images
 loaded = sorted(m for m in sys.modules if m == "cxrdist" or m.startswith("cxrdist."))
 print(json.dumps({"probabilities": probabilities, "lossless": lossless, "preprocessor": preprocess.__file__, "cxrdist_modules": loaded}))
@@ -149,14 +154,27 @@ def radiographs(tmp_path_factory) -> list[Path]:
 
 def runs_with(trained_experiment: Path, folder: Path, stored_image: dict | None, resampler: str | None) -> Path:
     """The session's fold models (weights and cards) in `folder`, their cards saying the training images were stored as
-    `stored_image` and resized for evaluation by `resampler`: what predict and export replay."""
+    `stored_image` and resized for evaluation by `resampler`: what predict and export replay. A legacy resampler's card
+    is a card from before the evaluation decode was recorded too (no image.eval_decode)."""
     for best in fold_best_dirs(trained_experiment):
         target = folder / best.relative_to(trained_experiment)
         shutil.copytree(best, target)
         card = ModelCard.read(target)
         image = dataclasses.replace(card.image, resampler=resampler) if resampler else card.image
         dataclasses.replace(card, stored_image=stored_image or card.stored_image, image=image).write(target)
+        if resampler == "torchvision":
+            data = json.loads((target / CARD_FILE).read_text())
+            del data["image"]["eval_decode"]
+            (target / CARD_FILE).write_text(json.dumps(data))
     return folder
+
+
+def evaluation_inputs(paths: list[Path], card: ModelCard) -> np.ndarray:
+    """What the evaluation stream feeds the model for these radiographs, stored as `prepare` stored the card's shards."""
+    stored = card.stored_image
+    raw = [RawSample(p.name, preprocess.stored_image(p, stored["format"], int(stored["max_size"]), int(stored.get("quality", 95))),
+                     json.dumps({"labels": [0] * card.num_labels}).encode()) for p in paths]
+    return decode_eval_batch(raw, StreamConfig(card.image), card.num_labels, hflip=False)["image"].numpy()
 
 
 @pytest.mark.parametrize("case, fmt, tta", [
@@ -183,6 +201,12 @@ def test_the_exported_folder_alone_gives_predicts_probabilities(trained_experime
     assert steps["preprocessor"] == "preprocess.py" and steps["arguments"]["resampler"] == card.image.resampler
     assert steps["arguments"]["interpolation"] == card.image.interpolation and card.image.interpolation in steps["resize_filter"]
     assert steps["arguments"]["stored_format"] == card.stored_image["format"] and steps["made_with"]["pillow"]
+    # a stored JPEG is decoded at training's draft side (2x it is 166 px: the 160 px JPEGs are decoded in full, not at 1/2
+    # scale); a card from before keeps the input size its numbers were computed at
+    legacy = case.startswith("legacy")
+    assert card.image.eval_decode == ("img_size" if legacy else "train_draft_side")
+    assert card.image.size == 64 and train_draft_side(64) == 83
+    assert steps["arguments"]["draft_side"] == (64 if legacy else 83)
 
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
@@ -194,6 +218,7 @@ def test_the_exported_folder_alone_gives_predicts_probabilities(trained_experime
     assert outside["cxrdist_modules"] == [] and Path(outside["preprocessor"]).parent == folder
     expected = predicted[[f"prob_{label}" for label in sidecar["labels"]]].to_numpy()
     np.testing.assert_allclose(np.array(outside["probabilities"]), expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "inputs.npy"), evaluation_inputs(radiographs, card))  # evaluate's input
     moved = np.abs(np.array(outside["lossless"]) - expected).max()  # the stored format matters: 1e-5 sees a skipped JPEG round trip
     assert moved > 1e-4 if stored else moved < 1e-6, moved
 

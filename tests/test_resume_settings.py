@@ -62,6 +62,15 @@ def test_a_checkpoint_from_before_the_pillow_resize_is_a_changed_setting():
     assert incomparable_score({}, settings()) == []
 
 
+def test_a_checkpoint_from_before_the_training_draft_decode_is_a_changed_setting():
+    """Its best score was computed on stored JPEGs decoded at the input size: eval.decode, not recorded then, counts as that."""
+    old = {k: v for k, v in settings().items() if k != "eval.decode"}
+    with pytest.raises(UserError, match="eval.decode='img_size', now 'train_draft_side'"):
+        check_resume("ck", old, settings(), False, print)
+    assert incomparable_score(old, settings("train.lr=1")) == ["eval.decode"]  # the stored best is dropped
+    assert incomparable_score({k: v for k, v in old.items() if k != "eval.resampler"}, settings()) == ["eval.resampler", "eval.decode"]
+
+
 def test_another_number_of_processes_or_workers_is_not_a_changed_setting():
     assert check_resume("ck", settings(), settings(workers=5, world=4), False, print) == []
     assert settings(workers=5, world=4)["world_size"] == 4  # recorded all the same

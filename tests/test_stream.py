@@ -267,3 +267,29 @@ def test_reads_shards_written_by_prepare(synth_shards):
     assert sum(b["corrupt"] for batches in per_rank for b in batches) == 0
     batch = take(train_loader(synth_shards, prepared, train, cfg(workers=2), 1, 2), 1)[0]
     assert batch["image"].shape == (BATCH, 3, 32, 32) and batch["labels_raw"].shape == (BATCH, len(prepared.labels))
+
+
+@pytest.mark.parametrize("eval_decode", ["train_draft_side", "img_size"])
+def test_a_stored_jpeg_twice_the_input_size_is_decoded_for_evaluation_as_training_decodes_it(eval_decode):
+    """A 256 px stored JPEG for a 64 px model: training drafts it at train_draft_side(64) = 83 px (libjpeg's 1/2 scale,
+    128 px), then resizes with antialias. Evaluation and an export's preprocess.py decode it the same way, not at 1/4
+    scale (64 px, nothing resized); a card from before (eval_decode "img_size") keeps that decode, which its numbers were."""
+    from cxrdist.data import preprocess
+    from cxrdist.data.shards import RawSample
+    from cxrdist.data.transforms import eval_transform, model_input_arguments, train_draft_side
+
+    rng = np.random.default_rng(3)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).resize((256, 256), Image.Resampling.BICUBIC))
+    data = preprocess.encode(np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8), "jpg", 95)
+    spec = ImageSpec(64, eval_decode=eval_decode)
+    draft = train_draft_side(64) if eval_decode == "train_draft_side" else 64
+    assert preprocess.decode(data, draft).shape == ((128, 128) if draft > 64 else (64, 64))
+
+    batch = stream.decode_eval_batch([RawSample("k", data, json.dumps({"labels": [1]}).encode())], StreamConfig(spec), 1, hflip=False)
+    expected = eval_transform(preprocess.decode(data, draft), spec)
+    assert torch.equal(batch["image"][0], expected)
+    assert not torch.equal(expected, eval_transform(preprocess.decode(data, 128 if draft == 64 else 64), spec))  # the decodes differ
+    arguments = model_input_arguments(spec, {"format": "jpg", "max_size": 256, "quality": 95})
+    assert arguments["draft_side"] == draft
+    exported = preprocess.stored_to_input(data, **{k: arguments[k] for k in ("size", "mean", "std", "interpolation", "resampler", "draft_side")})
+    assert np.array_equal(exported, expected.numpy())

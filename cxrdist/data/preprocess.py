@@ -19,9 +19,9 @@ The steps, in order (`model_input`):
    MONOCHROME1 inverted (`read_dicom`);
 2. long side shrunk to at most `max_size` (LANCZOS), then stored as `stored_format` (JPEG quality `quality`
    or PNG) and decoded again, as `cxrdist prepare` stored the training images (`stored_image`);
-3. that stored image decoded (a JPEG at least twice `size` on both sides at 1/2, 1/4 or 1/8 scale, never below
-   `size`), the whole image resized to size x size with `interpolation` by Pillow (`resize_square`; antialiased
-   when shrinking), optionally mirrored;
+3. that stored image decoded (a JPEG at least twice `draft_side` on both sides at 1/2, 1/4 or 1/8 scale, never
+   below `draft_side`: the side training decoded it at; `size` when not given), the whole image resized to
+   size x size with `interpolation` by Pillow (`resize_square`; antialiased when shrinking), optionally mirrored;
 4. x / 255, then (x - mean) / std per channel, as x * (1 / (255 std)) + (-mean / std) in float32 (`normalise`):
    (len(mean), size, size).
 Pixel results depend on Pillow's resampling and libjpeg's coding: the sidecar records the versions it was made with.
@@ -60,10 +60,11 @@ class UnreadableImage(ValueError):
 
 
 def model_input(path, *, size: int, mean, std, interpolation: str = "bilinear", resampler: str = "pillow",
-                stored_format: str = "jpg", max_size: int = 512, quality: int = 95, hflip: bool = False) -> np.ndarray:
+                stored_format: str = "jpg", max_size: int = 512, quality: int = 95, hflip: bool = False,
+                draft_side: int | None = None) -> np.ndarray:
     """A radiograph file -> the model's float32 input (len(mean), size, size): steps 1-4 of the module docstring."""
     stored = stored_image(path, stored_format, max_size, quality)
-    return stored_to_input(stored, size, mean, std, interpolation, resampler, hflip)
+    return stored_to_input(stored, size, mean, std, interpolation, resampler, hflip, draft_side=draft_side)
 
 
 def stored_image(path, stored_format: str, max_size: int, quality: int = 95) -> bytes:
@@ -72,9 +73,10 @@ def stored_image(path, stored_format: str, max_size: int, quality: int = 95) -> 
 
 
 def stored_to_input(data: bytes, size: int, mean, std, interpolation: str = "bilinear", resampler: str = "pillow",
-                    hflip: bool = False) -> np.ndarray:
-    """Steps 3-4: stored image bytes -> the float32 model input."""
-    pixels = resize_square(decode(data, size), size, interpolation, resampler)
+                    hflip: bool = False, *, draft_side: int | None = None) -> np.ndarray:
+    """Steps 3-4: stored image bytes -> the float32 model input. Without `draft_side` (a sidecar written before it was
+    recorded) the JPEG draft is at `size`, as those models were evaluated."""
+    pixels = resize_square(decode(data, draft_side or size), size, interpolation, resampler)
     return normalise(pixels[:, ::-1] if hflip else pixels, mean, std)
 
 

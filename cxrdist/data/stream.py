@@ -39,7 +39,7 @@ from cxrdist.data.manifest import Manifest, ShardInfo
 from cxrdist.data.order import CanonicalOrder, Piece, auto_partitions, check_world_size, rank_micro_batch
 from cxrdist.data.shards import RawSample, read_shard
 from cxrdist.data.spec import ImageSpec
-from cxrdist.data.transforms import decode_grayscale, draw_train_params, eval_transform, train_draft_side, train_transform
+from cxrdist.data.transforms import decode_grayscale, draw_train_params, eval_draft_side, eval_transform, train_draft_side, train_transform
 from cxrdist.errors import UserError
 
 AUGMENT_STREAM = 3  # the first word of the augmentation seeds (data/order.py's streams are 1 and 2)
@@ -214,8 +214,9 @@ def decode_eval_batch(raw_batch: list[RawSample], cfg: StreamConfig, num_labels:
     """Like a train batch, plus each sample's `meta` (EVAL_META fields of its json: patient, path, dataset, attributes) for the
     outputs and the subgroup audit; a train batch never carries attributes (they must not reach the model or the loss)."""
     keys, images, labels, corrupt, meta = [], [], [], [], {name: [] for name in EVAL_META}
+    min_side = eval_draft_side(cfg.image)
     for raw in raw_batch:
-        decoded = decode_sample(raw, num_labels, cfg.image.size)
+        decoded = decode_sample(raw, num_labels, min_side)
         if decoded is None:
             corrupt.append(raw.key)
             continue

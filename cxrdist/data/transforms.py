@@ -16,7 +16,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from cxrdist.data import preprocess
-from cxrdist.data.spec import ImageSpec
+from cxrdist.data.spec import EVAL_DECODE, ImageSpec
 
 CROP_SCALE = (0.7, 1.0)  # fraction of the image area kept by the random resized crop
 CROP_RATIO = (0.85, 1.15)  # width / height of the crop
@@ -38,6 +38,13 @@ def train_draft_side(img_size: int) -> int:
     return math.ceil(img_size * TRAIN_DRAFT_MARGIN)
 
 
+def eval_draft_side(spec: ImageSpec) -> int:
+    """The `min_side` a stored JPEG is decoded at for evaluation, predict and export: training's, so from 2x the input
+    size on evaluation resizes (antialiased) the same DCT-scaled pixels training cropped from; a model whose card
+    predates that (spec.eval_decode legacy) keeps the draft at the input size it was scored with (data/spec.py)."""
+    return train_draft_side(spec.size) if spec.eval_decode == EVAL_DECODE else spec.size
+
+
 def channel_stats(spec: ImageSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The per-channel (mean, std) actually applied: the spec's, or their average for one channel."""
     mean, std = spec.mean, spec.std
@@ -51,7 +58,8 @@ def model_input_arguments(spec: ImageSpec, stored_image: dict) -> dict:
     `stored_image` (the model card's {"format", "max_size", "quality"}): what predict runs and an export's sidecar holds."""
     mean, std = channel_stats(spec)
     return {"size": spec.size, "mean": list(mean), "std": list(std), "interpolation": spec.interpolation, "resampler": spec.resampler,
-            "stored_format": stored_image["format"], "max_size": int(stored_image["max_size"]), "quality": int(stored_image.get("quality", 95))}
+            "stored_format": stored_image["format"], "max_size": int(stored_image["max_size"]), "quality": int(stored_image.get("quality", 95)),
+            "draft_side": eval_draft_side(spec)}
 
 
 @lru_cache(maxsize=16)

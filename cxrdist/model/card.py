@@ -10,7 +10,7 @@ from typing import Any
 
 from cxrdist.data.datasets import label_vocabulary
 from cxrdist.data.location import Location, resolved
-from cxrdist.data.spec import LEGACY_RESAMPLER, ImageSpec
+from cxrdist.data.spec import LEGACY_EVAL_DECODE, LEGACY_RESAMPLER, ImageSpec
 from cxrdist.errors import UserError
 from cxrdist.labels.eval_targets import DEFAULT_EVAL_TARGETS, EVAL_TARGETS
 from cxrdist.labels.harmonise import LabelVocabulary, legacy_vocabulary
@@ -54,9 +54,11 @@ class CardEvaluation:
 
 
 def read_image_spec(image: dict) -> ImageSpec:
-    """The card's image section; one without a resampler was written when torchvision resized for evaluation,
-    and its models keep that resampler, so re-evaluating them gives the numbers their cards hold."""
-    return ImageSpec(**{"resampler": LEGACY_RESAMPLER, **image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
+    """The card's image section; one without a resampler was written when torchvision resized for evaluation, one
+    without eval_decode when evaluation decoded stored JPEGs at the input size: its models keep that resampler and
+    decode, so re-evaluating them gives the numbers their cards hold (data/spec.py)."""
+    legacy = {"resampler": LEGACY_RESAMPLER, "eval_decode": LEGACY_EVAL_DECODE}
+    return ImageSpec(**{**legacy, **image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
 
 
 @dataclass

@@ -12,13 +12,14 @@ Two kinds of settings are recorded in the trainer state (`settings`):
 The number of processes and of DataLoader workers are recorded too but never compared: the order does not depend on
 them, so a run resumes on another topology (training/topology.py refuses one its partitions cannot serve).
 A difference stops the resume with one line naming each setting with its old and new value, unless
-`train.resume_changes=allow`. Besides the config, `eval.resampler` (who resizes for evaluation, data/spec.py) is
-recorded: a best score resized by another implementation is not comparable either.
+`train.resume_changes=allow`. Besides the config, `eval.resampler` (who resizes for evaluation, data/spec.py) and
+`eval.decode` (the side stored JPEGs are decoded at for evaluation) are recorded: a best score resized by another
+implementation or from another decode is not comparable either.
 """
 
 from __future__ import annotations
 
-from cxrdist.data.spec import LEGACY_RESAMPLER, RESAMPLER
+from cxrdist.data.spec import EVAL_DECODE, LEGACY_EVAL_DECODE, LEGACY_RESAMPLER, RESAMPLER
 from cxrdist.errors import UserError
 from cxrdist.training.topology import GLOBAL_BATCH, PARTITIONS, Topology
 
@@ -28,7 +29,10 @@ EVAL_TARGETS = "eval.targets"
 # Not a config key: the implementation of the evaluation resize (data/spec.py). A checkpoint that does not record
 # it was trained when torchvision resized, and its best score is not comparable with Pillow-resized evaluations.
 EVAL_RESAMPLER = "eval.resampler"
-SCORE_DEFINING = (EVAL_TARGETS, EVAL_RESAMPLER)  # a best score recorded under other values is not comparable with new ones
+# Likewise the side stored JPEGs are decoded at for evaluation (data/spec.py EVAL_DECODES): not recorded = the input size.
+EVAL_DECODE_SETTING = "eval.decode"
+LEGACY_SCORE_SETTINGS = {EVAL_RESAMPLER: LEGACY_RESAMPLER, EVAL_DECODE_SETTING: LEGACY_EVAL_DECODE}  # what a checkpoint without them used
+SCORE_DEFINING = (EVAL_TARGETS, EVAL_RESAMPLER, EVAL_DECODE_SETTING)  # a best score recorded under other values is not comparable with new ones
 # Dotted prefixes of the config (training/config.py) whose values define the run.
 RUN_DEFINING = (
     "seed", "data.img_size", "data.batch_size", "data.augment", "data.shuffle_buffer", "data.label_policy", "model", "loss",
@@ -55,14 +59,15 @@ def current_settings(config: dict, workers: int, topology: Topology, shards: lis
     settings = {k: v for k, v in flat.items()
                 if any(k == p or k.startswith(p + ".") for p in RUN_DEFINING) and k not in STARTING_POINT_ONLY}
     settings.update({WORKERS: workers, WORLD_SIZE: topology.world_size, "train_shards": list(shards), EVAL_RESAMPLER: RESAMPLER,
+                     EVAL_DECODE_SETTING: EVAL_DECODE,
                      GLOBAL_BATCH: topology.global_batch, PARTITIONS: topology.partitions})  # as resolved, not as configured
     return settings
 
 
 def changed(recorded: dict, current: dict) -> dict:
     """name -> (old, new) for every setting the checkpoint recorded differently (a setting it did not record is not compared,
-    except the resampler: a checkpoint that records settings but not that one was resized by the legacy one)."""
-    recorded = {EVAL_RESAMPLER: LEGACY_RESAMPLER, **recorded} if recorded else recorded
+    except the evaluation resampler and decode: a checkpoint that records settings but not those used the legacy ones)."""
+    recorded = {**LEGACY_SCORE_SETTINGS, **recorded} if recorded else recorded
     return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v and k not in SAFE_CHANGES}
 
 

@@ -21,7 +21,7 @@ import torch
 from cxrdist.atomic import atomic_path, atomic_write_bytes, atomic_write_json, check_not_an_input, check_writable_file
 from cxrdist.data import preprocess
 from cxrdist.data.spec import LEGACY_RESAMPLER, ImageSpec
-from cxrdist.data.transforms import channel_stats, model_input_arguments
+from cxrdist.data.transforms import channel_stats, eval_draft_side, model_input_arguments
 from cxrdist.errors import UserError
 from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.prediction.models import groups_by_preprocessing, load_fold_models
@@ -104,8 +104,8 @@ def preprocessing_steps(spec: ImageSpec, settings: dict) -> list[str]:
         f"{PREPROCESSOR_FILE}: model_input(path, **arguments) per radiograph (PNG, JPEG, DICOM), np.stack into a batch",
         "read as 8-bit grayscale, bone bright (DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
         f"long side resized to at most {settings['max_size']} px and stored as {stored}, as the training images were",
-        f"decoded (a JPEG at least twice {spec.size} px on both sides at 1/2, 1/4 or 1/8 scale, libjpeg's DCT scaling), then the "
-        f"whole image resized to {spec.size}x{spec.size}, {resize_filter(spec)}",
+        f"decoded (a JPEG at least twice {eval_draft_side(spec)} px on both sides at 1/2, 1/4 or 1/8 scale, never below it, libjpeg's DCT scaling), "
+        f"then the whole image resized to {spec.size}x{spec.size}, {resize_filter(spec)}",
         f"x / 255, then (x - mean) / std per channel, grayscale repeated to {spec.channels} channel(s)",
     ]
 

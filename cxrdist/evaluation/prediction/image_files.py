@@ -36,7 +36,8 @@ class ImageFiles(Dataset):
         """preprocess.model_input for every group, the file read and stored once."""
         try:
             data = stored_pixels(self.paths[index], self.image)
-            return index, [torch.from_numpy(preprocess.stored_to_input(data, a["size"], a["mean"], a["std"], a["interpolation"], a["resampler"]))
+            return index, [torch.from_numpy(preprocess.stored_to_input(data, a["size"], a["mean"], a["std"], a["interpolation"],
+                                                                       a["resampler"], draft_side=a["draft_side"]))
                            for a in self.arguments]
         except BadImage as err:
             return index, str(err)

@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 
 from cxrdist.data.manifest import Manifest
 from cxrdist.data.stream import read_shards
-from cxrdist.data.transforms import decode_grayscale, eval_transform
+from cxrdist.data.transforms import decode_grayscale, eval_draft_side, eval_transform
 from cxrdist.errors import UserError
 from cxrdist.evaluation import figures as figs
 from cxrdist.evaluation.prediction.saliency import CHEST_REGION, INSIDE_CHEST, chest_flag, chest_fraction, has_location, peak
@@ -103,7 +103,7 @@ def saliency_section(runs: Path, ensemble, root: Path | None, manifest: Manifest
         wanted = {key for key, _ in chosen}
         pixels = {s.key: s.image for s in read_shards(root, manifest.split(split).shards) if s.key in wanted}
         spec = models[0].card.image
-        batch = torch.stack([eval_transform(decode_grayscale(pixels[key], spec.size), spec) for key, _ in chosen])
+        batch = torch.stack([eval_transform(decode_grayscale(pixels[key], eval_draft_side(spec)), spec) for key, _ in chosen])
         maps = ensemble_cams([m.model for m in models], batch, [j for _, j in chosen], tta=True)
     except UserError as err:
         return section("saliency", title, "", note(esc(err)))
