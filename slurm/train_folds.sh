@@ -148,9 +148,10 @@ launcher_args() {
     port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     local args=(--num_machines "$nodes" --main_process_ip "$head" --main_process_port "$port" --dynamo_backend no)
     # A node that never starts: the others give up at the rendezvous after RDZV_TIMEOUT seconds
-    # (torch elastic's static rendezvous, or its c10d one with restarts, which they need: a fresh
-    # store per restart, where the static one keeps stale addresses; train.dist_timeout bounds
-    # everything after it).
+    # (torch elastic's static rendezvous, or its c10d one with restarts, which they need: with its
+    # store unshared (train_fold exports TORCH_DISABLE_SHARE_RDZV_TCP_STORE) each restart gets a
+    # fresh store, where a shared or static one keeps a dead peer's address; train.dist_timeout
+    # bounds everything after it).
     if (( MAX_RESTARTS > 0 )); then
         args+=(--max_restarts "$MAX_RESTARTS" --rdzv_backend c10d)
         (( nodes > 1 )) && args+=(--rdzv_conf "join_timeout=$RDZV_TIMEOUT")
@@ -206,6 +207,9 @@ check_max_restarts() {
 train_fold() {
     local config=$1; shift
     check_max_restarts
+    if (( MAX_RESTARTS > 0 )); then
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh store per restart (cxrdist/training/cluster/elastic.py)
+    fi
     local fold=${SLURM_ARRAY_TASK_ID:?not an array task}
     local restarts=${SLURM_RESTART_COUNT:-0}
     trap forward_preemption USR1

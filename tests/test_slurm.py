@@ -36,6 +36,7 @@ TRAINING = {"data.batch_size": 8, "train.epochs": 3}
 STAND_INS = {
     "srun": """#!/bin/bash
 printf '%s\\n' "$@" > "$RECORD/srun.args"
+echo "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}" > "$RECORD/srun.store_sharing"
 trap 'echo USR1 >> "$RECORD/srun.signals"' USR1
 touch "$RECORD/srun.started"
 for _ in $(seq 1 "${FAKE_SRUN_TICKS:-0}"); do sleep 0.1; done  # ticks of 0.1 s
@@ -184,7 +185,8 @@ def test_a_node_range_lets_a_task_start_on_fewer_nodes_and_max_restarts_reaches_
     srun, launch = srun_call(stand_ins["record"])
     assert {"--nodes=1", "--ntasks=1"} <= set(srun)
     assert "--num_machines 1" in " ".join(launch) and "--num_processes 8" in " ".join(launch)
-    assert "--max_restarts 2 --rdzv_backend c10d" in " ".join(launch)  # a fresh rendezvous store per restart
+    assert "--max_restarts 2 --rdzv_backend c10d" in " ".join(launch)  # a fresh rendezvous store per restart:
+    assert (stand_ins["record"] / "srun.store_sharing").read_text().strip() == "1"  # c10d's store not shared with the trainers
 
 
 @pytest.mark.parametrize("variables, words", [({"NODES": "2-1"}, "NODES=2-1: expected"), ({"NODES": "0"}, "NODES=0: expected"),

@@ -1,8 +1,10 @@
 """Elastic restarts: a trainer that dies is started again inside the same job by the launcher (torch elastic's agent,
 which `accelerate launch --max_restarts N` runs), and resumes from the newest complete checkpoint on however many
 processes came back (data/order.py, training/topology.py). No rendezvous of our own: torch elastic's c10d rendezvous,
-which gives every restart a fresh store (its "static" one keeps the first attempt's store, and restarted ranks can read
-a peer's stale address from it: "Gloo connectFullMesh failed ... Connection refused", seen in tests/test_elastic.py).
+with its TCP store not shared with the trainers (RESTART_ENVIRONMENT), so that every restart bootstraps its process
+group on a fresh store: the static rendezvous, and the c10d one sharing its store, keep the first attempt's keys, and
+a restarted rank can read a dead peer's address from them ("Gloo connectFullMesh failed ... Connection refused": seen
+in tests/test_elastic.py with either, on 2 of 7 and on 2 of 2 restarted runs).
 
 The agent restarts its worker group after any failure; it cannot tell a dead node from a trainer that ended on
 purpose. A trainer that ends on purpose (a user error, exit 2: the same on every restart; or a preemption, exit 75:
@@ -27,6 +29,9 @@ from cxrdist.errors import UserError
 
 MAX_RESTARTS_LIMIT = 100  # beyond this a "restart" budget is a loop that hides a broken job, not resilience
 RESTART_RENDEZVOUS = "c10d"  # accelerate launch --rdzv_backend with restarts (slurm/train_folds.sh says the same)
+# torch elastic's opt-out of sharing the rendezvous store: the trainers' MASTER_PORT is then a new store per round
+# (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py). slurm/train_folds.sh exports the same.
+RESTART_ENVIRONMENT = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 FIRST_RANK_GRACE_S = 60.0  # how long another trainer waits for its machine's first to end the agent
 
 

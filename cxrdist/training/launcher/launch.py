@@ -14,7 +14,7 @@ import cxrdist
 from cxrdist.data.location import redact
 from cxrdist.errors import UserError, one_line
 from cxrdist.log import get_logger
-from cxrdist.training.cluster.elastic import RESTART_RENDEZVOUS, check_max_restarts
+from cxrdist.training.cluster.elastic import RESTART_ENVIRONMENT, RESTART_RENDEZVOUS, check_max_restarts
 from cxrdist.training.launcher import outcome
 from cxrdist.training.launcher.trainer_stderr import TRAINER_STDERR_ENV, TailBuffer, TrainerStderr
 
@@ -69,9 +69,10 @@ def launch_command(config: Path, fold: int | None, overrides: list[str], process
     import torch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = dict(os.environ)
     if max_restarts:
         cmd += ["--max_restarts", str(check_max_restarts(max_restarts)), "--rdzv_backend", RESTART_RENDEZVOUS]
-    env = dict(os.environ)
+        env.update(RESTART_ENVIRONMENT)
     if launch_config is not None:
         check_launch_config(launch_config)
         cmd += ["--config_file", str(launch_config)]
