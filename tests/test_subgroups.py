@@ -276,3 +276,29 @@ def test_running_sums_restart_at_each_group():
     for k, v in enumerate(values):
         u = np.arange(len(v))
         np.testing.assert_array_equal(stored[u % BAND, bands[k] + u // BAND], np.cumsum(v, axis=0))
+
+
+def test_group_tallies_equal_a_count_per_group_and_patient():
+    """group_tallies' cell sums and (patient, group) pairs against a per-group bincount and Python sets: three groupings
+    (one with an empty group) over patients with images in several groups, several boolean columns at once."""
+    from types import SimpleNamespace
+
+    from cxrdist.evaluation.scoring.group_tallies import group_sums, patients_by_group, tallies
+
+    rng = np.random.default_rng(3)
+    n, n_patients = 600, 90
+    patients = rng.integers(0, n_patients, n)
+    groupings = [SimpleNamespace(name=name, groups=[str(k) for k in range(k)], of_image=rng.integers(0, used, n))
+                 for name, k, used in (("a", 3, 3), ("b", 5, 4), ("c", 2, 2))]
+    columns = rng.random((n, 4)) < [0.5, 0.1, 0.02, 0.0]
+    t = tallies(groupings, patients, n_patients)
+    for g in groupings:
+        k = len(g.groups)
+        expected = np.stack([np.bincount(g.of_image, weights=c, minlength=k) for c in columns.T], axis=1)
+        assert np.array_equal(group_sums(t, g.name, k, t.cells @ columns.astype(np.float64)), expected)
+        inside, outside = patients_by_group(t, g.name, k, columns)
+        for j in range(columns.shape[1]):
+            seen = {(p, grp) for p, grp, c in zip(patients, g.of_image, columns[:, j]) if c}
+            for i in range(k):
+                assert inside[i, j] == len({p for p, grp in seen if grp == i})
+                assert outside[i, j] == len({p for p, grp in seen if grp != i})
