@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import PROBE, chromium, run_chromium  # noqa: F401 - chromium: the fixture
+from page_layout import PROBE, run_chromium
+from test_report import chromium  # noqa: F401 - the fixture
 from trainer_utils import DEMO_CONFIG, explain, fast_overrides, launch_cpu, records, run_single
 
 from cxrdist.cli import main
