@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from cxrdist.data.attributes import AttributeSpec, age_group, age_value, sex_value
 from cxrdist.errors import UserError
 from cxrdist.evaluation.clinical.subgroup_rates import NO_FINDING, evaluation_audit
+from cxrdist.evaluation.scoring import bootstrap
 from cxrdist.evaluation.scoring.bootstrap import weighted_auc
 from cxrdist.evaluation.scoring.subgroups import MIN_CASES, TOO_FEW, subgroup_audit, wandb_values
 
@@ -225,3 +226,79 @@ def test_report_section_escapes_values_names_no_file_after_them_and_hides_small_
     assert hostile not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
     assert "too few patients" in html and ">Who the model fails<" in html and "is 0." in html  # a flagged gap in words
     assert sorted(p.name for p in tmp_path.iterdir()) == ["subgroups-0.png", "subgroups-1.png"]
+
+
+@pytest.mark.parametrize("exact_below", [bootstrap.FLOAT32_EXACT, 0])  # float32 sums, and float64 counts
+def test_group_and_rest_resamples_equal_the_previous_implementation_bit_for_bit(monkeypatch, exact_below):
+    """tests/subgroup_reference.py (one sparse product per group) against today's cells, runs and banded sums: groups
+    that overlap and groups of one attribute, ties between and within classes, every image tied, a label of one class,
+    left-out entries, integer mask weights; 150 resamples (a block of 128, then 22) in blocks of COLUMNS."""
+    from subgroup_reference import reference_group_resample_aucs
+    from test_bootstrap import awkward_labels
+
+    from cxrdist.evaluation.scoring.subgroup_bootstrap import draws, group_resample_aucs
+
+    monkeypatch.setattr(bootstrap, "FLOAT32_EXACT", exact_below)
+    targets, scores, mask, patients = awkward_labels(n=1500, seed=11)
+    rng = np.random.default_rng(11)
+    # Positives on 11 levels, negatives spread but absent between some of them and tied with one (0.5): positive levels
+    # with no negative between them, next to a tied level; then the same with the classes' roles swapped.
+    positive = rng.random(len(patients)) < 0.3
+    spread = np.where(rng.random(len(patients)) < 0.5, rng.uniform(0, 0.3, len(patients)), rng.uniform(0.8, 1, len(patients)))
+    level = np.where(positive, np.round(rng.random(len(patients)), 1), np.where(rng.random(len(patients)) < 0.1, 0.5, spread))
+    targets = np.c_[targets, positive, ~positive].astype(float)
+    scores, mask = np.c_[scores, level, level], np.c_[mask, rng.random((len(patients), 2)) < 0.9].astype(float)
+    site = {p: rng.integers(0, 4) for p in sorted(set(patients))}
+    view = rng.integers(0, 3, len(patients))
+    members = np.array([[site[p] == k for p in patients] for k in range(3)] + [view == k for k in range(3)] + [rng.random(len(patients)) < 0.2])
+    patient_no, n_patients, blocks = draws(patients, 150, seed=4)
+    for weights in (mask, mask * rng.integers(1, 4, mask.shape)):
+        got = group_resample_aucs(targets, scores, weights, members, patient_no, n_patients, blocks)
+        expected = reference_group_resample_aucs(targets, scores, weights, members, patient_no, n_patients, blocks)
+        for new, old in zip(got, expected):
+            assert np.array_equal(new, old, equal_nan=True)
+        assert np.isfinite(got[1]).mean() > 0.5  # most groups and labels have an AUC
+
+
+def test_running_sums_restart_at_each_group():
+    from cxrdist.evaluation.scoring.subgroup_bootstrap import running_sums
+    from cxrdist.evaluation.scoring.subgroup_rows import BAND
+
+    rng = np.random.default_rng(0)
+    runs = [0, 1, BAND - 1, BAND, 3 * BAND + 5, 0, 2]
+    bands = np.cumsum([0] + [-(-r // BAND) for r in runs])
+    values = [rng.integers(0, 9, (r, 3)).astype(np.float32) for r in runs]
+    stored = np.zeros((BAND, bands[-1], 3), dtype=np.float32)
+    for k, v in enumerate(values):  # row u of group k at (u % BAND, its first band + u // BAND)
+        u = np.arange(len(v))
+        stored[u % BAND, bands[k] + u // BAND] = v
+    running_sums(stored, bands)
+    for k, v in enumerate(values):
+        u = np.arange(len(v))
+        np.testing.assert_array_equal(stored[u % BAND, bands[k] + u // BAND], np.cumsum(v, axis=0))
+
+
+def test_group_tallies_equal_a_count_per_group_and_patient():
+    """group_tallies' cell sums and (patient, group) pairs against a per-group bincount and Python sets: three groupings
+    (one with an empty group) over patients with images in several groups, several boolean columns at once."""
+    from types import SimpleNamespace
+
+    from cxrdist.evaluation.scoring.group_tallies import group_sums, patients_by_group, tallies
+
+    rng = np.random.default_rng(3)
+    n, n_patients = 600, 90
+    patients = rng.integers(0, n_patients, n)
+    groupings = [SimpleNamespace(name=name, groups=[str(k) for k in range(k)], of_image=rng.integers(0, used, n))
+                 for name, k, used in (("a", 3, 3), ("b", 5, 4), ("c", 2, 2))]
+    columns = rng.random((n, 4)) < [0.5, 0.1, 0.02, 0.0]
+    t = tallies(groupings, patients, n_patients)
+    for g in groupings:
+        k = len(g.groups)
+        expected = np.stack([np.bincount(g.of_image, weights=c, minlength=k) for c in columns.T], axis=1)
+        assert np.array_equal(group_sums(t, g.name, k, t.cells @ columns.astype(np.float64)), expected)
+        inside, outside = patients_by_group(t, g.name, k, columns)
+        for j in range(columns.shape[1]):
+            seen = {(p, grp) for p, grp, c in zip(patients, g.of_image, columns[:, j]) if c}
+            for i in range(k):
+                assert inside[i, j] == len({p for p, grp in seen if grp == i})
+                assert outside[i, j] == len({p for p, grp in seen if grp != i})

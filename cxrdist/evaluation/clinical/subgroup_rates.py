@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cxrdist.evaluation.scoring.bootstrap import percentile_interval
+from cxrdist.evaluation.scoring.group_tallies import group_sums
 from cxrdist.evaluation.scoring.subgroup_bootstrap import resampled_sums
-from cxrdist.evaluation.scoring.subgroups import (MIN_CASES, Grouping, SubgroupAudit, add_aucs, flag_gaps, no_audit, patients_by_group,
-                                                  start_audit)
+from cxrdist.evaluation.scoring.subgroups import MIN_CASES, SubgroupAudit, add_aucs, fewest_patients, flag_gaps, no_audit, start_audit
 
 NO_FINDING = "No Finding"
 WITH_NO_FINDING = ("the false-positive rate of 'No Finding': among images whose 'No Finding' target is 0, the fraction whose "
@@ -36,39 +36,51 @@ Thresholds = Mapping[str, Mapping[str, float | None]]  # {label: {operating poin
 def add_rates(audit: SubgroupAudit, thresholds: Thresholds, points: Sequence[str], targets: np.ndarray, scores: np.ndarray,
               mask: np.ndarray) -> None:
     """Sensitivity and false-positive rate per label, and the underdiagnosis rate with its gap, of every reported group."""
+    rates = operating_rates(audit, thresholds, points, targets, scores, mask)
     for g in audit.groupings:
-        by_point = {point: grouping_rates(g, audit.labels, thresholds, point, targets, scores, mask) for point in points}
         for k, name in enumerate(g.groups):
             if audit.entry(g, name)["reported"]:
-                audit.entry(g, name)["operating_points"] = {point: by_point[point][k] for point in points}
+                audit.entry(g, name)["operating_points"] = {point: rates[g.name][point][k] for point in points}
     has, called = underdiagnosed(audit.labels, thresholds, points, targets, scores, mask)
     audit.result["underdiagnosis_definition"] = WITH_NO_FINDING if NO_FINDING in audit.labels else WITHOUT_NO_FINDING
     groups = audit.reported()
-    columns = [c for members in [np.ones(len(targets), dtype=bool)] + [m for _, _, m in groups]
-               for point in points for c in (has & members, has & called[point] & members)]
-    sums = resampled_sums(columns, audit.patients, audit.n_patients, audit.blocks).reshape(-1, len(groups) + 1, len(points), 2)
-    cases = {(g.name, point): outcome_cases(audit, g, has, called[point]) for g in audit.groupings for point in points}
+    columns = [has & members for members in [np.ones(len(targets), dtype=bool)] + [m for _, _, m in groups]]
+    columns += [has & called[point] & members for members in [np.ones(len(targets), dtype=bool)] + [m for _, _, m in groups] for point in points]
+    sums = resampled_sums(columns, audit.patients, audit.n_patients, audit.blocks)
+    found, counted = sums[:, : len(groups) + 1], sums[:, len(groups) + 1 :].reshape(-1, len(groups) + 1, len(points))
+    called_table = np.stack([called[point] for point in points], axis=1)
+    cases = {g.name: fewest_patients(audit, g, has[:, None] & called_table, has[:, None] & ~called_table) for g in audit.groupings}
     for k, (g, name, members) in enumerate(groups):
         index = g.groups.index(name)
         audit.entry(g, name)["underdiagnosis"] = {
-            point: group_underdiagnosis(audit, has, called[point], members, (sums[:, 0, p], sums[:, k + 1, p]), cases[g.name, point][index])
+            point: group_underdiagnosis(audit, has, called[point], members, (np.stack([found[:, 0], counted[:, 0, p]], axis=1),
+                                                                             np.stack([found[:, k + 1], counted[:, k + 1, p]], axis=1)),
+                                        cases[g.name][index, p])
             for p, point in enumerate(points)}
 
 
-def grouping_rates(g: Grouping, labels: Sequence[str], thresholds: Thresholds, point: str, targets, scores, mask) -> list[dict]:
-    """Per group of `g`: {label: threshold, sensitivity, false-positive rate} at one operating point (None without both classes)."""
-    k = len(g.groups)
-    found: list[dict] = [{} for _ in range(k)]
-    for j, label in enumerate(labels):
-        threshold, scored, positive = thresholds[label].get(point), mask[:, j] > 0, targets[:, j] > 0
-        called = scores[:, j] >= threshold if threshold is not None else np.zeros(len(targets), dtype=bool)
-        tp, p, fp, n = (np.bincount(g.of_image, weights=w, minlength=k) for w in
-                        (scored & positive & called, scored & positive, scored & ~positive & called, scored & ~positive))
-        for i in range(k):
-            known = threshold is not None and p[i] > 0 and n[i] > 0
-            found[i][label] = {"threshold": threshold, "sensitivity": float(tp[i] / p[i]) if known else None,
-                               "fpr": float(fp[i] / n[i]) if known else None}
-    return found
+def operating_rates(audit: SubgroupAudit, thresholds: Thresholds, points: Sequence[str], targets, scores, mask) -> dict:
+    """{grouping: {point: per group {label: threshold, sensitivity, false-positive rate}}} (None without both classes),
+    from the counts per cell of the scored positives and negatives, and of those called at each point."""
+    scored, positive = mask > 0, targets > 0
+    labels = audit.labels
+    base = audit.tallies.cells @ np.hstack([scored & positive, scored & ~positive]).astype(np.float64)
+    rates: dict = {g.name: {} for g in audit.groupings}
+    for point in points:
+        called = np.stack([scores[:, j] >= t if (t := thresholds[label].get(point)) is not None else np.zeros(len(targets), dtype=bool)
+                           for j, label in enumerate(labels)], axis=1)
+        hits = audit.tallies.cells @ np.hstack([scored & positive & called, scored & ~positive & called]).astype(np.float64)
+        for g in audit.groupings:
+            p, n = np.split(group_sums(audit.tallies, g.name, len(g.groups), base), 2, axis=1)
+            tp, fp = np.split(group_sums(audit.tallies, g.name, len(g.groups), hits), 2, axis=1)
+            rates[g.name][point] = [{label: group_rate(thresholds[label].get(point), tp[i, j], p[i, j], fp[i, j], n[i, j])
+                                     for j, label in enumerate(labels)} for i in range(len(g.groups))]
+    return rates
+
+
+def group_rate(threshold: float | None, tp: float, p: float, fp: float, n: float) -> dict:
+    known = threshold is not None and p > 0 and n > 0
+    return {"threshold": threshold, "sensitivity": float(tp / p) if known else None, "fpr": float(fp / n) if known else None}
 
 
 def underdiagnosed(labels: Sequence[str], thresholds: Thresholds, points: Sequence[str], targets, scores, mask
@@ -136,10 +148,3 @@ def evaluation_audit(labels: Sequence[str], targets: np.ndarray, scores: np.ndar
         audit.result["notes"] = ["no out-of-fold predictions (fold-K/best/val_predictions.csv), so no operating points: "
                                  "no sensitivity, false-positive or underdiagnosis rate per group"]
     return flag_gaps(audit)
-
-
-def outcome_cases(audit: SubgroupAudit, g: Grouping, has: np.ndarray, called: np.ndarray) -> np.ndarray:
-    """Per group of `g`: the fewest patients of one outcome (an image with a finding called "No Finding", one called
-    otherwise) in the group or in its rest."""
-    counts = [c for images in (has & called, has & ~called) for c in patients_by_group(g, audit.patients, audit.n_patients, images)]
-    return np.minimum.reduce(counts)

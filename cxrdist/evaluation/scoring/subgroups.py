@@ -39,6 +39,7 @@ from scipy.stats import t as student_t
 from cxrdist.data.attributes import DATASET, UNKNOWN, AttributeSpec, group_order, groups_of
 from cxrdist.errors import UserError
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, percentile_interval
+from cxrdist.evaluation.scoring.group_tallies import Tallies, patients_by_group, tallies
 from cxrdist.evaluation.scoring.subgroup_bootstrap import draws, group_resample_aucs
 
 MIN_PATIENTS = 20
@@ -73,6 +74,7 @@ class SubgroupAudit:
     patients: np.ndarray  # patient number of each image (bootstrap.patient_index)
     n_patients: int
     blocks: list[np.ndarray]  # the draws: (n_patients, b) counts per block of resamples
+    tallies: Tallies  # the groupings' cells and (patient, group) pairs
     result: dict = field(default_factory=dict)
     gaps: list[tuple[dict, np.ndarray]] = field(default_factory=list)  # each gap entry of `result` and its resampled values
 
@@ -162,37 +164,31 @@ def start_audit(labels: Sequence[str], patients: Sequence, attributes: Sequence[
     if not found:
         return None
     patient_no, n_patients, blocks = draws(patients, resamples, seed)
-    audit = SubgroupAudit(list(labels), found, min_patients, level, patient_no, n_patients, blocks)
+    audit = SubgroupAudit(list(labels), found, min_patients, level, patient_no, n_patients, blocks, tallies(found, patient_no, n_patients))
     audit.result = {"min_patients": min_patients, "resamples": resamples, "level": level, "seed": seed, "unit": "patient",
-                    "attributes": {g.name: {"kind": g.kind, "source": g.source, "groups": group_counts(g, patient_no, n_patients, min_patients)}
-                                   for g in found}}
+                    "attributes": {g.name: {"kind": g.kind, "source": g.source, "groups": group_counts(audit, g)} for g in found}}
     return audit
 
 
-def group_counts(g: Grouping, patients: np.ndarray, n_patients: int, min_patients: int) -> dict[str, dict]:
-    counts, _ = patients_by_group(g, patients, n_patients, np.ones(len(patients), dtype=bool))
-    images = np.bincount(g.of_image, minlength=len(g.groups))
+def group_counts(audit: SubgroupAudit, g: Grouping) -> dict[str, dict]:
+    counts = patients_by_group(audit.tallies, g.name, len(g.groups), np.ones((len(g.of_image), 1), dtype=bool))[0][:, 0]
+    images, min_patients = np.bincount(g.of_image, minlength=len(g.groups)), audit.min_patients
     return {name: ({"reported": True, "images": int(images[k]), "patients": int(counts[k])} if counts[k] >= min_patients
                    else {"reported": False, "note": f"{TOO_FEW} (fewer than {min_patients})"}) for k, name in enumerate(g.groups)}
 
 
-def patients_by_group(g: Grouping, patients: np.ndarray, n_patients: int, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per group of `g`: how many patients have one of `images` (a boolean mask) in the group, and how many outside it."""
-    k = len(g.groups)
-    present = np.bincount(g.of_image[images] * n_patients + patients[images], minlength=k * n_patients).reshape(k, n_patients) > 0
-    groups_per_patient = present.sum(axis=0)
-    outside = np.array([np.count_nonzero(groups_per_patient - present[i]) for i in range(k)], dtype=np.int64)
-    return present.sum(axis=1), outside
+def fewest_patients(audit: SubgroupAudit, g: Grouping, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(groups, K): for K pairs of image columns (boolean (images, K) each, e.g. with a finding and without it), the
+    fewest patients with an image of one of the two, in the group or in the rest."""
+    inside, outside = patients_by_group(audit.tallies, g.name, len(g.groups), np.hstack([first, second]))
+    k = first.shape[1]
+    return np.minimum.reduce([inside[:, :k], outside[:, :k], inside[:, k:], outside[:, k:]])
 
 
 def case_table(audit: SubgroupAudit, g: Grouping, targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(groups, labels): the fewest patients of one class (with the finding, without it) in the group or in its rest."""
-    fewest = []
-    for j in range(targets.shape[1]):
-        scored, positive = mask[:, j] > 0, targets[:, j] > 0
-        counts = [c for images in (scored & positive, scored & ~positive) for c in patients_by_group(g, audit.patients, audit.n_patients, images)]
-        fewest.append(np.minimum.reduce(counts))
-    return np.stack(fewest, axis=1)
+    scored, positive = mask > 0, targets > 0
+    return fewest_patients(audit, g, scored & positive, scored & ~positive)
 
 
 def add_aucs(audit: SubgroupAudit, targets: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> None:
