@@ -75,19 +75,15 @@ def reuse_problem(directory: Path, cfg, training: tuple[DatasetEntry, ...]) -> s
     from cxrdist.model.card import ModelCard
     from cxrdist.training.checkpoint import STATE_FILE, list_checkpoints
     from cxrdist.training.config import to_dict
-    from cxrdist.training.resume_settings import changed, current_settings, describe
+    from cxrdist.training.resume_settings import changed, describe, model_settings
 
     recorded = json.loads((list_checkpoints(directory)[-1] / STATE_FILE).read_text()).get("settings") or {}
-    current = {k: v for k, v in current_settings(to_dict(cfg), 0, 0, []).items() if k not in STREAM_ONLY}
-    differences = changed(recorded, current)
+    differences = changed(recorded, model_settings(to_dict(cfg)))
     if differences:
         return f"trained under other settings ({describe(differences)})"
     if ModelCard.read(directory / BEST_DIR).dataset != open_datasets(list(training), cfg.data.vocabulary)[1].identity():
         return "trained on other data (its training datasets prepared again, or their label_map or data.vocabulary changed)"
     return None
-
-
-STREAM_ONLY = ("data.workers", "world_size", "train_shards")  # settings of the stream order, not of the model a finished fold is
 
 
 def previous_evaluation(experiment_dir: Path, out: Path, split: str) -> dict | None:

@@ -14,7 +14,7 @@ import torch
 
 from cxrdist.errors import UserError
 from cxrdist.training.config import load_config, to_dict
-from cxrdist.training.resume_settings import check_resume, current_settings, incomparable_score
+from cxrdist.training.resume_settings import changed, check_resume, current_settings, incomparable_score, model_settings
 from cxrdist.training.topology import Topology
 from trainer_utils import DEMO_CONFIG, TRAIN, cpu_env, explain, fast_overrides, records, run_single
 
@@ -136,3 +136,16 @@ def test_a_changed_resume_is_refused_and_other_worker_counts_resume_bitwise(synt
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads(sorted((run_dir / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())
     assert state["settings"]["data.workers"] == 0 and records(run_dir, "train")
+
+
+def test_the_model_settings_lodo_compares_leave_out_the_stream_and_the_auto_topology():
+    """lodo reuses a finished fold when the model it made is this run's: no workers, processes or shards, and the global
+    batch and partitions only as configured (0 is resolved at a run's start, so any recorded value stands for it)."""
+    cfg = load_config(DEMO_CONFIG, ["data.shards=/x"])
+    model = model_settings(to_dict(cfg))
+    assert {"data.workers", "world_size", "train_shards", "train.global_batch", "data.partitions"}.isdisjoint(model)
+    assert model["eval.resampler"] == "pillow" and model["train.lr"] == cfg.train.lr
+    assert changed(settings(global_batch=64, partitions=12), model) == {}
+    pinned = model_settings(to_dict(load_config(DEMO_CONFIG, ["data.shards=/x", "train.global_batch=32"])))
+    assert changed(settings(global_batch=64), pinned) == {"train.global_batch": (64, 32)}
+    assert {k: v for k, v in settings().items() if k in model} == model  # what a run records, less its stream

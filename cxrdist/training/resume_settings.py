@@ -53,15 +53,21 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def current_settings(config: dict, workers: int, topology: Topology, shards: list[str]) -> dict:
-    """The settings to record: `config` is the plain config dict (training/config.py to_dict)."""
+def model_settings(config: dict) -> dict:
+    """The settings that define the model a run makes, without its stream: `config` is the plain config dict
+    (training/config.py to_dict). The global batch and the partitions only when configured (0: resolved at the start)."""
     flat = flatten(config)
     settings = {k: v for k, v in flat.items()
                 if any(k == p or k.startswith(p + ".") for p in RUN_DEFINING) and k not in STARTING_POINT_ONLY}
-    settings.update({WORKERS: workers, WORLD_SIZE: topology.world_size, "train_shards": list(shards), EVAL_RESAMPLER: RESAMPLER,
-                     EVAL_DECODE_SETTING: EVAL_DECODE,
-                     GLOBAL_BATCH: topology.global_batch, PARTITIONS: topology.partitions})  # as resolved, not as configured
+    settings.update({EVAL_RESAMPLER: RESAMPLER, EVAL_DECODE_SETTING: EVAL_DECODE})
+    settings.update({k: flat[k] for k in (GLOBAL_BATCH, PARTITIONS) if flat.get(k)})
     return settings
+
+
+def current_settings(config: dict, workers: int, topology: Topology, shards: list[str]) -> dict:
+    """The settings to record: `config` is the plain config dict (training/config.py to_dict)."""
+    return {**model_settings(config), WORKERS: workers, WORLD_SIZE: topology.world_size, "train_shards": list(shards),
+            GLOBAL_BATCH: topology.global_batch, PARTITIONS: topology.partitions}  # as resolved, not as configured
 
 
 def changed(recorded: dict, current: dict) -> dict:
