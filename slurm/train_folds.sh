@@ -17,8 +17,9 @@
 # rank that dies is restarted inside the task by the launcher (torch elastic), up to N times.
 # Knobs: see slurm/README.md.
 #
+# No --ntasks here: the fold array is this script again, and a header's --ntasks=1 would shrink its
+# --nodes=N (or MIN-MAX) to one node; the submission job gets SLURM's default of one task.
 #SBATCH --job-name=cxrdist-submit
-#SBATCH --ntasks=1
 #SBATCH --cpus-per-task=1
 #SBATCH --time=00:15:00
 
