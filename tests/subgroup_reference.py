@@ -12,7 +12,33 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from cxrdist.evaluation.scoring.bootstrap import cumulative_rows, groups_holding, resample_dtype
+# The helpers it used from cxrdist/evaluation/scoring/bootstrap.py, copied here unchanged when bootstrap.py moved to the
+# compiled pass (group_ranks.py).
+FLOAT32_EXACT = 2**24  # integers below this add up exactly in float32
+
+
+def groups_holding(member_groups: np.ndarray, n_score_groups: int) -> int:
+    """How many score groups hold at least one of the members."""
+    return int(np.count_nonzero(np.bincount(member_groups, minlength=n_score_groups)))
+
+
+def cumulative_rows(a: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """In place, the cumulative sum down axis 0 of a C-ordered (T, b) array, a cache-sized band of rows at a time
+    (numpy accumulates along axis 0 one column at a time, striding through the whole array)."""
+    for start in range(0, len(a), rows):
+        band = a[start : start + rows]
+        np.cumsum(band, axis=0, out=band)
+        if start:
+            band += a[start - 1]
+    return a
+
+
+def resample_dtype(weights_binary: bool, images: np.ndarray, counts: np.ndarray) -> type:
+    """float32 where every sum a block of resamples makes is an integer below 2**24, so exact (and half the
+    memory traffic): 0/1 image weights, and no resample's whole image weight (`images` per patient x counts)
+    reaching 2**24; else float64."""
+    return np.float32 if weights_binary and int((images @ counts).max(initial=0)) < FLOAT32_EXACT else np.float64
+
 
 
 @dataclass

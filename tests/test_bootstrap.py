@@ -8,7 +8,7 @@ import pytest
 from bootstrap_reference import reference_bootstrap_aucs, reference_patient_weights
 from sklearn.metrics import roc_auc_score
 
-from cxrdist.evaluation.scoring import bootstrap
+from cxrdist.evaluation.scoring import group_ranks
 from cxrdist.evaluation.scoring.bootstrap import auc_intervals, bootstrap_aucs, patient_weights, percentile_interval, resample_counts
 
 
@@ -37,9 +37,7 @@ def test_draws_made_in_blocks_are_the_draws_of_one_call():
     np.testing.assert_array_equal(patient_weights(groups, 300, seed=9), reference_patient_weights(groups, 300, seed=9))
 
 
-@pytest.mark.parametrize("exact_below", [bootstrap.FLOAT32_EXACT, 0])  # float32 sums, and float64 counts on float32 segments
-def test_bootstrap_equals_the_previous_code(monkeypatch, exact_below):
-    monkeypatch.setattr(bootstrap, "FLOAT32_EXACT", exact_below)
+def test_bootstrap_equals_the_previous_code():
     targets, scores, mask, patients = awkward_labels()
     expected = reference_bootstrap_aucs(targets, scores, mask, patients, 300, seed=3)
     got = bootstrap_aucs(targets, scores, mask, patients, 300, seed=3)
@@ -88,15 +86,8 @@ def test_each_resample_is_sklearn_on_its_materialised_images():
 def test_one_thread_gives_the_same_aucs_as_several(monkeypatch):
     targets, scores, mask, patients = awkward_labels(seed=4)
     several = bootstrap_aucs(targets, scores, mask, patients, 150, seed=2)
-    monkeypatch.setattr(bootstrap.os, "sched_getaffinity", lambda _: {0}, raising=False)
-    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(group_ranks.os, "sched_getaffinity", lambda _: {0}, raising=False)
+    monkeypatch.setattr(group_ranks.os, "cpu_count", lambda: 1)
     np.testing.assert_array_equal(bootstrap_aucs(targets, scores, mask, patients, 150, seed=2), several)
 
 
-def test_float32_only_while_every_resample_weight_is_an_exact_integer():
-    images = np.array([3, 1])  # images per patient
-    below = np.array([[2**22, 0], [0, 5]])  # patient x resample: whole weights 3 * 2**22 and 5
-    at = np.array([[2**22, 0], [2**22, 5]])  # 3 * 2**22 + 2**22 = 2**24
-    assert bootstrap.resample_dtype(True, images, below) == np.float32
-    assert bootstrap.resample_dtype(True, images, at) == np.float64
-    assert bootstrap.resample_dtype(False, images, below) == np.float64  # weights other than 0/1

@@ -192,7 +192,8 @@ def test_values_are_read_as_documented():
 
 def test_group_and_rest_resamples_equal_brute_force_on_awkward_labels():
     """Ties between classes, every image tied, labels left out or of one class, more positive than negative levels (the
-    swapped ranking): each group's and its rest's AUC in every resample equal weighted AUCs from explicit weights."""
+    swapped ranking): each group's and its rest's AUC in every resample equal weighted AUCs from explicit weights, and
+    the whole's equal the evaluation's bootstrap bit for bit."""
     from test_bootstrap import awkward_labels
 
     from cxrdist.evaluation.scoring.subgroup_bootstrap import draws, group_resample_aucs
@@ -202,7 +203,8 @@ def test_group_and_rest_resamples_equal_brute_force_on_awkward_labels():
     by_patient = {p: rng.integers(0, 3) for p in sorted(set(patients))}
     members = np.array([[by_patient[p] == k for p in patients] for k in range(3)] + [[i % 2 == 0 for i in range(len(patients))]])
     patient_no, n_patients, blocks = draws(patients, 60, seed=8)
-    point, resampled = group_resample_aucs(targets, scores, mask, members, patient_no, n_patients, blocks)
+    point, resampled, whole = group_resample_aucs(targets, scores, mask, members, patient_no, n_patients, blocks)
+    assert np.array_equal(whole, bootstrap.bootstrap_aucs(targets, scores, mask, patients, 60, seed=8), equal_nan=True)
     weights = reference_patient_weights(patients, 60, 8)
     for k, member in enumerate(members):
         for side, rows in enumerate((member, ~member)):
@@ -228,17 +230,19 @@ def test_report_section_escapes_values_names_no_file_after_them_and_hides_small_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["subgroups-0.png", "subgroups-1.png"]
 
 
-@pytest.mark.parametrize("exact_below", [bootstrap.FLOAT32_EXACT, 0])  # float32 sums, and float64 counts
+@pytest.mark.parametrize("exact_below", [2**24, 0])  # the reference's float32 sums, and its float64 counts
 def test_group_and_rest_resamples_equal_the_previous_implementation_bit_for_bit(monkeypatch, exact_below):
-    """tests/subgroup_reference.py (one sparse product per group) against today's cells, runs and banded sums: groups
+    """tests/subgroup_reference.py (one sparse product per group) against today's compiled pass (group_ranks.py): groups
     that overlap and groups of one attribute, ties between and within classes, every image tied, a label of one class,
-    left-out entries, integer mask weights; 150 resamples (a block of 128, then 22) in blocks of COLUMNS."""
+    left-out entries, integer mask weights; 150 resamples (a block of 128, then 22) in passes of COLUMNS."""
     from subgroup_reference import reference_group_resample_aucs
     from test_bootstrap import awkward_labels
 
     from cxrdist.evaluation.scoring.subgroup_bootstrap import draws, group_resample_aucs
 
-    monkeypatch.setattr(bootstrap, "FLOAT32_EXACT", exact_below)
+    import subgroup_reference
+
+    monkeypatch.setattr(subgroup_reference, "FLOAT32_EXACT", exact_below)
     targets, scores, mask, patients = awkward_labels(n=1500, seed=11)
     rng = np.random.default_rng(11)
     # Positives on 11 levels, negatives spread but absent between some of them and tied with one (0.5): positive levels
@@ -253,29 +257,11 @@ def test_group_and_rest_resamples_equal_the_previous_implementation_bit_for_bit(
     members = np.array([[site[p] == k for p in patients] for k in range(3)] + [view == k for k in range(3)] + [rng.random(len(patients)) < 0.2])
     patient_no, n_patients, blocks = draws(patients, 150, seed=4)
     for weights in (mask, mask * rng.integers(1, 4, mask.shape)):
-        got = group_resample_aucs(targets, scores, weights, members, patient_no, n_patients, blocks)
+        got = group_resample_aucs(targets, scores, weights, members, patient_no, n_patients, blocks)[:2]
         expected = reference_group_resample_aucs(targets, scores, weights, members, patient_no, n_patients, blocks)
         for new, old in zip(got, expected):
             assert np.array_equal(new, old, equal_nan=True)
         assert np.isfinite(got[1]).mean() > 0.5  # most groups and labels have an AUC
-
-
-def test_running_sums_restart_at_each_group():
-    from cxrdist.evaluation.scoring.subgroup_bootstrap import running_sums
-    from cxrdist.evaluation.scoring.subgroup_rows import BAND
-
-    rng = np.random.default_rng(0)
-    runs = [0, 1, BAND - 1, BAND, 3 * BAND + 5, 0, 2]
-    bands = np.cumsum([0] + [-(-r // BAND) for r in runs])
-    values = [rng.integers(0, 9, (r, 3)).astype(np.float32) for r in runs]
-    stored = np.zeros((BAND, bands[-1], 3), dtype=np.float32)
-    for k, v in enumerate(values):  # row u of group k at (u % BAND, its first band + u // BAND)
-        u = np.arange(len(v))
-        stored[u % BAND, bands[k] + u // BAND] = v
-    running_sums(stored, bands)
-    for k, v in enumerate(values):
-        u = np.arange(len(v))
-        np.testing.assert_array_equal(stored[u % BAND, bands[k] + u // BAND], np.cumsum(v, axis=0))
 
 
 def test_group_tallies_equal_a_count_per_group_and_patient():
@@ -302,3 +288,15 @@ def test_group_tallies_equal_a_count_per_group_and_patient():
             for i in range(k):
                 assert inside[i, j] == len({p for p, grp in seen if grp == i})
                 assert outside[i, j] == len({p for p, grp in seen if grp != i})
+
+
+def test_the_evaluation_interval_taken_from_the_audit_pass_is_the_bootstrap_s():
+    """`cxrdist evaluate` takes its overall interval from the audit's pass (one pass, not two): the same intervals."""
+    from cxrdist.evaluation.clinical.subgroup_rates import audit_aucs
+
+    targets, scores, mask, patients, attributes = cohort(n_patients=300, seed=5)
+    audit = audit_aucs(LABELS, targets, scores, mask, patients, attributes, SPECS, None, resamples=120, seed=3)
+    assert np.array_equal(audit.whole, bootstrap.bootstrap_aucs(targets, scores, mask, patients, 120, seed=3), equal_nan=True)
+    reused = bootstrap.auc_intervals(targets, scores, LABELS, mask, patients, 120, seed=3, resampled=audit.whole)
+    assert reused == bootstrap.auc_intervals(targets, scores, LABELS, mask, patients, 120, seed=3)
+    assert reused["macro_auc"] is not None

@@ -133,18 +133,32 @@ def thresholds_of(operating_points: Mapping) -> dict[str, dict[str, float | None
     return {label: {point: entry.get("threshold") for point, entry in per_point.items()} for label, per_point in per_label.items()}
 
 
-def evaluation_audit(labels: Sequence[str], targets: np.ndarray, scores: np.ndarray, mask: np.ndarray, patients: Sequence,
-                     attributes: Sequence[Mapping], specs: Sequence, datasets: Sequence[str] | None, operating_points: Mapping | None,
-                     **settings) -> dict:
-    """`cxrdist evaluate`'s audit: the AUCs of every group, its rates at the operating points (when the out-of-fold
-    predictions gave thresholds), and the flags over all of its gaps."""
+def audit_aucs(labels: Sequence[str], targets: np.ndarray, scores: np.ndarray, mask: np.ndarray, patients: Sequence, attributes: Sequence[Mapping],
+               specs: Sequence, datasets: Sequence[str] | None, **settings) -> SubgroupAudit | None:
+    """The first part of `cxrdist evaluate`'s audit: every group's AUCs (None without attributes). Its `whole` holds the
+    evaluation's own resampled AUCs, which the evaluation's interval then reuses (`bootstrap.auc_intervals(resampled=)`)."""
     audit = start_audit(labels, patients, attributes, specs, datasets, **settings)
+    if audit is not None:
+        add_aucs(audit, targets, scores, mask)
+    return audit
+
+
+def finish_audit(audit: SubgroupAudit | None, targets: np.ndarray, scores: np.ndarray, mask: np.ndarray, operating_points: Mapping | None) -> dict:
+    """The rest: the rates at the operating points (when the out-of-fold predictions gave thresholds), and the flags
+    over all of its gaps."""
     if audit is None:
         return no_audit()
-    add_aucs(audit, targets, scores, mask)
     if operating_points:
         add_rates(audit, thresholds_of(operating_points), operating_points["points"], targets, scores, mask)
     else:
         audit.result["notes"] = ["no out-of-fold predictions (fold-K/best/val_predictions.csv), so no operating points: "
                                  "no sensitivity, false-positive or underdiagnosis rate per group"]
     return flag_gaps(audit)
+
+
+def evaluation_audit(labels: Sequence[str], targets: np.ndarray, scores: np.ndarray, mask: np.ndarray, patients: Sequence,
+                     attributes: Sequence[Mapping], specs: Sequence, datasets: Sequence[str] | None, operating_points: Mapping | None,
+                     **settings) -> dict:
+    """`cxrdist evaluate`'s audit in one call: the AUCs of every group, its rates at the operating points, the flags."""
+    audit = audit_aucs(labels, targets, scores, mask, patients, attributes, specs, datasets, **settings)
+    return finish_audit(audit, targets, scores, mask, operating_points)

@@ -34,7 +34,7 @@ from cxrdist.distributed import world_size
 from cxrdist.errors import UserError
 from cxrdist.labels.eval_targets import evaluation_policy, rule_from_cards, training_policies
 from cxrdist.evaluation.clinical.clinical_metrics import clinical_metrics, load_out_of_fold, scored_targets
-from cxrdist.evaluation.clinical.subgroup_rates import evaluation_audit
+from cxrdist.evaluation.clinical.subgroup_rates import audit_aucs, finish_audit
 from cxrdist.evaluation.prediction.coverage import say_coverage
 from cxrdist.evaluation.scoring.bootstrap import DEFAULT_RESAMPLES, auc_intervals
 from cxrdist.evaluation.scoring.gathered import Predictions, check_complete, gather_predictions, predict
@@ -140,9 +140,11 @@ def ensemble_metrics(
     groups: list[str],
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    resampled: np.ndarray | None = None,
 ) -> dict:
     """AUCs of the ensemble and of every model (with TTA, and without when `per_model_plain` is given),
-    patient-bootstrap intervals for the ensemble, and the gains of ensembling and of TTA."""
+    patient-bootstrap intervals for the ensemble (from `resampled`, its resampled AUCs, when the audit made them),
+    and the gains of ensembling and of TTA."""
     targets_t, mask_t = apply_policy(raw, policy)
     targets, mask = targets_t.numpy(), mask_t.numpy()
 
@@ -150,7 +152,7 @@ def ensemble_metrics(
         return auc_summary(targets, probs, labels, mask)
 
     ensemble = summary(ensemble_probabilities(per_model))
-    ensemble["interval"] = auc_intervals(targets, ensemble_probabilities(per_model), labels, mask, groups, resamples, seed=seed)
+    ensemble["interval"] = auc_intervals(targets, ensemble_probabilities(per_model), labels, mask, groups, resamples, seed=seed, resampled=resampled)
     folds = {name: summary(probs) for name, probs in per_model.items()}
     result = {
         "ensemble": ensemble,
@@ -270,13 +272,15 @@ def run_evaluate(
     targets, mask = scored_targets(preds.raw, policy)
     if dataset is not None:
         check_scorable(dataset, split, targets, mask, labels)
-    metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed)
-    metrics["per_dataset"] = per_dataset_auc(targets, ensemble_probabilities(per_model), labels, mask, preds.meta["dataset"])
+    scores = ensemble_probabilities(per_model)
+    audit = audit_aucs(labels, targets, scores, mask, groups, preds.meta["attributes"], specs_of(manifest), preds.meta["dataset"],
+                       min_patients=min_patients, resamples=resamples, seed=seed, intersections=pairs)
+    metrics = ensemble_metrics(per_model, per_model_plain, preds.raw, labels, policy, groups, resamples, seed,
+                               resampled=audit.whole if audit is not None else None)  # the audit's pass made the whole's too
+    metrics["per_dataset"] = per_dataset_auc(targets, scores, labels, mask, preds.meta["dataset"])
     oof = load_out_of_fold(models, train_root, train_manifest, policy)
-    metrics.update(clinical_metrics(oof, targets, ensemble_probabilities(per_model), mask, labels, groups, resamples, seed))
-    metrics["subgroups"] = evaluation_audit(labels, targets, ensemble_probabilities(per_model), mask, groups, preds.meta["attributes"],
-                                            specs_of(manifest), preds.meta["dataset"], metrics.get("operating_points"),
-                                            min_patients=min_patients, resamples=resamples, seed=seed, intersections=pairs)
+    metrics.update(clinical_metrics(oof, targets, scores, mask, labels, groups, resamples, seed))
+    metrics["subgroups"] = finish_audit(audit, targets, scores, mask, metrics.get("operating_points"))
     LOG.info(f"cxrdist evaluate: {summary_line(metrics['subgroups']) or 'note: ' + metrics['subgroups']['notes'][0]}")
     metrics = {
         "split": split,

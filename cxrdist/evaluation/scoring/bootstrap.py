@@ -5,23 +5,19 @@ as many patients as there are, with replacement, and takes all their images. A p
 times gives its images weight k, and the AUC of the resample is the weighted AUC, which equals the
 AUC of the data with those images repeated k times.
 
-`bootstrap_aucs` never builds per-image weights: each label's images are sorted once and reduced to
-a sparse (segments x patients) matrix (`RankedLabel`), so a block of resamples is one sparse product
-with the patients' draw counts followed by sums over the positives' score groups. The numbers are
-those of `weighted_auc` on the per-image weights: both add the same integers and halves exactly.
+`bootstrap_aucs` never builds per-image weights: each label's images are sorted once, and each block of resamples is
+one compiled pass up them (group_ranks.py) that reads every image's patient draw counts and sums the Mann-Whitney
+count. The numbers are those of `weighted_auc` on the per-image weights: both add the same integers and halves exactly.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
-from scipy import sparse
+
+from cxrdist.evaluation.scoring.group_ranks import COUNT_DTYPE, member_cells, resample_group_aucs
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
@@ -30,8 +26,7 @@ DEFAULT_LEVEL = 0.95
 # (e.g. an AUC of 0.932-1.000 from 2 positives), and percentile intervals cover far less than their level there.
 FEW_CASES = 10
 CHUNK = 200  # resamples per vectorised block of per-image weights: bounds memory at CHUNK x N floats
-FLOAT32_EXACT = 2**24  # integers below this add up exactly in float32
-BLOCK = 128  # resamples drawn and scored together: memory ~ BLOCK x (patients + threads x 2 x positives) floats
+BLOCK = 128  # resamples drawn together: memory ~ BLOCK x patients counts
 
 
 def patient_index(groups: Sequence) -> tuple[np.ndarray, int]:
@@ -85,112 +80,20 @@ def weighted_auc(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray) -
     return auc
 
 
-@dataclass
-class RankedLabel:
-    """One label's scored images, reduced to what a resample's weighted Mann-Whitney sum needs.
-
-    The images are taken in score order and cut into score groups (ties); t = 0..T-1 numbers the
-    groups that hold a positive. Rows of `segments` (per patient, the image weight in the segment):
-    [0, T) the negatives above group t-1 (its ties included) and below group t; [T, 2T) the
-    positives of group t; then one row per group in `tied` (groups t that also hold negatives): its
-    negatives, counted half. The AUC only depends on which pairs are ordered, so when negatives form
-    fewer groups the classes swap roles and the order reverses: the same pairs, fewer rows."""
-
-    segments: sparse.csr_matrix
-    groups: int  # T
-    tied: np.ndarray
-    negatives: np.ndarray  # (n_patients,) the negative image weight of each patient: W- of a resample
-
-
-def groups_holding(member_groups: np.ndarray, n_score_groups: int) -> int:
-    """How many score groups hold at least one of the members."""
-    return int(np.count_nonzero(np.bincount(member_groups, minlength=n_score_groups)))
-
-
-def ranked_label(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray, patients: np.ndarray, n_patients: int,
-                 dtype: type = np.float64) -> RankedLabel:
-    """One label's (targets, scores), per-image weights (the mask; 0 = left out) and patient numbers, ranked."""
-    keep = np.flatnonzero(weights)
-    order = keep[np.argsort(scores[keep], kind="stable")]  # the order (and ties) of weighted_auc
-    s, y, w, p = scores[order], targets[order] > 0, weights[order].astype(dtype), patients[order]
-    group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1 if len(s) else np.zeros(0, dtype=np.int64)
-    n_score_groups = group[-1] + 1 if len(s) else 0
-    if groups_holding(group[y], n_score_groups) > groups_holding(group[~y], n_score_groups):
-        y, w, p, group = ~y[::-1], w[::-1], p[::-1], group[-1] - group[::-1]
-    has_pos, has_neg = np.zeros(n_score_groups, dtype=bool), np.zeros(n_score_groups, dtype=bool)
-    has_pos[group[y]], has_neg[group[~y]] = True, True
-    upto = np.cumsum(has_pos)  # positive groups up to and including each score group
-    n_groups = int(upto[-1]) if len(upto) else 0
-    tied_groups = np.flatnonzero(has_pos & has_neg)
-    tie_row = np.cumsum(has_pos & has_neg) - 1
-    neg_group, neg_patient, neg_weight = group[~y], p[~y], w[~y]
-    below_next = upto[neg_group] < n_groups  # negatives above the top positive group pair with nothing above them
-    tied = has_pos[neg_group]
-    rows = np.concatenate([upto[neg_group[below_next]], n_groups + upto[group[y]] - 1, 2 * n_groups + tie_row[neg_group[tied]]])
-    cols = np.concatenate([neg_patient[below_next], p[y], neg_patient[tied]])
-    data = np.concatenate([neg_weight[below_next], w[y], neg_weight[tied]])
-    shape = (2 * n_groups + len(tied_groups), n_patients)
-    segments = sparse.csr_matrix((data, (rows, cols)), shape=shape, dtype=dtype)  # repeated (row, patient) entries add up
-    negatives = np.bincount(neg_patient, neg_weight, minlength=n_patients).astype(dtype)
-    return RankedLabel(segments, n_groups, upto[tied_groups] - 1, negatives)
-
-
-def cumulative_rows(a: np.ndarray, rows: int = 1024) -> np.ndarray:
-    """In place, the cumulative sum down axis 0 of a C-ordered (T, b) array, a cache-sized band of rows at a time
-    (numpy accumulates along axis 0 one column at a time, striding through the whole array)."""
-    for start in range(0, len(a), rows):
-        band = a[start : start + rows]
-        np.cumsum(band, axis=0, out=band)
-        if start:
-            band += a[start - 1]
-    return a
-
-
-def resample_auc(label: RankedLabel, counts: np.ndarray) -> np.ndarray:
-    """(b,) AUC of the label in each resample of `counts` (n_patients, b); NaN without both classes."""
-    sums = label.segments @ counts  # (rows, b): each segment's image weight in each resample
-    t = label.groups
-    negatives_below, positives = cumulative_rows(sums[:t]), sums[t : 2 * t]
-    numerator = np.einsum("tb,tb->b", positives, negatives_below, dtype=np.float64)
-    numerator += 0.5 * np.einsum("tb,tb->b", positives[label.tied], sums[2 * t :], dtype=np.float64)
-    total_pos, total_neg = positives.sum(axis=0, dtype=np.float64), (label.negatives @ counts).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = numerator / (total_pos * total_neg)
-    auc[(total_pos == 0) | (total_neg == 0)] = np.nan
-    return auc
-
-
-def resample_dtype(weights_binary: bool, images: np.ndarray, counts: np.ndarray) -> type:
-    """float32 where every sum a block of resamples makes is an integer below 2**24, so exact (and half the
-    memory traffic): 0/1 image weights, and no resample's whole image weight (`images` per patient x counts)
-    reaching 2**24; else float64."""
-    return np.float32 if weights_binary and int((images @ counts).max(initial=0)) < FLOAT32_EXACT else np.float64
-
-
 def bootstrap_aucs(
     targets: np.ndarray, scores: np.ndarray, mask: np.ndarray | None, groups: Sequence, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> np.ndarray:
     """(n_resamples, C) AUC of every label in every patient resample (NaN where a resample has one class).
 
-    Labels are scored in threads, one per CPU this process may use (the sorts and sparse products
-    release the GIL); every label's column comes out the same whatever the thread count."""
+    Labels are scored in threads, one per CPU this process may use; every label's column comes out the same whatever
+    the thread count."""
     targets, scores = np.asarray(targets), np.asarray(scores)
     mask = np.ones_like(targets, dtype=np.float64) if mask is None else np.asarray(mask, dtype=np.float64)
     patients, n_patients = patient_index(groups)
-    binary = bool(np.all((mask == 0) | (mask == 1)))
-    dtype, images = np.float32 if binary else np.float64, np.bincount(patients, minlength=n_patients)
-    columns = range(targets.shape[1])
-    out = np.empty((n_resamples, targets.shape[1]))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with ThreadPoolExecutor(max(1, min(cpus, len(columns)))) as pool:
-        labels = list(pool.map(lambda j: ranked_label(targets[:, j], scores[:, j], mask[:, j], patients, n_patients, dtype), columns))
-        start = 0
-        for counts in resample_counts(n_patients, n_resamples, seed):
-            block = counts.astype(resample_dtype(binary, images, counts))
-            for j, auc in zip(columns, pool.map(resample_auc, labels, repeat(block))):
-                out[start : start + block.shape[1], j] = auc
-            start += block.shape[1]
-    return out
+    everyone = member_cells(np.zeros((0, len(targets)), dtype=bool))
+    blocks = (counts.astype(COUNT_DTYPE) for counts in resample_counts(n_patients, n_resamples, seed))
+    aucs = [np.stack([whole for _, _, whole in labels], axis=1) for labels in resample_group_aucs(targets, scores, mask, everyone, patients, blocks)]
+    return np.concatenate(aucs) if aucs else np.empty((0, targets.shape[1]))
 
 
 def percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
@@ -211,13 +114,17 @@ def auc_intervals(
     n_resamples: int = DEFAULT_RESAMPLES,
     level: float = DEFAULT_LEVEL,
     seed: int = 0,
+    resampled: np.ndarray | None = None,
 ) -> dict:
     """Percentile intervals: {"per_label": {label: [lo, hi] or None}, "macro_auc": [lo, hi] or None, ...}.
 
     The macro AUC of a resample averages the labels that have both classes in the full set (the
-    labels the point estimate averages) and in that resample.
+    labels the point estimate averages) and in that resample. `resampled`: the (n_resamples, C)
+    `bootstrap_aucs` of these arguments when already computed (the subgroup audit's pass makes them).
     """
-    aucs = bootstrap_aucs(targets, scores, mask, groups, n_resamples, seed)
+    aucs = bootstrap_aucs(targets, scores, mask, groups, n_resamples, seed) if resampled is None else resampled
+    if aucs.shape != (n_resamples, np.shape(targets)[1]):
+        raise ValueError(f"resampled AUCs of shape {aucs.shape}, not ({n_resamples}, {np.shape(targets)[1]})")
     evaluated = ~np.all(np.isnan(aucs), axis=0)
     full_mask = np.ones_like(targets, dtype=bool) if mask is None else np.asarray(mask) > 0
     for j in range(targets.shape[1]):  # a label skipped in the full set is skipped in the macro too

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import numpy as np
+import pandas as pd
 from scipy.stats import t as student_t
 
 from cxrdist.data.attributes import DATASET, UNKNOWN, AttributeSpec, group_order, groups_of
@@ -77,6 +78,7 @@ class SubgroupAudit:
     tallies: Tallies  # the groupings' cells and (patient, group) pairs
     result: dict = field(default_factory=dict)
     gaps: list[tuple[dict, np.ndarray]] = field(default_factory=list)  # each gap entry of `result` and its resampled values
+    whole: np.ndarray | None = None  # (resamples, labels) every image's AUCs: `bootstrap_aucs` on these draws, bit for bit
 
     def gap(self, value: float, resampled: np.ndarray, cases: int) -> dict:
         """A group's difference to the rest as `result` records it (value, paired interval, standard error, the fewest
@@ -107,11 +109,12 @@ def groupings(attributes: Sequence[Mapping], specs: Sequence[AttributeSpec], dat
 
 
 def grouping(name: str, kind: str, source: str, values: Sequence[str], order: Sequence[str]) -> Grouping:
-    present = set(values)
+    codes, found = pd.factorize(np.asarray(values, dtype=object))  # group names: strings, never missing
+    present = set(found)
     known = [g for g in order if g in present and g != UNKNOWN] + sorted(present - set(order) - {UNKNOWN})
     groups = known + ([UNKNOWN] if UNKNOWN in present else [])
     index = {g: k for k, g in enumerate(groups)}
-    return Grouping(name, kind, source, groups, np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values)))
+    return Grouping(name, kind, source, groups, np.array([index[g] for g in found], dtype=np.int64)[codes])
 
 
 def intersection_pairs(requested: Sequence) -> list[tuple[str, str]]:
@@ -195,7 +198,7 @@ def add_aucs(audit: SubgroupAudit, targets: np.ndarray, scores: np.ndarray, mask
     """Prevalence, per-label and macro AUC with intervals, and the gaps to the rest, of every reported group."""
     groups = audit.reported()
     members = np.array([m for _, _, m in groups], dtype=bool).reshape(len(groups), len(targets))
-    aucs, resampled = group_resample_aucs(targets, scores, mask, members, audit.patients, audit.n_patients, audit.blocks)
+    aucs, resampled, audit.whole = group_resample_aucs(targets, scores, mask, members, audit.patients, audit.n_patients, audit.blocks)
     cases = {g.name: case_table(audit, g, targets, mask) for g in audit.groupings}
     for k, (g, name, member) in enumerate(groups):
         entry = group_aucs(audit, targets, mask, member, (aucs[0, k], aucs[1, k]), (resampled[:, 0, k], resampled[:, 1, k]),
