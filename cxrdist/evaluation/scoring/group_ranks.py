@@ -28,6 +28,15 @@ from itertools import repeat
 import numpy as np
 from numba import njit
 
+def compiled(function):
+    """`function` compiled without the GIL, cached on disk where numba finds a writable place (next to this file, or
+    the user's cache directory); where it finds none (a read-only install and home), compiled anew in each process."""
+    try:
+        return njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return njit(nogil=True)(function)
+
+
 COUNT_DTYPE = np.int16  # a patient is drawn at most a few times per resample (Poisson(1))
 COLUMNS = 64  # resamples per pass, a constant of the compiled loops: a patient's 64 counts are two adjacent cache lines
 
@@ -111,7 +120,7 @@ class LabelSums:
     positives: np.ndarray  # (cells, b)
 
 
-@njit(nogil=True, cache=True)
+@compiled
 def _tied_level(start, end, patient, weight, positive, cell, cell_ptr, cell_group, counts, u, negatives, all_below, positives_below,
                 positives, positives_all, level_negatives, level_positives):  # pragma: no cover - compiled; see the module docstring
     """A score level of several images: pairs within it count half."""
@@ -149,7 +158,7 @@ def _tied_level(start, end, patient, weight, positive, cell, cell_ptr, cell_grou
         level_positives[r] = 0.0
 
 
-@njit(nogil=True, cache=True)
+@compiled
 def _label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group, n_groups, counts):  # pragma: no cover
     b, n_cells = COLUMNS, len(cell_ptr) - 1
     u, negatives = np.zeros((n_groups, b)), np.zeros((n_groups, b))
