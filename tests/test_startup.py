@@ -1,5 +1,5 @@
 """Start-up: `cxrdist --help` and `cxrdist info` import only what they use (no torch, timm, accelerate, deepspeed,
-wandb), checked in a fresh interpreter; the README states the measured times."""
+wandb, numba), checked in a fresh interpreter; the README states the measured times."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from trainer_utils import DEMO_CONFIG, REPO
 
-HEAVY = ("torch", "timm", "accelerate", "deepspeed", "wandb", "torchvision", "matplotlib", "sklearn", "webdataset")
+HEAVY = ("torch", "timm", "accelerate", "deepspeed", "wandb", "torchvision", "matplotlib", "sklearn", "webdataset", "numba")
 
 PROBE = """
 import json, sys
