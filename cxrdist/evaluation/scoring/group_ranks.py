@@ -173,21 +173,24 @@ def _label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group
             start = end
             continue
         row, w, j = counts[patient[start]], weight[start], cell[start]  # most levels hold one image: no ties
-        for r in range(COLUMNS):
-            c[r] = w * row[r]
         if positive[start]:
-            for r in range(COLUMNS):
-                all_below[j, r] += c[r] * negatives[0, r]
+            for r in range(COLUMNS):  # the cell's sums and the whole (group 0, first of every cell's groups) in one go
+                c[r] = w * row[r]
+                pairs = c[r] * negatives[0, r]
+                u[0, r] += pairs
+                all_below[j, r] += pairs
                 positives[j, r] += c[r]
                 positives_all[r] += c[r]
-            for k in range(cell_ptr[j], cell_ptr[j + 1]):
+            for k in range(cell_ptr[j] + 1, cell_ptr[j + 1]):
                 g = cell_group[k]
                 for r in range(COLUMNS):
                     u[g, r] += c[r] * negatives[g, r]
         else:
             for r in range(COLUMNS):
+                c[r] = w * row[r]
                 positives_below[j, r] += c[r] * positives_all[r]
-            for k in range(cell_ptr[j], cell_ptr[j + 1]):
+                negatives[0, r] += c[r]
+            for k in range(cell_ptr[j] + 1, cell_ptr[j + 1]):
                 g = cell_group[k]
                 for r in range(COLUMNS):
                     negatives[g, r] += c[r]
@@ -196,8 +199,8 @@ def _label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group
 
 
 def label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group, n_groups: int, counts: np.ndarray) -> LabelSums:
-    """One label and a block of at most COLUMNS resamples' draw counts (n_patients, b): the scored images in ascending score order (patient number,
-    weight, class, cell), `level_end` where each score level ends, and the groups of each cell
+    """One label and a block of at most COLUMNS resamples' draw counts (n_patients, b): the scored images in ascending
+    score order (patient number, weight, class, cell), `level_end` where each score level ends, and the groups of each cell
     (`cell_group[cell_ptr[c]:cell_ptr[c + 1]]`, group 0 the whole first)."""
     width = counts.shape[1]
     padded = np.zeros((len(counts), COLUMNS), dtype=COUNT_DTYPE)  # the pass is compiled for COLUMNS resamples; none drawn in the rest

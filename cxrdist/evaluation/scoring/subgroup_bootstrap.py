@@ -38,16 +38,16 @@ def group_resample_aucs(targets: np.ndarray, scores: np.ndarray, mask: np.ndarra
     are `bootstrap.bootstrap_aucs` on the same draws, bit for bit."""
     targets, scores, mask = np.asarray(targets), np.asarray(scores), np.asarray(mask, dtype=np.float64)
     cells = member_cells(np.asarray(members, dtype=bool).reshape(len(members), len(targets)))
-    once = np.ones((n_patients, 1), dtype=COUNT_DTYPE)
+    once = np.ones((n_patients, 1), dtype=COUNT_DTYPE)  # every patient drawn once: the point estimate, a column of the
+    columns = [*blocks[:-1], np.hstack([blocks[-1], once])] if len(blocks) else [once]  # last pass (usually room to spare)
     inside, rest, whole = [], [], []  # per block: (groups, b, labels), (groups, b, labels), (b, labels)
-    for labels in resample_group_aucs(targets, scores, mask, cells, patients, [once, *blocks]):
+    for labels in resample_group_aucs(targets, scores, mask, cells, patients, columns):
         for side, aucs in zip((inside, rest, whole), zip(*labels)):
             side.append(np.stack(aucs, axis=-1))
-    point = np.stack([inside[0][:, 0], rest[0][:, 0]])
-    if not blocks:
-        return point, np.zeros((0, *point.shape)), np.zeros((0, targets.shape[1]))
-    resampled = np.stack([np.concatenate(inside[1:], axis=1), np.concatenate(rest[1:], axis=1)])  # (2, groups, resamples, labels)
-    return point, resampled.transpose(2, 0, 1, 3), np.concatenate(whole[1:])
+    inside, rest, whole = np.concatenate(inside, axis=1), np.concatenate(rest, axis=1), np.concatenate(whole)
+    point = np.stack([inside[:, -1], rest[:, -1]])
+    resampled = np.stack([inside[:, :-1], rest[:, :-1]])  # (2, groups, resamples, labels)
+    return point, resampled.transpose(2, 0, 1, 3), whole[:-1]
 
 
 def resampled_sums(columns: Sequence[np.ndarray], patients: np.ndarray, n_patients: int, blocks: Sequence[np.ndarray]) -> np.ndarray:
