@@ -28,6 +28,7 @@ from itertools import repeat
 import numpy as np
 from numba import njit
 
+
 def compiled(function):
     """`function` compiled without the GIL, cached on disk where numba finds a writable place (next to this file, or
     the user's cache directory); where it finds none (a read-only install and home), compiled anew in each process."""
@@ -97,16 +98,28 @@ def resample_group_aucs(targets: np.ndarray, scores: np.ndarray, mask: np.ndarra
     with ThreadPoolExecutor(max(1, min(cpus(), n_labels))) as pool:
         ranked = list(pool.map(lambda j: ranked_images(targets[:, j], scores[:, j], mask[:, j], patients, cells.of_image), range(n_labels)))
 
-        def aucs(label: RankedImages, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def aucs(label: RankedImages, passes: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             parts = []
-            for first in range(0, counts.shape[1], COLUMNS):
+            for counts, width in passes:
                 sums = label_sums(label.patient, label.weight, label.positive, label.level_end, label.cell, cells.ptr, cells.group,
-                                  len(cells.holds), counts[:, first : first + COLUMNS])
+                                  len(cells.holds), counts, width)
                 parts.append(group_aucs(sums, cells.holds))
             return tuple(np.concatenate(side, axis=-1) for side in zip(*parts))
 
         for block in blocks:
-            yield list(pool.map(aucs, ranked, repeat(block)))
+            yield list(pool.map(aucs, ranked, repeat(pass_counts(block))))
+
+
+def pass_counts(block: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """A block of draw counts (n_patients, b) cut once into what the compiled pass reads, (n_patients, COLUMNS) C-ordered,
+    and how many of those columns are resamples (the rest are zeros: no patient drawn)."""
+    passes = []
+    for first in range(0, block.shape[1], COLUMNS):
+        width = min(COLUMNS, block.shape[1] - first)
+        counts = np.zeros((len(block), COLUMNS), dtype=COUNT_DTYPE)
+        counts[:, :width] = block[:, first : first + width]
+        passes.append((counts, width))
+    return passes
 
 
 @dataclass
@@ -198,14 +211,11 @@ def _label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group
     return u, negatives, all_below, positives_below, positives
 
 
-def label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group, n_groups: int, counts: np.ndarray) -> LabelSums:
-    """One label and a block of at most COLUMNS resamples' draw counts (n_patients, b): the scored images in ascending
-    score order (patient number, weight, class, cell), `level_end` where each score level ends, and the groups of each cell
-    (`cell_group[cell_ptr[c]:cell_ptr[c + 1]]`, group 0 the whole first)."""
-    width = counts.shape[1]
-    padded = np.zeros((len(counts), COLUMNS), dtype=COUNT_DTYPE)  # the pass is compiled for COLUMNS resamples; none drawn in the rest
-    padded[:, :width] = counts
-    sums = _label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group, n_groups, padded)
+def label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group, n_groups: int, counts: np.ndarray, width: int) -> LabelSums:
+    """One label and one pass of draw counts (`pass_counts`: (n_patients, COLUMNS), its first `width` columns resamples):
+    the scored images in ascending score order (patient number, weight, class, cell), `level_end` where each score level
+    ends, and the groups of each cell (`cell_group[cell_ptr[c]:cell_ptr[c + 1]]`, group 0 the whole first)."""
+    sums = _label_sums(patient, weight, positive, level_end, cell, cell_ptr, cell_group, n_groups, counts)
     return LabelSums(*(part[..., :width] for part in sums))
 
 
