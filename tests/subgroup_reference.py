@@ -40,7 +40,6 @@ def resample_dtype(weights_binary: bool, images: np.ndarray, counts: np.ndarray)
     return np.float32 if weights_binary and int((images @ counts).max(initial=0)) < FLOAT32_EXACT else np.float64
 
 
-
 @dataclass
 class LabelRows:
     """One label's scored images in score order, each placed in the evaluation's rows (see the module docstring)."""

@@ -91,8 +91,6 @@ def test_one_thread_gives_the_same_aucs_as_several(monkeypatch):
     np.testing.assert_array_equal(bootstrap_aucs(targets, scores, mask, patients, 150, seed=2), several)
 
 
-
-
 def test_where_numba_can_cache_nothing_the_pass_is_compiled_in_each_process(monkeypatch):
     """A read-only install and home: numba refuses cache=True when it decorates (measured by hand on a read-only bind
     mount: the import raised "cannot cache function ... no locator available"); the pass then compiles per process."""
